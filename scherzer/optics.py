@@ -1,4 +1,4 @@
-"""The one physics model of the electron optics, shared by simulators (forward) and processing (inverse).
+"""The one physics model of the electron optics: simulators (forward) and processing (inverse).
 
 Conventions (read these before using anything here)
 ---------------------------------------------------
@@ -10,7 +10,7 @@ Conventions (read these before using anything here)
       χ = (2π/λ) [ ½θ²(C1 + A1 cos 2(φ−φA1)) + θ³ B2 cos(φ−φB2) + ⅓θ³ A2 cos 3(φ−φA2)
                    + ¼θ⁴ C3 + θ⁴ S3 cos 2(φ−φS3) + ¼θ⁴ A3 cos 4(φ−φA3) + ⅙θ⁶ C5 ]
 
-  so that χ = π λ C1 k² + (π/2) C3 λ³ k⁴ + … . C1 < 0 is **underfocus**; Scherzer defocus is negative.
+  so that χ = π λ C1 k² + (π/2) C3 λ³ k⁴ + … . C1 < 0 is **underfocus** (Scherzer defocus < 0).
 * Image wave: ψ_img(k) = ψ_exit(k) · exp(−iχ(k)) · aperture(k) · envelopes. For a weak phase object
   ψ = 1 + iσV the image spectrum is I(k) = 2σV(k) sin χ(k) E(k): atoms are dark at Scherzer defocus.
 * Array coordinates: arrays are (…, y, x) with y the row index (increasing downwards) and x the
@@ -244,7 +244,8 @@ def chi(
     k, phi = grid.k, grid.phi
     base = np.zeros(grid.k2.shape, dtype=np.float64)
     for t in optics.terms(include_defocus=dfs is None):
-        radial = t.prefactor * t.coefficient_A * lam ** (t.power - 1) * k.astype(np.float64) ** t.power
+        coef = t.prefactor * t.coefficient_A * lam ** (t.power - 1)
+        radial = coef * k.astype(np.float64) ** t.power
         if t.symmetry:
             radial = radial * np.cos(t.symmetry * (phi - t.angle_rad))
         base += radial
@@ -367,6 +368,5 @@ def ctf(
 
     The linear image of a weak phase object ψ = 1 + iσV has spectrum I(k) = 2σV(k) · ctf(k).
     """
-    return (np.sin(chi(optics, grid, defocus_nm)) * coherence_envelope(optics, grid, defocus_nm)).astype(
-        np.float32
-    )
+    envelope = coherence_envelope(optics, grid, defocus_nm)
+    return (np.sin(chi(optics, grid, defocus_nm)) * envelope).astype(np.float32)
