@@ -31,10 +31,12 @@ Conventions (read these before using anything here)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import scipy.fft as sfft
 from pydantic import BaseModel, ConfigDict, Field
 
 # CODATA 2018 constants (SI)
@@ -52,6 +54,8 @@ __all__ = [
     "chi_gradient_sq",
     "ctf",
     "electron_wavelength_A",
+    "fft_workers",
+    "image_intensity",
     "interaction_constant_per_V_A",
     "scherzer_defocus_nm",
     "spatial_envelope",
@@ -370,3 +374,38 @@ def ctf(
     """
     envelope = coherence_envelope(optics, grid, defocus_nm)
     return (np.sin(chi(optics, grid, defocus_nm)) * envelope).astype(np.float32)
+
+
+def fft_workers() -> int:
+    """Worker threads for scipy.fft calls (all cores)."""
+    return os.cpu_count() or 1
+
+
+def image_intensity(
+    wave_fft: np.ndarray,
+    optics: Optics,
+    grid: FrequencyGrid,
+    defocus_nm: float | np.ndarray | None = None,
+    *,
+    envelopes: bool = True,
+) -> np.ndarray:
+    """Coherent image intensity |F⁻¹[ψ(k) T(k)]|² with quasi-coherent envelopes (float32).
+
+    ``wave_fft`` is the full 2-D FFT (``scipy.fft.fft2``, unnormalised forward) of the exit wave,
+    shape (ny, nx) matching ``grid`` (which must not be an rfft grid). With a 1-D ``defocus_nm``
+    the result is (n, ny, nx): the whole focal series in one batched transform. Vacuum (ψ = 1)
+    gives intensity 1. Vibration, if set, blurs the intensity by E_v(k).
+    """
+    if grid.rfft:
+        raise ValueError("image_intensity needs a full (non-rfft) FrequencyGrid")
+    if wave_fft.shape != grid.shape:
+        raise ValueError(f"wave_fft shape {wave_fft.shape} does not match grid {grid.shape}")
+    t = wave_transfer(optics, grid, defocus_nm, envelopes)
+    img = sfft.ifft2(wave_fft.astype(np.complex64) * t, workers=fft_workers(), overwrite_x=True)
+    out = (img.real * img.real + img.imag * img.imag).astype(np.float32)
+    if envelopes and optics.vibration_nm > 0:
+        rgrid = FrequencyGrid(grid.shape, grid.pixel_nm, rfft=True)
+        ev = vibration_envelope(optics, rgrid)
+        spec = sfft.rfft2(out, workers=fft_workers()) * ev
+        out = sfft.irfft2(spec, s=grid.shape, workers=fft_workers()).astype(np.float32)
+    return out
