@@ -45,19 +45,44 @@ All public methods are thread-safe (one lock).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
+import select
+import shutil
+import tempfile
 import threading
+import time
+import tty
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
+import structlog
 
 from scherzer.drivers.base import LensLimits, LimitExceeded
 
 __all__ = [
+    "EMULATOR_IDN",
+    "FAULT_KINDS",
+    "MAX_LINE_BYTES",
     "READBACK_QUANTUM_NM",
+    "ErrorCode",
+    "Frame",
+    "FrameError",
+    "LensControllerEmulator",
     "LensModel",
+    "crc16_ccitt",
+    "decode_frame",
+    "encode_frame",
+    "parse_number",
+    "parse_status",
 ]
+
+_log = structlog.get_logger(__name__)
 
 #: Resolution of the controller's defocus and stigmator read-back (nm).
 READBACK_QUANTUM_NM = 0.1
@@ -254,7 +279,7 @@ class LensModel:
         limit = self.limits.beam_tilt_mrad
         if abs(ty) > limit or abs(tx) > limit:
             raise LimitExceeded(
-                f"beam tilt ({ty:g}, {tx:g}) mrad exceeds ±{limit:g} mrad per axis; "
+                f"beam tilt ({ty:g}, {tx:g}) mrad exceeds +/-{limit:g} mrad per axis; "
                 "nothing was changed",
                 details={"tilt_mrad": [ty, tx], "limit_mrad": limit},
             )
@@ -291,3 +316,452 @@ class LensModel:
         if self.readback_noise_nm == 0.0:
             return 0.0
         return float(self._rng.normal(0.0, self.readback_noise_nm))
+
+
+# ====================================================================== wire protocol (codec)
+# The line protocol is documented in docs/lens-protocol.md; the codec lives here (the emulator is
+# the reference implementation) and the serial driver imports it (drivers -> simulators).
+
+#: Longest accepted line in bytes, including the terminating LF (and CR, if sent).
+MAX_LINE_BYTES = 128
+#: Sequence numbers are decimal integers in [0, SEQ_MODULUS).
+SEQ_MODULUS = 65536
+#: Identification string of the emulated controller (reply to IDN).
+EMULATOR_IDN = "SCHERZER,LC-EMU,0001,1.0"
+
+
+class ErrorCode(IntEnum):
+    """Numeric error codes of ``ERR`` replies (the name follows the number on the wire)."""
+
+    CHECKSUM = 10
+    FRAMING = 11
+    LINE_TOO_LONG = 12
+    ENCODING = 13
+    UNKNOWN_COMMAND = 20
+    BAD_ARGS = 21
+    LIMIT = 30
+    BUSY = 40
+
+
+class FrameError(ValueError):
+    """A line that is not a valid frame; ``code`` says why, ``seq`` is its seq if readable."""
+
+    def __init__(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.seq = seq
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded line: ``seq`` (None for ``-``) and its words (command or OK/ERR and values)."""
+
+    seq: int | None
+    words: tuple[str, ...]
+
+
+def crc16_ccitt(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE: polynomial 0x1021, initial value 0xFFFF, no reflection, no final XOR.
+
+    Check value: ``crc16_ccitt(b"123456789") == 0x29B1``.
+    """
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            crc &= 0xFFFF
+    return crc
+
+
+def encode_frame(seq: int | None, text: str) -> bytes:
+    """``<seq> <text> *<CRC as 4 upper-case hex digits>\\r\\n``; seq None is written ``-``."""
+    seq_token = "-" if seq is None else str(seq)
+    body = f"{seq_token} {text}".encode("ascii")
+    return body + b" *%04X\r\n" % crc16_ccitt(body)
+
+
+def _parse_seq(token: str) -> int | None:
+    """Decimal seq in [0, 65535] or None for ``-``; ValueError otherwise."""
+    if token == "-":
+        return None
+    if not (token.isdigit() and token.isascii() and len(token) <= 5):
+        raise ValueError(token)
+    value = int(token)
+    if value >= SEQ_MODULUS:
+        raise ValueError(token)
+    return value
+
+
+def decode_frame(line: bytes) -> Frame:
+    """Decode one line (without LF; a trailing CR is ignored) or raise :class:`FrameError`."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if len(line) + 2 > MAX_LINE_BYTES:
+        raise FrameError(ErrorCode.LINE_TOO_LONG, f"line longer than {MAX_LINE_BYTES} bytes")
+    if any(b < 0x20 or b > 0x7E for b in line):
+        raise FrameError(ErrorCode.ENCODING, "non-printable or non-ASCII byte in line")
+    star = line.rfind(b" *")
+    checksum = line[star + 2 :]
+    if star < 0 or len(checksum) != 4 or not _is_hex(checksum):
+        raise FrameError(ErrorCode.FRAMING, "expected '<seq> <command> [args] *<CRC16 hex4>'")
+    body = line[:star]
+    words = tuple(body.decode("ascii").split())
+    try:
+        seq = _parse_seq(words[0]) if words else None
+    except ValueError:
+        raise FrameError(ErrorCode.FRAMING, "sequence number must be 0..65535 or '-'") from None
+    if int(checksum, 16) != crc16_ccitt(body):
+        raise FrameError(ErrorCode.CHECKSUM, f"CRC mismatch (want {crc16_ccitt(body):04X})", seq)
+    if len(words) < 2:
+        raise FrameError(ErrorCode.FRAMING, "missing command after sequence number", seq)
+    return Frame(seq, words[1:])
+
+
+def _is_hex(token: bytes) -> bool:
+    return all(chr(b) in "0123456789abcdefABCDEF" for b in token)
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
+
+
+def parse_number(token: str) -> float:
+    """A finite decimal number (no inf/nan/underscores); ValueError otherwise."""
+    if len(token) > 24 or not _NUMBER.fullmatch(token):
+        raise ValueError(f"not a number: {token[:24]!r}")
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {token[:24]!r}")
+    return value
+
+
+def parse_status(words: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` words of a STATUS reply -> dict (other words are ignored)."""
+    pairs = (w.split("=", 1) for w in words if "=" in w)
+    return {key: value for key, value in pairs}
+
+
+# ====================================================================== emulated controller
+class _CommandError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Fault kinds for :meth:`LensControllerEmulator.inject`.
+FAULT_KINDS = ("drop", "corrupt", "partial", "busy", "silent")
+
+
+class LensControllerEmulator:
+    """A lens controller on a real pseudo-terminal, speaking the protocol of docs/lens-protocol.md.
+
+    ``port`` is a stable symlink (in a private temporary directory) to the current pty slave; open
+    it with pyserial. ``disconnect()`` closes the pty (the port errors and the symlink vanishes);
+    ``reconnect()`` makes a new pty behind the same ``port`` name. The serving thread never dies on
+    input: every malformed line gets an ``ERR`` reply and the loop continues.
+    """
+
+    def __init__(self, model: LensModel | None = None, *, seed: int = 0) -> None:
+        self.model = model or LensModel(time.monotonic, np.random.default_rng(seed))
+        self._tmpdir = tempfile.mkdtemp(prefix="scherzer-lens-")
+        self.port = os.path.join(self._tmpdir, "lens-tty")
+        self._lock = threading.Lock()  # fault state and counters
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._device = ""
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._reply_delay_s = 0.0
+        self._faults: deque[str] = deque()
+        self._silent = False
+        self.requests = 0
+        self.errors = 0
+        self.last_error = 0
+        self._handlers: dict[str, Callable[[tuple[str, ...]], str]] = {
+            "IDN": self._cmd_idn,
+            "STATUS": self._cmd_status,
+            "GET DEF": self._cmd_get_defocus,
+            "SET DEF": self._cmd_set_defocus,
+            "GET STIG": self._cmd_get_stigmator,
+            "SET STIG": self._cmd_set_stigmator,
+            "GET TILT": self._cmd_get_tilt,
+            "SET TILT": self._cmd_set_tilt,
+        }
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def device(self) -> str:
+        """The current pty slave path (changes on reconnect; ``port`` does not)."""
+        return self._device
+
+    @property
+    def running(self) -> bool:
+        """True while the serving thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> LensControllerEmulator:
+        """Open the pty (if closed) and start serving in a background thread."""
+        if self._master is None:
+            self._open_pty()
+        if not self.running:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._serve, args=(self._master,), name="lens-emulator", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close the pty and remove the temporary directory."""
+        self.disconnect()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def disconnect(self) -> None:
+        """Simulate a pulled cable: stop serving, close the pty, remove the ``port`` symlink."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._master = self._slave = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.port)
+
+    def reconnect(self) -> None:
+        """Plug the cable back in: a new pty behind the same ``port`` path, serving again."""
+        self.disconnect()
+        os.makedirs(self._tmpdir, exist_ok=True)
+        self.start()
+
+    def __enter__(self) -> LensControllerEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _open_pty(self) -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no CR/LF translation, no signals
+        os.set_blocking(master, False)
+        self._master, self._slave = master, slave
+        self._device = os.ttyname(slave)
+        tmp_link = self.port + ".new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_link)
+        os.symlink(self._device, tmp_link)
+        os.replace(tmp_link, self.port)
+
+    # ------------------------------------------------------------ test controls
+    def set_reply_delay_s(self, seconds: float) -> None:
+        """Delay every reply by ``seconds`` (the controller processes one request at a time)."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"reply delay must be a finite number >= 0 s, got {seconds!r}")
+        with self._lock:
+            self._reply_delay_s = float(seconds)
+
+    def inject(self, kind: str, count: int = 1) -> None:
+        """Inject a fault into the next ``count`` replies.
+
+        ``drop``: the request is executed, its reply is lost. ``corrupt``: executed, the reply's
+        CRC is wrong. ``partial``: executed, only the first half of the reply is sent, without line
+        end. ``busy``: not executed, reply ``ERR 40 BUSY``. ``silent``: nothing is executed or
+        answered until :meth:`clear_faults` (``count`` is ignored).
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; choose one of {', '.join(FAULT_KINDS)}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        with self._lock:
+            if kind == "silent":
+                self._silent = True
+            else:
+                self._faults.extend([kind] * count)
+
+    def clear_faults(self) -> None:
+        """Remove pending faults and leave silent mode."""
+        with self._lock:
+            self._faults.clear()
+            self._silent = False
+
+    # ------------------------------------------------------------ serving loop
+    def _serve(self, master: int) -> None:
+        buffer = bytearray()
+        discarding = False  # inside an overlong line: drop bytes up to the next LF
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([master], [], [], 0.05)
+                if not ready:
+                    continue
+                chunk = os.read(master, 4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:  # EIO: no slave open right now; keep waiting
+                self._stop.wait(0.05)
+                continue
+            buffer += chunk
+            try:
+                discarding = self._consume(buffer, discarding)
+            except Exception:  # a bug must not kill the controller: log, resynchronise, go on
+                _log.exception("lens_emulator_internal_error")
+                buffer.clear()
+                discarding = False
+
+    def _consume(self, buffer: bytearray, discarding: bool) -> bool:
+        """Handle every complete line in ``buffer``; return the new ``discarding`` state."""
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                if len(buffer) >= MAX_LINE_BYTES:
+                    if not discarding:
+                        self._reply_error(None, ErrorCode.LINE_TOO_LONG, self._too_long_text())
+                    buffer.clear()
+                    return True
+                return discarding
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            if discarding:
+                discarding = False
+                continue
+            self._handle_line(line)
+
+    @staticmethod
+    def _too_long_text() -> str:
+        return f"line longer than {MAX_LINE_BYTES} bytes; discarded up to next LF"
+
+    def _handle_line(self, line: bytes) -> None:
+        if line in (b"", b"\r"):
+            return  # empty lines resynchronise and are ignored
+        with self._lock:
+            if self._silent:
+                return
+            fault = self._faults.popleft() if self._faults else None
+        try:
+            frame = decode_frame(line)
+        except FrameError as exc:
+            self._reply_error(exc.seq, exc.code, str(exc), fault)
+            return
+        if fault == "busy":
+            self._reply_error(frame.seq, ErrorCode.BUSY, "busy (lens normalising); retry", None)
+            return
+        try:
+            text = self._execute(frame.words)
+        except _CommandError as exc:
+            self._reply_error(frame.seq, exc.code, str(exc), fault)
+            return
+        self._send(encode_frame(frame.seq, text), fault)
+
+    def _execute(self, words: tuple[str, ...]) -> str:
+        with self._lock:
+            self.requests += 1
+        verb = words[0].upper()
+        key = f"{verb} {words[1].upper()}" if verb in ("GET", "SET") and len(words) > 1 else verb
+        handler = self._handlers.get(key)
+        if handler is None:
+            shown = " ".join(words[:2])[:24]
+            raise _CommandError(ErrorCode.UNKNOWN_COMMAND, f"unknown command '{shown}'")
+        n_verb_words = 2 if verb in ("GET", "SET") else 1
+        try:
+            return handler(words[n_verb_words:])
+        except LimitExceeded as exc:
+            raise _CommandError(ErrorCode.LIMIT, _shorten(str(exc))) from None
+
+    def _reply_error(
+        self, seq: int | None, code: ErrorCode, message: str, fault: str | None = None
+    ) -> None:
+        with self._lock:
+            self.errors += 1
+            self.last_error = int(code)
+        text = _shorten(f"ERR {int(code)} {code.name} {message}")
+        self._send(encode_frame(seq, text), fault)
+
+    def _send(self, data: bytes, fault: str | None) -> None:
+        with self._lock:
+            delay = self._reply_delay_s
+        if delay > 0 and self._stop.wait(delay):
+            return
+        if fault == "drop":
+            return
+        if fault == "corrupt":
+            crc = int(data[-6:-2], 16) ^ 0x5A5A
+            data = data[:-6] + b"%04X\r\n" % crc
+        elif fault == "partial":
+            data = data[: len(data) // 2]
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """Write to the master without blocking; bytes nobody reads are lost, as on a wire."""
+        master = self._master
+        if master is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(master, data)
+
+    # ------------------------------------------------------------ commands
+    def _cmd_idn(self, args: tuple[str, ...]) -> str:
+        _expect_args(args, 0, "IDN")
+        return f"OK {EMULATOR_IDN}"
+
+    def _cmd_status(self, args: tuple[str, ...]) -> str:
+        _expect_args(args, 0, "STATUS")
+        status = self.model.status()
+        lo, hi = status["limits"]["defocus_nm"]
+        with self._lock:
+            errors, last = self.errors, self.last_error
+        return (
+            f"OK SETTLED={int(status['settled'])}"
+            f" REMAIN_MS={math.ceil(status['settle_remaining_s'] * 1000.0)}"
+            f" ERRS={errors} LAST={last} DEF_MIN={lo:.1f} DEF_MAX={hi:.1f}"
+            f" STIG_MAX={status['limits']['stigmator_nm']:.1f}"
+            f" TILT_MAX={status['limits']['beam_tilt_mrad']:.3f}"
+        )
+
+    def _cmd_get_defocus(self, args: tuple[str, ...]) -> str:
+        _expect_args(args, 0, "GET DEF")
+        return f"OK {self.model.readback_defocus_nm():.1f}"
+
+    def _cmd_set_defocus(self, args: tuple[str, ...]) -> str:
+        (value,) = _numbers(args, 1, "SET DEF <defocus_nm>")
+        self.model.set_defocus_nm(value)
+        return f"OK {value:.3f}"
+
+    def _cmd_get_stigmator(self, args: tuple[str, ...]) -> str:
+        _expect_args(args, 0, "GET STIG")
+        magnitude, angle = self.model.readback_stigmator()
+        return f"OK {magnitude:.1f} {angle:.1f}"
+
+    def _cmd_set_stigmator(self, args: tuple[str, ...]) -> str:
+        magnitude, angle = _numbers(args, 2, "SET STIG <magnitude_nm> <angle_deg>")
+        self.model.set_stigmator(magnitude, angle)
+        return f"OK {magnitude:.3f} {angle % 180.0:.3f}"
+
+    def _cmd_get_tilt(self, args: tuple[str, ...]) -> str:
+        _expect_args(args, 0, "GET TILT")
+        tilt_y, tilt_x = self.model.beam_tilt_mrad()
+        return f"OK {tilt_y:.4f} {tilt_x:.4f}"
+
+    def _cmd_set_tilt(self, args: tuple[str, ...]) -> str:
+        tilt_y, tilt_x = _numbers(args, 2, "SET TILT <tilt_y_mrad> <tilt_x_mrad>")
+        self.model.set_beam_tilt_mrad(tilt_y, tilt_x)
+        return f"OK {tilt_y:.4f} {tilt_x:.4f}"
+
+
+def _expect_args(args: tuple[str, ...], count: int, usage: str) -> None:
+    if len(args) != count:
+        raise _CommandError(ErrorCode.BAD_ARGS, f"expected {count} argument(s): {usage}")
+
+
+def _numbers(args: tuple[str, ...], count: int, usage: str) -> list[float]:
+    _expect_args(args, count, usage)
+    try:
+        return [parse_number(token) for token in args]
+    except ValueError as exc:
+        raise _CommandError(ErrorCode.BAD_ARGS, f"{exc}; usage: {usage}") from None
+
+
+def _shorten(text: str, limit: int = 96) -> str:
+    """Printable ASCII within the line limit (seq, CRC and CRLF take the rest)."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
