@@ -75,6 +75,9 @@ __all__ = [
     "FrameError",
     "LensControllerEmulator",
     "LensModel",
+    "check_beam_tilt_mrad",
+    "check_defocus_nm",
+    "check_stigmator",
     "crc16_ccitt",
     "decode_frame",
     "encode_frame",
@@ -142,6 +145,51 @@ def _require_finite(name: str, value: float, unit: str) -> float:
     return number
 
 
+def check_defocus_nm(limits: LensLimits, defocus_nm: float) -> float:
+    """The defocus as float if finite and inside ``limits.defocus_nm``; else LimitExceeded."""
+    value = _require_finite("defocus", defocus_nm, "nm")
+    lo, hi = limits.defocus_nm
+    if not lo <= value <= hi:
+        raise LimitExceeded(
+            f"defocus {value:g} nm is outside the lens limits [{lo:g}, {hi:g}] nm; "
+            "nothing was changed",
+            details={"defocus_nm": value, "limits_nm": [lo, hi]},
+        )
+    return value
+
+
+def check_stigmator(
+    limits: LensLimits, magnitude_nm: float, angle_deg: float
+) -> tuple[float, float]:
+    """(magnitude_nm, angle_deg) as floats if finite and 0 <= magnitude <= limit."""
+    magnitude = _require_finite("stigmator magnitude", magnitude_nm, "nm")
+    angle = _require_finite("stigmator angle", angle_deg, "degrees")
+    limit = limits.stigmator_nm
+    if not 0.0 <= magnitude <= limit:
+        raise LimitExceeded(
+            f"stigmator magnitude {magnitude:g} nm is outside [0, {limit:g}] nm; "
+            "nothing was changed",
+            details={"magnitude_nm": magnitude, "limit_nm": limit},
+        )
+    return magnitude, angle
+
+
+def check_beam_tilt_mrad(
+    limits: LensLimits, tilt_y_mrad: float, tilt_x_mrad: float
+) -> tuple[float, float]:
+    """(tilt_y, tilt_x) in mrad as floats if finite and each within +/-limit."""
+    ty = _require_finite("beam tilt y", tilt_y_mrad, "mrad")
+    tx = _require_finite("beam tilt x", tilt_x_mrad, "mrad")
+    limit = limits.beam_tilt_mrad
+    if abs(ty) > limit or abs(tx) > limit:
+        raise LimitExceeded(
+            f"beam tilt ({ty:g}, {tx:g}) mrad exceeds +/-{limit:g} mrad per axis; "
+            "nothing was changed",
+            details={"tilt_mrad": [ty, tx], "limit_mrad": limit},
+        )
+    return ty, tx
+
+
 class LensModel:
     """Objective lens: defocus with settle, hysteresis and drift; stigmator; beam tilt.
 
@@ -192,14 +240,7 @@ class LensModel:
     # ---------------------------------------------------------------- defocus
     def set_defocus_nm(self, value: float) -> None:
         """Request defocus C1 (nm); :class:`LimitExceeded` outside ``limits.defocus_nm``."""
-        value = _require_finite("defocus", value, "nm")
-        lo, hi = self.limits.defocus_nm
-        if not lo <= value <= hi:
-            raise LimitExceeded(
-                f"defocus {value:g} nm is outside the lens limits [{lo:g}, {hi:g}] nm; "
-                "nothing was changed",
-                details={"defocus_nm": value, "limits_nm": [lo, hi]},
-            )
+        value = check_defocus_nm(self.limits, value)
         with self._lock:
             now = self._clock()
             half = 0.5 * self.hysteresis_nm
@@ -236,15 +277,7 @@ class LensModel:
     # ------------------------------------------------------------- stigmator
     def set_stigmator(self, magnitude_nm: float, angle_deg: float) -> None:
         """Set two-fold astigmatism A1 (nm, degrees); magnitude limited to the stigmator range."""
-        magnitude_nm = _require_finite("stigmator magnitude", magnitude_nm, "nm")
-        angle_deg = _require_finite("stigmator angle", angle_deg, "degrees")
-        limit = self.limits.stigmator_nm
-        if not 0.0 <= magnitude_nm <= limit:
-            raise LimitExceeded(
-                f"stigmator magnitude {magnitude_nm:g} nm is outside [0, {limit:g}] nm; "
-                "nothing was changed",
-                details={"magnitude_nm": magnitude_nm, "limit_nm": limit},
-            )
+        magnitude_nm, angle_deg = check_stigmator(self.limits, magnitude_nm, angle_deg)
         ax, ay = _stig_vector(magnitude_nm, angle_deg)
         with self._lock:
             now = self._clock()
@@ -273,16 +306,8 @@ class LensModel:
 
     # ------------------------------------------------------------- beam tilt
     def set_beam_tilt_mrad(self, tilt_y_mrad: float, tilt_x_mrad: float) -> None:
-        """Set beam tilt (y, x) in mrad; each axis limited to ±``limits.beam_tilt_mrad``."""
-        ty = _require_finite("beam tilt y", tilt_y_mrad, "mrad")
-        tx = _require_finite("beam tilt x", tilt_x_mrad, "mrad")
-        limit = self.limits.beam_tilt_mrad
-        if abs(ty) > limit or abs(tx) > limit:
-            raise LimitExceeded(
-                f"beam tilt ({ty:g}, {tx:g}) mrad exceeds +/-{limit:g} mrad per axis; "
-                "nothing was changed",
-                details={"tilt_mrad": [ty, tx], "limit_mrad": limit},
-            )
+        """Set beam tilt (y, x) in mrad; each axis limited to +/-``limits.beam_tilt_mrad``."""
+        ty, tx = check_beam_tilt_mrad(self.limits, tilt_y_mrad, tilt_x_mrad)
         with self._lock:
             self._tilt_mrad = (ty, tx)
 
