@@ -1,0 +1,239 @@
+"""Settings: one place for defaults, read from a TOML file with ``SCHERZER_…`` env overrides.
+
+Precedence: built-in defaults < TOML file < environment. An environment variable
+``SCHERZER_<SECTION>__<FIELD>`` (double underscore between levels, case-insensitive) overrides one
+field; its value is parsed as JSON when it is valid JSON (numbers, booleans, lists) and used as a
+string otherwise, e.g. ``SCHERZER_SERVER__ENDPOINT=tcp://127.0.0.1:6000`` or
+``SCHERZER_DEVICES__SPEEDUP=100``.
+
+Units are in field names (s, nm, µs, bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ClientKey",
+    "ConfigError",
+    "DeviceSettings",
+    "PlanLimits",
+    "SecuritySettings",
+    "ServerSettings",
+    "Settings",
+    "is_loopback_endpoint",
+    "load_settings",
+    "settings_to_toml",
+]
+
+ENV_PREFIX = "SCHERZER_"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the setting and what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    endpoint: str = "tcp://127.0.0.1:5577"
+    events_endpoint: str = "tcp://127.0.0.1:5578"
+    heartbeat_s: float = Field(2.0, gt=0)
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="JSON frame limit → too_large")
+    max_frames: int = Field(4, ge=1, description="frames per request → too_large")
+    max_message_bytes: int = Field(64 << 20, description="ZeroMQ drops peers sending more")
+    local_role: Literal["observer", "operator"] = "operator"
+    frame_cache: int = Field(32, ge=1, description="recent frames kept for frame_get")
+    stop_timeout_s: float = Field(30.0, gt=0, description="wait for a frame boundary on stop")
+
+
+class DeviceSettings(_Section):
+    """Which instruments the daemon drives."""
+
+    kind: Literal["sim"] = "sim"
+    speedup: float = Field(1.0, gt=0, description="simulated time runs this much faster")
+    specimen: str = "crystal_edge"
+    camera_shape: tuple[int, int] = (512, 512)
+    camera_pixel_nm: float = Field(0.02, gt=0)
+    seed: int = 0
+    lens: Literal["sim", "serial"] = "sim"
+    serial_port: str = ""
+    serial_baudrate: int = 115200
+    serial_timeout_s: float = Field(0.5, gt=0)
+    serial_retries: int = Field(2, ge=0)
+    settle_timeout_s: float = Field(10.0, gt=0)
+    fault: str = Field("", description="sim only: '<kind>:<after_calls>' injected at start")
+
+    @model_validator(mode="after")
+    def _serial_needs_port(self) -> DeviceSettings:
+        if self.lens == "serial" and not self.serial_port:
+            raise ValueError(
+                "devices.lens = 'serial' needs devices.serial_port (e.g. /dev/ttyUSB0)"
+            )
+        return self
+
+
+class PlanLimits(_Section):
+    """What a plan may ask for; plans outside are refused with the reason."""
+
+    defocus_nm: tuple[float, float] = (-5000.0, 5000.0)
+    max_exposure_s: float = 60.0
+    dwell_us: tuple[float, float] = (0.05, 1000.0)
+    max_scan_px: int = 4096
+    max_frames: int = 10000
+    min_free_disk_bytes: int = 100 << 20
+
+
+class ClientKey(_Section):
+    """One allowed CURVE client: its public key (Z85 text or a ``.key`` file) and role."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["observer", "operator"] = "observer"
+    public_key: str = ""
+    public_key_file: str = ""
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ClientKey:
+        if bool(self.public_key) == bool(self.public_key_file):
+            raise ValueError(
+                f"client {self.name!r}: give exactly one of public_key, public_key_file"
+            )
+        return self
+
+
+class SecuritySettings(_Section):
+    curve: bool = Field(False, description="require CURVE (always on for non-loopback binds)")
+    server_secret_key_file: str = ""
+    clients: list[ClientKey] = Field(default_factory=list)
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    console: Literal["auto", "pretty", "json", "off"] = "auto"
+
+
+class Settings(_Section):
+    data_dir: Path = Path("~/scherzer-data")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    devices: DeviceSettings = Field(default_factory=DeviceSettings)
+    limits: PlanLimits = Field(default_factory=PlanLimits)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    def needs_curve(self) -> bool:
+        """CURVE is on when asked for or when any endpoint is not loopback."""
+        endpoints = (self.server.endpoint, self.server.events_endpoint)
+        return self.security.curve or not all(is_loopback_endpoint(e) for e in endpoints)
+
+    def check_security(self) -> None:
+        """Refuse settings that would expose the instruments unauthenticated."""
+        if not self.needs_curve():
+            return
+        if not self.security.server_secret_key_file:
+            raise ConfigError(
+                f"endpoint {self.server.endpoint} is not loopback (or security.curve is on): "
+                "set security.server_secret_key_file (make one with `scherzer keys new server`) "
+                "and list allowed clients under [[security.clients]]"
+            )
+        if not self.security.clients:
+            raise ConfigError("CURVE is on but security.clients is empty: no one could connect")
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on 127.0.0.0/8, ::1 or localhost."""
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    if parts.scheme != "tcp":
+        return False
+    host = (parts.hostname or "").lower()
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {key} conflicts with another override")
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults < TOML ``path`` < ``SCHERZER_…`` environment; :class:`ConfigError` if invalid."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {p} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    raw = _merge(raw, _env_overrides(os.environ if env is None else env))
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {type(v).__name__} {v!r} to TOML")
+
+
+def settings_to_toml(data: Mapping[str, Any], _prefix: str = "") -> str:
+    """A nested dict (as :func:`load_settings` reads it) as TOML text."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in data.items():
+        name = f"{_prefix}{key}"
+        if isinstance(value, Mapping):
+            body = settings_to_toml(value, f"{name}.")
+            tables.append(f"[{name}]\n{body}")
+        elif isinstance(value, list) and value and all(isinstance(x, Mapping) for x in value):
+            tables += [f"[[{name}]]\n{settings_to_toml(x, f'{name}.')}" for x in value]
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join([*lines, "", *tables]) if tables else "\n".join(lines) + "\n"

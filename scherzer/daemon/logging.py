@@ -1,0 +1,93 @@
+"""Daemon logging: structlog to JSON lines in the data directory and readable console output.
+
+Why a module of its own: the daemon logs from three threads into two sinks (file, console) and
+forwards warnings to the event bus; keeping the wiring here keeps ``server.py`` about requests.
+Bind context per line with ``log.bind(job=…, client=…)``; every record is one JSON object in
+``<data_dir>/logs/daemon.jsonl`` with an ISO-8601 UTC ``timestamp`` and a ``level``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["configure_logging"]
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class _Sinks:
+    """Final structlog processor: write to the file and the console, forward warnings."""
+
+    def __init__(
+        self,
+        file: TextIO | None,
+        console: TextIO | None,
+        pretty: bool,
+        min_level: int,
+        forward: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self._file = file
+        self._console = console
+        self._pretty = structlog.dev.ConsoleRenderer(colors=False) if pretty else None
+        self._min = min_level
+        self._forward = forward
+        self._lock = threading.Lock()
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> Any:
+        level = _LEVELS.get(event.get("level", "info"), 20)
+        if level < self._min:
+            raise structlog.DropEvent
+        line = json.dumps(event, default=str)
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line + "\n")
+                self._file.flush()
+            if self._console is not None:
+                text = self._pretty(logger, method, dict(event)) if self._pretty else line
+                self._console.write(text + "\n")
+                self._console.flush()
+        if self._forward is not None and level >= 30:
+            try:
+                self._forward(json.loads(line))
+            except Exception:
+                pass
+        raise structlog.DropEvent
+
+
+def configure_logging(
+    data_dir: Path,
+    *,
+    level: str = "info",
+    console: str = "auto",
+    forward: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Set up structlog for the daemon; returns the JSON-lines log path."""
+    log_dir = Path(data_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "daemon.jsonl"
+    file = path.open("a", encoding="utf-8")
+    stream = sys.stderr
+    if console == "off":
+        out, pretty = None, False
+    elif console == "auto":
+        out, pretty = stream, stream.isatty()
+    else:
+        out, pretty = stream, console == "pretty"
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _Sinks(file, out, pretty, _LEVELS[level], forward),
+        ],
+        cache_logger_on_first_use=False,
+    )
+    return path

@@ -1,0 +1,643 @@
+"""The daemon: a ZeroMQ ROUTER request loop with an explicit dispatch table.
+
+The loop (main thread) owns the ROUTER and PUB sockets. Each request is decoded and validated
+(:meth:`Daemon._decode`), checked against the caller's role, and handed to its handler from
+:attr:`Daemon.dispatch` — a literal dict, never a lookup by name on an object. Handlers answer at
+once; device calls run on the executor thread and answer later through the mailbox, so the loop
+never blocks. Every failure becomes a well-formed error reply (see ``docs/protocol.md``).
+
+SIGTERM/SIGINT: the executor stops at the next frame boundary (the running job becomes
+``interrupted``, its file closed), the loop then closes the sockets and :meth:`Daemon.run`
+returns 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+import zmq
+from pydantic import BaseModel, ValidationError
+
+import scherzer
+from scherzer.config import Settings
+from scherzer.daemon import protocol as P
+from scherzer.daemon.events import EventBus, Mailbox, OutgoingReply
+from scherzer.daemon.executor import (
+    Executor,
+    FrameCache,
+    Instruments,
+    count_frames_on_disk,
+    open_instruments,
+)
+from scherzer.daemon.jobs import JobStore
+from scherzer.daemon.logging import configure_logging
+from scherzer.daemon.plans import parse_plan, plan_to_json
+from scherzer.daemon.security import LOCAL_USER, Identity, ServerKeys, ZapHandler
+from scherzer.drivers.base import DeviceError
+
+__all__ = ["Daemon", "run_daemon"]
+
+log = structlog.get_logger("scherzer.daemon")
+ErrorCode = P.ErrorCode
+
+
+@dataclass
+class Reply:
+    """A handler's immediate answer: a result model and arrays sent as binary frames."""
+
+    result: BaseModel
+    arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+
+class Deferred:
+    """A handler that will answer later (from another thread) through :meth:`Call.finish`."""
+
+
+@dataclass
+class Call:
+    """One request in flight: who sent it and how to answer."""
+
+    envelope: list[bytes]
+    request_id: str | None
+    method: str
+    identity: Identity
+    log: Any
+
+
+Handler = Callable[[Call, Any], "Reply | Deferred"]
+
+
+class Daemon:
+    """One daemon instance; :meth:`run` serves until stopped and returns the exit code."""
+
+    def __init__(self, settings: Settings, instruments: Instruments | None = None) -> None:
+        self.settings = settings
+        self.instance = uuid.uuid4().hex[:12]
+        self.started = time.time()
+        self.data_dir = settings.data_path
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.mailbox = Mailbox()
+        self.stopping = False
+        self.devices_counter = 0
+        self._loop_thread = threading.get_ident()
+        self._instruments = instruments
+        self.dispatch: dict[str, Handler] = {
+            "status": self._status,
+            "job_submit": self._job_submit,
+            "job_get": self._job_get,
+            "job_cancel": self._job_cancel,
+            "queue_list": self._queue_list,
+            "queue_move": self._queue_move,
+            "queue_pause": self._queue_pause,
+            "queue_resume": self._queue_resume,
+            "history_list": self._history_list,
+            "lens_get": self._lens_get,
+            "lens_set": self._lens_set,
+            "camera_acquire": self._camera_acquire,
+            "scan_acquire": self._scan_acquire,
+            "frame_get": self._frame_get,
+            "plan_validate": self._plan_validate,
+        }
+
+    # --- life cycle ------------------------------------------------------------------------
+    def _open(self) -> None:
+        s = self.settings.server
+        self.keys = ServerKeys.from_settings(self.settings)  # refuses unsafe binds
+        self.log_path = configure_logging(
+            self.data_dir,
+            level=self.settings.logging.level,
+            console=self.settings.logging.console,
+            forward=lambda rec: self.events.publish("log", rec),
+        )
+        self.ctx = zmq.Context()
+        self.zap = ZapHandler(self.ctx, self.keys) if self.keys else None
+        if self.zap:
+            self.zap.start()
+        self.router = self._socket(zmq.ROUTER, s.endpoint)
+        self.router.router_mandatory = False
+        self.pub = self._socket(zmq.PUB, s.events_endpoint)
+        self.events = EventBus(self.pub, self.mailbox, self.instance)
+        self.store = JobStore(self.data_dir / "jobs.sqlite")
+        recovered = self.store.recover(count_frames_on_disk)
+        for job in recovered:
+            log.warning("job interrupted by a previous stop", job=job.job_id,
+                        frames_on_disk=job.frames_done)  # fmt: skip
+        self.frames = FrameCache(s.frame_cache)
+        instruments = self._instruments or open_instruments(self.settings)
+        self.executor = Executor(
+            self.store, instruments, self.settings, self.events.publish, self.frames
+        )
+        self.executor.start()
+
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.maxmsgsize = self.settings.server.max_message_bytes
+        if self.keys:
+            self.keys.apply(sock)
+        sock.bind(endpoint)
+        return sock
+
+    def request_stop(self, *_: Any) -> None:
+        """Signal-safe: start a graceful stop."""
+        self.stopping = True
+        self.mailbox.wake()
+
+    def run(self) -> int:
+        self._open()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(sig, self.request_stop)
+        s = self.settings.server
+        log.info(
+            "daemon started",
+            endpoint=s.endpoint,
+            events=s.events_endpoint,
+            curve=bool(self.keys),
+            data_dir=str(self.data_dir),
+            instance=self.instance,
+            log=str(self.log_path),
+        )
+        try:
+            self._loop()
+        finally:
+            self._close()
+        return 0
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.mailbox.fd, zmq.POLLIN)
+        beat_every = self.settings.server.heartbeat_s
+        next_beat = time.monotonic()
+        stop_deadline = None
+        while True:
+            if self.stopping and stop_deadline is None:
+                log.info("stopping at the next frame boundary")
+                self.executor.stop()
+                stop_deadline = time.monotonic() + self.settings.server.stop_timeout_s
+            if stop_deadline is not None and (
+                not self.executor.alive or time.monotonic() > stop_deadline
+            ):
+                self._drain_mailbox()
+                return
+            now = time.monotonic()
+            if now >= next_beat:
+                self.events.send("heartbeat", self._heartbeat())
+                next_beat = now + beat_every
+            timeout_ms = max(1, int(min(next_beat - now, 0.2) * 1000))
+            for sock, _ in poller.poll(timeout_ms):
+                if sock is self.router:
+                    self._serve_batch()
+                else:
+                    self._drain_mailbox()
+
+    def _close(self) -> None:
+        alive = not self.executor.join(self.settings.server.stop_timeout_s)
+        if alive:
+            log.error("executor did not stop in time; exiting anyway")
+        self.executor.instruments.close()
+        self.store.close()
+        log.info("daemon stopped", instance=self.instance)
+        self.router.close(linger=0)
+        self.pub.close(linger=200)
+        if self.zap:
+            self.zap.stop()
+        self.ctx.term()
+        self.mailbox.close()
+
+    def _drain_mailbox(self) -> None:
+        for item in self.mailbox.drain():
+            if isinstance(item, OutgoingReply):
+                self._send(item.frames)
+            else:
+                self.events.handle(item)
+
+    def _heartbeat(self) -> dict[str, Any]:
+        return {
+            "state": self._state(),
+            "uptime_s": time.time() - self.started,
+            "current_job": self.executor.current_job,
+            "counters": self._counters().model_dump(),
+        }
+
+    # --- request handling ------------------------------------------------------------------
+    def _serve_batch(self, limit: int = 64) -> None:
+        for _ in range(limit):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._serve(frames)
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # peer gone or its queue full: nothing else to do
+            log.warning("reply dropped", error=str(exc))
+
+    def _identity(self, frame: zmq.Frame) -> Identity:
+        if self.keys is None:
+            return Identity(LOCAL_USER, P.Role(self.settings.server.local_role))
+        user = frame.get("User-Id")
+        ident = self.keys.identity_of(user) if user else None
+        if ident is None:
+            raise P.ProtocolError(
+                ErrorCode.UNAUTHORIZED, "the connection carries no known identity"
+            )
+        return ident
+
+    def _serve(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        body = frames[1:]
+        envelope = [identity]
+        if body and len(body[0]) == 0:  # REQ peers send an empty delimiter
+            envelope.append(b"")
+            body = body[1:]
+        request_id: str | None = None
+        try:
+            if not body:
+                raise P.ProtocolError(ErrorCode.BAD_REQUEST, "empty request: send one JSON frame")
+            who = self._identity(body[0])
+            raw = body[0].bytes
+            self._check_size(len(raw), len(body))
+            obj = P.decode_json(raw)
+            request_id = _id_of(obj)
+            req, spec, params = self._decode(obj, len(body))
+            request_id = req.id
+            call = Call(
+                envelope,
+                req.id,
+                req.method,
+                who,
+                log.bind(client=who.user, method=req.method, request=req.id),
+            )
+            self._authorise(call, spec)
+            out = self.dispatch[req.method](call, params)
+            if isinstance(out, Reply):
+                self._send(self._reply_frames(envelope, req.id, out))
+        except P.ProtocolError as exc:
+            self._send_error(envelope, request_id, exc.code, exc.message, exc.details)
+        except DeviceError as exc:
+            self._send_error(envelope, request_id, ErrorCode(exc.code), str(exc), exc.details)
+        except Exception as exc:
+            log.exception("internal error", request=request_id)
+            self._send_error(envelope, request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
+
+    def _check_size(self, n_bytes: int, n_frames: int) -> None:
+        s = self.settings.server
+        if n_bytes > s.max_request_bytes or n_frames > s.max_frames:
+            raise P.ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"request of {n_bytes} bytes in {n_frames} frames exceeds the limits",
+                {"max_request_bytes": s.max_request_bytes, "max_frames": s.max_frames},
+            )
+
+    def _decode(self, obj: Any, n_frames: int) -> tuple[P.Request, P.MethodSpec, BaseModel]:
+        if not isinstance(obj, dict):
+            raise P.ProtocolError(ErrorCode.BAD_REQUEST, "the request must be a JSON object")
+        if obj.get("v") != P.PROTOCOL_VERSION and isinstance(obj.get("v"), int):
+            raise P.ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {obj['v']} is not supported; this daemon speaks "
+                f"{P.PROTOCOL_VERSION}",
+            )
+        try:
+            req = P.Request.model_validate(obj)
+        except ValidationError as exc:
+            raise P.ProtocolError(
+                ErrorCode.BAD_REQUEST, "malformed request envelope", P.validation_details(exc)
+            ) from exc
+        spec = P.METHODS.get(req.method)
+        if spec is None or req.method not in self.dispatch:
+            raise P.ProtocolError(
+                ErrorCode.UNKNOWN_METHOD,
+                f"unknown method {req.method[:64]!r}",
+                {"methods": sorted(P.METHODS)},
+            )
+        if n_frames > 1:
+            raise P.ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{req.method} takes no binary frames; got {n_frames - 1}"
+            )
+        try:
+            params = spec.params.model_validate(req.params)
+        except ValidationError as exc:
+            raise P.ProtocolError(
+                ErrorCode.INVALID_PARAMS,
+                f"invalid params for {req.method}",
+                P.validation_details(exc),
+            ) from exc
+        return req, spec, params
+
+    def _authorise(self, call: Call, spec: P.MethodSpec) -> None:
+        if not call.identity.role.allows(spec.role):
+            raise P.ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"{call.identity.user} ({call.identity.role}) may not call {call.method}; "
+                f"it needs role {spec.role}",
+            )
+        if self.stopping and spec.role == P.Role.OPERATOR:
+            raise P.ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+
+    def _reply_frames(self, envelope: list[bytes], request_id: str, reply: Reply) -> list[Any]:
+        body = P.ok_reply(request_id, reply.result)
+        if reply.arrays:
+            body["result"]["arrays"] = [
+                P.array_meta(a, i, name).model_dump() for i, (name, a) in enumerate(reply.arrays)
+            ]
+        try:
+            head = P.encode_json(body)
+        except ValueError as exc:
+            log.exception("reply not encodable")
+            head = P.encode_json(P.error_reply(request_id, ErrorCode.INTERNAL, str(exc)))
+            return [*envelope, head]
+        return [*envelope, head, *(P.array_to_buffer(a) for _, a in reply.arrays)]
+
+    def _send_error(
+        self,
+        envelope: list[bytes],
+        request_id: str | None,
+        code: ErrorCode,
+        message: str,
+        details: Any = None,
+    ) -> None:
+        try:
+            head = P.encode_json(P.error_reply(request_id, code, message, details))
+        except ValueError:
+            head = P.encode_json(P.error_reply(request_id, code, message, None))
+        self._send([*envelope, head])
+
+    def finish(self, call: Call, reply: Reply | None, error: BaseException | None) -> None:
+        """Answer a deferred call from any thread."""
+        if error is None and reply is not None:
+            frames = self._reply_frames(call.envelope, call.request_id, reply)
+        else:
+            code, message, details = _error_fields(error)
+            if code == ErrorCode.INTERNAL:
+                call.log.error("device call failed", exc_info=error)
+            head = P.encode_json(P.error_reply(call.request_id, code, message, details))
+            frames = [*call.envelope, head]
+        if threading.get_ident() == self._loop_thread:
+            self._send(frames)
+        else:
+            self.mailbox.post(OutgoingReply(frames))
+
+    # --- handlers: state -------------------------------------------------------------------
+    def _state(self) -> str:
+        if self.stopping:
+            return "stopping"
+        if self.executor.job_paused:
+            return "paused"
+        return "running" if self.executor.busy else "idle"
+
+    def _counters(self) -> P.Counters:
+        return P.Counters(
+            jobs=self.store.jobs_counter,
+            queue=self.store.queue_counter,
+            devices=self.devices_counter,
+        )
+
+    def _status(self, call: Call, _: P.Empty) -> Reply:
+        return Reply(
+            P.StatusResult(
+                protocol=P.PROTOCOL_VERSION,
+                version=scherzer.__version__,
+                instance=self.instance,
+                uptime_s=time.time() - self.started,
+                state=self._state(),
+                queue_paused=self.executor.queue_paused,
+                current_job=self.executor.current_job,
+                queued=self.store.queued_count(),
+                counters=self._counters(),
+                devices=self.executor.instruments.describe(),
+                user=call.identity.user,
+                role=call.identity.role,
+            )
+        )
+
+    def _queue_event(self) -> None:
+        self.events.send(
+            "queue",
+            {
+                "paused": self.executor.queue_paused,
+                "queued": self.store.queued_count(),
+                "counters": self._counters().model_dump(),
+            },
+        )
+
+    def _check_plan(self, plan: Any) -> list[str]:
+        problems = plan.problems(self.settings.limits, self.executor.instruments.camera_shape)
+        est = plan.estimate(self.executor.instruments.camera_shape)
+        free = _free_disk_bytes(self.data_dir)
+        keep = self.settings.limits.min_free_disk_bytes
+        if free - est.disk_bytes < keep:
+            problems.append(
+                f"not enough disk: {free / 1e6:.0f} MB free, the plan needs "
+                f"{est.disk_bytes / 1e6:.1f} MB and {keep / 1e6:.0f} MB must stay free"
+            )
+        return problems
+
+    def _job_submit(self, call: Call, p: P.JobSubmitParams) -> Reply:
+        plan = p.plan
+        problems = self._check_plan(plan)
+        if problems:
+            raise P.ProtocolError(ErrorCode.LIMIT_EXCEEDED, "; ".join(problems), problems)
+        job = self.store.submit(
+            plan_to_json(plan),
+            kind=plan.kind,
+            name=plan.name,
+            submitter=call.identity.user,
+            frames_total=plan.n_frames(),
+            position=p.position,
+        )
+        call.log.info("job queued", job=job.job_id, kind=job.kind)
+        self.executor.wake()
+        self.events.send("job", {"job": job.model_dump(mode="json")})
+        self._queue_event()
+        return Reply(P.JobResult(job=job))
+
+    def _job_get(self, call: Call, p: P.JobParams) -> Reply:
+        return Reply(P.JobResult(job=self.store.get(p.job_id)))
+
+    def _job_cancel(self, call: Call, p: P.JobParams) -> Reply:
+        job = self.store.cancel(p.job_id)
+        call.log.info("cancel requested", job=p.job_id, state=job.state)
+        self.executor.wake()
+        self.events.send("job", {"job": job.model_dump(mode="json")})
+        self._queue_event()
+        return Reply(P.JobResult(job=job))
+
+    def _queue_list(self, call: Call, _: P.Empty) -> Reply:
+        return Reply(P.JobsResult(jobs=self.store.queue(), paused=self.executor.queue_paused))
+
+    def _queue_move(self, call: Call, p: P.QueueMoveParams) -> Reply:
+        jobs = self.store.move(p.job_id, p.position)
+        self._queue_event()
+        return Reply(P.JobsResult(jobs=jobs, paused=self.executor.queue_paused))
+
+    def _queue_pause(self, call: Call, _: P.Empty) -> Reply:
+        self.executor.pause()
+        self.store.queue_counter += 1
+        call.log.info("queue paused")
+        self._queue_event()
+        return Reply(P.QueueStateResult(paused=True))
+
+    def _queue_resume(self, call: Call, _: P.Empty) -> Reply:
+        self.executor.resume()
+        self.store.queue_counter += 1
+        call.log.info("queue resumed")
+        self._queue_event()
+        return Reply(P.QueueStateResult(paused=False))
+
+    def _history_list(self, call: Call, p: P.HistoryParams) -> Reply:
+        jobs = self.store.history(p.limit, p.before_id, p.states)
+        return Reply(P.JobsResult(jobs=jobs, paused=self.executor.queue_paused))
+
+    def _plan_validate(self, call: Call, p: P.PlanValidateParams) -> Reply:
+        try:
+            plan = parse_plan(p.plan)
+        except ValidationError as exc:
+            problems = [f"{'.'.join(d['loc'])}: {d['msg']}" for d in P.validation_details(exc)]
+            return Reply(P.PlanValidateResult(valid=False, problems=problems))
+        problems = self._check_plan(plan)
+        est = plan.estimate(self.executor.instruments.camera_shape)
+        return Reply(P.PlanValidateResult(valid=not problems, problems=problems, estimate=est))
+
+    # --- handlers: devices (run on the executor thread) ------------------------------------
+    def _device(self, call: Call, fn: Callable[[Instruments], Reply], *, changes: bool) -> Deferred:
+        def done(result: Reply | None, error: BaseException | None) -> None:
+            if changes and error is None:
+                self.devices_counter += 1
+            self.finish(call, result, error)
+
+        self.executor.call_device(fn, done)
+        return Deferred()
+
+    def _lens_get(self, call: Call, _: P.Empty) -> Deferred:
+        return self._device(call, lambda ins: Reply(_lens_state(ins)), changes=False)
+
+    def _lens_set(self, call: Call, p: P.LensSetParams) -> Deferred:
+        def run(ins: Instruments) -> Reply:
+            lens = _need(ins.lens, "lens")
+            if p.defocus_nm is not None:
+                lens.set_defocus_nm(p.defocus_nm)
+            if p.stigmator_nm is not None or p.stigmator_deg is not None:
+                m0, a0 = lens.get_stigmator()
+                lens.set_stigmator(
+                    m0 if p.stigmator_nm is None else p.stigmator_nm,
+                    a0 if p.stigmator_deg is None else p.stigmator_deg,
+                )
+            if p.beam_tilt_mrad is not None:
+                lens.set_beam_tilt_mrad(*p.beam_tilt_mrad)
+            if p.wait_settled:
+                lens.wait_settled(self.settings.devices.settle_timeout_s)
+            call.log.info("lens set", **p.model_dump(exclude_none=True))
+            return Reply(_lens_state(ins))
+
+        return self._device(call, run, changes=True)
+
+    def _camera_acquire(self, call: Call, p: P.CameraAcquireParams) -> Deferred:
+        if p.exposure_s > self.settings.limits.max_exposure_s:
+            raise P.ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"exposure_s {p.exposure_s} > limit {self.settings.limits.max_exposure_s}",
+            )
+
+        def run(ins: Instruments) -> Reply:
+            f = _need(ins.camera, "camera").acquire(p.exposure_s, p.binning, p.region)
+            info = self.frames.put(f.image, f.record, f.pixel_size_nm)
+            return self._frames_reply([(info, f.image)], p.return_data)
+
+        return self._device(call, run, changes=True)
+
+    def _scan_acquire(self, call: Call, p: P.ScanAcquireParams) -> Deferred:
+        from scherzer.drivers.base import ScanSettings
+
+        lo, hi = self.settings.limits.dwell_us
+        if not lo <= p.dwell_us <= hi or max(p.size_px) > self.settings.limits.max_scan_px:
+            raise P.ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"dwell_us must be in [{lo}, {hi}] and size_px at most "
+                f"{self.settings.limits.max_scan_px}",
+            )
+        settings = ScanSettings(
+            size_px=p.size_px,
+            pixel_nm=p.pixel_nm,
+            dwell_us=p.dwell_us,
+            flyback_us=p.flyback_us,
+            rotation_deg=p.rotation_deg,
+            signals=tuple(p.signals),
+        )
+
+        def run(ins: Instruments) -> Reply:
+            scan = _need(ins.scan, "scan generator")
+            scan.configure(settings)
+            f = scan.acquire()
+            pairs = [
+                (self.frames.put(img, f.records[name], f.pixel_size_nm), img)
+                for name, img in f.images.items()
+            ]
+            return self._frames_reply(pairs, p.return_data)
+
+        return self._device(call, run, changes=True)
+
+    def _frames_reply(self, pairs: list[tuple[P.FrameInfo, np.ndarray]], data: bool) -> Reply:
+        infos = [info for info, _ in pairs]
+        arrays = [(i.signal, np.ascontiguousarray(img, dtype=np.float32)) for i, img in pairs]
+        return Reply(P.AcquireResult(frames=infos), arrays if data else [])
+
+    def _frame_get(self, call: Call, p: P.FrameGetParams) -> Reply:
+        image, info = self.frames.get(p.frame_id)
+        return Reply(P.AcquireResult(frames=[info]), [(info.signal, image)])
+
+
+def _need(device: Any, what: str) -> Any:
+    if device is None:
+        raise DeviceError(f"no {what} is configured in this daemon (see [devices] in the config)")
+    return device
+
+
+def _lens_state(ins: Instruments) -> P.LensState:
+    lens = _need(ins.lens, "lens")
+    m, a = lens.get_stigmator()
+    return P.LensState(
+        defocus_nm=lens.get_defocus_nm(),
+        stigmator_nm=m,
+        stigmator_deg=a,
+        beam_tilt_mrad=lens.get_beam_tilt_mrad(),
+    )
+
+
+def _error_fields(error: BaseException | None) -> tuple[ErrorCode, str, Any]:
+    if isinstance(error, P.ProtocolError):
+        return error.code, error.message, error.details
+    if isinstance(error, DeviceError):
+        return ErrorCode(error.code), str(error), error.details or None
+    if isinstance(error, ValueError):
+        return ErrorCode.INVALID_PARAMS, str(error), None
+    return ErrorCode.INTERNAL, f"internal error: {error}", None
+
+
+def _id_of(obj: Any) -> str | None:
+    """The request id if ``obj`` is a JSON object with a usable string id (for error replies)."""
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= P.MAX_ID_CHARS else None
+
+
+def _free_disk_bytes(path: Any) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code."""
+    return Daemon(settings).run()
