@@ -12,8 +12,10 @@ from scherzer.optics import Optics
 from scherzer.simulators.specimen import Specimen
 from scherzer.simulators.stem import (
     HAADF_CROSS_SECTION_A2,
+    SIGNALS,
     ScanRaster,
     STEMImager,
+    _detector_overlap,
     _MapGrid,
     _probe_intensity,
     constant_drift,
@@ -58,7 +60,7 @@ def fit_affine(pix: np.ndarray, spec_nm: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------- probe
 def test_probe_is_normalised_with_airy_width():
     """Aberration-free probe: ∫|ψ|² = 1 and intensity FWHM = 0.5145 λ/α (Airy) within 3 %."""
-    grid = _MapGrid((512, 512), (0.02, 0.02), (0.0, 0.0), True)
+    grid = _MapGrid((512, 512), 0.02, (0.0, 0.0))
     alpha = 25e-3
     p = _probe_intensity(OPTICS, grid, alpha)
     assert p.sum() * 0.02**2 == pytest.approx(1.0, rel=1e-5)
@@ -75,7 +77,7 @@ def test_probe_is_normalised_with_airy_width():
 
 
 def test_defocus_spreads_the_probe():
-    grid = _MapGrid((256, 256), (0.05, 0.05), (0.0, 0.0), True)
+    grid = _MapGrid((256, 256), 0.05, (0.0, 0.0))
     sharp = _probe_intensity(OPTICS, grid, 25e-3).max()
     blurred = _probe_intensity(OPTICS.with_(defocus_nm=-5.0), grid, 25e-3).max()
     assert blurred < 0.2 * sharp
@@ -84,7 +86,7 @@ def test_defocus_spreads_the_probe():
 # ---------------------------------------------------------------------------------- HAADF
 def test_haadf_integral_and_z_contrast():
     """The HAADF map integrates to Σ s·Z^1.7 Å² and peak heights scale as Z^1.7."""
-    spec = lattice(12.0, 2, np.array([79, 38, 38, 79]))
+    spec = lattice(12.0, 2, np.array([79, 38, 38, 79]), periodic=False)
     imager = STEMImager(spec, OPTICS, 25.0, ("HAADF",))
     m = imager.maps["HAADF"].astype(np.float64)
     g = imager.grid
@@ -101,22 +103,82 @@ def test_haadf_integral_and_z_contrast():
 
 def test_sample_reproduces_map_between_nodes():
     """Cubic B-spline sampling equals the band-limited map evaluated by Fourier shift."""
-    spec = lattice(3.9, 4, 38)
+    spec = lattice(3.9, 4, 38, periodic=False)
     imager = STEMImager(spec, OPTICS, 25.0, ("HAADF",))
     m = imager.maps["HAADF"]
     g = imager.grid
     shift = (0.37, 0.61)  # px
     ref = ndimage.fourier_shift(np.fft.fft2(m), (-shift[0], -shift[1]))
     ref = np.fft.ifft2(ref).real
-    rows, cols = np.meshgrid(
-        np.arange(0, m.shape[0], 7), np.arange(0, m.shape[1], 7), indexing="ij"
-    )
+    idx = np.arange(3, m.shape[0] - 3, 7)
+    rows, cols = np.meshgrid(idx, idx, indexing="ij")
     pos_nm = np.stack(
-        [(rows + shift[0]) * g.pixel_A[0] / 10, (cols + shift[1]) * g.pixel_A[1] / 10], -1
+        [
+            (g.origin_A[0] + (rows + shift[0]) * g.pitch_A) / 10,
+            (g.origin_A[1] + (cols + shift[1]) * g.pitch_A) / 10,
+        ],
+        -1,
     )
     got = imager.sample(pos_nm)["HAADF"]
     err = np.abs(got - ref[rows, cols]).max()
     assert err < 2e-3 * m.max()
+
+
+# ---------------------------------------------------------------------------------- BF / ABF
+def test_vacuum_levels_and_dark_columns_in_bright_field():
+    """Far from atoms: HAADF 0, BF (β/α)², ABF 1 − (inner)²; on a column BF/ABF drop."""
+    spec = lattice(6.0, 3, 79, periodic=False)
+    imager = STEMImager(spec, OPTICS, 25.0, SIGNALS, bf_fraction=0.25, abf_inner_fraction=0.5)
+    far = np.array([[-0.6, -0.6], [2.4, 2.4]])  # nm, in the vacuum margin
+    on = spec.positions_A[4:5, :2] / 10  # centre atom
+    v = imager.sample(far)
+    np.testing.assert_allclose(v["HAADF"], 0.0, atol=1e-5)
+    np.testing.assert_allclose(v["BF"], 0.25**2, rtol=1e-3)
+    np.testing.assert_allclose(v["ABF"], 1 - 0.5**2, rtol=5e-3)  # discrete detector edge
+    a = imager.sample(on)
+    assert a["HAADF"][0] > 0.01
+    assert a["BF"][0] < 0.9 * 0.25**2
+    assert a["ABF"][0] < 0.95 * (1 - 0.5**2)
+
+
+def test_abf_overlap_normalisation():
+    """C(0) of the linear ABF model is the detector's share of the probe-forming disc."""
+    grid = _MapGrid((256, 256), 0.05, (0.0, 0.0))
+    c = _detector_overlap(OPTICS, grid, 25e-3, 0.5, 1.0)
+    disc = _detector_overlap(OPTICS, grid, 25e-3, 0.0, 1.0)
+    assert c[0, 0].real == pytest.approx(0.75, rel=0.02)  # discrete disc edge
+    assert disc[0, 0].real == pytest.approx(1.0, rel=1e-5)
+
+
+def test_all_signals_share_probe_positions_under_drift_and_jitter():
+    """Each signal equals its own map sampled at the one set of recorded positions, and the
+    HAADF maxima coincide with the ABF minima (same atoms, same probe positions)."""
+    spec = lattice(6.0, 8, 79)
+    imager = STEMImager(spec, OPTICS, 12.0, ("HAADF", "ABF", "BF"))
+    raster = ScanRaster(96, 0.025, 10.0, 300.0, 20.0, (2.4, 2.4))
+    imgs, truth = imager.scan(
+        raster,
+        0.0,
+        constant_drift((0.8, 0.5)),
+        np.random.default_rng(2),
+        jitter_px=0.5,
+        noise=False,
+    )
+    for sig in ("HAADF", "ABF", "BF"):
+        single = STEMImager(spec, OPTICS, 12.0, (sig,))
+        np.testing.assert_allclose(
+            imgs[sig],
+            single.sample(truth["positions_nm"])[sig]
+            * truth["electrons_per_pixel"]
+            * single.efficiency[sig],
+            rtol=1e-4,
+            atol=1e-6 * imgs[sig].max(),
+        )
+    bright = atom_centroids(imgs["HAADF"])
+    dark = atom_centroids(imgs["ABF"].max() - imgs["ABF"])
+    d = np.sqrt(((bright[:, None] - dark[None]) ** 2).sum(-1)).min(1)
+    assert len(bright) >= 9
+    assert np.median(d) < 0.2 and d.max() < 0.5  # px
 
 
 # ---------------------------------------------------------------------------------- raster

@@ -73,7 +73,7 @@ from scherzer.optics import (
     image_intensity,
     vibration_envelope,
 )
-from scherzer.simulators.specimen import Specimen
+from scherzer.simulators.specimen import Specimen, make_specimen, projected_potential
 from scherzer.stack import FrameRecord, ImageStack
 
 __all__ = [
@@ -91,8 +91,10 @@ __all__ = [
 ]
 
 ELEMENTARY_CHARGE_C = 1.602176634e-19
-#: High-angle (HAADF) cross-section per Z^1.7 in Å² (Au: ≈0.17 Å² per atom).
-HAADF_CROSS_SECTION_A2 = 1.0e-4
+#: High-angle (HAADF) cross-section per Z^1.7 in Å². Unscreened Rutherford scattering into
+#: 70–200 mrad at 300 kV gives σ ≈ 1.95e-6·Z² Å²; matched to Z^1.7 near Z = 50 this is ≈6e-6.
+#: Au: 8.4e-3 Å² per atom (≈3 % of a 25 mrad probe on a single atom).
+HAADF_CROSS_SECTION_A2 = 5.0e-6
 #: Exponent of the atomic number in HAADF contrast.
 HAADF_Z_EXPONENT = 1.7
 #: Mean-square thermal displacement ⟨u²⟩ (Å², per axis) when the specimen gives none.
@@ -265,31 +267,65 @@ def rotation_series(mode: str, n_frames: int, base_rotation_deg: float = 0.0) ->
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _MapGrid:
-    """A sampled object-space field: (ny, nx) pixels of (py, px) Å starting at origin (Å)."""
+    """A sampled object-space field: (ny, nx) square pixels of ``pitch_A`` starting at
+    ``origin_A`` (Å). It covers the specimen field plus a margin on every side; for a periodic
+    specimen (``period_A`` set) positions are wrapped into [0, period) before sampling."""
 
     shape: tuple[int, int]
-    pixel_A: tuple[float, float]
+    pitch_A: float
     origin_A: tuple[float, float]
-    periodic: bool
+    period_A: tuple[float, float] | None = None
+
+    @property
+    def pixel_A(self) -> tuple[float, float]:
+        return (self.pitch_A, self.pitch_A)
 
     @property
     def freq(self) -> FrequencyGrid:
-        return FrequencyGrid(self.shape, (self.pixel_A[0] / 10.0, self.pixel_A[1] / 10.0))
+        return FrequencyGrid(self.shape, (self.pitch_A / 10.0,) * 2)
 
     @property
     def rfreq(self) -> FrequencyGrid:
-        return FrequencyGrid(self.shape, (self.pixel_A[0] / 10.0, self.pixel_A[1] / 10.0), True)
+        return FrequencyGrid(self.shape, (self.pitch_A / 10.0,) * 2, rfft=True)
+
+    def to_pixels(self, pos_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fractional (row, col) map coordinates of (…, 2) positions in Å."""
+        y, x = pos_A[..., 0], pos_A[..., 1]
+        if self.period_A is not None:
+            y, x = np.mod(y, self.period_A[0]), np.mod(x, self.period_A[1])
+        return (y - self.origin_A[0]) / self.pitch_A, (x - self.origin_A[1]) / self.pitch_A
 
 
 def _make_grid(specimen: Specimen, pitch_A: float, margin_A: float) -> _MapGrid:
     ly, lx = (float(v) for v in specimen.extent_A)
-    if specimen.periodic:
-        n = tuple(sfft.next_fast_len(math.ceil(v / pitch_A), real=True) for v in (ly, lx))
-        return _MapGrid(n, (ly / n[0], lx / n[1]), (0.0, 0.0), True)
     n = tuple(
         sfft.next_fast_len(math.ceil((v + 2 * margin_A) / pitch_A), real=True) for v in (ly, lx)
     )
-    return _MapGrid(n, (pitch_A, pitch_A), (-margin_A, -margin_A), False)
+    period = (ly, lx) if specimen.periodic else None
+    return _MapGrid(n, pitch_A, (-margin_A, -margin_A), period)
+
+
+def _atoms_in_grid(specimen: Specimen, grid: _MapGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) positions (Å) and indices of the atoms (periodic images included) on the grid."""
+    pos = specimen.positions_A[:, :2]
+    idx = np.arange(len(pos))
+    if grid.period_A is not None:
+        ly, lx = grid.period_A
+        ry = math.ceil(-grid.origin_A[0] / ly)
+        rx = math.ceil(-grid.origin_A[1] / lx)
+        shifts = [(a * ly, b * lx) for a in range(-ry, ry + 1) for b in range(-rx, rx + 1)]
+        pos = np.concatenate([pos + np.asarray(s) for s in shifts])
+        idx = np.tile(idx, len(shifts))
+    fy, fx = _unwrapped(grid, pos)
+    keep = (fy >= 0) & (fy < grid.shape[0] - 1) & (fx >= 0) & (fx < grid.shape[1] - 1)
+    return pos[keep], idx[keep]
+
+
+def _unwrapped(grid: _MapGrid, pos_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        (pos_A[:, 0] - grid.origin_A[0]) / grid.pitch_A,
+        (pos_A[:, 1] - grid.origin_A[1]) / grid.pitch_A,
+    )
 
 
 def _probe_extent_A(optics: Optics, alpha: float) -> float:
@@ -314,38 +350,31 @@ def _focal_nodes(optics: Optics) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _splat(grid: _MapGrid, pos_A: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Bilinear deposit of point weights onto the grid (float64, wraps if periodic)."""
+    """Bilinear deposit of point weights (atoms inside the grid) onto the grid (float64)."""
     ny, nx = grid.shape
-    fy = (pos_A[:, 0] - grid.origin_A[0]) / grid.pixel_A[0]
-    fx = (pos_A[:, 1] - grid.origin_A[1]) / grid.pixel_A[1]
+    fy, fx = _unwrapped(grid, pos_A)
     iy, ix = np.floor(fy).astype(np.int64), np.floor(fx).astype(np.int64)
     ty, tx = fy - iy, fx - ix
     out = np.zeros(ny * nx)
     for dy, wy in ((0, 1 - ty), (1, ty)):
         for dx, wx in ((0, 1 - tx), (1, tx)):
-            yy, xx = iy + dy, ix + dx
-            if grid.periodic:
-                yy, xx = yy % ny, xx % nx
-                ok = np.ones(len(yy), dtype=bool)
-            else:
-                ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-            out += np.bincount(yy[ok] * nx + xx[ok], (weights * wy * wx)[ok], ny * nx)
+            flat = (iy + dy) * nx + (ix + dx)
+            out += np.bincount(flat, weights * wy * wx, ny * nx)
     return out.reshape(ny, nx)
 
 
 def _linear_kernel_ft(grid: _MapGrid) -> np.ndarray:
     """Fourier transform of the bilinear deposit kernel on the rfft grid (sinc² per axis)."""
     f = grid.rfreq
-    sy = np.sinc(f.ky * grid.pixel_A[0]) ** 2
-    sx = np.sinc(f.kx * grid.pixel_A[1]) ** 2
+    sy = np.sinc(f.ky * grid.pitch_A) ** 2
+    sx = np.sinc(f.kx * grid.pitch_A) ** 2
     return (sy * sx).astype(np.float32)
 
 
-def _thermal_groups(specimen: Specimen) -> list[tuple[float, np.ndarray]]:
+def _thermal_groups(msd: np.ndarray | None, n: int) -> list[tuple[float, np.ndarray]]:
     """Atoms grouped by mean-square displacement: [(⟨u²⟩ Å², mask)]."""
-    msd = specimen.debye_waller_A2
     if msd is None:
-        return [(DEFAULT_MSD_A2, np.ones(len(specimen.numbers), dtype=bool))]
+        return [(DEFAULT_MSD_A2, np.ones(n, dtype=bool))]
     keys = np.round(msd, 6)
     return [(float(k), keys == k) for k in np.unique(keys)]
 
@@ -354,11 +383,12 @@ def _column_object_ft(grid: _MapGrid, specimen: Specimen, weights: np.ndarray) -
     """rfft of Σ_atoms w·G_⟨u²⟩(r − r_a) on the grid (deposit kernel divided out)."""
     f = grid.rfreq
     total = np.zeros(f.k2.shape, dtype=np.complex64)
-    pos = specimen.positions_A[:, :2]
-    for msd, mask in _thermal_groups(specimen):
-        dens = _splat(grid, pos[mask], weights[mask])
+    pos, idx = _atoms_in_grid(specimen, grid)
+    msd = None if specimen.debye_waller_A2 is None else specimen.debye_waller_A2[idx]
+    for u2, mask in _thermal_groups(msd, len(idx)):
+        dens = _splat(grid, pos[mask], weights[idx][mask])
         spec = sfft.rfft2(dens.astype(np.float32), workers=fft_workers())
-        total += spec * np.exp(-2.0 * math.pi**2 * msd * f.k2).astype(np.float32)
+        total += spec * np.exp(-2.0 * math.pi**2 * u2 * f.k2).astype(np.float32)
     return total / _linear_kernel_ft(grid)
 
 
@@ -389,20 +419,8 @@ def _haadf_map(specimen, optics, grid, alpha) -> np.ndarray:
 
 
 def _projected_potential_V_A(specimen: Specimen, grid: _MapGrid) -> np.ndarray:
-    """Projected potential (V·Å) on the map grid, from the specimen module."""
-    from scherzer.simulators import specimen as specimen_module
-
-    fn = getattr(specimen_module, "projected_potential", None)
-    if fn is None:
-        raise NotImplementedError(
-            "BF/ABF need scherzer.simulators.specimen.projected_potential, which is not "
-            "available yet; use signals=('HAADF',)"
-        )
-    return _call_projected_potential(fn, specimen, grid)
-
-
-def _call_projected_potential(fn, specimen: Specimen, grid: _MapGrid) -> np.ndarray:
-    raise NotImplementedError  # replaced once the specimen module's signature is known
+    """Projected potential (V·Å) on the map grid (specimen module, Kirkland factors)."""
+    return projected_potential(specimen, grid.shape, grid.pitch_A / 10.0, origin_A=grid.origin_A)
 
 
 def _phase_maps(specimen, optics, grid) -> tuple[np.ndarray, np.ndarray]:
@@ -468,15 +486,14 @@ def _bspline3_weights(t):
 
 
 @numba.njit(cache=True, inline="always")
-def _index(i, n, periodic):
-    if periodic:
-        return i % n
+def _index(i, n):
     return min(max(i, 0), n - 1)
 
 
 @numba.njit(parallel=True, cache=True)
-def _sample_bspline(coeffs, fy, fx, periodic, out):  # pragma: no cover - numba
-    """Cubic B-spline interpolation of every map in ``coeffs`` (s, H, W) at (fy, fx) px."""
+def _sample_bspline(coeffs, fy, fx, out):  # pragma: no cover - numba
+    """Cubic B-spline interpolation of every map in ``coeffs`` (s, H, W) at (fy, fx) px;
+    indices beyond the map are clamped to its edge (the margin is vacuum)."""
     ns, h, w = coeffs.shape
     for p in numba.prange(fy.shape[0]):
         y, x = fy[p], fx[p]
@@ -486,10 +503,10 @@ def _sample_bspline(coeffs, fy, fx, periodic, out):  # pragma: no cover - numba
         for s in range(ns):
             acc = 0.0
             for a in range(4):
-                yy = _index(iy - 1 + a, h, periodic)
+                yy = _index(iy - 1 + a, h)
                 row = 0.0
                 for b in range(4):
-                    row += wx[b] * coeffs[s, yy, _index(ix - 1 + b, w, periodic)]
+                    row += wx[b] * coeffs[s, yy, _index(ix - 1 + b, w)]
                 acc += wy[a] * row
             out[s, p] = acc
 
@@ -535,9 +552,8 @@ class STEMImager:
         margin_A = 10.0 + 2.0 * _probe_extent_A(optics, alpha)
         self.grid = _make_grid(specimen, pitch_A, margin_A)
         maps = self._build_maps(alpha, abf_inner_fraction, bf_fraction)
-        mode = "grid-wrap" if self.grid.periodic else "mirror"
         self._coeffs = np.stack(
-            [ndimage.spline_filter(m, order=3, mode=mode, output=np.float32) for m in maps]
+            [ndimage.spline_filter(m, order=3, mode="grid-wrap", output=np.float32) for m in maps]
         )
         self.maps = dict(zip(self.signals, maps, strict=True))
 
@@ -557,11 +573,9 @@ class STEMImager:
     def sample(self, positions_nm: np.ndarray) -> dict[str, np.ndarray]:
         """Noise-free beam fractions of every signal at positions (…, 2) (y, x) nm."""
         pos = np.asarray(positions_nm, dtype=np.float64)
-        flat = pos.reshape(-1, 2)
-        fy = (flat[:, 0] * 10.0 - self.grid.origin_A[0]) / self.grid.pixel_A[0]
-        fx = (flat[:, 1] * 10.0 - self.grid.origin_A[1]) / self.grid.pixel_A[1]
-        out = np.empty((len(self.signals), len(flat)), dtype=np.float32)
-        _sample_bspline(self._coeffs, fy, fx, self.grid.periodic, out)
+        fy, fx = self.grid.to_pixels(pos.reshape(-1, 2) * 10.0)
+        out = np.empty((len(self.signals), len(fy)), dtype=np.float32)
+        _sample_bspline(self._coeffs, fy, fx, out)
         return {s: out[i].reshape(pos.shape[:-1]) for i, s in enumerate(self.signals)}
 
     def scan(
@@ -620,15 +634,7 @@ class STEMImager:
 def _resolve_specimen(specimen: str | Specimen, field_nm: float, seed: int) -> Specimen:
     if isinstance(specimen, Specimen):
         return specimen
-    from scherzer.simulators import specimen as specimen_module
-
-    make = getattr(specimen_module, "make_specimen", None)
-    if make is None:
-        raise NotImplementedError(
-            "named specimens need scherzer.simulators.specimen.make_specimen (not available "
-            "yet); pass a Specimen instead"
-        )
-    return make(specimen, field_nm, seed=seed)
+    return make_specimen(specimen, (field_nm, field_nm), seed=seed)
 
 
 def simulate_rotated_scan(
