@@ -60,7 +60,9 @@ class ServerSettings(_Section):
 class DeviceSettings(_Section):
     """Which instruments the daemon drives."""
 
-    kind: Literal["sim"] = "sim"
+    kind: Literal["sim", "pattern"] = Field(
+        "sim", description="sim: VirtualMicroscope; pattern: exact test patterns, no physics"
+    )
     speedup: float = Field(1.0, gt=0, description="simulated time runs this much faster")
     specimen: str = "crystal_edge"
     camera_shape: tuple[int, int] = (512, 512)

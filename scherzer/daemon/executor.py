@@ -44,6 +44,7 @@ from scherzer.daemon.protocol import (
     record_model,
 )
 from scherzer.drivers.base import Camera, DeviceError, Lens, ScanGenerator
+from scherzer.emd import StackWriter, read_stacks
 from scherzer.stack import FrameRecord
 
 __all__ = [
@@ -93,18 +94,29 @@ def _inject_fault(microscope: Any, spec: str) -> None:
 
 def open_instruments(settings: Settings) -> Instruments:
     """Build the configured devices (simulated microscope; sim or serial lens)."""
-    from scherzer.drivers.sim import SimCamera, SimLens, SimScanGenerator, SimTimer
-    from scherzer.simulators.microscope import VirtualMicroscope
+    from scherzer.drivers import sim
 
     dev = settings.devices
-    scope = VirtualMicroscope(
-        dev.specimen,
-        camera_shape=tuple(dev.camera_shape),
-        camera_pixel_nm=dev.camera_pixel_nm,
-        seed=dev.seed,
-    )
+    if dev.kind == "pattern":
+        scope: Any = sim.PatternBench(tuple(dev.camera_shape), dev.camera_pixel_nm)
+        devices: tuple[type, type, type] = (
+            sim.PatternCamera,
+            sim.PatternScanGenerator,
+            sim.PatternLens,
+        )
+    else:
+        from scherzer.simulators.microscope import VirtualMicroscope
+
+        scope = VirtualMicroscope(
+            dev.specimen,
+            camera_shape=tuple(dev.camera_shape),
+            camera_pixel_nm=dev.camera_pixel_nm,
+            seed=dev.seed,
+        )
+        devices = (sim.SimCamera, sim.SimScanGenerator, sim.SimLens)
     if dev.fault:
         _inject_fault(scope, dev.fault)
+    camera_cls, scan_cls, lens_cls = devices
     lens: Lens
     closers: list[Callable[[], None]] = []
     if dev.lens == "serial":
@@ -118,71 +130,32 @@ def open_instruments(settings: Settings) -> Instruments:
         )
         closers.append(serial.close)
         lens = serial
+    elif lens_cls is sim.PatternLens:
+        lens = sim.PatternLens(scope)
     else:
-        lens = SimLens(scope, speedup=dev.speedup)
+        lens = sim.SimLens(scope, speedup=dev.speedup)
     return Instruments(
-        camera=SimCamera(scope, speedup=dev.speedup),
-        scan=SimScanGenerator(scope, speedup=dev.speedup),
+        camera=camera_cls(scope, speedup=dev.speedup),
+        scan=scan_cls(scope, speedup=dev.speedup),
         lens=lens,
         camera_shape=tuple(dev.camera_shape),
-        wait_s=SimTimer(scope, dev.speedup).pass_s,
+        wait_s=sim.SimTimer(scope, dev.speedup).pass_s,
         closers=tuple(closers),
     )
 
 
 # --- files ------------------------------------------------------------------------------------
-class _FallbackWriter:
-    """Minimal HDF5 stack writer used only until ``scherzer.emd.StackWriter`` exists."""
-
-    def __init__(self, path, *, pixel_size_nm, frame_shape, names=("frames",), instrument=None,
-                 metadata=None):  # fmt: skip
-        import h5py
-
-        self._file = h5py.File(path, "w")
-        self._file.attrs["version_major"], self._file.attrs["version_minor"] = 1, 0
-        self._data = {}
-        for name in names:
-            g = self._file.create_group(f"data/{name}")
-            g.attrs["emd_group_type"] = 1
-            self._data[name] = g.create_dataset(
-                "data", shape=(0, *frame_shape), maxshape=(None, *frame_shape), dtype="f4",
-                chunks=(1, *frame_shape),
-            )  # fmt: skip
-
-    def append(self, frame: np.ndarray, record: FrameRecord, name: str = "frames") -> None:
-        ds = self._data[name]
-        ds.resize(ds.shape[0] + 1, axis=0)
-        ds[-1] = frame
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def open_stack_writer(path: Path, **kwargs: Any) -> Any:
-    """The job-file writer (``scherzer.emd.StackWriter`` once it exists)."""
-    try:
-        from scherzer.emd import StackWriter
-    except ImportError:
-        StackWriter = _FallbackWriter
+def open_stack_writer(path: Path, **kwargs: Any) -> StackWriter:
+    """The job-file writer: EMD 1.0, flushed per frame, readable after a crash."""
     return StackWriter(path, **kwargs)
 
 
 def count_frames_on_disk(path: str | Path | None) -> int:
-    """Frames stored in a job file (largest signal); 0 if it is missing or unreadable."""
+    """Complete frames in a job file (largest signal); 0 if it is missing or unreadable."""
     if not path or not Path(path).exists():
         return 0
     try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            data = f.get("data")
-            sizes = [
-                g["data"].shape[0]
-                for g in (data.values() if data is not None else [])
-                if hasattr(g, "keys") and "data" in g and g["data"].ndim == 3
-            ]
-        return max(sizes, default=0)
+        return max((s.n_frames for s in read_stacks(path).values()), default=0)
     except Exception:
         log.warning("cannot count frames", path=str(path))
         return 0

@@ -13,16 +13,30 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from scherzer.drivers.base import (
     CameraFrame,
+    DeviceDisconnected,
     DeviceError,
     DeviceTimeout,
     LensLimits,
+    LimitExceeded,
     ScanFrame,
     ScanSettings,
 )
+from scherzer.stack import FrameRecord
 
-__all__ = ["SimCamera", "SimLens", "SimScanGenerator", "SimTimer"]
+__all__ = [
+    "PatternBench",
+    "PatternCamera",
+    "PatternLens",
+    "PatternScanGenerator",
+    "SimCamera",
+    "SimLens",
+    "SimScanGenerator",
+    "SimTimer",
+]
 
 
 class SimTimer:
@@ -43,8 +57,9 @@ class SimTimer:
         rest = max(0.0, duration_s - elapsed)
         if rest > 0:
             self.microscope.clock.advance(rest)
-        if duration_s > 0:
-            time.sleep(duration_s / self.speedup)
+        real = max(duration_s, self.now_s() - since_s if since_s is not None else 0.0)
+        if real > 0:
+            time.sleep(real / self.speedup)
 
 
 def _wrap_device_errors(name: str, exc: Exception) -> DeviceError:
@@ -178,3 +193,165 @@ class SimLens:
                 device=self.name,
             )
         self.timer.pass_s(remaining)
+
+
+# --- test-pattern devices (no physics: fast protocol tests, bench, CI without simulators) -------
+class PatternClock:
+    """A stand-in for the microscope clock of the pattern devices."""
+
+    def __init__(self) -> None:
+        self._t = 0.0
+        self._lock = threading.Lock()
+
+    def now_s(self) -> float:
+        with self._lock:
+            return self._t
+
+    def advance(self, dt_s: float) -> float:
+        with self._lock:
+            self._t += float(dt_s)
+            return self._t
+
+
+class PatternBench:
+    """Shared state of the pattern devices: clock, lens values, injected faults."""
+
+    def __init__(self, camera_shape: tuple[int, int] = (64, 64), pixel_nm: float = 0.02) -> None:
+        self.clock = PatternClock()
+        self.camera_shape = (int(camera_shape[0]), int(camera_shape[1]))
+        self.camera_pixel_nm = float(pixel_nm)
+        self.defocus_nm = 0.0
+        self.stigmator = (0.0, 0.0)
+        self.beam_tilt_mrad = (0.0, 0.0)
+        self.calls = 0
+        self._faults: list[tuple[str, int]] = []
+
+    def inject_fault(self, kind: str, after_calls: int = 0) -> None:
+        """After ``after_calls`` more acquisitions the next raises (timeout|disconnected)."""
+        if kind not in ("timeout", "disconnected"):
+            raise ValueError(f"fault kind must be 'timeout' or 'disconnected'; got {kind!r}")
+        self._faults.append((kind, self.calls + int(after_calls)))
+
+    def check_faults(self, device: str) -> None:
+        for fault in list(self._faults):
+            kind, at = fault
+            if self.calls >= at:
+                self._faults.remove(fault)
+                cls = DeviceTimeout if kind == "timeout" else DeviceDisconnected
+                raise cls(
+                    f"pattern {device}: injected {kind}; retry or check the connection",
+                    device=f"pattern-{device}",
+                    details={"injected": True, "kind": kind},
+                )
+        self.calls += 1
+
+    def pattern(self, shape: tuple[int, int], t_s: float) -> np.ndarray:
+        """A ramp plus a time stamp: frames differ, values are exact and easy to check."""
+        ny, nx = shape
+        img = np.add.outer(np.arange(ny, dtype=np.float32), np.arange(nx, dtype=np.float32))
+        img[0, 0] = np.float32(t_s)
+        return img
+
+
+class PatternCamera:
+    """``Camera`` returning :meth:`PatternBench.pattern` (binned by summing)."""
+
+    def __init__(self, bench: PatternBench, *, speedup: float = 1.0, name: str = "pattern-camera"):
+        self.name = name
+        self.bench = bench
+        self.timer = SimTimer(bench, speedup)
+
+    def acquire(self, exposure_s: float, binning: int = 1, region=None) -> CameraFrame:
+        if not exposure_s > 0:
+            raise ValueError(f"exposure_s must be > 0, got {exposure_s}")
+        self.bench.check_faults("camera")
+        ny, nx = self.bench.camera_shape
+        y0, x0, h, w = region if region is not None else (0, 0, ny, nx)
+        t0 = self.timer.now_s()
+        img = self.bench.pattern((ny, nx), t0)[y0 : y0 + h, x0 : x0 + w]
+        img = img.reshape(h // binning, binning, w // binning, binning).sum((1, 3))
+        record = FrameRecord(
+            index=0,
+            time_s=t0,
+            defocus_nominal_nm=self.bench.defocus_nm,
+            defocus_readback_nm=self.bench.defocus_nm,
+            exposure_s=exposure_s,
+            signal="image",
+        )
+        self.timer.pass_s(exposure_s)
+        pixel = self.bench.camera_pixel_nm * binning
+        return CameraFrame(np.ascontiguousarray(img, np.float32), record, (pixel, pixel))
+
+
+class PatternScanGenerator:
+    """``ScanGenerator`` returning one pattern per signal (signal k adds k)."""
+
+    def __init__(self, bench: PatternBench, *, speedup: float = 1.0, name: str = "pattern-scan"):
+        self.name = name
+        self.bench = bench
+        self.timer = SimTimer(bench, speedup)
+        self.settings = ScanSettings()
+
+    def configure(self, settings: ScanSettings) -> None:
+        self.settings = settings
+
+    def acquire(self) -> ScanFrame:
+        self.bench.check_faults("scan")
+        s = self.settings
+        t0 = self.timer.now_s()
+        base = self.bench.pattern(tuple(s.size_px), t0)
+        images = {sig: base + k for k, sig in enumerate(s.signals)}
+        records = {
+            sig: FrameRecord(
+                index=0,
+                time_s=t0,
+                scan_rotation_deg=s.rotation_deg,
+                dwell_us=s.dwell_us,
+                signal=sig,
+            )
+            for sig in s.signals
+        }
+        ny, nx = s.size_px
+        self.timer.pass_s(ny * (nx * s.dwell_us + s.flyback_us) * 1e-6)
+        return ScanFrame(images, records, (s.pixel_nm, s.pixel_nm))
+
+    def abort(self) -> None:
+        pass
+
+
+class PatternLens:
+    """``Lens`` that remembers its values (settles at once, limits enforced)."""
+
+    def __init__(self, bench: PatternBench, *, name: str = "pattern-lens", limits=None):
+        self.name = name
+        self.bench = bench
+        self.limits = limits or LensLimits()
+
+    def get_defocus_nm(self) -> float:
+        return self.bench.defocus_nm
+
+    def set_defocus_nm(self, defocus_nm: float) -> None:
+        lo, hi = self.limits.defocus_nm
+        if not lo <= defocus_nm <= hi:
+            raise LimitExceeded(f"defocus {defocus_nm} nm outside [{lo}, {hi}] nm; nothing changed")
+        self.bench.defocus_nm = float(defocus_nm)
+
+    def get_stigmator(self) -> tuple[float, float]:
+        return self.bench.stigmator
+
+    def set_stigmator(self, magnitude_nm: float, angle_deg: float) -> None:
+        if not 0 <= magnitude_nm <= self.limits.stigmator_nm:
+            raise LimitExceeded(
+                f"stigmator {magnitude_nm} nm outside [0, "
+                f"{self.limits.stigmator_nm}] nm; nothing changed"
+            )
+        self.bench.stigmator = (float(magnitude_nm), float(angle_deg) % 180.0)
+
+    def get_beam_tilt_mrad(self) -> tuple[float, float]:
+        return self.bench.beam_tilt_mrad
+
+    def set_beam_tilt_mrad(self, tilt_y_mrad: float, tilt_x_mrad: float) -> None:
+        self.bench.beam_tilt_mrad = (float(tilt_y_mrad), float(tilt_x_mrad))
+
+    def wait_settled(self, timeout_s: float = 5.0) -> None:
+        return None
