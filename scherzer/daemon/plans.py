@@ -2,7 +2,8 @@
 
 A plan is data (JSON in the job table); :meth:`BasePlan.steps` expands it into
 :class:`FrameStep` objects the executor runs one by one (set optics → settle → acquire → write).
-This issue ships two minimal kinds, :class:`CameraImage` and :class:`ScanImage`; focal series,
+This issue ships two minimal kinds, :class:`CameraImage` and :class:`ScanImage` (one frame, or
+``repeat`` identical frames); focal series,
 rotated-scan and time series plans are added by subclassing :class:`BasePlan`, implementing
 ``steps``/``n_frames``/``signals`` and listing the class in :data:`PLAN_MODELS`.
 
@@ -85,6 +86,7 @@ class BasePlan(BaseModel):
     defocus_nm: float | None = Field(None, description="set before acquiring; null = leave as is")
     settle_s: float = Field(0.0, ge=0, le=60, description="extra wait after setting optics")
     processing: list[str] = Field(default_factory=list, description="steps after acquisition")
+    repeat: int = Field(1, ge=1, le=100000, description="identical frames to acquire in a row")
 
     @field_validator("processing")
     @classmethod
@@ -114,6 +116,17 @@ class BasePlan(BaseModel):
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
+    def _repeated(self, shot: CameraShot | ScanShot) -> Iterator[FrameStep]:
+        """``repeat`` frames of ``shot``; optics are set before the first only."""
+        for i in range(self.repeat):
+            first = i == 0
+            yield FrameStep(
+                i,
+                shot,
+                defocus_nm=self.defocus_nm if first else None,
+                settle_s=self.settle_s if first else 0.0,
+            )
+
     def problems(self, limits: PlanLimits, camera_shape: tuple[int, int]) -> list[str]:
         """Reasons this plan is outside the limits (empty when it may run)."""
         out = []
@@ -145,7 +158,7 @@ class CameraImage(BasePlan):
     region: tuple[int, int, int, int] | None = Field(None, description="(y0, x0, height, width)")
 
     def n_frames(self) -> int:
-        return 1
+        return self.repeat
 
     def frame_time_s(self) -> float:
         return self.exposure_s
@@ -155,8 +168,7 @@ class CameraImage(BasePlan):
         return (ny // self.binning, nx // self.binning)
 
     def steps(self) -> Iterator[FrameStep]:
-        shot = CameraShot(self.exposure_s, self.binning, self.region)
-        yield FrameStep(0, shot, defocus_nm=self.defocus_nm, settle_s=self.settle_s)
+        return self._repeated(CameraShot(self.exposure_s, self.binning, self.region))
 
     def problems(self, limits: PlanLimits, camera_shape: tuple[int, int]) -> list[str]:
         out = super().problems(limits, camera_shape)
@@ -186,7 +198,7 @@ class ScanImage(BasePlan):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     def n_frames(self) -> int:
-        return 1
+        return self.repeat
 
     def signals(self) -> tuple[str, ...]:
         return tuple(self.signals_)
@@ -209,8 +221,7 @@ class ScanImage(BasePlan):
         )
 
     def steps(self) -> Iterator[FrameStep]:
-        shot = ScanShot(self.scan_settings())
-        yield FrameStep(0, shot, defocus_nm=self.defocus_nm, settle_s=self.settle_s)
+        return self._repeated(ScanShot(self.scan_settings()))
 
     def problems(self, limits: PlanLimits, camera_shape: tuple[int, int]) -> list[str]:
         out = super().problems(limits, camera_shape)
