@@ -21,8 +21,9 @@ Physics
 * Atom placement is exact to sub-pixel precision: per slice and element the structure factor
   Σ exp(−2πi k·r_atom) is computed by Gaussian gridding on a 2× oversampled grid followed by
   deconvolution (a type-1 non-uniform FFT, relative error ≲ 1e-5), then multiplied by the
-  element's kernel. The potential on the pixel grid is the band-limited Fourier series truncated
-  at the grid's Nyquist frequency.
+  element's kernel. The potential on the pixel grid is the band-limited Fourier series with a
+  raised-cosine roll-off from 3/4 to 1 of the Nyquist frequency per axis (no Gibbs ringing; the
+  multislice band, k < 2/3 Nyquist, is untouched).
 * Exit waves: ``method="multislice"`` (default) — slices of ``slice_A``, transmission
   t = exp(iσ v_slice) band-limited to 2/3 of Nyquist, Fresnel propagator
   P(k) = exp(−iπλΔz k²) within the same 2/3 band (Kirkland 2010, ch. 6);
@@ -371,6 +372,19 @@ class _Grid:
         )
 
 
+def _taper(fg: FrequencyGrid) -> np.ndarray:
+    """Raised-cosine roll-off from 3/4 to 1 of Nyquist (per axis): no Gibbs ringing at Nyquist.
+
+    Multislice uses only k < 2/3 Nyquist, where the taper is 1.
+    """
+    out = np.ones(fg.k2.shape, dtype=np.float64)
+    for k in (np.abs(fg.ky), np.abs(fg.kx)):
+        nyq = 0.5 / (fg.pixel_nm[0] * 10.0)
+        u = np.clip((k / nyq - 0.75) / 0.25, 0.0, 1.0)
+        out = out * (0.5 * (1.0 + np.cos(math.pi * u)))
+    return out
+
+
 class _Kernels:
     """Per-(element, ⟨u²⟩) Fourier kernels on one rfft grid, including the gridding deconvolution.
 
@@ -384,7 +398,7 @@ class _Kernels:
         self.k2 = fg.k2.astype(np.float64)
         s = _SPREAD_SIGMA_FINE_PX * grid.pixel_A / 2.0
         g = 2.0 * math.pi * s * s * np.exp(-2.0 * math.pi**2 * s * s * self.k2)
-        self._inv4g = 1.0 / (4.0 * g)
+        self._inv4g = _taper(fg) / (4.0 * g)
         self._cache: dict[tuple[int, float], np.ndarray] = {}
         ny, nx = grid.shape
         self.rows = np.fft.fftfreq(ny, 1.0 / ny).astype(np.int64) % (2 * ny)
