@@ -5,11 +5,15 @@ times in seconds. The wire protocol (framing, CRC-16/CCITT-FALSE, commands, erro
 ``docs/lens-protocol.md``; the codec is shared with the emulator in
 :mod:`scherzer.simulators.lens_controller`.
 
-Time bounds. One exchange (request + reply) makes at most ``retries + 1`` attempts; each attempt
-waits at most ``timeout_s`` (+ one poll interval of at most 50 ms) for its reply, and a ``BUSY``
-reply waits ``BUSY_BACKOFF_S`` before the next attempt. So every call returns or raises within
-``(retries + 1) * (timeout_s + 0.05 + BUSY_BACKOFF_S)`` seconds; :meth:`SerialLens.wait_settled`
-adds its own ``timeout_s``. Nothing blocks forever, not even :meth:`SerialLens.close`.
+Time bounds. One exchange (request + reply) makes at most ``retries + 1`` attempts. Each attempt
+waits at most ``timeout_s`` for its reply, plus one poll interval (at most 50 ms), plus -- only if
+a line is arriving just as the deadline passes -- a grace of two line times at the baud rate
+(at least ``LINE_GRACE_MIN_S`` = 20 ms; 22 ms at 115200 baud). A ``BUSY`` reply waits
+``BUSY_BACKOFF_S`` before the next attempt. So at 115200 baud every call returns or raises within
+``(retries + 1) * (timeout_s + 0.05 + 0.022 + BUSY_BACKOFF_S)`` seconds (1.87 s with the
+defaults), plus one more attempt when an open port failed and was reopened within the call;
+:meth:`SerialLens.wait_settled` adds its own ``timeout_s``. Nothing blocks forever, not
+even :meth:`SerialLens.close`.
 
 Failures (all :class:`~scherzer.drivers.base.DeviceError`):
 
@@ -63,12 +67,14 @@ from scherzer.simulators.lens_controller import (
     parse_status,
 )
 
-__all__ = ["BUSY_BACKOFF_S", "SerialLens"]
+__all__ = ["BUSY_BACKOFF_S", "LINE_GRACE_MIN_S", "SerialLens"]
 
 _log = structlog.get_logger(__name__)
 
 #: Wait before retrying after a BUSY reply (s).
 BUSY_BACKOFF_S = 0.05
+#: Least extra wait for a line that is arriving when the reply deadline passes (s).
+LINE_GRACE_MIN_S = 0.02
 #: Longest single blocking read (s); the exchange deadline is checked between reads.
 _POLL_S = 0.05
 #: Errors that mean the port itself failed (not the controller's answer).
@@ -192,13 +198,13 @@ class SerialLens:
 
     def close(self) -> None:
         """Release the port; later calls raise :class:`DeviceDisconnected`. Bounded in time."""
-        acquired = self._lock.acquire(timeout=self._exchange_bound_s())
+        self._closed = True  # refuse new exchanges at once
+        if not self._lock.acquire(timeout=self._exchange_bound_s()):
+            return  # a stuck caller holds the port; it closes the port when its exchange ends
         try:
-            self._closed = True
             self._drop_port()
         finally:
-            if acquired:
-                self._lock.release()
+            self._lock.release()
 
     def __enter__(self) -> SerialLens:
         return self
@@ -213,26 +219,34 @@ class SerialLens:
     def _exchange(self, command: str) -> tuple[str, ...]:
         """Send one command and return the words after ``OK``; raises DeviceError subclasses."""
         with self._lock:
-            failures: list[_Failure] = []
-            for attempt in range(self.retries + 1):
-                if failures and failures[-1].kind == "busy":
-                    time.sleep(BUSY_BACKOFF_S)
-                try:
-                    frame = self._attempt_reopening(command)
-                except _AttemptFailed as exc:
-                    failures.append(exc.failure)
-                    self._resync = True
-                    _log.warning(
-                        "lens_retry",
-                        device=self.name,
-                        port=self.port,
-                        command=command,
-                        attempt=attempt + 1,
-                        reason=exc.failure.detail,
-                    )
-                    continue
-                return frame.words[1:]
-            raise self._final_error(command, failures)
+            try:
+                return self._exchange_locked(command)
+            finally:
+                if self._closed:
+                    self._drop_port()
+
+    def _exchange_locked(self, command: str) -> tuple[str, ...]:
+        """Attempts of one exchange (lock held); the last failure decides the exception."""
+        failures: list[_Failure] = []
+        for attempt in range(self.retries + 1):
+            if failures and failures[-1].kind == "busy":
+                time.sleep(BUSY_BACKOFF_S)
+            try:
+                frame = self._attempt_reopening(command)
+            except _AttemptFailed as exc:
+                failures.append(exc.failure)
+                self._resync = True
+                _log.warning(
+                    "lens_retry",
+                    device=self.name,
+                    port=self.port,
+                    command=command,
+                    attempt=attempt + 1,
+                    reason=exc.failure.detail,
+                )
+                continue
+            return frame.words[1:]
+        raise self._final_error(command, failures)
 
     def _attempt_reopening(self, command: str) -> Frame:
         """One attempt; if an open port fails, reopen it once and try that attempt again."""
@@ -280,6 +294,7 @@ class SerialLens:
     def _read_reply(self, port: serial.Serial, seq: int, deadline: float) -> Frame:
         """Read lines until the reply to ``seq``; skip late replies to earlier requests."""
         buffer = bytearray()
+        grace_used = False
         while True:
             while (newline := buffer.find(b"\n")) >= 0:
                 line = bytes(buffer[:newline])
@@ -295,11 +310,19 @@ class SerialLens:
             if len(buffer) >= MAX_LINE_BYTES:
                 raise _AttemptFailed(_Failure("protocol", "reply line too long"))
             if time.monotonic() >= deadline:
+                if buffer and not grace_used:  # a line is arriving: give it time to finish
+                    grace_used = True
+                    deadline += self._line_time_s()
+                    continue
                 if buffer:
                     partial = bytes(buffer[:40])
                     raise _AttemptFailed(_Failure("protocol", f"partial line {partial!r}"))
                 raise _AttemptFailed(_Failure("timeout", "no reply"))
             buffer += port.read(max(1, port.in_waiting))
+
+    def _line_time_s(self) -> float:
+        """Time to receive two longest lines at the baud rate (10 bits a byte), at least 20 ms."""
+        return max(LINE_GRACE_MIN_S, 2 * MAX_LINE_BYTES * 10 / self.baudrate)
 
     @staticmethod
     def _decode_reply(line: bytes) -> Frame:
@@ -414,7 +437,8 @@ class SerialLens:
         return self._seq
 
     def _exchange_bound_s(self) -> float:
-        return (self.retries + 1) * (self.timeout_s + _POLL_S + BUSY_BACKOFF_S) * 2 + 1.0
+        per_attempt = self.timeout_s + _POLL_S + self._line_time_s() + BUSY_BACKOFF_S
+        return (self.retries + 1) * per_attempt
 
     def _numbers(self, words: tuple[str, ...], count: int, command: str) -> list[float]:
         try:
