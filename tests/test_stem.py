@@ -17,7 +17,9 @@ from scherzer.simulators.stem import (
     STEMImager,
     _detector_overlap,
     _MapGrid,
+    _phase_maps,
     _probe_intensity,
+    _reversed,
     constant_drift,
     derotate,
     rotation_series,
@@ -139,6 +141,28 @@ def test_vacuum_levels_and_dark_columns_in_bright_field():
     assert a["HAADF"][0] > 0.01
     assert a["BF"][0] < 0.9 * 0.25**2
     assert a["ABF"][0] < 0.95 * (1 - 0.5**2)
+
+
+@pytest.mark.parametrize("defocus_nm", [0.0, -5.0])
+def test_bf_reciprocity_agrees_with_linear_theory_for_a_weak_object(defocus_nm):
+    """Two independent BF models on one carbon atom (σV ≪ 1): the coherent reciprocity image
+    and the linear detector-overlap theory (the ABF machinery with a disc detector)."""
+    spec = Specimen("C", np.array([[10.0, 10.0, 0.0]]), np.array([6]), (20.0, 20.0), 1.0)
+    optics = OPTICS.with_(defocus_nm=defocus_nm)
+    imager = STEMImager(spec, optics, 20.0, ("BF",), bf_fraction=0.1)
+    g = imager.grid
+    phase, absorb = _phase_maps(spec, optics, g)
+    assert phase.max() < 0.3  # weak object
+    c = _detector_overlap(optics, g, 20e-3, 0.0, 0.1)
+    cm = np.conj(_reversed(c))
+    spec_lin = np.fft.fft2(phase) * 1j * (c - cm) - np.fft.fft2(absorb) * (c + cm)
+    lin = c[0, 0].real + np.fft.ifft2(spec_lin).real
+    bf = imager.maps["BF"]
+    a = bf / bf[0, 0] - 1  # contrast relative to vacuum
+    b = lin / lin[0, 0] - 1
+    assert np.abs(b).max() > 0.01  # there is contrast to compare
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+    assert np.abs(a - b).max() < 0.15 * np.abs(b).max()
 
 
 def test_abf_overlap_normalisation():
@@ -350,6 +374,18 @@ def test_simulate_rotated_scan_records_and_truth():
         seed=5,
     )
     np.testing.assert_array_equal(again["HAADF"].frames, st.frames)
+
+
+def test_simulate_rotated_scan_named_specimen_two_signals():
+    stacks = simulate_rotated_scan(
+        "srtio3_001", n_frames=2, size=48, signals=("HAADF", "ABF"), seed=1
+    )
+    assert set(stacks) == {"HAADF", "ABF"}
+    h, a = stacks["HAADF"], stacks["ABF"]
+    np.testing.assert_array_equal(h.column("scan_rotation_deg"), [0, 90])
+    np.testing.assert_array_equal(h.ground_truth["shifts_px"], a.ground_truth["shifts_px"])
+    assert a.frames.mean() > 10 * h.frames.mean() > 0  # ABF near 3/4 of the beam, HAADF a few %
+    assert h.instrument["convergence_mrad"] == 25.0 and h.metadata["specimen"] == "srtio3_001"
 
 
 def test_bad_input_is_refused_with_a_reason():

@@ -14,8 +14,13 @@ What the microscope holds
   leading terms of the aberration function about the tilted axis (image shift is ignored);
 * a clock and a specimen drift model (:class:`DriftModel`) and a stage: the specimen content is
   displaced by d(t) + stage position (nm, (y, x)); frame(r) ≈ ref(r − d);
-* the camera (HRTEM through :class:`~scherzer.simulators.hrtem.HRTEMImager`) and the STEM scan
-  (:class:`~scherzer.simulators.stem.STEMImager`).
+* the camera (HRTEM through :class:`~scherzer.simulators.hrtem.HRTEMImager`, built on a field
+  :data:`HRTEM_MARGIN_PX` larger than the image on every side; when the content displacement
+  exceeds half that margin the imager is rebuilt on the specimen translated by whole pixels, so
+  drift and stage moves of any size stay exact) and the STEM scan
+  (:class:`~scherzer.simulators.stem.STEMImager`, cached per optics state: C1/A1/B2 rounded to
+  0.1 nm). Imagers are built lazily: the first frame after a change costs the exit wave or the
+  STEM maps (≈0.5–4 s for 512² fields), later frames are fast.
 
 Time: :meth:`VirtualMicroscope.acquire_image` advances the clock by the exposure (plus
 ``readout_s``) and :meth:`VirtualMicroscope.acquire_scan` by the frame time
@@ -50,6 +55,9 @@ __all__ = ["DriftModel", "SimClock", "VirtualMicroscope"]
 
 FAULT_KINDS = {"timeout": DeviceTimeout, "disconnected": DeviceDisconnected}
 FAULT_DEVICES = ("camera", "scan", "any")
+#: STEM imagers kept (one per optics state and signal set).
+STEM_CACHE_SIZE = 4
+_STEM_ROUNDED_FIELDS = ("defocus_nm", "a1_nm", "a1_deg", "b2_nm", "b2_deg")
 #: Margin (px) of the HRTEM field; the imager is re-centred when drift exceeds half of it.
 HRTEM_MARGIN_PX = 64
 
@@ -402,16 +410,17 @@ class VirtualMicroscope:
 
     # ------------------------------------------------------------------ scan
     def _stem_imager(self, optics: Optics, signals: tuple[str, ...]) -> STEMImager:
-        """Cached per optics (C1 rounded to 0.1 nm, A1/B2 to 0.1 nm, angles to 0.1°)."""
-        q = {k: round(v, 1) for k, v in optics.model_dump().items() if k.endswith(("_nm", "_deg"))}
-        optics = optics.with_(**q)
+        """Cached per optics state; C1, A1 and B2 are rounded to 0.1 nm (angles to 0.1°) so a
+        slowly drifting focus does not rebuild the maps for every frame."""
+        rounded = {k: round(getattr(optics, k), 1) for k in _STEM_ROUNDED_FIELDS}
+        optics = optics.with_(**rounded)
         key = (optics, signals, self.convergence_mrad)
         if key in self._stem_cache:
             self._stem_cache.move_to_end(key)
             return self._stem_cache[key]
         imager = STEMImager(self.specimen, optics, self.convergence_mrad, signals)
         self._stem_cache[key] = imager
-        while len(self._stem_cache) > 4:
+        while len(self._stem_cache) > STEM_CACHE_SIZE:
             self._stem_cache.popitem(last=False)
         return imager
 

@@ -191,7 +191,9 @@ class ScanRaster:
             pos[..., a] = self.center_nm[a] + u[:, None] * slow[a] + v * fast[a]
         return pos
 
-    def affine_nm(self, velocity_nm_per_s: tuple[float, float] = (0.0, 0.0), t0_s: float = 0.0):
+    def affine_nm(
+        self, velocity_nm_per_s: tuple[float, float] = (0.0, 0.0), t0_s: float = 0.0
+    ) -> np.ndarray:
         """Analytic affine map (2, 3): specimen position (nm) sampled at pixel (row, col, 1)
         for a constant drift d(t) = v·t and no jitter (the shear/stretch of a slow scan)."""
         ny, nx = self.shape
