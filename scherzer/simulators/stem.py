@@ -48,9 +48,13 @@ Physics model (and what it is *not*)
 * **Noise.** Electrons per pixel N = I·dwell/e; counts ~ Poisson(N · f · efficiency) per signal
   (independent detectors, same positions).
 
-Speed: each signal is evaluated once per (specimen, optics) as a finely sampled object-space map
-(pitch ≤ 1/(8 k_α), k_α = α/λ, well above the 2k_α band limit of the incoherent image); a frame is
-one cubic-B-spline interpolation of all signals at the probe positions (numba, parallel).
+Maps and speed: each signal is evaluated once per (specimen, optics) as a finely sampled
+object-space map (pitch min(1/(8 k_α), 0.2 Å), k_α = α/λ, so Nyquist is ≥ 2× the 2k_α band limit
+of the images) over the specimen field plus a margin (10 Å + twice the geometric probe radius);
+atoms are deposited bilinearly and the deposit kernel (sinc²) is divided out in Fourier space.
+Periodic specimens: positions are wrapped into the field and periodic images fill the margin.
+Non-periodic: beyond the margin the map edge (vacuum) is used. A frame is one cubic-B-spline
+interpolation of all signals at the probe positions (numba, parallel) plus Poisson draws.
 """
 
 from __future__ import annotations
