@@ -164,7 +164,8 @@ def run_scan(settings: DemoSettings) -> dict[str, Any]:
 def focal_table(focal: dict[str, Any]) -> str:
     """Markdown table of fitted against true relative defocus and drift."""
     lines = [
-        "| image | nominal (nm) | true rel. (nm) | fitted rel. (nm) | drift (px) | true drift (px) |",
+        "| image | nominal (nm) | true rel. (nm) | fitted rel. (nm) | drift (px) "
+        "| true drift (px) |",
         "|---:|---:|---:|---:|---|---|",
     ]
     for i, nominal in enumerate(focal["nominal_nm"]):

@@ -23,8 +23,10 @@ Units and conventions
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ __all__ = [
     "read_stack",
     "read_stacks",
     "read_table",
+    "repair",
     "write_processing",
     "write_result",
     "write_stack",
@@ -171,8 +174,9 @@ def _existing_file(path: str | Path) -> Path:
 
 
 def _open_read(path: str | Path) -> h5py.File:
-    """Open an HDF5 file read-only; files being written (or left by a killed SWMR writer) are
-    opened in SWMR-read mode."""
+    """Open an HDF5 file read-only. Files being written (or left by a killed SWMR writer) are
+    opened in SWMR-read mode; a stale "open for writing" flag that a killed non-SWMR writer left
+    is cleared when no process holds the file (see :func:`repair`)."""
     p = _existing_file(path)
     if not h5py.is_hdf5(p):
         raise EmdError(f"{p} is not an HDF5 file (no HDF5 signature); cannot read it as EMD")
@@ -182,7 +186,108 @@ def _open_read(path: str | Path) -> h5py.File:
         try:
             return h5py.File(p, "r", swmr=True)
         except OSError:
+            if _clear_write_flags(p, allow_swmr=False):
+                return h5py.File(p, "r")
             raise EmdError(f"cannot open {p} as HDF5: {first}") from first
+
+
+# --- HDF5 superblock (v2/v3) status flags: what `h5clear -s` clears --------------------------
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_FLAGS_OFFSET = 11
+_SWMR_WRITE_FLAG = 0x04
+_MASK32 = 0xFFFFFFFF
+
+
+def _rot32(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _MASK32
+
+
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle`` (initval 0): HDF5's metadata checksum."""
+    a = b = c = (0xDEADBEEF + len(data)) & _MASK32
+    if not data:
+        return c
+    padded = data + b"\0" * (-len(data) % 12)
+    words = [int.from_bytes(padded[i : i + 4], "little") for i in range(0, len(padded), 4)]
+    for i in range(0, len(words) - 3, 3):
+        a, b, c = (
+            (a + words[i]) & _MASK32,
+            (b + words[i + 1]) & _MASK32,
+            (c + words[i + 2]) & _MASK32,
+        )
+        a = (a - c) & _MASK32 ^ _rot32(c, 4)
+        c = (c + b) & _MASK32
+        b = (b - a) & _MASK32 ^ _rot32(a, 6)
+        a = (a + c) & _MASK32
+        c = (c - b) & _MASK32 ^ _rot32(b, 8)
+        b = (b + a) & _MASK32
+        a = (a - c) & _MASK32 ^ _rot32(c, 16)
+        c = (c + b) & _MASK32
+        b = (b - a) & _MASK32 ^ _rot32(a, 19)
+        a = (a + c) & _MASK32
+        c = (c - b) & _MASK32 ^ _rot32(b, 4)
+        b = (b + a) & _MASK32
+    a, b, c = (a + words[-3]) & _MASK32, (b + words[-2]) & _MASK32, (c + words[-1]) & _MASK32
+    for x, y, k in (
+        (2, 1, 14),
+        (0, 2, 11),
+        (1, 0, 25),
+        (2, 1, 16),
+        (0, 2, 4),
+        (1, 0, 14),
+        (2, 1, 24),
+    ):
+        abc = [a, b, c]
+        abc[x] = ((abc[x] ^ abc[y]) - _rot32(abc[y], k)) & _MASK32
+        a, b, c = abc
+    return c
+
+
+def _clear_write_flags(path: Path, *, allow_swmr: bool) -> bool:
+    """Clear the superblock's "open for writing" flags left by a killed writer (``h5clear -s``).
+
+    Only when no process holds an HDF5 lock on the file, and (unless ``allow_swmr``) only for
+    non-SWMR flags: a live SWMR writer holds no lock, so its flags are never touched here.
+    Returns True if flags were cleared.
+    """
+    try:
+        fh = open(path, "r+b")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live writer holds it
+        head = fh.read(64)
+        if head[:8] != _HDF5_SIGNATURE or head[8] not in (2, 3):
+            return False
+        end = 12 + 4 * head[9]  # signature, version, sizes, flags, 4 addresses; then checksum
+        flags = head[_FLAGS_OFFSET]
+        stored = int.from_bytes(head[end : end + 4], "little")
+        if flags == 0 or stored != _lookup3(head[:end]):
+            return False
+        if flags & _SWMR_WRITE_FLAG and not allow_swmr:
+            return False
+        fixed = head[:_FLAGS_OFFSET] + b"\0" + head[_FLAGS_OFFSET + 1 : end]
+        fh.seek(0)
+        fh.write(fixed + _lookup3(fixed).to_bytes(4, "little"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def repair(path: str | Path) -> bool:
+    """Make a file left by a killed writer openable by every HDF5 reader (rosettasciio, h5py
+    without SWMR) by clearing its "open for writing" flags, as ``h5clear -s`` does.
+
+    Call it only when no StackWriter is writing the file (a live SWMR writer holds no lock
+    that could be checked). Returns True if flags were cleared, False if there were none.
+    """
+    p = _existing_file(path)
+    if not h5py.is_hdf5(p):
+        raise EmdError(f"{p} is not an HDF5 file; nothing to repair")
+    return _clear_write_flags(p, allow_swmr=True)
 
 
 def _is_ours(f: h5py.File) -> bool:
@@ -218,10 +323,12 @@ def _open_append(path: str | Path) -> h5py.File:
         try:
             f = h5py.File(p, "a")
         except OSError as exc:
-            raise EmdError(
-                f"cannot open {p} for writing ({exc}); is a writer still running, or was one "
-                "killed (then run `h5clear -s` on the file)?"
-            ) from exc
+            if not _clear_write_flags(p, allow_swmr=False):
+                raise EmdError(
+                    f"cannot open {p} for writing ({exc}); is a writer still running? If a "
+                    "killed StackWriter left it, call scherzer.emd.repair(path) first"
+                ) from exc
+            f = h5py.File(p, "a")
         if not _is_ours(f) and len(f.keys()) > 0:
             f.close()
             raise EmdError(f"{p} is an HDF5 file from another program; refusing to modify it")
@@ -981,6 +1088,8 @@ def _from_rsciio(d: dict, fmt: str, index: int, stem: str) -> ImportedSignal:
         for k, a in enumerate(raw_axes)
     ]
     md = _instrument_metadata(d.get("original_metadata") or {}, d.get("mapping"), fmt)
+    for key, value in _hyperspy_metadata(d.get("metadata") or {}).items():
+        md.setdefault(key, value)
     general = (d.get("metadata") or {}).get("General", {})
     for key in ("title", "date", "time", "original_filename"):
         if general.get(key):
@@ -1087,6 +1196,24 @@ def _instrument_metadata(om: Mapping, mapping: Mapping | None, fmt: str) -> dict
     if fmt == "velox":
         _velox_exposure(flat, md)
     return md
+
+
+def _hyperspy_metadata(metadata: Mapping) -> dict[str, Any]:
+    """Instrument values from HyperSpy's mapped metadata (``Acquisition_instrument.TEM``)."""
+    instrument = metadata.get("Acquisition_instrument") or {}
+    tem = instrument.get("TEM") or instrument.get("SEM") or {}
+    camera = (tem.get("Detector") or {}).get("Camera") or {}
+    found = {
+        "voltage_kv": (_as_float(tem.get("beam_energy")), 1.0),
+        "magnification": (_as_float(tem.get("magnification")), 1.0),
+        "dwell_us": (_as_float(tem.get("dwell_time")), 1e6),
+        "exposure_s": (_as_float(camera.get("exposure")), 1.0),
+    }
+    out: dict[str, Any] = {k: v * f for k, (v, f) in found.items() if v is not None}
+    for key in ("microscope", "acquisition_mode"):
+        if tem.get(key):
+            out[key] = str(tem[key])
+    return out
 
 
 def _find(flat: Mapping[str, Any], suffixes: Sequence[str], convert: Any) -> Any:

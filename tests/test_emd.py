@@ -281,6 +281,8 @@ WRITER_SCRIPT = textwrap.dedent(
             w.append(frame, FrameRecord(index=i, time_s=0.1 * i), name="HAADF")
             w.append(-frame, FrameRecord(index=i, time_s=0.1 * i), name="ABF")
             print(i + 1, flush=True)
+            if i % 10 == 9:  # leaves SWMR mode briefly: a kill may land there too
+                w.set_ground_truth({"frames_so_far": np.arange(i + 1)})
             if pause:
                 time.sleep(pause)
     """
@@ -325,6 +327,8 @@ def check_killed_file(path: Path, seen: int) -> None:
         np.testing.assert_array_equal(stack.frames[:, 5, 7], sign * idx)  # frames match records
         np.testing.assert_allclose(stack.column("time_s"), 0.1 * idx)
     assert haadf.instrument == {"voltage_kv": 300.0}
+    truth = haadf.ground_truth.get("frames_so_far")
+    assert truth is None or len(truth) % 10 == 0
 
 
 def test_sigkilled_writer_leaves_a_readable_file(tmp_path: Path) -> None:
@@ -334,6 +338,40 @@ def test_sigkilled_writer_leaves_a_readable_file(tmp_path: Path) -> None:
     check_killed_file(path, seen)
     info = emd.describe(path)
     assert info["data"]["HAADF"]["frames_complete"] >= seen
+    # other readers need the writer's "open for writing" flag cleared (as h5clear -s does)
+    frames = emd.read_stack(path, "HAADF").frames
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "r")
+    assert emd.repair(path) is True
+    assert emd.repair(path) is False
+    dicts = {d["metadata"]["General"]["title"]: d for d in rsciio_read(path)}
+    np.testing.assert_array_equal(dicts["HAADF"]["data"].T[: len(frames)], frames)
+    emd.write_result(path, "average", frames.mean(axis=0))
+    np.testing.assert_allclose(emd.read_result(path, "average"), frames.mean(axis=0))
+
+
+def test_kill_outside_swmr_mode_is_recovered(tmp_path: Path) -> None:
+    """A writer killed while it held the file open normally (as set_ground_truth does for a
+    moment) leaves a stale flag; readers clear it when no process holds the file."""
+    path = tmp_path / "flagged.emd"
+    with emd.StackWriter(path, pixel_size_nm=(0.1, 0.1), frame_shape=(4, 4)) as w:
+        w.append(np.ones((4, 4)), FrameRecord(index=0))
+    script = textwrap.dedent(
+        f"""
+        import os, signal, h5py
+        f = h5py.File({str(path)!r}, "a", libver=("v110", "latest"))
+        f.attrs["touched"] = 1
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "r")
+    np.testing.assert_array_equal(emd.read_stack(path).frames, np.ones((1, 4, 4)))
+    with h5py.File(path, "r") as f:  # now any reader can open it
+        assert int(f.attrs["touched"]) == 1
 
 
 def test_sigkill_in_a_tight_append_loop(tmp_path: Path) -> None:
@@ -417,6 +455,49 @@ def test_npy_and_tiff_import(tmp_path: Path) -> None:
     tifffile.imwrite(um, data[0], imagej=True, resolution=(1 / 0.002, 1 / 0.002),
                      metadata={"unit": "um"})  # fmt: skip
     assert emd.import_stack(um).pixel_size_nm == pytest.approx((2.0, 2.0))
+
+
+def test_files_written_by_rosettasciio(tmp_path: Path) -> None:
+    """HyperSpy writes Berkeley EMD transposed (dim1 = x): we import it back as (y, x); its .hspy
+    files carry instrument values in mapped metadata."""
+    from rsciio import emd as rs_emd
+    from rsciio import hspy
+
+    image = np.arange(35, dtype=np.float32).reshape(5, 7)
+    axes = [
+        {"name": "y", "size": 5, "scale": 2.0, "offset": 0, "units": "Å", "navigate": False},
+        {"name": "x", "size": 7, "scale": 0.03, "offset": 0, "units": "µm", "navigate": False},
+    ]
+    tem = {"beam_energy": 300.0, "magnification": 1e6, "dwell_time": 2e-6}
+    signal = {
+        "data": image,
+        "axes": axes,
+        "metadata": {"General": {"title": "img"}, "Signal": {"signal_type": ""},
+                     "Acquisition_instrument": {"TEM": tem}},
+        "original_metadata": {},
+        "tmp_parameters": {},
+        "attributes": {"_lazy": False},
+        "learning_results": {},
+        "models": {},
+        "package_info": {"name": "hyperspy", "version": "2.0"},
+    }  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rs_emd.file_writer(str(tmp_path / "hs.emd"), signal)
+        signal["data"] = np.stack([image, image + 1]).astype(np.uint16)
+        signal["axes"] = [
+            {"name": "time", "size": 2, "scale": 1.5, "offset": 0, "units": "s", "navigate": True},
+            *axes,
+        ]
+        hspy.file_writer(str(tmp_path / "hs.hspy"), signal)
+    stack = emd.import_stack(tmp_path / "hs.emd")
+    np.testing.assert_array_equal(stack.frames[0], image)
+    assert stack.pixel_size_nm == pytest.approx((0.2, 30.0))
+    series = emd.import_stack(tmp_path / "hs.hspy")
+    assert series.frames.shape == (2, 5, 7) and series.pixel_size_nm == pytest.approx((0.2, 30.0))
+    np.testing.assert_allclose(series.column("time_s"), [0.0, 1.5])
+    assert series.instrument["voltage_kv"] == 300.0
+    assert series.records[1].dwell_us == pytest.approx(2.0)
 
 
 # --- the real files in ../shared/testdata ---------------------------------------------------------

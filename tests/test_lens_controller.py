@@ -6,6 +6,7 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,6 +202,15 @@ def test_frame_round_trip_and_errors() -> None:
         with pytest.raises(FrameError) as exc:
             decode_frame(raw)
         assert exc.value.code == code, raw
+
+
+def test_protocol_doc_examples_have_valid_crcs() -> None:
+    doc = Path(__file__).resolve().parents[1] / "docs" / "lens-protocol.md"
+    lines = [ln[3:] for ln in doc.read_text().splitlines() if ln.startswith(("-> ", "<- "))]
+    assert len(lines) >= 8
+    for line in lines:
+        frame = decode_frame(line.encode("ascii"))
+        assert frame.seq is not None, line
 
 
 # ----------------------------------------------------------------------------- emulator

@@ -10,6 +10,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from scherzer.drivers.base import (
     DeviceBusy,
     DeviceDisconnected,
@@ -297,3 +300,26 @@ def test_concurrent_callers_each_get_their_own_reply(
     assert len(results) == 400
     assert results.count((2.5, -1.5)) == 200
     assert results.count("20.000") == 200
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(noise=st.binary(min_size=1, max_size=300))
+def test_line_noise_from_the_controller_gives_value_or_device_error(
+    lens: SerialLens, emulator: LensControllerEmulator, noise: bytes
+) -> None:
+    """Random bytes on the line: the driver returns the right value or a DeviceError, quickly."""
+    lens.set_beam_tilt_mrad(1.25, -0.5)
+    emulator.emit_raw(noise)
+    t0 = time.monotonic()
+    try:
+        value = lens.get_beam_tilt_mrad()
+    except DeviceError:
+        pass
+    else:
+        assert value == (1.25, -0.5)
+    assert time.monotonic() - t0 <= EXCHANGE_BOUND_S + 0.3
+    assert lens.get_beam_tilt_mrad() == (1.25, -0.5)  # the next call is clean

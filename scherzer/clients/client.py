@@ -336,7 +336,11 @@ class LocalDaemon:
         *,
         startup_timeout_s: float = 30.0,
         env: dict[str, str] | None = None,
+        client_key: str | Path | None = None,
+        server_key: str | Path | None = None,
     ) -> None:
+        """``client_key``/``server_key``: CURVE keys used to check readiness (and by default in
+        :meth:`client`) when the daemon is secured."""
         from scherzer.config import settings_to_toml
 
         self.dir = Path(directory)
@@ -355,9 +359,11 @@ class LocalDaemon:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.stderr_path = self.dir / "daemon.stderr"
+        self.keys = {"client_key": client_key, "server_key": server_key} if client_key else {}
 
     def client(self, **kw: Any) -> Client:
-        return Client(self.endpoint, events_endpoint=self.events_endpoint, **kw)
+        """A client for this daemon (keyword arguments of :class:`Client` override)."""
+        return Client(self.endpoint, events_endpoint=self.events_endpoint, **{**self.keys, **kw})
 
     def start(self) -> LocalDaemon:
         cmd = [sys.executable, "-m", "scherzer.cli", "daemon", "--config", str(self.config_path)]

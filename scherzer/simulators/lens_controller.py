@@ -605,6 +605,10 @@ class LensControllerEmulator:
             else:
                 self._faults.extend([kind] * count)
 
+    def emit_raw(self, data: bytes) -> None:
+        """Write raw bytes to the line now (line noise, a confused controller)."""
+        self._write(bytes(data))
+
     def clear_faults(self) -> None:
         """Remove pending faults and leave silent mode."""
         with self._lock:
