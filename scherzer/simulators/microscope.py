@@ -224,6 +224,7 @@ class VirtualMicroscope:
             self.lens.set_defocus_nm(self.optics.defocus_nm)
             self.clock.advance(self.lens.settle_remaining_s())
         self._stage_nm = np.zeros(2)
+        self.scan_settings = ScanSettings()  # the last scan's settings
         self._hrtem_cache: dict = {}
         self._stem_cache: OrderedDict = OrderedDict()
         self._faults: list[_Fault] = []
@@ -429,7 +430,8 @@ class VirtualMicroscope:
     ) -> tuple[dict[str, np.ndarray], dict[str, FrameRecord], dict]:
         """Scan one frame with every signal of ``settings`` at the same probe positions.
 
-        The scan is centred on the specimen field; the clock advances by the frame time.
+        The scan is centred on the specimen field; the optics (lens state) are those at the scan
+        start (no focus change during a frame); the clock advances by the frame time.
         Truth: ``shift_px`` (content displacement at the first pixel, relative to the truth
         origin, in specimen-oriented pixels), ``defocus_nm``, ``optics`` and the STEM imager's
         truth (positions, times, jitter, drift at start/centre, …).
@@ -440,6 +442,7 @@ class VirtualMicroscope:
             raise ValueError(f"unknown scan signal(s) {bad}; available: {SIGNALS}")
         with self._lock:
             self._check_faults("scan")
+            self.scan_settings = settings
             optics = self.effective_optics()
             imager = self._stem_imager(optics, signals)
             centre = (self.specimen.extent_A[0] / 20.0, self.specimen.extent_A[1] / 20.0)
