@@ -45,6 +45,7 @@ import numpy as np
 
 from scherzer.drivers.base import DeviceDisconnected, DeviceTimeout, ScanSettings
 from scherzer.optics import Optics
+from scherzer.simulators.detector import CameraModel
 from scherzer.simulators.hrtem import HRTEMImager, default_hrtem_optics
 from scherzer.simulators.lens_controller import LensModel
 from scherzer.simulators.specimen import Specimen, make_specimen
@@ -173,7 +174,18 @@ def _optimal_convergence_mrad(optics: Optics) -> float:
 
 
 class VirtualMicroscope:
-    """The simulated instrument: specimen, optics, lens, clock, drift, stage, camera, scan."""
+    """The simulated instrument: specimen, optics, lens, clock, drift, stage, camera, scan.
+
+    ``specimen``: a built-in name (made over a square field of ``field_nm``, default the camera
+    field + 4 nm) or a Specimen. ``optics``: intrinsic optics (default
+    :func:`~scherzer.simulators.hrtem.default_hrtem_optics`); its ``defocus_nm`` becomes the
+    initial lens set-point. ``drift``: default none. ``camera``: a CameraModel (default
+    detector defaults). ``convergence_mrad``: STEM probe semi-angle (default 25 mrad for a
+    corrected probe, else 1.27 (λ/Cs)^¼). ``probe_current_pA``, ``scan_jitter_px`` (σ per line):
+    STEM beam and scan noise. ``readout_s``: extra clock advance per camera frame. ``lens``: an
+    existing LensModel (it must read this microscope's ``clock``); default a new one.
+    All public methods are thread-safe (one re-entrant lock).
+    """
 
     def __init__(
         self,
@@ -186,7 +198,7 @@ class VirtualMicroscope:
         drift: DriftModel | None = None,
         dose_rate_e_per_A2_s: float = 1000.0,
         field_nm: float | None = None,
-        camera=None,
+        camera: CameraModel | None = None,
         convergence_mrad: float | None = None,
         probe_current_pA: float = 20.0,
         scan_jitter_px: float = 0.1,
