@@ -1,0 +1,982 @@
+"""Focal-series registration: per-image defocus and drift, absolute defocus and astigmatism.
+
+Units and conventions
+---------------------
+* Numerics in Å / 1/Å through :mod:`scherzer.optics`; boundary names carry nm, px, deg.
+  Defocus C1 < 0 is underfocus. ``relative_defocus_nm[i] = defocus_nm[i] − defocus_nm[ref]``.
+* Shifts (ARCHITECTURE.md): ``shifts_px[i] = (dy, dx)`` is where frame i's content sits relative
+  to the reference: frame_i(r) ≈ ref(r − s_i). The reference has (0, 0).
+* Two-fold astigmatism A1 enters χ as π λ |A1| k² cos 2(φ − φ_A1) with the azimuth
+  φ = atan2(k_y, k_x) of :mod:`scherzer.optics`: measured from the +x (column) axis towards the
+  +y (row) axis, i.e. clockwise on screen when row 0 is at the top. ``astigmatism_deg`` is φ_A1
+  in [0, 180).
+
+Method
+------
+1. First pass (no wave yet): for each image n and trial defocus difference Δ, the reference and
+   image spectra are compared through the weak-phase transfer, Z = S_n S_r* s_r s_n(Δ) / |S_n S_r|^α
+   (s = sin χ · envelopes); the correlation peak over shifts is maximised over Δ. Images are
+   taken outwards from the reference, each search centred on the defocus predicted from the
+   step fitted so far (so a real step differing from the nominal one is followed).
+2. Later passes: the wave is restored from all other images (leave-one-out 2×2 Wiener solve,
+   :mod:`scherzer.processing.restoration`), image n is predicted from it at trial defoci, and the
+   regularised correlation Z = S_n Y_n(Δ)* / |S_n Y_n(Δ)|^α is maximised over Δ and shift.
+   Coarse Δ trials use batched FFTs of a cropped spectrum box; the fine search optimises Δ by
+   Brent's method with the shift refined by Newton steps on the band (no FFTs).
+   Peak height = Re Σ Z e^{2πi g·s} / Σ |Z| ∈ [−1, 1]; below ``peak_threshold`` an image is
+   flagged and left out of the wave. Passes repeat until Δ and shifts settle.
+3. Absolute defocus and A1 from the restored wave: for a weak-phase object ψ = 1 + iP the
+   product p(g) = φ(g) φ(−g) has phase π − 2Δχ(g), Δχ being the χ error of the model; we
+   maximise Re Σ −p/|p| e^{2iΔχ} over C1 and A1 (this is minimum amplitude contrast written
+   over all annuli and sectors at once). Alternatively (crystal-only fields) the defocus at which
+   CTF-corrected images agree best in Fourier phase, per angular sector (QFocus-like).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.fft as sfft
+from scipy.optimize import minimize, minimize_scalar
+
+from scherzer.optics import FrequencyGrid, Optics, chi, fft_workers
+from scherzer.processing.restoration import (
+    BandTransfer,
+    SpectralBand,
+    crop_area,
+    frame_spectra,
+    information_band,
+    pair_noise_covariance,
+    quadratic_term,
+    restore_exit_wave,
+    shift_phase,
+    solve_series,
+)
+from scherzer.stack import ImageStack
+
+__all__ = [
+    "FocalParams",
+    "FocalRegistration",
+    "StructureImageResult",
+    "camera_offset_counts",
+    "instrument_from_stack",
+    "intensity_frames",
+    "plot_registration",
+    "register_focal_series",
+    "restore_exit_wave",
+    "structure_image",
+]
+
+MIN_IMAGES = 3
+
+
+# --------------------------------------------------------------------------------------------
+# parameters and results
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FocalParams:
+    """Registration settings.
+
+    ``reference``: frame index (None = the image nearest extended Scherzer defocus).
+    ``search_range_nm``: ± search around each image's predicted defocus (default
+    0.5·|step| + 2 nm). ``iterations``: maximum wave-based passes after the first.
+    ``exclude``: frame indices left out. ``area``: (y0, x0, h, w) px registered (and restored).
+    ``whiten``: spectra are divided by |S|^whiten before correlating (0 = cross-correlation,
+    1 = phase correlation; ½ keeps strong Bragg spots from dominating the defocus search).
+    ``max_delocalisation``: frequencies whose delocalisation |∇χ|/2π exceeds this fraction of
+    the field in any image are not used (None: all).
+    ``absolute``: "wave" (weak-phase relation on the restored wave), "phase_agreement"
+    (QFocus-like, crystal-only fields) or "none". ``absolute_range_nm``: ± search of the
+    absolute defocus around the nominal one. ``fit_astigmatism``: fit A1 with the defocus.
+    """
+
+    reference: int | None = None
+    search_range_nm: float | None = None
+    iterations: int = 3
+    exclude: Sequence[int] = ()
+    area: tuple[int, int, int, int] | None = None
+    peak_threshold: float = 0.01
+    whiten: float = 0.5
+    max_delocalisation: float | None = 0.25
+    coarse_trials: int = 9
+    tolerance_nm: float = 0.02
+    tolerance_px: float = 0.005
+    taper_px: int = 12
+    absolute: str = "wave"
+    absolute_range_nm: float = 20.0
+    fit_astigmatism: bool = True
+
+
+@dataclass
+class FocalRegistration:
+    """Per-image defocus, drift and peak height, plus absolute defocus and A1 (see module doc)."""
+
+    reference_index: int
+    nominal_defocus_nm: np.ndarray
+    relative_defocus_nm: np.ndarray
+    defocus_nm: np.ndarray
+    shifts_px: np.ndarray
+    peak_heights: np.ndarray
+    flagged: np.ndarray
+    used: np.ndarray
+    astigmatism_nm: float
+    astigmatism_deg: float
+    seconds: float
+    passes: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> np.ndarray:
+        """Per-image structured table (index, nominal/fitted defocus nm, shift px, peak, used)."""
+        dt = np.dtype(
+            [
+                ("index", "<i8"),
+                ("nominal_defocus_nm", "<f8"),
+                ("fitted_defocus_nm", "<f8"),
+                ("shift_y_px", "<f8"),
+                ("shift_x_px", "<f8"),
+                ("peak_height", "<f8"),
+                ("used", "?"),
+            ]
+        )
+        out = np.zeros(len(self.defocus_nm), dtype=dt)
+        out["index"] = np.arange(len(out))
+        out["nominal_defocus_nm"] = self.nominal_defocus_nm
+        out["fitted_defocus_nm"] = self.defocus_nm
+        out["shift_y_px"] = self.shifts_px[:, 0]
+        out["shift_x_px"] = self.shifts_px[:, 1]
+        out["peak_height"] = self.peak_heights
+        out["used"] = self.used
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference_index": int(self.reference_index),
+            "defocus_nm": [float(v) for v in self.defocus_nm],
+            "relative_defocus_nm": [float(v) for v in self.relative_defocus_nm],
+            "shifts_px": [[float(a), float(b)] for a, b in self.shifts_px],
+            "peak_heights": [float(v) for v in self.peak_heights],
+            "astigmatism_nm": float(self.astigmatism_nm),
+            "astigmatism_deg": float(self.astigmatism_deg),
+            "seconds": float(self.seconds),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+_OPTICS_KEYS = ("voltage_kv", "cs_mm", "focal_spread_nm", "beam_divergence_mrad")
+
+
+def instrument_from_stack(stack: ImageStack, **overrides: Any) -> tuple[Optics, float, np.ndarray]:
+    """(optics, pixel_nm, nominal defocus (n,) nm) from the stack, overrides winning.
+
+    Overrides (None = not given): ``voltage_kv``, ``cs_mm``, ``focal_spread_nm``,
+    ``beam_divergence_mrad``, ``pixel_nm``, ``start_nm`` and ``step_nm`` (nominal defocus
+    start + i·step, replacing the per-frame records). A pixel size of exactly (1.0, 1.0) nm, the
+    ImageStack default, counts as not recorded. Raises ValueError naming every missing value.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {*_OPTICS_KEYS, "pixel_nm", "start_nm", "step_nm"}
+    if unknown:
+        raise ValueError(f"unknown instrument override(s): {sorted(unknown)}")
+    recorded = dict(stack.instrument.get("optics") or {})
+    merged = {**recorded, **{k: given[k] for k in _OPTICS_KEYS if k in given}}
+    missing = [f"{k} (--{k.replace('_', '-')})" for k in _OPTICS_KEYS if k not in merged]
+    pixel = given.get("pixel_nm")
+    if pixel is None and tuple(stack.pixel_size_nm) != (1.0, 1.0):
+        py, px = stack.pixel_size_nm
+        if not math.isclose(py, px, rel_tol=1e-3):
+            raise ValueError(f"non-square pixels {stack.pixel_size_nm} nm are not supported")
+        pixel = py
+    if pixel is None:
+        missing.append("pixel size (--pixel-nm)")
+    n = stack.n_frames
+    if "start_nm" in given or "step_nm" in given:
+        if "start_nm" not in given or "step_nm" not in given:
+            missing.append("nominal defocus: both --start-nm and --step-nm are needed")
+            nominal = np.full(n, np.nan)
+        else:
+            nominal = float(given["start_nm"]) + float(given["step_nm"]) * np.arange(n)
+    else:
+        nominal = stack.column("defocus_nominal_nm").astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(nominal))
+        if bad.size:
+            missing.append(
+                f"nominal defocus of frames {bad.tolist()} (records or --start-nm/--step-nm)"
+            )
+    if missing:
+        raise ValueError("missing instrument parameters: " + "; ".join(missing))
+    try:
+        optics = Optics(**merged)
+    except Exception as exc:
+        raise ValueError(f"invalid optics parameters: {exc}") from exc
+    if not float(pixel) > 0:
+        raise ValueError(f"pixel size must be positive; got {pixel}")
+    return optics, float(pixel), nominal
+
+
+def camera_offset_counts(stack: ImageStack) -> float:
+    """The camera's dark offset (counts) recorded in ``stack.instrument["camera"]``, else 0."""
+    cam = stack.instrument.get("camera") or {}
+    return float(cam.get("offset_counts", 0.0) or 0.0)
+
+
+def intensity_frames(stack: ImageStack) -> np.ndarray:
+    """Frames with the recorded camera offset removed (float32): proportional to intensity."""
+    off = camera_offset_counts(stack)
+    return stack.frames - np.float32(off) if off else stack.frames
+
+
+def check_nominal_defocus(nominal_nm: np.ndarray, n: int) -> np.ndarray:
+    """Nominal defocus (n,) finite and strictly monotonic, or a ValueError saying what is not."""
+    d = np.asarray(nominal_nm, dtype=np.float64).reshape(-1)
+    if d.size != n:
+        raise ValueError(f"nominal defocus has {d.size} values for {n} frames")
+    bad = np.flatnonzero(~np.isfinite(d))
+    if bad.size:
+        raise ValueError(f"nominal defocus missing (NaN) for frames {bad.tolist()}")
+    steps = np.diff(d)
+    if not (np.all(steps > 0) or np.all(steps < 0)):
+        sign = np.sign(np.median(steps)) or 1.0
+        wrong = (np.flatnonzero(steps * sign <= 0) + 1).tolist()
+        raise ValueError(
+            "nominal defocus must change monotonically through the series; frames "
+            f"{wrong} break the order ({d.tolist()})"
+        )
+    return d
+
+
+def _used_mask(n: int, exclude: Sequence[int], reference: int) -> np.ndarray:
+    used = np.ones(n, bool)
+    for i in exclude:
+        if not 0 <= int(i) < n:
+            raise ValueError(f"excluded frame {i} out of range 0..{n - 1}")
+        used[int(i)] = False
+    if not used[reference]:
+        raise ValueError(f"the reference frame {reference} cannot be excluded")
+    if used.sum() < MIN_IMAGES:
+        raise ValueError(
+            f"registration needs at least {MIN_IMAGES} images; {int(used.sum())} left after "
+            f"excluding {list(exclude)}"
+        )
+    return used
+
+
+def _choose_reference(nominal: np.ndarray, optics: Optics, reference: int | None) -> int:
+    n = len(nominal)
+    if reference is None:
+        return int(np.argmin(np.abs(nominal - optics.scherzer_defocus_nm())))
+    if not 0 <= int(reference) < n:
+        raise ValueError(f"reference frame {reference} out of range 0..{n - 1}")
+    return int(reference)
+
+
+# --------------------------------------------------------------------------------------------
+# correlation on a band: coarse (boxed FFT) and fine (Newton on shifts)
+# --------------------------------------------------------------------------------------------
+class Correlator:
+    """Peak finding for band-limited cross-power spectra Z (k, m)."""
+
+    def __init__(self, band: SpectralBand):
+        self.band = band
+        ny, nx = band.shape
+        iy = np.rint(band.gy * ny).astype(np.int64)
+        ix = np.rint(band.gx * nx).astype(np.int64)
+        by = min(ny, sfft.next_fast_len(int(2 * np.abs(iy).max() + 8)))
+        bx = min(nx, sfft.next_fast_len(int(2 * np.abs(ix).max() + 8)))
+        self.box = (by, bx)
+        self.box_idx = (iy % by) * bx + (ix % bx)
+        self.scale = (ny / by, nx / bx)
+        self.gy = band.gy
+        self.gx = band.gx
+
+    def coarse(self, z: np.ndarray, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Integer-ish peak (k, 2) in px and height / ``norm`` (k,) of each trial."""
+        k = z.shape[0]
+        by, bx = self.box
+        full = np.zeros((k, by * bx), np.complex64)
+        full[:, self.box_idx] = z
+        c = sfft.ifft2(full.reshape(k, by, bx), workers=fft_workers(), overwrite_x=True).real
+        flat = c.reshape(k, -1).argmax(axis=1)
+        py, px = np.divmod(flat, bx)
+        py = np.where(py > by // 2, py - by, py) * self.scale[0]
+        px = np.where(px > bx // 2, px - bx, px) * self.scale[1]
+        heights = c.reshape(k, -1).max(axis=1) / np.maximum(norm, 1e-30)
+        return np.stack([py, px], axis=1), heights
+
+    def refine(
+        self, z: np.ndarray, s: np.ndarray, norm: float, steps: int = 4
+    ) -> tuple[np.ndarray, float]:
+        """Newton ascent of Re Σ Z e^{2πi g·s} from s (2,); returns (s, height / ``norm``)."""
+        s = np.asarray(s, np.float64).copy()
+        norm = max(float(norm), 1e-30)
+        gy, gx = self.gy, self.gx
+        for _ in range(steps):
+            ze = z * np.exp(2j * math.pi * (gy * s[0] + gx * s[1]))
+            im, re = ze.imag, ze.real
+            grad = -2 * math.pi * np.array([np.dot(gy, im), np.dot(gx, im)])
+            h = (
+                -4
+                * math.pi**2
+                * np.array([[np.dot(gy * gy, re), np.dot(gy * gx, re)], [0.0, np.dot(gx * gx, re)]])
+            )
+            h[1, 0] = h[0, 1]
+            try:
+                step = -np.linalg.solve(h, grad)
+            except np.linalg.LinAlgError:
+                break
+            if not np.all(np.isfinite(step)) or np.linalg.det(h) <= 0 or h[0, 0] >= 0:
+                break
+            step = np.clip(step, -0.5, 0.5)
+            s += step
+            if np.max(np.abs(step)) < 1e-4:
+                break
+        height = float(np.real(np.sum(z * np.exp(2j * math.pi * (gy * s[0] + gx * s[1])))))
+        return s, height / norm
+
+
+def search_defocus_shift(
+    corr: Correlator,
+    z_of: Any,
+    center_nm: float,
+    range_nm: float,
+    n_coarse: int,
+    tol_nm: float,
+    shift_guess: np.ndarray | None = None,
+) -> tuple[float, np.ndarray, float]:
+    """Maximise the normalised correlation peak over defocus Δ and shift.
+
+    ``z_of(Δ (k,)) → (Z (k, m), norm (k,))``. Coarse: ``n_coarse`` trials over center ± range,
+    peaks by FFT (or, with ``shift_guess``, by Newton from it). Fine: Brent on Δ within one
+    coarse spacing, the shift refined by Newton at every evaluation. Returns (Δ, shift, peak).
+    """
+    trials = center_nm + np.linspace(-range_nm, range_nm, max(n_coarse, 3))
+    z, norm = z_of(trials)
+    if shift_guess is None:
+        peaks, heights = corr.coarse(z, norm)
+        peaks = [corr.refine(z[j], peaks[j], norm[j], steps=6)[0] for j in range(len(trials))]
+    else:
+        peaks = [np.asarray(shift_guess, float)] * len(trials)
+    fits = [corr.refine(z[j], peaks[j], norm[j], steps=3) for j in range(len(trials))]
+    heights = np.array([f[1] for f in fits])
+    j = int(np.argmax(heights))
+    best = float(trials[j])
+    h = float(trials[1] - trials[0])
+    state = {"s": fits[j][0]}
+
+    def neg_peak(delta: float) -> float:
+        zz, nn = z_of(np.array([delta]))
+        s_new, height = corr.refine(zz[0], state["s"], nn[0], steps=3)
+        state["s"] = s_new
+        return -height
+
+    res = minimize_scalar(
+        neg_peak, bounds=(best - h, best + h), method="bounded", options={"xatol": tol_nm}
+    )
+    delta = float(res.x)
+    zz, nn = z_of(np.array([delta]))
+    s, height = corr.refine(zz[0], state["s"], nn[0], steps=6)
+    return delta, s, height
+
+
+# --------------------------------------------------------------------------------------------
+# the registration problem on a band
+# --------------------------------------------------------------------------------------------
+class _Problem:
+    """Spectra, band and transfer of one series (internal)."""
+
+    def __init__(self, frames, optics, pixel_nm, nominal, params: FocalParams):
+        self.params = params
+        self.frames = crop_area(frames, params.area)
+        self.spectra_full = frame_spectra(self.frames, params.taper_px)
+        self.grid = FrequencyGrid(self.spectra_full.shape[-2:], (pixel_nm, pixel_nm))
+        self.optics = optics
+        self.band = information_band(
+            optics,
+            self.grid,
+            nominal,
+            np.ones(self.grid.shape, np.float32),
+            0.02,
+            2.0,
+            params.max_delocalisation,
+        )
+        self.spectra = self.band.gather(self.spectra_full)
+        self.corr = Correlator(self.band)
+        self.set_optics(optics)
+
+    def set_optics(self, optics: Optics) -> None:
+        self.optics = optics
+        self.bt = BandTransfer(optics, self.grid, self.band)
+
+    def ctf(self, defocus_nm: np.ndarray, env_s: np.ndarray) -> np.ndarray:
+        """Weak-phase transfer 2 sin χ · envelopes on the band, (k, m) float32."""
+        return (2.0 * np.sin(self.bt.chi(defocus_nm)) * (self.bt.env_t * env_s)).astype(np.float32)
+
+
+def _whiten(x: np.ndarray, exponent: float) -> np.ndarray:
+    """x / |x|^exponent (0: unchanged; 1: phase only) — spectral whitening before correlation."""
+    if exponent == 0:
+        return x
+    return (x / np.maximum(np.abs(x), 1e-30) ** exponent).astype(np.complex64)
+
+
+def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng_nm):
+    """Image i against the reference alone through the weak-phase transfer sin χ."""
+    p = prob.params
+    s_r = prob.ctf(np.array([d_abs[ref]]), env_s[ref])[0]
+    x = _whiten(prob.spectra[i], p.whiten) * s_r
+    ref_w = _whiten(prob.spectra[ref], p.whiten)
+    base = x * np.conj(ref_w)
+    x_norm = float(np.linalg.norm(x))
+    ref_pow = np.abs(ref_w) ** 2
+
+    def z_of(trials):
+        sn = prob.ctf(trials, env_s[i])
+        norm = x_norm * np.sqrt((ref_pow[None] * sn * sn).sum(axis=1))
+        return (base[None] * sn).astype(np.complex64), norm
+
+    return search_defocus_shift(prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm)
+
+
+def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess):
+    """Image i against its prediction φ T + φ*(−g) T*(−g) + quadratic term, over Δ and shift."""
+    p = prob.params
+    phi_neg = prob.band.conj_neg(phi)
+    spec_w = _whiten(prob.spectra[i], p.whiten)
+    spec_norm = float(np.linalg.norm(spec_w))
+
+    def z_of(trials):
+        tt = prob.bt.transfer(trials, env_s_i)
+        y = _whiten(phi * tt + phi_neg * prob.band.conj_neg(tt) + quad_i, p.whiten)
+        norm = spec_norm * np.linalg.norm(y, axis=1)
+        return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
+
+    return search_defocus_shift(
+        prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess
+    )
+
+
+def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray, rng_nm: float):
+    """Progressive registration outward from the reference.
+
+    The nearest neighbours are matched to the reference through the weak-phase transfer; every
+    further image (nearest first) against its prediction from the wave restored from the images
+    registered so far, its defocus searched around the line fitted to them.
+    """
+    n = len(nominal)
+    d_abs = nominal.copy()
+    shifts = np.zeros((n, 2))
+    peaks = np.ones(n)
+    env_s = prob.bt.spatial(nominal)
+    done = [ref]
+    order = sorted((i for i in range(n) if i != ref), key=lambda i: (abs(i - ref), i))
+    for i in order:
+        center = _predict_defocus(nominal, d_abs, i, ref, np.array(done))
+        if len(done) < 2:
+            delta, s, h = _match_reference(prob, i, ref, d_abs, env_s, center, rng_nm)
+        else:
+            idx = np.array(sorted(done))
+            aligned = prob.spectra[idx] * shift_phase(prob.band, shifts[idx])
+            t = prob.bt.transfer(d_abs[idx], env_s[idx])
+            sol = solve_series(aligned, t, prob.band, corrections=1)
+            t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
+            quad_i = quadratic_term(prob.band, sol.phi, t_i)[0]
+            delta, s, h = _match_wave(prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None)
+        d_abs[i], shifts[i], peaks[i] = delta, s, h
+        if used[i] and h >= prob.params.peak_threshold:
+            done.append(i)
+    return d_abs, shifts, peaks
+
+
+def _predict_defocus(nominal, d_abs, i, ref, done) -> float:
+    """Defocus of image i predicted from the images done so far (a fitted step)."""
+    if done.size < 2:
+        return float(d_abs[ref] + nominal[i] - nominal[ref])
+    slope, icpt = np.polyfit(nominal[done], d_abs[done], 1)
+    return float(slope * nominal[i] + icpt)
+
+
+def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm):
+    """One leave-one-out pass: each image against its prediction from the others."""
+    n = len(d_abs)
+    env_s = prob.bt.spatial(d_abs)
+    t = prob.bt.transfer(d_abs, env_s)
+    aligned = prob.spectra * shift_phase(prob.band, shifts)
+    sol = solve_series(aligned[used], t[used], prob.band, leave_one_out=True)
+    quad = quadratic_term(prob.band, sol.phi, t)
+    loo = np.empty((n, prob.band.size), np.complex64)
+    loo[used] = sol.loo
+    loo[~used] = sol.phi
+    new_d, new_s, new_p = d_abs.copy(), shifts.copy(), peaks.copy()
+    for i in range(n):
+        new_d[i], new_s[i], new_p[i] = _match_wave(
+            prob, i, loo[i], quad[i], env_s[i], d_abs[i], rng_nm, shifts[i]
+        )
+    new_s -= new_s[ref]  # the reference defines the frame (its own fit sets the gauge)
+    return new_d, new_s, new_p, sol.phi
+
+
+# --------------------------------------------------------------------------------------------
+# absolute defocus and astigmatism
+# --------------------------------------------------------------------------------------------
+def _chi_basis(optics: Optics, grid: FrequencyGrid, band: SpectralBand) -> np.ndarray:
+    """∂χ/∂(C1, A1·cos 2φ_A, A1·sin 2φ_A) per nm on the band, (3, m) float64."""
+    v = optics.voltage_kv
+    u0 = chi(Optics(voltage_kv=v), grid, 1.0)
+    u1 = chi(Optics(voltage_kv=v, a1_nm=1.0, a1_deg=0.0), grid, 0.0)
+    u2 = chi(Optics(voltage_kv=v, a1_nm=1.0, a1_deg=45.0), grid, 0.0)
+    return band.gather(np.stack([u0, u1, u2])).astype(np.float64)
+
+
+def _cartesian_a1(a1_nm: float, a1_deg: float) -> np.ndarray:
+    t = math.radians(2 * a1_deg)
+    return np.array([a1_nm * math.cos(t), a1_nm * math.sin(t)])
+
+
+def _polar_a1(c: np.ndarray) -> tuple[float, float]:
+    mag = float(math.hypot(c[0], c[1]))
+    ang = (math.degrees(math.atan2(c[1], c[0])) / 2.0) % 180.0
+    return mag, ang
+
+
+def fit_defocus_astigmatism_wave(
+    phi: np.ndarray,
+    basis: np.ndarray,
+    band: SpectralBand,
+    range_nm: float,
+    fit_astigmatism: bool = True,
+    noise_cov12: np.ndarray | None = None,
+) -> tuple[float, np.ndarray]:
+    """χ error (δC1 nm, (A1 cos 2φ, A1 sin 2φ) nm) of a restored wave φ (band), weak phase.
+
+    Maximises J = Re Σ q(g) e^{2iΔχ(g)} with q = −p/|p|^½, p = φ(g)φ(−g) minus its noise
+    part ``noise_cov12`` (see :func:`pair_noise_covariance`) (module doc).
+    """
+    p = phi.astype(np.complex128) * phi[band.neg]
+    if noise_cov12 is not None:
+        p = p - noise_cov12
+    q = -p / np.maximum(np.abs(p), 1e-30) ** 0.5
+
+    def j_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        e = q * np.exp(2j * (x @ basis[: len(x)]))
+        return -float(e.real.sum()), 2.0 * (basis[: len(x)] @ e.imag)
+
+    coarse = np.arange(-range_nm, range_nm + 1e-9, 0.5)
+    vals = [j_and_grad(np.array([c]))[0] for c in coarse]
+    x0 = np.array([coarse[int(np.argmin(vals))]])
+    x = minimize(j_and_grad, x0, jac=True, method="BFGS").x
+    if fit_astigmatism:
+        best = None
+        for a in ([0.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]):
+            r = minimize(j_and_grad, np.array([x[0], *a]), jac=True, method="BFGS")
+            if best is None or r.fun < best.fun:
+                best = r
+        x = best.x
+    ast = np.array([x[1], x[2]]) if len(x) == 3 else np.zeros(2)
+    return float(x[0]), ast
+
+
+def phase_agreement(
+    spectra: np.ndarray,
+    prob_bt: BandTransfer,
+    rel_defocus_nm: np.ndarray,
+    starts_nm: np.ndarray,
+    env_s: np.ndarray,
+    extra_chi: np.ndarray | None = None,
+    chunk: int = 8,
+) -> np.ndarray:
+    """Per-frequency agreement a(g) ∈ [0, 1] of CTF-corrected images for trial start defoci.
+
+    a(g) = |Σ_n S_n(g) s_n(g)| / √(Σ_n |S_n(g)|² · Σ_n s_n(g)²), s_n = sin χ_n · envelopes,
+    χ_n at defocus start + rel_n (plus ``extra_chi``, e.g. an A1 term). Returns (k, m).
+    """
+    out = np.empty((len(starts_nm), spectra.shape[1]), np.float32)
+    mag = np.sqrt(np.sum(np.abs(spectra) ** 2, axis=0))
+    env = prob_bt.env_t[None] * env_s
+    for c0 in range(0, len(starts_nm), chunk):
+        st = np.asarray(starts_nm[c0 : c0 + chunk], np.float64)
+        dfs = (st[:, None] + rel_defocus_nm[None]).reshape(-1)
+        x = prob_bt.chi(dfs).reshape(len(st), len(rel_defocus_nm), -1)
+        if extra_chi is not None:
+            x = x + extra_chi
+        s = (np.sin(x) * env[None]).astype(np.float32)
+        num = np.abs(np.einsum("knm,nm->km", s, spectra))
+        den = mag[None] * np.sqrt(np.sum(s * s, axis=1)) + 1e-30
+        out[c0 : c0 + chunk] = num / den
+    return out
+
+
+def _sector_masks(band: SpectralBand, n_sectors: int) -> np.ndarray:
+    """(sectors, m) bool masks of azimuth sectors over [0, 180) (g and −g together)."""
+    phi = np.mod(np.arctan2(band.gy, band.gx), math.pi)
+    which = np.minimum((phi / math.pi * n_sectors).astype(int), n_sectors - 1)
+    return which[None] == np.arange(n_sectors)[:, None]
+
+
+def _parabolic_peak(x: np.ndarray, y: np.ndarray) -> float:
+    j = int(np.argmax(y))
+    if 0 < j < len(y) - 1:
+        den = y[j - 1] - 2 * y[j] + y[j + 1]
+        if den < 0:
+            return float(x[j] + 0.5 * (x[1] - x[0]) * (y[j - 1] - y[j + 1]) / den)
+    return float(x[j])
+
+
+@dataclass
+class AgreementFit:
+    """Start defocus (nm) and A1 from Fourier-phase agreement of CTF-corrected images."""
+
+    start_nm: float
+    astigmatism_cartesian_nm: np.ndarray
+    sector_angles_deg: np.ndarray
+    sector_defocus_nm: np.ndarray
+    trials_nm: np.ndarray
+    agreement: np.ndarray
+
+
+def fit_start_phase_agreement(
+    spectra: np.ndarray,
+    bt: BandTransfer,
+    basis: np.ndarray,
+    band: SpectralBand,
+    rel_defocus_nm: np.ndarray,
+    center_nm: float,
+    range_nm: float,
+    n_sectors: int = 6,
+    fit_astigmatism: bool = True,
+) -> AgreementFit:
+    """Start defocus and A1 maximising the phase agreement (QFocus-like).
+
+    Coarse trials (0.5 nm) over center ± range, then 0.05 nm around the best; the same per
+    azimuth sector; C1(θ) = C1 + A1c cos 2θ + A1s sin 2θ fitted to the sector optima (weighted
+    by sector signal), refined jointly by Nelder–Mead on the total agreement.
+    """
+    env_s = bt.spatial(center_nm + rel_defocus_nm)
+    weight = np.sqrt(np.sum(np.abs(spectra) ** 2, axis=0)).astype(np.float32)
+
+    def score_grid(trials, masks, extra=None):
+        a = phase_agreement(spectra, bt, rel_defocus_nm, trials, env_s, extra)
+        return (a * weight[None]) @ masks.T.astype(np.float32)  # (k, sectors)
+
+    coarse = center_nm + np.arange(-range_nm, range_nm + 1e-9, 0.5)
+    total = score_grid(coarse, np.ones((1, band.size), bool))[:, 0]
+    best = _parabolic_peak(coarse, total)
+    fine = best + np.arange(-1.5, 1.5 + 1e-9, 0.1)
+    masks = _sector_masks(band, n_sectors)
+    sec = score_grid(fine, np.vstack([np.ones((1, band.size), bool), masks]))
+    start = _parabolic_peak(fine, sec[:, 0])
+    angles = (np.arange(n_sectors) + 0.5) * 180.0 / n_sectors
+    sector_def = np.array([_parabolic_peak(fine, sec[:, 1 + j]) for j in range(n_sectors)])
+    ast = np.zeros(2)
+    if fit_astigmatism:
+        sw = (weight[None] * masks).sum(axis=1)
+        t = np.radians(2 * angles)
+        design = np.stack([np.ones_like(t), np.cos(t), np.sin(t)], axis=1) * np.sqrt(sw)[:, None]
+        coef = np.linalg.lstsq(design, sector_def * np.sqrt(sw), rcond=None)[0]
+        x0 = np.array([coef[0], coef[1], coef[2]])
+
+        def neg(x):
+            extra = (x[1] * basis[1] + x[2] * basis[2])[None]
+            a = phase_agreement(spectra, bt, rel_defocus_nm, np.array([x[0]]), env_s, extra)
+            return -float((a[0] * weight).sum())
+
+        res = minimize(neg, x0, method="Nelder-Mead", options={"xatol": 0.02, "fatol": 1e-6})
+        start, ast = float(res.x[0]), np.array(res.x[1:3])
+    return AgreementFit(start, ast, angles, sector_def, coarse, total)
+
+
+# --------------------------------------------------------------------------------------------
+# the public registration
+# --------------------------------------------------------------------------------------------
+def register_focal_series(
+    stack: ImageStack,
+    optics: Optics,
+    params: FocalParams | None = None,
+    *,
+    nominal_defocus_nm: np.ndarray | None = None,
+    pixel_nm: float | None = None,
+    mtf: Any = None,
+    nps: Any = None,
+) -> FocalRegistration:
+    """Register a through-focus series: per-image defocus, drift, peak height; absolute C1, A1.
+
+    ``optics``: instrument (its ``defocus_nm`` is ignored; its A1 is the starting value).
+    ``nominal_defocus_nm`` (n,) overrides the stack records; ``pixel_nm`` overrides
+    ``stack.pixel_size_nm``. ``mtf``/``nps`` are accepted for interface symmetry with the
+    restoration (registration works on the information band, where they change the weights
+    little, and does not use them). See the module docstring for the method and conventions.
+    """
+    t0 = time.perf_counter()
+    p = params or FocalParams()
+    n = stack.n_frames
+    if n < MIN_IMAGES:
+        raise ValueError(f"a focal series needs at least {MIN_IMAGES} images; got {n}")
+    nominal = stack.column("defocus_nominal_nm") if nominal_defocus_nm is None else None
+    nominal = check_nominal_defocus(
+        nominal if nominal_defocus_nm is None else nominal_defocus_nm, n
+    )
+    pix = float(pixel_nm if pixel_nm is not None else stack.pixel_size_nm[1])
+    ref = _choose_reference(nominal, optics, p.reference)
+    used = _used_mask(n, p.exclude, ref)
+    if p.absolute not in ("wave", "phase_agreement", "none"):
+        raise ValueError(f"absolute must be 'wave', 'phase_agreement' or 'none'; got {p.absolute}")
+    steps = np.abs(np.diff(nominal))
+    rng_nm = p.search_range_nm if p.search_range_nm else 0.5 * float(np.median(steps)) + 2.0
+
+    prob = _Problem(intensity_frames(stack), optics, pix, nominal, p)
+    d_abs, shifts, peaks = _first_pass(prob, ref, nominal, used, rng_nm)
+    history = [{"pass": 0, "relative_defocus_nm": (d_abs - d_abs[ref]).tolist()}]
+    a1_c = _cartesian_a1(optics.a1_nm, optics.a1_deg)
+    basis = _chi_basis(optics, prob.grid, prob.band)
+    fine_range = 3.0
+    passes = 0
+    for _ in range(2):  # absolute defocus / A1 rounds
+        for _ in range(max(p.iterations, 0)):
+            ok = used & (peaks >= p.peak_threshold)
+            ok[ref] = True
+            if ok.sum() < MIN_IMAGES:
+                break
+            new_d, new_s, new_p, _ = _wave_pass(prob, ref, d_abs, shifts, peaks, ok, fine_range)
+            change_d = np.max(np.abs(new_d - d_abs))
+            change_s = np.max(np.abs(new_s - shifts))
+            d_abs, shifts, peaks = new_d, new_s, new_p
+            passes += 1
+            history.append(
+                {
+                    "pass": passes,
+                    "max_change_nm": float(change_d),
+                    "max_change_px": float(change_s),
+                    "relative_defocus_nm": (d_abs - d_abs[ref]).tolist(),
+                }
+            )
+            if change_d < p.tolerance_nm and change_s < p.tolerance_px:
+                break
+        if p.absolute == "none":
+            break
+        ok = used & (peaks >= p.peak_threshold)
+        ok[ref] = True
+        delta, d_ast = _absolute_correction(prob, d_abs, shifts, ok, basis, p)
+        d_abs = d_abs + delta
+        a1_c = a1_c + d_ast
+        mag, ang = _polar_a1(a1_c)
+        prob.set_optics(optics.with_(a1_nm=mag, a1_deg=ang, defocus_nm=0.0))
+        history.append({"absolute_correction_nm": delta, "a1_nm": mag, "a1_deg": ang})
+        if abs(delta) < 0.05 and np.hypot(*d_ast) < 0.05:
+            break
+    flagged = peaks < p.peak_threshold
+    flagged[ref] = False
+    mag, ang = _polar_a1(a1_c)
+    return FocalRegistration(
+        reference_index=ref,
+        nominal_defocus_nm=nominal,
+        relative_defocus_nm=d_abs - d_abs[ref],
+        defocus_nm=d_abs,
+        shifts_px=shifts,
+        peak_heights=peaks,
+        flagged=flagged,
+        used=used & ~flagged,
+        astigmatism_nm=mag,
+        astigmatism_deg=ang,
+        seconds=time.perf_counter() - t0,
+        passes=passes,
+        history=history,
+    )
+
+
+def _absolute_correction(prob, d_abs, shifts, ok, basis, p) -> tuple[float, np.ndarray]:
+    """(δC1 nm, δA1 cartesian nm) from the restored wave or from phase agreement."""
+    aligned = prob.spectra * shift_phase(prob.band, shifts)
+    if p.absolute == "phase_agreement":
+        ref_d = float(d_abs[0])
+        fit = fit_start_phase_agreement(
+            aligned[ok],
+            prob.bt,
+            basis,
+            prob.band,
+            (d_abs - ref_d)[ok],
+            ref_d,
+            p.absolute_range_nm,
+            fit_astigmatism=p.fit_astigmatism,
+        )
+        return fit.start_nm - ref_d, fit.astigmatism_cartesian_nm
+    t = prob.bt.transfer(d_abs[ok], prob.bt.spatial(d_abs[ok]))
+    sol = solve_series(aligned[ok], t, prob.band)
+    cov12 = pair_noise_covariance(sol.terms.sums(), 1.0 / sol.prior)
+    delta, ast = fit_defocus_astigmatism_wave(
+        sol.phi, basis, prob.band, p.absolute_range_nm, p.fit_astigmatism, cov12
+    )
+    return delta, ast
+
+
+# --------------------------------------------------------------------------------------------
+# structure image (fixed step, automatic start defocus)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StructureImageResult:
+    """CTF-corrected average of a fixed-step series (weak-phase estimate, float32 (y, x))."""
+
+    image: np.ndarray
+    start_defocus_nm: float
+    defocus_nm: np.ndarray
+    astigmatism_nm: float
+    astigmatism_deg: float
+    shifts_px: np.ndarray
+    sector_angles_deg: np.ndarray
+    sector_defocus_nm: np.ndarray
+    trials_nm: np.ndarray
+    agreement: np.ndarray
+    seconds: float
+
+
+def structure_image(
+    stack: ImageStack,
+    optics: Optics,
+    step_nm: float,
+    *,
+    start_range_nm: tuple[float, float] | None = None,
+    pixel_nm: float | None = None,
+    shifts_px: np.ndarray | None = None,
+    n_sectors: int = 6,
+    fit_astigmatism: bool = True,
+    area: tuple[int, int, int, int] | None = None,
+    wiener_snr: float = 10.0,
+) -> StructureImageResult:
+    """QFocus-like structure image: start defocus from Fourier-phase agreement, A1 by sectors.
+
+    Defocus of image i = start + i·``step_nm``. ``start_range_nm`` = (lo, hi) searched (default:
+    the recorded nominal start ± 20 nm, or around Scherzer if none). Drift is measured first by
+    the registration's first pass (``shifts_px`` skips that). The image is the CTF-corrected
+    average Σ S_n s_n / (Σ s_n² + 1/snr) — the projected potential's sign: atoms bright.
+    """
+    t0 = time.perf_counter()
+    n = stack.n_frames
+    if n < MIN_IMAGES:
+        raise ValueError(f"a focal series needs at least {MIN_IMAGES} images; got {n}")
+    if not (math.isfinite(step_nm) and step_nm != 0):
+        raise ValueError(f"step_nm must be a non-zero number; got {step_nm}")
+    pix = float(pixel_nm if pixel_nm is not None else stack.pixel_size_nm[1])
+    if start_range_nm is None:
+        rec = stack.column("defocus_nominal_nm")
+        c = float(rec[0]) if np.isfinite(rec[0]) else optics.scherzer_defocus_nm() - step_nm * n / 2
+        start_range_nm = (c - 20.0, c + 20.0)
+    lo, hi = sorted(float(v) for v in start_range_nm)
+    center, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    rel = step_nm * np.arange(n, dtype=np.float64)
+    params = FocalParams(area=area, iterations=0, absolute="none")
+    if shifts_px is None:
+        prob = _Problem(intensity_frames(stack), optics, pix, center + rel, params)
+        ref = _choose_reference(center + rel, optics, None)
+        env_s = prob.bt.spatial(center + rel)
+        s_r = prob.ctf(np.array([center + rel[ref]]), env_s[ref])[0]
+        shifts = np.zeros((n, 2))
+        for i in range(n):
+            if i == ref:
+                continue
+            base = prob.spectra[i] * np.conj(prob.spectra[ref]) * s_r
+            z = (base * prob.ctf(np.array([center + rel[i]]), env_s[i])[0])[None]
+            pk, _ = prob.corr.coarse(z.astype(np.complex64), np.ones(1))
+            shifts[i] = prob.corr.refine(z[0], pk[0], 1.0, steps=8)[0]
+    else:
+        shifts = np.asarray(shifts_px, np.float64)
+        prob = _Problem(intensity_frames(stack), optics, pix, center + rel, params)
+    aligned = prob.spectra * shift_phase(prob.band, shifts)
+    basis = _chi_basis(optics, prob.grid, prob.band)
+    fit = fit_start_phase_agreement(
+        aligned, prob.bt, basis, prob.band, rel, center, half, n_sectors, fit_astigmatism
+    )
+    mag, ang = _polar_a1(fit.astigmatism_cartesian_nm)
+    defocus = fit.start_nm + rel
+    opt_a1 = optics.with_(a1_nm=mag, a1_deg=ang)
+    frames = intensity_frames(stack)
+    image = _ctf_corrected_average(frames, opt_a1, pix, defocus, shifts, area, wiener_snr)
+    return StructureImageResult(
+        image=image,
+        start_defocus_nm=fit.start_nm,
+        defocus_nm=defocus,
+        astigmatism_nm=mag,
+        astigmatism_deg=ang,
+        shifts_px=shifts,
+        sector_angles_deg=fit.sector_angles_deg,
+        sector_defocus_nm=fit.sector_defocus_nm,
+        trials_nm=fit.trials_nm,
+        agreement=fit.agreement,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _ctf_corrected_average(frames, optics, pix, defocus, shifts, area, snr) -> np.ndarray:
+    data = crop_area(frames, area)
+    spec = frame_spectra(data, 8 if area is not None else 0)
+    grid = FrequencyGrid(spec.shape[-2:], (pix, pix))
+    band = information_band(optics, grid, defocus, np.ones(grid.shape, np.float32))
+    bt = BandTransfer(optics, grid, band)
+    s = 2.0 * np.sin(bt.chi(defocus)) * bt.env_t[None] * bt.spatial(defocus)
+    sp = band.gather(spec) * shift_phase(band, shifts)
+    est = np.sum(sp * s, axis=0) / (np.sum(s * s, axis=0) + 1.0 / snr)
+    img = sfft.ifft2(band.scatter(est.astype(np.complex64)), workers=fft_workers()).real
+    return img.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def plot_registration(result: FocalRegistration, out_dir: str | Path) -> list[Path]:
+    """PNGs in ``out_dir``: fitted focus vs index with a line fit and residuals, peak heights,
+    drift y/x vs index. Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    idx = np.arange(len(result.defocus_nm))
+    u = result.used
+    paths = []
+
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(6, 6), sharex=True, height_ratios=(3, 1))
+    ax.plot(idx, result.nominal_defocus_nm, "x", color="0.6", label="nominal")
+    ax.plot(idx[u], result.defocus_nm[u], "o", label="fitted")
+    ax.plot(idx[~u], result.defocus_nm[~u], "o", mfc="none", color="r", label="not used")
+    if u.sum() >= 2:
+        k, c = np.polyfit(idx[u], result.defocus_nm[u], 1)
+        ax.plot(idx, k * idx + c, "-", lw=1, label=f"line: step {k:.2f} nm")
+        axr.plot(idx, result.defocus_nm - (k * idx + c), "o-")
+    ax.set_ylabel("defocus C1 (nm)")
+    ax.legend(fontsize=8)
+    axr.axhline(0, color="0.5", lw=0.5)
+    axr.set_ylabel("residual (nm)")
+    axr.set_xlabel("image index")
+    paths.append(_save(fig, out / "focus_vs_index.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(idx, result.peak_heights, color=np.where(result.flagged, "r", "C0"))
+    ax.axhline(0.01, color="r", ls="--", lw=0.8, label="0.01 (suspect below)")
+    ax.set_xlabel("image index")
+    ax.set_ylabel("correlation peak")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "peak_heights.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(idx, result.shifts_px[:, 1], "o-", label="x")
+    ax.plot(idx, result.shifts_px[:, 0], "s-", label="y")
+    ax.set_xlabel("image index")
+    ax.set_ylabel("drift (px)")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "drift.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
