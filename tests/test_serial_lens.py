@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -313,7 +312,7 @@ def test_line_noise_from_the_controller_gives_value_or_device_error(
 ) -> None:
     """Random bytes on the line: the driver returns the right value or a DeviceError, quickly."""
     lens.set_beam_tilt_mrad(1.25, -0.5)
-    emulator.emit_raw(noise)
+    emulator.emit_raw(noise, before_next_reply=True)
     t0 = time.monotonic()
     try:
         value = lens.get_beam_tilt_mrad()

@@ -499,6 +499,7 @@ class LensControllerEmulator:
         self._reply_delay_s = 0.0
         self._faults: deque[str] = deque()
         self._silent = False
+        self._noise_prefix = b""
         self.requests = 0
         self.errors = 0
         self.last_error = 0
@@ -605,15 +606,20 @@ class LensControllerEmulator:
             else:
                 self._faults.extend([kind] * count)
 
-    def emit_raw(self, data: bytes) -> None:
-        """Write raw bytes to the line now (line noise, a confused controller)."""
-        self._write(bytes(data))
+    def emit_raw(self, data: bytes, *, before_next_reply: bool = False) -> None:
+        """Write raw bytes to the line (line noise): now, or just before the next reply."""
+        if before_next_reply:
+            with self._lock:
+                self._noise_prefix += bytes(data)
+        else:
+            self._write(bytes(data))
 
     def clear_faults(self) -> None:
         """Remove pending faults and leave silent mode."""
         with self._lock:
             self._faults.clear()
             self._silent = False
+            self._noise_prefix = b""
 
     # ------------------------------------------------------------ serving loop
     def _serve(self, master: int) -> None:
@@ -709,8 +715,11 @@ class LensControllerEmulator:
     def _send(self, data: bytes, fault: str | None) -> None:
         with self._lock:
             delay = self._reply_delay_s
+            noise, self._noise_prefix = self._noise_prefix, b""
         if delay > 0 and self._stop.wait(delay):
             return
+        if noise:
+            self._write(noise)
         if fault == "drop":
             return
         if fault == "corrupt":
