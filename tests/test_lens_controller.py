@@ -405,3 +405,17 @@ def test_stop_is_prompt_and_cleans_up() -> None:
     assert not emu.running
     assert not os.path.exists(os.path.dirname(emu.port))
     port.close()
+
+
+def test_line_length_limit_is_128_bytes_including_crlf(client: serial.Serial) -> None:
+    body = b"9 IDN"
+    pad = MAX_LINE_BYTES - len(body) - len(b" *XXXX\r\n")
+    fits = body + b" " * pad
+    line = fits + b" *%04X\r\n" % crc16_ccitt(fits)
+    assert len(line) == MAX_LINE_BYTES
+    client.write(line)
+    assert reply_for(client, 9)[0] == "OK"
+    longer = fits + b" "
+    client.write(longer + b" *%04X\r\n" % crc16_ccitt(longer))
+    assert reply_for(client, None)[:3] == ("ERR", "12", "LINE_TOO_LONG")
+    assert ask(client, 10, "IDN")[0] == "OK"

@@ -420,10 +420,10 @@ def _parse_seq(token: str) -> int | None:
 
 def decode_frame(line: bytes) -> Frame:
     """Decode one line (without LF; a trailing CR is ignored) or raise :class:`FrameError`."""
+    if len(line) + 1 > MAX_LINE_BYTES:  # + 1 for the LF
+        raise FrameError(ErrorCode.LINE_TOO_LONG, f"line longer than {MAX_LINE_BYTES} bytes")
     if line.endswith(b"\r"):
         line = line[:-1]
-    if len(line) + 2 > MAX_LINE_BYTES:
-        raise FrameError(ErrorCode.LINE_TOO_LONG, f"line longer than {MAX_LINE_BYTES} bytes")
     if any(b < 0x20 or b > 0x7E for b in line):
         raise FrameError(ErrorCode.ENCODING, "non-printable or non-ASCII byte in line")
     star = line.rfind(b" *")
@@ -447,7 +447,7 @@ def _is_hex(token: bytes) -> bool:
     return all(chr(b) in "0123456789abcdefABCDEF" for b in token)
 
 
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?")
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
 
 
 def parse_number(token: str) -> float:
