@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from scherzer.config import ClientKey, ConfigError, Settings
 from scherzer.daemon.protocol import Role
@@ -159,7 +160,14 @@ class ZapHandler:
         try:
             while not self._stop.is_set():
                 if poller.poll(200):
-                    self._socket.send_multipart(self._answer(self._socket.recv_multipart()))
+                    frames = self._socket.recv_multipart()
+                    try:
+                        reply = self._answer(frames)
+                    except Exception:  # noqa: BLE001 - refuse, never die
+                        log.exception("ZAP request failed; refusing the client")
+                        rid = frames[1] if len(frames) > 1 else b""
+                        reply = [b"1.0", rid, b"500", b"internal error", b"", b""]
+                    self._socket.send_multipart(reply)
         finally:
             self._socket.close(linger=0)
 
@@ -170,7 +178,7 @@ class ZapHandler:
         if version != b"1.0":
             return [b"1.0", request_id, b"400", b"unsupported ZAP version", b"", b""]
         if mechanism == b"CURVE" and len(frames) >= 7:
-            key = zmq.z85_encode(frames[6])
+            key = z85.encode(frames[6])
             ident = self._keys.allowed.get(key)
             if ident is not None:
                 return [b"1.0", request_id, b"200", b"OK", ident.user.encode(), b""]

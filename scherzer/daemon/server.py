@@ -123,6 +123,7 @@ class Daemon:
             self.zap.start()
         self.router = self._socket(zmq.ROUTER, s.endpoint)
         self.router.router_mandatory = False
+        self.router.copy_threshold = 0  # keep real zmq messages: their metadata holds User-Id
         self.pub = self._socket(zmq.PUB, s.events_endpoint)
         self.events = EventBus(self.pub, self.mailbox, self.instance)
         self.store = JobStore(self.data_dir / "jobs.sqlite")
@@ -247,7 +248,10 @@ class Daemon:
     def _identity(self, frame: zmq.Frame) -> Identity:
         if self.keys is None:
             return Identity(LOCAL_USER, P.Role(self.settings.server.local_role))
-        user = frame.get("User-Id")
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            user = None
         ident = self.keys.identity_of(user) if user else None
         if ident is None:
             raise P.ProtocolError(
