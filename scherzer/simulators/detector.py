@@ -27,14 +27,16 @@ Model (stated once, used by :meth:`CameraModel.expose`, :meth:`CameraModel.mtf`,
   radially in place of B·sinc) and ``nps_table`` (NPS(f)/NPS_shot(0) of the shot noise,
   likewise; its square root is used as the NTF).
 * ``mtf_model="none"`` turns blur off (MTF = NTF = 1): variance = g²λ + σ_r² (+1/12 rounding).
-* Then: counts = round(g · e + σ_r · n(0,1) + offset), clipped to [0, 2^bit_depth − 1] where
-  e = F⁻¹[MTF · F(λ) + NTF · F(N − λ)] (electrons after blur). ``binning`` b sums b×b physical
-  pixels before read-out (readout noise once per binned pixel).
+* Then: counts = round(g · e + σ_r · n + offset), n ~ N(0, 1), clipped to
+  [0, 2^bit_depth − 1], where e = F⁻¹[MTF · F(λ) + NTF · F(N − λ)] (electrons after blur).
+  ``binning`` b sums b×b physical pixels before read-out (readout noise once per binned pixel).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numba
@@ -171,29 +173,46 @@ class CameraModel(BaseModel):
             ny, nx = (s // b * b for s in lam.shape)
             lam = lam[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3))
         seed = int(rng.integers(0, 2**63 - 1, dtype=np.int64))
-        electrons = _poisson(lam, seed)
+        electrons = np.empty_like(lam)
+        _in_row_blocks(_poisson, lam, seed, electrons)
         if self.mtf_model != "none" or self.nps_table is not None:
             electrons = self._blur(lam, electrons)
-        out = np.empty_like(lam)
-        _readout(
-            electrons,
-            float(self.gain_counts_per_e),
-            float(self.readout_noise_counts),
-            float(self.offset_counts),
-            float(self.saturation_counts),
-            int(rng.integers(0, 2**63 - 1, dtype=np.int64)),
-            out,
-        )
-        return out
+        return self._readout(electrons, rng)
+
+    def _readout(self, electrons: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """counts = clip(round(g·e + σ_r·n + offset), 0, 2^bits − 1), n ~ N(0, 1)."""
+        out = electrons * np.float32(self.gain_counts_per_e)
+        out += np.float32(self.offset_counts)
+        if self.readout_noise_counts > 0:
+            noise = rng.standard_normal(out.shape, dtype=np.float32)
+            noise *= np.float32(self.readout_noise_counts)
+            out += noise
+        np.rint(out, out=out)
+        return np.clip(out, 0.0, float(self.saturation_counts), out=out)
+
+    def _transfer_2d(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(NTF, MTF − NTF) on the rfft grid of ``shape``, cached per camera and shape."""
+        key = (self.model_dump_json(), tuple(shape))
+        hit = _TRANSFER_CACHE.get(key)
+        if hit is None:
+            ntf = self.ntf_2d(shape)
+            hit = (ntf, self.mtf_2d(shape) - ntf)
+            if len(_TRANSFER_CACHE) > 16:
+                _TRANSFER_CACHE.clear()
+            _TRANSFER_CACHE[key] = hit
+        return hit
 
     def _blur(self, lam: np.ndarray, electrons: np.ndarray) -> np.ndarray:
         """e = F⁻¹[NTF·F(N) + (MTF − NTF)·F(λ)] (signal by MTF, shot noise by NTF)."""
         w = fft_workers()
-        mtf, ntf = self.mtf_2d(lam.shape), self.ntf_2d(lam.shape)
+        ntf, diff = self._transfer_2d(lam.shape)
         spec = sfft.rfft2(electrons, workers=w)
         spec *= ntf
-        spec += sfft.rfft2(lam, workers=w) * (mtf - ntf)
+        spec += sfft.rfft2(lam, workers=w) * diff
         return sfft.irfft2(spec, s=lam.shape, workers=w).astype(np.float32)
+
+
+_TRANSFER_CACHE: dict[tuple[str, tuple[int, int]], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _sinc_axis(f: np.ndarray) -> np.ndarray:
@@ -259,11 +278,8 @@ def _poisson_one(lam, state):  # pragma: no cover - numba
             k += 1.0
             if prod <= limit:
                 return state, k
-    slam = math.sqrt(lam)
-    loglam = math.log(lam)
-    b = 0.931 + 2.53 * slam
+    b = 0.931 + 2.53 * math.sqrt(lam)
     a = -0.059 + 0.02483 * b
-    invalpha = 1.1239 + 1.1328 / (b - 3.4)
     vr = 0.9277 - 3.6224 / (b - 2.0)
     while True:
         state, u = _next(state)
@@ -271,39 +287,43 @@ def _poisson_one(lam, state):  # pragma: no cover - numba
         u -= 0.5
         us = 0.5 - abs(u)
         k = math.floor((2.0 * a / us + b) * u + lam + 0.43)
-        if us >= 0.07 and v <= vr:
+        if us >= 0.07 and v <= vr:  # fast acceptance (~86 %)
             return state, k
         if k < 0.0 or (us < 0.013 and v > us):
             continue
+        invalpha = 1.1239 + 1.1328 / (b - 3.4)
         lhs = math.log(v) + math.log(invalpha) - math.log(a / (us * us) + b)
-        if lhs <= -lam + k * loglam - math.lgamma(k + 1.0):
+        if lhs <= -lam + k * math.log(lam) - math.lgamma(k + 1.0):
             return state, k
 
 
-@numba.njit(cache=True)
-def _poisson(lam, seed):  # pragma: no cover - numba
-    """Poisson(λ) per pixel (float32), reproducible for a given seed."""
+@numba.njit(cache=True, nogil=True)
+def _poisson(lam, seed, out, row0):  # pragma: no cover - numba
+    """Poisson(λ) per pixel into ``out``; pixel streams keyed by the global row (row0 + r)."""
     ny, nx = lam.shape
-    out = np.empty((ny, nx), dtype=np.float32)
     for r in range(ny):
         for c in range(nx):
-            state = _stream(seed, r * nx + c)
+            state = _stream(seed, (row0 + r) * nx + c)
             _, k = _poisson_one(float(lam[r, c]), state)
             out[r, c] = k
-    return out
 
 
-@numba.njit(cache=True)
-def _readout(electrons, gain, sigma, offset, sat, seed, out):  # pragma: no cover - numba
-    """counts = clip(round(gain·e + σ·n + offset), 0, sat) into ``out`` (n Gaussian)."""
-    ny, nx = electrons.shape
-    for r in range(ny):
-        for c in range(nx):
-            v = gain * electrons[r, c] + offset
-            if sigma > 0.0:
-                state = _stream(seed, r * nx + c)
-                state, u1 = _next(state)
-                state, u2 = _next(state)
-                v += sigma * math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
-            v = math.floor(v + 0.5)
-            out[r, c] = min(max(v, 0.0), sat)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _in_row_blocks(kernel, src: np.ndarray, seed: int, out: np.ndarray, params=()) -> None:
+    """Run a nogil kernel over row blocks on all cores; results do not depend on the split."""
+    global _POOL
+    n_threads = min(fft_workers(), max(1, src.shape[0] // 64))
+    if n_threads == 1:
+        kernel(src, seed, out, 0, *params)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=fft_workers(), thread_name_prefix="camera")
+    edges = np.linspace(0, src.shape[0], n_threads + 1).astype(int)
+    futures = [
+        _POOL.submit(kernel, src[a:b], seed, out[a:b], int(a), *params)
+        for a, b in itertools.pairwise(edges)
+    ]
+    for f in futures:
+        f.result()

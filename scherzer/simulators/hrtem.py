@@ -150,21 +150,28 @@ class HRTEMImager:
             )
         return s
 
-    def _ramps(self, shift_nm: np.ndarray) -> np.ndarray:
-        """exp(−2πi k·s) for each shift (n, NY, NX) complex64 (k in 1/Å, s in Å)."""
+    def _ramps(self, shift_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Separable exp(−2πi k·s): (n, NY, 1) and (n, 1, NX) complex64 (k in 1/Å, s in Å)."""
         s_A = shift_nm * 10.0
         ry = np.exp(-2j * np.pi * self.grid.ky[None, :, :] * s_A[:, 0, None, None])
         rx = np.exp(-2j * np.pi * self.grid.kx[None, :, :] * s_A[:, 1, None, None])
-        return (ry * rx).astype(np.complex64)
+        return ry.astype(np.complex64), rx.astype(np.complex64)
 
-    def _intensity(self, spec: np.ndarray) -> np.ndarray:
-        img = sfft.ifft2(spec, axes=(-2, -1), workers=fft_workers(), overwrite_x=True)
-        return (img.real * img.real + img.imag * img.imag).astype(np.float32)
+    def _image(self, t: np.ndarray, ramps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """|F⁻¹[ψ(k) · ramp(k) · T(k)]|² for a batch of transfer functions T (consumed)."""
+        t *= self.wave_fft
+        t *= ramps[0]
+        t *= ramps[1]
+        img = sfft.ifft2(t, axes=(-2, -1), workers=fft_workers(), overwrite_x=True)
+        out = np.square(img.real)
+        out += np.square(img.imag)
+        return out.astype(np.float32, copy=False)
 
-    def _coherent_images(self, opt: Optics, dfs: np.ndarray, ramps: np.ndarray) -> np.ndarray:
+    def _coherent_images(
+        self, opt: Optics, dfs: np.ndarray, ramps: tuple[np.ndarray, np.ndarray]
+    ) -> np.ndarray:
         if self.coherence == "quasi" or opt.focal_spread_nm == 0:
-            t = wave_transfer(opt, self.grid, dfs, envelopes=True)
-            return self._intensity(self.wave_fft[None] * ramps * t)
+            return self._image(wave_transfer(opt, self.grid, dfs, envelopes=True), ramps)
         x, w = np.polynomial.hermite.hermgauss(self.focal_nodes)
         w = w / math.sqrt(math.pi)
         sharp = opt.with_(focal_spread_nm=0.0)
@@ -172,7 +179,7 @@ class HRTEMImager:
         for xj, wj in zip(x, w, strict=True):
             d = dfs + math.sqrt(2.0) * opt.focal_spread_nm * xj
             t = wave_transfer(sharp, self.grid, d, envelopes=True)
-            out += np.float32(wj) * self._intensity(self.wave_fft[None] * ramps * t)
+            out += np.float32(wj) * self._image(t, ramps)
         return out
 
     def _vibrate(self, opt: Optics, img: np.ndarray) -> np.ndarray:
