@@ -101,8 +101,10 @@ class _AttemptFailed(Exception):
 class SerialLens:
     """:class:`~scherzer.drivers.base.Lens` over a serial line; thread-safe, never hangs.
 
-    ``limits=None`` takes the limits the controller reports in ``STATUS`` when first connected;
-    given limits are enforced locally (the controller still enforces its own).
+    The constructor opens the port (:class:`DeviceDisconnected` if it cannot) and, with
+    ``limits=None``, reads the controller's limits from ``STATUS`` (so a silent controller gives
+    :class:`DeviceTimeout`). Given limits are enforced locally; the controller still enforces its
+    own. After a failure the next call reopens the port by name.
     """
 
     def __init__(
@@ -131,11 +133,15 @@ class SerialLens:
         self._seq = 0
         self._sent: deque[int] = deque(maxlen=32)  # recent seqs, to skip their late replies
         self._resync = True  # send a bare CR LF before the next request
-        if limits is None:
-            self.limits = self._limits_from_controller()
-        else:
-            with self._lock:
-                self._ensure_open()
+        try:
+            if limits is None:
+                self.limits = self._limits_from_controller()
+            else:
+                with self._lock:
+                    self._ensure_open()
+        except BaseException:
+            self._drop_port()
+            raise
 
     # ------------------------------------------------------------ Lens protocol
     def get_defocus_nm(self) -> float:

@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 import tty
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -490,6 +491,7 @@ class LensControllerEmulator:
         self.model = model or LensModel(time.monotonic, np.random.default_rng(seed))
         self._tmpdir = tempfile.mkdtemp(prefix="scherzer-lens-")
         self.port = os.path.join(self._tmpdir, "lens-tty")
+        weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
         self._lock = threading.Lock()  # fault state and counters
         self._master: int | None = None
         self._slave: int | None = None
