@@ -152,7 +152,7 @@ class SerialLens:
     def set_defocus_nm(self, defocus_nm: float) -> None:
         """Request a defocus (nm); returns once the controller accepted it (not settled)."""
         value = check_defocus_nm(self.limits, defocus_nm)
-        self._exchange(f"SET DEF {value:.3f}")
+        self._set("SET DEF", f"{value:.3f}")
 
     def get_stigmator(self) -> tuple[float, float]:
         """Two-fold stigmation read-back as (magnitude_nm, angle_deg)."""
@@ -162,7 +162,7 @@ class SerialLens:
     def set_stigmator(self, magnitude_nm: float, angle_deg: float) -> None:
         """Set two-fold stigmation (nm, degrees)."""
         magnitude, angle = check_stigmator(self.limits, magnitude_nm, angle_deg)
-        self._exchange(f"SET STIG {magnitude:.3f} {angle % 180.0:.3f}")
+        self._set("SET STIG", f"{magnitude:.3f}", f"{angle % 180.0:.3f}")
 
     def get_beam_tilt_mrad(self) -> tuple[float, float]:
         """Beam tilt (y, x) in mrad."""
@@ -172,7 +172,7 @@ class SerialLens:
     def set_beam_tilt_mrad(self, tilt_y_mrad: float, tilt_x_mrad: float) -> None:
         """Set beam tilt (y, x) in mrad."""
         tilt_y, tilt_x = check_beam_tilt_mrad(self.limits, tilt_y_mrad, tilt_x_mrad)
-        self._exchange(f"SET TILT {tilt_y:.4f} {tilt_x:.4f}")
+        self._set("SET TILT", f"{tilt_y:.4f}", f"{tilt_x:.4f}")
 
     def wait_settled(self, timeout_s: float = 5.0) -> None:
         """Poll ``STATUS`` until ``SETTLED=1``; :class:`DeviceTimeout` after ``timeout_s``."""
@@ -192,6 +192,18 @@ class SerialLens:
                 )
             remain_s = _remaining_ms(status) / 1000.0
             time.sleep(min(max(remain_s, 0.002), 0.1, left))
+
+    def _set(self, command: str, *args: str) -> None:
+        """Send a SET and check that the controller echoes the values it accepted."""
+        sent = [float(a) for a in args]
+        echoed = self._numbers(self._exchange(" ".join((command, *args))), len(args), command)
+        if any(abs(e - v) > 1e-3 for e, v in zip(echoed, sent, strict=True)):
+            raise DeviceProtocolError(
+                f"lens controller on {self.port} echoed {echoed} for {command} {sent}: it "
+                "accepted a different value; check the controller firmware and set it again",
+                device=self.name,
+                details={"sent": sent, "echoed": echoed},
+            )
 
     # ------------------------------------------------------------ extras
     def status(self) -> dict[str, str]:
