@@ -264,6 +264,7 @@ def _emit(args: argparse.Namespace, code: int, result: dict[str, Any], text: str
 def main(argv: list[str] | None = None) -> int:
     from scherzer.clients.client import DaemonError
     from scherzer.config import ConfigError
+    from scherzer.drivers.base import DeviceError
 
     args = build_parser().parse_args(argv)
     try:
@@ -273,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"error: {exc}", file=sys.stderr)
         return _emit(args, 2, result, "") if args.json else 2
-    except (ConfigError, FileExistsError, ValueError) as exc:
-        result = {"error": {"code": "bad_input", "message": str(exc)}}
+    except (ConfigError, FileExistsError, ValueError, DeviceError) as exc:
+        code = getattr(exc, "code", "bad_input")
+        result = {"error": {"code": code, "message": str(exc)}}
         if not args.json:
             print(f"error: {exc}", file=sys.stderr)
         return _emit(args, 2, result, "") if args.json else 2

@@ -18,7 +18,6 @@ Extension points for the plans issue: :meth:`_run_step` (error policy: retry/ski
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import threading
 import traceback
@@ -275,6 +274,7 @@ class Executor:
         self.frames = frames
         self.processing = ProcessingWorker(store, publish)
         self.current_job: int | None = None
+        self._nominal_defocus_nm: float | None = None
         self.job_paused = False
         self.queue_paused = False
         self._stopping = threading.Event()
@@ -378,6 +378,7 @@ class Executor:
         except ProtocolError:  # cancelled between next_queued() and now
             return
         self.current_job = job.job_id
+        self._nominal_defocus_nm = None
         self._emit_job(info)
         self.publish("queue", {"queued": self.store.queued_count()})
         jlog.info("job started", kind=job.kind, output=str(path))
@@ -460,6 +461,7 @@ class Executor:
                 raise DeviceError("this plan sets defocus but no lens is configured")
             lens.set_defocus_nm(step.defocus_nm)
             lens.wait_settled(self.settings.devices.settle_timeout_s)
+            self._nominal_defocus_nm = step.defocus_nm
         if step.settle_s > 0:
             self.instruments.wait_s(step.settle_s)
 
@@ -479,12 +481,15 @@ class Executor:
         f = scan.acquire()
         return dict(f.images), dict(f.records), f.pixel_size_nm
 
-    def _complete_record(self, record: FrameRecord, step: FrameStep) -> FrameRecord:
-        changes: dict[str, Any] = {"index": step.index}
-        if step.defocus_nm is not None and math.isnan(record.defocus_nominal_nm):
-            changes["defocus_nominal_nm"] = step.defocus_nm
-        if math.isnan(record.defocus_readback_nm) and self.instruments.lens is not None:
-            changes["defocus_readback_nm"] = self.instruments.lens.get_defocus_nm()
+    def _complete_record(
+        self, record: FrameRecord, index: int, readback_nm: float | None
+    ) -> FrameRecord:
+        """The plan's frame index, the defocus this job set and the lens driver's read-back."""
+        changes: dict[str, Any] = {"index": index}
+        if self._nominal_defocus_nm is not None:
+            changes["defocus_nominal_nm"] = self._nominal_defocus_nm
+        if readback_nm is not None:
+            changes["defocus_readback_nm"] = readback_nm
         return dataclasses.replace(record, **changes)
 
     def _run_step(
@@ -492,6 +497,8 @@ class Executor:
     ) -> None:
         """One frame: optics → acquire → write → event (error policies wrap this)."""
         self._set_optics(step)
+        lens = self.instruments.lens
+        readback_nm = lens.get_defocus_nm() if lens is not None else None  # at exposure start
         images, records, pixel = self._acquire(step.shot)
         if not writer_box:
             first = next(iter(images.values()))
@@ -505,7 +512,7 @@ class Executor:
                 )
             )
         for name, image in images.items():
-            record = self._complete_record(records[name], step)
+            record = self._complete_record(records[name], step.index, readback_nm)
             writer_box[0].append(np.asarray(image, dtype=np.float32), record, name=name)
             info = self.frames.put(image, record, pixel, job_id=job.job_id)
             self.publish(
