@@ -105,8 +105,8 @@ class FocalParams:
     whiten: float = 0.5
     max_delocalisation: float | None = 0.25
     coarse_trials: int = 9
-    tolerance_nm: float = 0.02
-    tolerance_px: float = 0.005
+    tolerance_nm: float = 0.05
+    tolerance_px: float = 0.01
     taper_px: int = 12
     absolute: str = "wave"
     absolute_range_nm: float = 20.0
@@ -293,8 +293,11 @@ class Correlator:
         self.box = (by, bx)
         self.box_idx = (iy % by) * bx + (ix % bx)
         self.scale = (ny / by, nx / bx)
-        self.gy = band.gy
-        self.gx = band.gx
+        self.iy, self.ix = iy % ny, ix % nx
+        self.fy = np.fft.fftfreq(ny)
+        self.fx = np.fft.fftfreq(nx)
+        gy, gx = band.gy.astype(np.float32), band.gx.astype(np.float32)
+        self.moments = (gy, gx, gy * gy, gy * gx, gx * gx)
 
     def coarse(self, z: np.ndarray, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Integer-ish peak (k, 2) in px and height / ``norm`` (k,) of each trial."""
@@ -310,34 +313,33 @@ class Correlator:
         heights = c.reshape(k, -1).max(axis=1) / np.maximum(norm, 1e-30)
         return np.stack([py, px], axis=1), heights
 
+    def phase(self, s: np.ndarray) -> np.ndarray:
+        """exp(2πi g·s) on the band (complex64), from separable per-axis factors."""
+        ey = np.exp(2j * math.pi * self.fy * s[0]).astype(np.complex64)
+        ex = np.exp(2j * math.pi * self.fx * s[1]).astype(np.complex64)
+        return ey[self.iy] * ex[self.ix]
+
     def refine(
         self, z: np.ndarray, s: np.ndarray, norm: float, steps: int = 4
     ) -> tuple[np.ndarray, float]:
         """Newton ascent of Re Σ Z e^{2πi g·s} from s (2,); returns (s, height / ``norm``)."""
         s = np.asarray(s, np.float64).copy()
         norm = max(float(norm), 1e-30)
-        gy, gx = self.gy, self.gx
+        gy, gx, gyy, gxy, gxx = self.moments
         for _ in range(steps):
-            ze = z * np.exp(2j * math.pi * (gy * s[0] + gx * s[1]))
+            ze = z * self.phase(s)
             im, re = ze.imag, ze.real
-            grad = -2 * math.pi * np.array([np.dot(gy, im), np.dot(gx, im)])
-            h = (
-                -4
-                * math.pi**2
-                * np.array([[np.dot(gy * gy, re), np.dot(gy * gx, re)], [0.0, np.dot(gx * gx, re)]])
-            )
-            h[1, 0] = h[0, 1]
-            try:
-                step = -np.linalg.solve(h, grad)
-            except np.linalg.LinAlgError:
+            grad = -2 * math.pi * np.array([np.dot(gy, im), np.dot(gx, im)], np.float64)
+            hyy, hxy, hxx = (-4 * math.pi**2 * float(np.dot(g, re)) for g in (gyy, gxy, gxx))
+            det = hyy * hxx - hxy * hxy
+            if not (hyy < 0 and det > 0):
                 break
-            if not np.all(np.isfinite(step)) or np.linalg.det(h) <= 0 or h[0, 0] >= 0:
-                break
+            step = -np.array([hxx * grad[0] - hxy * grad[1], hyy * grad[1] - hxy * grad[0]]) / det
             step = np.clip(step, -0.5, 0.5)
             s += step
             if np.max(np.abs(step)) < 1e-4:
                 break
-        height = float(np.real(np.sum(z * np.exp(2j * math.pi * (gy * s[0] + gx * s[1])))))
+        height = float(np.dot(z.real, (e := self.phase(s)).real) - np.dot(z.imag, e.imag))
         return s, height / norm
 
 
@@ -360,12 +362,13 @@ def search_defocus_shift(
     z, norm = z_of(trials)
     if shift_guess is None:
         peaks, heights = corr.coarse(z, norm)
-        peaks = [corr.refine(z[j], peaks[j], norm[j], steps=6)[0] for j in range(len(trials))]
     else:
-        peaks = [np.asarray(shift_guess, float)] * len(trials)
-    fits = [corr.refine(z[j], peaks[j], norm[j], steps=3) for j in range(len(trials))]
-    heights = np.array([f[1] for f in fits])
-    j = int(np.argmax(heights))
+        peaks = np.repeat(np.asarray(shift_guess, float)[None], len(trials), axis=0)
+        e = corr.phase(peaks[0])
+        heights = (z.real @ e.real - z.imag @ e.imag) / np.maximum(norm, 1e-30)
+    top = np.argsort(heights)[::-1][:3]
+    fits = {int(j): corr.refine(z[j], peaks[j], norm[j], steps=6) for j in top}
+    j = max(fits, key=lambda k: fits[k][1])
     best = float(trials[j])
     h = float(trials[1] - trials[0])
     state = {"s": fits[j][0]}
@@ -558,22 +561,30 @@ def fit_defocus_astigmatism_wave(
     Maximises J = Re Σ q(g) e^{2iΔχ(g)} with q = −p/|p|^½, p = φ(g)φ(−g) minus its noise
     part ``noise_cov12`` (see :func:`pair_noise_covariance`) (module doc).
     """
-    p = phi.astype(np.complex128) * phi[band.neg]
+    half = (band.gy > 0) | ((band.gy == 0) & (band.gx > 0))  # p(g) = p(−g): one of each pair
+    p = phi[half].astype(np.complex128) * phi[band.neg][half]
     if noise_cov12 is not None:
-        p = p - noise_cov12
+        p = p - noise_cov12[half]
     q = -p / np.maximum(np.abs(p), 1e-30) ** 0.5
+    basis = basis[:, half]
 
     def j_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         e = q * np.exp(2j * (x @ basis[: len(x)]))
         return -float(e.real.sum()), 2.0 * (basis[: len(x)] @ e.imag)
 
-    coarse = np.arange(-range_nm, range_nm + 1e-9, 0.5)
-    vals = [j_and_grad(np.array([c]))[0] for c in coarse]
-    x0 = np.array([coarse[int(np.argmin(vals))]])
+    step = 0.5
+    coarse = np.arange(-range_nm, range_nm + 1e-9, step)
+    e = q * np.exp(2j * coarse[0] * basis[0])
+    rot = np.exp(2j * step * basis[0])
+    vals = np.empty(coarse.size)
+    for k in range(coarse.size):  # e^{2iδu} by repeated rotation: one multiply per trial
+        vals[k] = e.real.sum()
+        e *= rot
+    x0 = np.array([coarse[int(np.argmax(vals))]])
     x = minimize(j_and_grad, x0, jac=True, method="BFGS").x
     if fit_astigmatism:
         best = None
-        for a in ([0.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]):
+        for a in ([0.0, 0.0], [1.5, 1.5], [-1.5, -1.5]):
             r = minimize(j_and_grad, np.array([x[0], *a]), jac=True, method="BFGS")
             if best is None or r.fun < best.fun:
                 best = r
@@ -736,7 +747,7 @@ def register_focal_series(
     basis = _chi_basis(optics, prob.grid, prob.band)
     fine_range = 3.0
     passes = 0
-    for _ in range(2):  # absolute defocus / A1 rounds
+    for rounds in range(2):  # absolute defocus / A1 rounds
         for _ in range(max(p.iterations, 0)):
             ok = used & (peaks >= p.peak_threshold)
             ok[ref] = True
@@ -761,7 +772,8 @@ def register_focal_series(
             break
         ok = used & (peaks >= p.peak_threshold)
         ok[ref] = True
-        delta, d_ast = _absolute_correction(prob, d_abs, shifts, ok, basis, p)
+        search = p.absolute_range_nm if rounds == 0 else 3.0
+        delta, d_ast = _absolute_correction(prob, d_abs, shifts, ok, basis, p, search)
         d_abs = d_abs + delta
         a1_c = a1_c + d_ast
         mag, ang = _polar_a1(a1_c)
@@ -789,7 +801,7 @@ def register_focal_series(
     )
 
 
-def _absolute_correction(prob, d_abs, shifts, ok, basis, p) -> tuple[float, np.ndarray]:
+def _absolute_correction(prob, d_abs, shifts, ok, basis, p, search) -> tuple[float, np.ndarray]:
     """(δC1 nm, δA1 cartesian nm) from the restored wave or from phase agreement."""
     aligned = prob.spectra * shift_phase(prob.band, shifts)
     if p.absolute == "phase_agreement":
@@ -801,7 +813,7 @@ def _absolute_correction(prob, d_abs, shifts, ok, basis, p) -> tuple[float, np.n
             prob.band,
             (d_abs - ref_d)[ok],
             ref_d,
-            p.absolute_range_nm,
+            search,
             fit_astigmatism=p.fit_astigmatism,
         )
         return fit.start_nm - ref_d, fit.astigmatism_cartesian_nm
@@ -809,7 +821,7 @@ def _absolute_correction(prob, d_abs, shifts, ok, basis, p) -> tuple[float, np.n
     sol = solve_series(aligned[ok], t, prob.band)
     cov12 = pair_noise_covariance(sol.terms.sums(), 1.0 / sol.prior)
     delta, ast = fit_defocus_astigmatism_wave(
-        sol.phi, basis, prob.band, p.absolute_range_nm, p.fit_astigmatism, cov12
+        sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12
     )
     return delta, ast
 
