@@ -65,7 +65,8 @@ class HRTEMImager:
     ``shape`` (ny, nx) and ``pixel_nm`` describe the image; the exit wave is computed on
     (ny + 2·margin_px, nx + 2·margin_px) pixels centred on the specimen field.
     ``coherence``: "quasi" or "incoherent" (module docstring); ``focal_nodes``: Gauss–Hermite
-    nodes for the incoherent mode.
+    nodes for the incoherent mode (None: enough to resolve the focal average up to the wave's
+    band limit, see :meth:`_n_focal_nodes`).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class HRTEMImager:
         margin_px: int = 32,
         coherence: str = "quasi",
         exit_wave_method: str = "multislice",
-        focal_nodes: int = 7,
+        focal_nodes: int | None = None,
     ) -> None:
         if not isinstance(specimen, Specimen):
             raise TypeError(f"specimen must be a Specimen; got {type(specimen).__name__}")
@@ -89,8 +90,8 @@ class HRTEMImager:
             raise ValueError(f"coherence must be 'quasi' or 'incoherent'; got {coherence!r}")
         if not (isinstance(margin_px, int) and margin_px >= 0):
             raise ValueError(f"margin_px must be an integer ≥ 0; got {margin_px!r}")
-        if not (isinstance(focal_nodes, int) and focal_nodes >= 1):
-            raise ValueError(f"focal_nodes must be an integer ≥ 1; got {focal_nodes!r}")
+        if focal_nodes is not None and not (isinstance(focal_nodes, int) and focal_nodes >= 1):
+            raise ValueError(f"focal_nodes must be None or an integer ≥ 1; got {focal_nodes!r}")
         try:
             ny, nx = (int(v) for v in shape)
         except (TypeError, ValueError) as exc:
@@ -107,6 +108,7 @@ class HRTEMImager:
         self.margin_px = margin_px
         self.coherence = coherence
         self.focal_nodes = focal_nodes
+        self.exit_wave_method = exit_wave_method
         self.big_shape = (ny + 2 * margin_px, nx + 2 * margin_px)
         t0 = _time.perf_counter()
         self.wave = exit_wave(
@@ -172,7 +174,7 @@ class HRTEMImager:
     ) -> np.ndarray:
         if self.coherence == "quasi" or opt.focal_spread_nm == 0:
             return self._image(wave_transfer(opt, self.grid, dfs, envelopes=True), ramps)
-        x, w = np.polynomial.hermite.hermgauss(self.focal_nodes)
+        x, w = np.polynomial.hermite.hermgauss(self._n_focal_nodes(opt))
         w = w / math.sqrt(math.pi)
         sharp = opt.with_(focal_spread_nm=0.0)
         out = np.zeros((len(dfs), *self.big_shape), dtype=np.float32)
@@ -181,6 +183,21 @@ class HRTEMImager:
             t = wave_transfer(sharp, self.grid, d, envelopes=True)
             out += np.float32(wj) * self._image(t, ramps)
         return out
+
+    def _n_focal_nodes(self, opt: Optics) -> int:
+        """Gauss–Hermite nodes that resolve the focal average up to the wave's band limit.
+
+        The phase of a beam at k varies over the nodes as ω x with ω = π λ √2 σ_f k²; a
+        Gauss–Hermite rule of n nodes integrates exp(iωx) e^(−x²) to < 1e-3 for ω ≲ n/3, so
+        n = 3 ω(k_max) (k_max = 2/3 Nyquist for multislice waves, Nyquist otherwise), 5…64.
+        """
+        if self.focal_nodes is not None:
+            return self.focal_nodes
+        k_max = self.grid.nyquist_per_A * (
+            2.0 / 3.0 if self.exit_wave_method == "multislice" else 1
+        )
+        omega = math.pi * opt.wavelength_A * math.sqrt(2.0) * opt.focal_spread_nm * 10.0 * k_max**2
+        return int(min(64, max(5, math.ceil(3.0 * omega))))
 
     def _vibrate(self, opt: Optics, img: np.ndarray) -> np.ndarray:
         if opt.vibration_nm <= 0:
