@@ -1,4 +1,4 @@
-"""End to end: a real `scherzer daemon` process on loopback, driven by the Python client and the CLI.
+"""End to end: a real `scherzer daemon` process on loopback, driven by the client and the CLI.
 
 Devices are the exact test-pattern drivers (no physics) at speed-up 100, so values can be checked
 exactly and the file is fast. Every spawned daemon is stopped (SIGTERM, then SIGKILL) in teardown.
@@ -88,6 +88,7 @@ def test_interactive_devices_and_frame_get(client):
     assert info.record.defocus_nominal_nm == -12.5 and info.pixel_size_nm == (0.04, 0.04)
     again, info2 = client.frame_get(info.frame_id)
     np.testing.assert_array_equal(again, image)
+    assert info2 == info
     scans = client.scan_acquire(size_px=(8, 12), signals=["HAADF", "ABF"])
     assert scans["ABF"][0].shape == (8, 12)
     with pytest.raises(DaemonError) as e:

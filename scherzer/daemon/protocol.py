@@ -18,6 +18,7 @@ Nothing is ever looked up by reflection and nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -568,8 +569,7 @@ def _default_repr(f: Any) -> str:
 
 def _type_name(ann: Any) -> str:
     text = getattr(ann, "__name__", None) if isinstance(ann, type) else None
-    text = text or str(ann).replace("typing.", "").replace("scherzer.daemon.protocol.", "")
-    text = text.replace("scherzer.daemon.plans.", "")
+    text = text or re.sub(r"\b[A-Za-z_][\w.]*\.(\w+)", r"\1", str(ann))  # drop module paths
     return text.replace("|", "\\|")
 
 

@@ -163,7 +163,7 @@ class ZapHandler:
                     frames = self._socket.recv_multipart()
                     try:
                         reply = self._answer(frames)
-                    except Exception:  # noqa: BLE001 - refuse, never die
+                    except Exception:
                         log.exception("ZAP request failed; refusing the client")
                         rid = frames[1] if len(frames) > 1 else b""
                         reply = [b"1.0", rid, b"500", b"internal error", b"", b""]
