@@ -405,6 +405,11 @@ def test_stop_is_prompt_and_cleans_up() -> None:
     assert not emu.running
     assert not os.path.exists(os.path.dirname(emu.port))
     port.close()
+    with emu:  # restartable after stop()
+        emu.set_reply_delay_s(0.0)
+        port = serial.Serial(emu.port, 115200, timeout=2.0)
+        assert ask(port, 2, "IDN")[0] == "OK"
+        port.close()
 
 
 def test_line_length_limit_is_128_bytes_including_crlf(client: serial.Serial) -> None:

@@ -488,7 +488,9 @@ class LensControllerEmulator:
     """
 
     def __init__(self, model: LensModel | None = None, *, seed: int = 0) -> None:
-        self.model = model or LensModel(time.monotonic, np.random.default_rng(seed))
+        if model is None:
+            model = LensModel(time.monotonic, np.random.default_rng(seed))
+        self.model = model
         self._tmpdir = tempfile.mkdtemp(prefix="scherzer-lens-")
         self.port = os.path.join(self._tmpdir, "lens-tty")
         weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
@@ -561,7 +563,6 @@ class LensControllerEmulator:
     def reconnect(self) -> None:
         """Plug the cable back in: a new pty behind the same ``port`` path, serving again."""
         self.disconnect()
-        os.makedirs(self._tmpdir, exist_ok=True)
         self.start()
 
     def __enter__(self) -> LensControllerEmulator:
@@ -571,6 +572,7 @@ class LensControllerEmulator:
         self.stop()
 
     def _open_pty(self) -> None:
+        os.makedirs(self._tmpdir, exist_ok=True)  # stop() removed it; start() may follow
         master, slave = os.openpty()
         tty.setraw(slave)  # no echo, no CR/LF translation, no signals
         os.set_blocking(master, False)
