@@ -1,0 +1,68 @@
+"""The Python client: timeouts, bounded retries, reconnect across a daemon restart, wait() with
+events and with its polling fallback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from scherzer.clients.client import (
+    Client,
+    DaemonTimeout,
+    LocalDaemon,
+    events_endpoint_for,
+    free_tcp_port,
+)
+
+pytestmark = pytest.mark.timeout(60)
+PATTERN = {"kind": "pattern", "camera_shape": [16, 16], "speedup": 100.0}
+
+
+def test_events_endpoint_default_is_port_plus_one():
+    assert events_endpoint_for("tcp://127.0.0.1:5577") == "tcp://127.0.0.1:5578"
+    with pytest.raises(ValueError, match="explicitly"):
+        events_endpoint_for("ipc:///tmp/x")
+
+
+def test_no_daemon_times_out_after_bounded_retries():
+    c = Client(f"tcp://127.0.0.1:{free_tcp_port()}", timeout_s=0.2, retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(DaemonTimeout, match="3 attempt"):
+        c.status()
+    assert 0.6 <= time.monotonic() - t0 < 2.0
+    t0 = time.monotonic()
+    with pytest.raises(DaemonTimeout, match="1 attempt"):  # not idempotent: never re-sent
+        c.submit({"kind": "camera_image"})
+    assert time.monotonic() - t0 < 0.6
+    c.close()
+
+
+def test_client_reconnects_when_the_daemon_restarts(tmp_path):
+    config = {"devices": dict(PATTERN)}
+    with LocalDaemon(config, tmp_path) as d:
+        c = d.client(timeout_s=1.0, retries=3)
+        first = c.status().instance
+    # same endpoints, new process
+    with LocalDaemon(config, tmp_path):
+        second = c.status().instance
+    c.close()
+    assert first != second
+
+
+def test_wait_uses_events_and_falls_back_to_polling(tmp_path):
+    with LocalDaemon({"devices": dict(PATTERN)}, tmp_path) as d:
+        with d.client() as c:
+            job = c.submit({"kind": "camera_image", "exposure_s": 1.0, "repeat": 5})
+            seen = []
+            done = c.wait(job.job_id, timeout_s=20, on_event=lambda e: seen.append(e.topic))
+            assert done.state == "done" and "progress" in seen
+        # events endpoint dead: only job_get polling can finish the wait
+        dead = f"tcp://127.0.0.1:{free_tcp_port()}"
+        with Client(d.endpoint, events_endpoint=dead) as blind:
+            job = blind.submit({"kind": "camera_image", "exposure_s": 1.0, "repeat": 5})
+            assert blind.wait(job.job_id, timeout_s=20, poll_s=0.1).state == "done"
+            slow = blind.submit({"kind": "camera_image", "exposure_s": 60.0, "repeat": 50})
+            with pytest.raises(DaemonTimeout, match="still"):
+                blind.wait(slow.job_id, timeout_s=0.3, poll_s=0.1)
+            blind.cancel(slow.job_id)
