@@ -253,7 +253,7 @@ def _next(state):  # pragma: no cover - numba
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
     z = z ^ (z >> np.uint64(31))
-    return state, ((z >> np.uint64(11)) + np.uint64(1)) * (1.0 / 9007199254740993.0)
+    return state, (np.int64(z >> np.uint64(11)) + 1) * (1.0 / 9007199254740993.0)
 
 
 @numba.njit(inline="always")
