@@ -142,3 +142,14 @@ def test_bad_input():
         CameraModel(gain_counts_per_e=0.0)
     with pytest.raises(ValidationError):
         CameraModel(mtf_table=(0.0, 1.0))
+
+
+def test_poisson_independent_of_thread_split():
+    from scherzer.simulators.detector import _in_row_blocks, _poisson
+
+    lam = np.random.default_rng(9).random((200, 64)).astype(np.float32) * 30
+    serial, threaded = np.empty_like(lam), np.empty_like(lam)
+    _poisson(lam, serial, 0, 12345)
+    _in_row_blocks(_poisson, (lam, threaded), 12345)
+    np.testing.assert_array_equal(serial, threaded)
+    assert abs(serial.mean() - lam.mean()) < 0.1

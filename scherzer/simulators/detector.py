@@ -174,7 +174,7 @@ class CameraModel(BaseModel):
             lam = lam[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3))
         seed = int(rng.integers(0, 2**63 - 1, dtype=np.int64))
         electrons = np.empty_like(lam)
-        _in_row_blocks(_poisson, lam, seed, electrons)
+        _in_row_blocks(_poisson, (lam, electrons), seed)
         if self.mtf_model != "none" or self.nps_table is not None:
             electrons = self._blur(lam, electrons)
         return self._readout(electrons, rng)
@@ -298,8 +298,9 @@ def _poisson_one(lam, state):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True, nogil=True)
-def _poisson(lam, seed, out, row0):  # pragma: no cover - numba
-    """Poisson(λ) per pixel into ``out``; pixel streams keyed by the global row (row0 + r)."""
+def _poisson(lam, out, row0, seed):  # pragma: no cover - numba
+    """Poisson(λ) per pixel into ``out``; each pixel draws from its own stream keyed by its
+    global index ((row0 + r)·nx + c), so the result does not depend on how rows are split."""
     ny, nx = lam.shape
     for r in range(ny):
         for c in range(nx):
@@ -311,18 +312,20 @@ def _poisson(lam, seed, out, row0):  # pragma: no cover - numba
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _in_row_blocks(kernel, src: np.ndarray, seed: int, out: np.ndarray, params=()) -> None:
-    """Run a nogil kernel over row blocks on all cores; results do not depend on the split."""
+def _in_row_blocks(kernel, arrays: tuple[np.ndarray, ...], *scalars) -> None:
+    """Run a nogil kernel on row blocks of ``arrays`` on all cores (results independent of the
+    split): kernel(*blocks, first_row, *scalars)."""
     global _POOL
-    n_threads = min(fft_workers(), max(1, src.shape[0] // 64))
+    rows = arrays[0].shape[0]
+    n_threads = min(fft_workers(), max(1, rows // 64))
     if n_threads == 1:
-        kernel(src, seed, out, 0, *params)
+        kernel(*arrays, 0, *scalars)
         return
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=fft_workers(), thread_name_prefix="camera")
-    edges = np.linspace(0, src.shape[0], n_threads + 1).astype(int)
+    edges = np.linspace(0, rows, n_threads + 1).astype(int)
     futures = [
-        _POOL.submit(kernel, src[a:b], seed, out[a:b], int(a), *params)
+        _POOL.submit(kernel, *(x[a:b] for x in arrays), int(a), *scalars)
         for a, b in itertools.pairwise(edges)
     ]
     for f in futures:
