@@ -232,16 +232,19 @@ class Daemon:
 
     # --- request handling ------------------------------------------------------------------
     def _serve_batch(self, limit: int = 64) -> None:
+        """Serve what is waiting (at most ``limit``, so events and replies are not starved)."""
         for _ in range(limit):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
-            self._serve(frames)
+            self._serve(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
 
     def _send(self, frames: list[Any]) -> None:
         try:
-            self.router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            last = len(frames) - 1
+            for i, part in enumerate(frames):
+                flags = zmq.NOBLOCK | (zmq.SNDMORE if i < last else 0)
+                # zero-copy only pays off for big buffers (arrays); small parts are copied
+                self.router.send(part, flags, copy=len(part) < 65536)
         except zmq.ZMQError as exc:  # peer gone or its queue full: nothing else to do
             log.warning("reply dropped", error=str(exc))
 
