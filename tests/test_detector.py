@@ -75,6 +75,10 @@ def test_mtf_curve():
     m2 = cam.mtf_2d((64, 64))
     assert m2.shape == (64, 33) and m2[0, 0] == pytest.approx(1.0)
     assert m2[0, 32] == pytest.approx(float(cam.mtf(1.0)), rel=1e-6)
+    full = cam.mtf_2d((64, 64), rfft=False)
+    assert full.shape == (64, 64)
+    np.testing.assert_allclose(full[:, :33], m2)
+    np.testing.assert_allclose(full[1:, 33:], full[1:, 31:0:-1][::-1])  # even: MTF(−f) = MTF(f)
 
 
 def test_signal_transfer_follows_mtf():

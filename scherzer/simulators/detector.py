@@ -127,9 +127,10 @@ class CameraModel(BaseModel):
         g = self.gain_counts_per_e
         return g * g * mean_electrons_per_pixel * ntf**2 + self.readout_noise_counts**2
 
-    def mtf_2d(self, shape: tuple[int, int]) -> np.ndarray:
-        """Total MTF on an rfft2 grid of ``shape`` (read-out pixels), float32."""
-        fy, fx = _nyquist_fractions(shape)
+    def mtf_2d(self, shape: tuple[int, int], rfft: bool = True) -> np.ndarray:
+        """Total MTF B(f)·sinc(f_y/2)·sinc(f_x/2) on an FFT grid of ``shape`` (read-out
+        pixels), float32; rfft2 layout by default, full fft2 (fftfreq order) with rfft=False."""
+        fy, fx = _nyquist_fractions(shape, rfft)
         f = np.sqrt(fy**2 + fx**2)
         if self.mtf_model == "none":
             return np.ones(f.shape, dtype=np.float32)
@@ -137,10 +138,15 @@ class CameraModel(BaseModel):
             return self.mtf(np.minimum(f, 1.0)).astype(np.float32)
         return (self._spread(f) * _sinc_axis(fy) * _sinc_axis(fx)).astype(np.float32)
 
-    def ntf_2d(self, shape: tuple[int, int]) -> np.ndarray:
-        """Noise transfer on an rfft2 grid of ``shape``, float32."""
-        fy, fx = _nyquist_fractions(shape)
-        return self.ntf(np.minimum(np.sqrt(fy**2 + fx**2), 1.0)).astype(np.float32)
+    def ntf_2d(self, shape: tuple[int, int], rfft: bool = True) -> np.ndarray:
+        """Noise transfer (amplitude) on an FFT grid of ``shape``, float32 (layout as mtf_2d)."""
+        fy, fx = _nyquist_fractions(shape, rfft)
+        f = np.sqrt(fy**2 + fx**2)
+        if self.nps_table is not None:
+            return np.sqrt(self._table(self.nps_table, np.minimum(f, 1.0))).astype(np.float32)
+        if self.mtf_model == "table":
+            return self.mtf_2d(shape, rfft)
+        return self._spread(f).astype(np.float32)
 
     # ------------------------------------------------------------------ exposure
     def electrons_per_pixel(self, dose_e_per_A2: float, pixel_nm: float) -> float:
@@ -220,10 +226,11 @@ def _sinc_axis(f: np.ndarray) -> np.ndarray:
     return np.sinc(np.asarray(f, dtype=np.float64) / 2.0)
 
 
-def _nyquist_fractions(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _nyquist_fractions(shape: tuple[int, int], rfft: bool = True) -> tuple[np.ndarray, ...]:
+    """|f_y| (ny, 1) and |f_x| (1, nx') as fractions of Nyquist (fftfreq / rfftfreq order)."""
     fy = np.abs(np.fft.fftfreq(shape[0]))[:, None] * 2.0
-    fx = np.fft.rfftfreq(shape[1])[None, :] * 2.0
-    return fy, fx
+    fx = np.fft.rfftfreq(shape[1]) if rfft else np.abs(np.fft.fftfreq(shape[1]))
+    return fy, fx[None, :] * 2.0
 
 
 def _check_image(intensity: np.ndarray) -> np.ndarray:
