@@ -23,8 +23,10 @@ Method
    regularised correlation Z = S_n Y_n(Δ)* / |S_n Y_n(Δ)|^α is maximised over Δ and shift.
    Coarse Δ trials use batched FFTs of a cropped spectrum box; the fine search optimises Δ by
    Brent's method with the shift refined by Newton steps on the band (no FFTs).
-   Peak height = Re Σ Z e^{2πi g·s} / Σ |Z| ∈ [−1, 1]; below ``peak_threshold`` an image is
-   flagged and left out of the wave. Passes repeat until Δ and shifts settle.
+   Peak height = the normalised correlation coefficient Re Σ X Y* e^{2πi g·s} / (‖X‖‖Y‖) ∈
+   [−1, 1] of the (whitened) band spectra; below ``peak_threshold``, or below 5/√m (5σ of
+   the correlation of pure noise over the m band frequencies), an image is flagged and left
+   out of the wave. Passes repeat until Δ and shifts settle.
 3. Absolute defocus and A1 from the restored wave: for a weak-phase object ψ = 1 + iP the
    product p(g) = φ(g) φ(−g) has phase π − 2Δχ(g), Δχ being the χ error of the model; we
    maximise Re Σ −p/|p| e^{2iΔχ} over C1 and A1 (this is minimum amplitude contrast written
@@ -87,8 +89,10 @@ class FocalParams:
     ``search_range_nm``: ± search around each image's predicted defocus (default
     0.5·|step| + 2 nm). ``iterations``: maximum wave-based passes after the first.
     ``exclude``: frame indices left out. ``area``: (y0, x0, h, w) px registered (and restored).
-    ``whiten``: spectra are divided by |S|^whiten before correlating (0 = cross-correlation,
-    1 = phase correlation; ½ keeps strong Bragg spots from dominating the defocus search).
+    ``whiten``: spectra are divided by |S|^whiten before correlating with the predictions
+    (0 = cross-correlation, the maximum-likelihood choice for white noise; 1 = phase
+    correlation); ``whiten_first`` the same for the reference-only match of the first pass
+    (e.g. ½ keeps strong Bragg spots from dominating it).
     ``max_delocalisation``: frequencies whose delocalisation |∇χ|/2π exceeds this fraction of
     the field in any image are not used (None: all).
     ``absolute``: "wave" (weak-phase relation on the restored wave), "phase_agreement"
@@ -102,7 +106,8 @@ class FocalParams:
     exclude: Sequence[int] = ()
     area: tuple[int, int, int, int] | None = None
     peak_threshold: float = 0.01
-    whiten: float = 0.5
+    whiten: float = 0.0
+    whiten_first: float = 0.0
     max_delocalisation: float | None = 0.25
     coarse_trials: int = 9
     tolerance_nm: float = 0.05
@@ -410,6 +415,8 @@ class _Problem:
             params.max_delocalisation,
         )
         self.spectra = self.band.gather(self.spectra_full)
+        # a peak must pass the threshold and stand 5σ above the correlation of pure noise (≈ 1/√m)
+        self.flag_level = max(params.peak_threshold, 5.0 / math.sqrt(self.band.size))
         self.corr = Correlator(self.band)
         self.set_optics(optics)
 
@@ -433,8 +440,8 @@ def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng
     """Image i against the reference alone through the weak-phase transfer sin χ."""
     p = prob.params
     s_r = prob.ctf(np.array([d_abs[ref]]), env_s[ref])[0]
-    x = _whiten(prob.spectra[i], p.whiten) * s_r
-    ref_w = _whiten(prob.spectra[ref], p.whiten)
+    x = _whiten(prob.spectra[i], p.whiten_first) * s_r
+    ref_w = _whiten(prob.spectra[ref], p.whiten_first)
     base = x * np.conj(ref_w)
     x_norm = float(np.linalg.norm(x))
     ref_pow = np.abs(ref_w) ** 2
@@ -492,7 +499,7 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
             quad_i = quadratic_term(prob.band, sol.phi, t_i)[0]
             delta, s, h = _match_wave(prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None)
         d_abs[i], shifts[i], peaks[i] = delta, s, h
-        if used[i] and h >= prob.params.peak_threshold:
+        if used[i] and h >= prob.flag_level:
             done.append(i)
     return d_abs, shifts, peaks
 
@@ -505,8 +512,11 @@ def _predict_defocus(nominal, d_abs, i, ref, done) -> float:
     return float(slope * nominal[i] + icpt)
 
 
-def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm):
-    """One leave-one-out pass: each image against its prediction from the others."""
+def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=False):
+    """One leave-one-out pass: each image against its prediction from the others.
+
+    ``wide``: shifts searched by FFT over the whole field instead of refined from the last.
+    """
     n = len(d_abs)
     env_s = prob.bt.spatial(d_abs)
     t = prob.bt.transfer(d_abs, env_s)
@@ -517,9 +527,15 @@ def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm):
     loo[used] = sol.loo
     loo[~used] = sol.phi
     new_d, new_s, new_p = d_abs.copy(), shifts.copy(), peaks.copy()
+    index = np.arange(n, dtype=np.float64)
     for i in range(n):
+        center = d_abs[i]
+        if wide:  # centre on the line through the other images (recovers a wrong start)
+            others = used & (index != i)
+            k, c = np.polyfit(index[others], d_abs[others], 1)
+            center = float(k * i + c) if abs(k * i + c - d_abs[i]) > rng_nm / 2 else center
         new_d[i], new_s[i], new_p[i] = _match_wave(
-            prob, i, loo[i], quad[i], env_s[i], d_abs[i], rng_nm, shifts[i]
+            prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i]
         )
     new_s -= new_s[ref]  # the reference defines the frame (its own fit sets the gauge)
     return new_d, new_s, new_p, sol.phi
@@ -741,6 +757,7 @@ def register_focal_series(
     rng_nm = p.search_range_nm if p.search_range_nm else 0.5 * float(np.median(steps)) + 2.0
 
     prob = _Problem(intensity_frames(stack), optics, pix, nominal, p)
+    flag_level = prob.flag_level
     d_abs, shifts, peaks = _first_pass(prob, ref, nominal, used, rng_nm)
     history = [{"pass": 0, "relative_defocus_nm": (d_abs - d_abs[ref]).tolist()}]
     a1_c = _cartesian_a1(optics.a1_nm, optics.a1_deg)
@@ -749,11 +766,16 @@ def register_focal_series(
     passes = 0
     for rounds in range(2):  # absolute defocus / A1 rounds
         for _ in range(max(p.iterations, 0)):
-            ok = used & (peaks >= p.peak_threshold)
+            ok = used & (peaks >= flag_level)
             ok[ref] = True
             if ok.sum() < MIN_IMAGES:
                 break
-            new_d, new_s, new_p, _ = _wave_pass(prob, ref, d_abs, shifts, peaks, ok, fine_range)
+            # the first wave pass searches as widely as the first pass (FFT shifts, ±range) so
+            # that an image the reference-based start got wrong is recovered
+            wide = passes == 0
+            new_d, new_s, new_p, _ = _wave_pass(
+                prob, ref, d_abs, shifts, peaks, ok, rng_nm if wide else fine_range, wide
+            )
             change_d = np.max(np.abs(new_d - d_abs))
             change_s = np.max(np.abs(new_s - shifts))
             d_abs, shifts, peaks = new_d, new_s, new_p
@@ -770,7 +792,7 @@ def register_focal_series(
                 break
         if p.absolute == "none":
             break
-        ok = used & (peaks >= p.peak_threshold)
+        ok = used & (peaks >= flag_level)
         ok[ref] = True
         search = p.absolute_range_nm if rounds == 0 else 3.0
         delta, d_ast = _absolute_correction(prob, d_abs, shifts, ok, basis, p, search)
@@ -781,7 +803,7 @@ def register_focal_series(
         history.append({"absolute_correction_nm": delta, "a1_nm": mag, "a1_deg": ang})
         if abs(delta) < 0.05 and np.hypot(*d_ast) < 0.05:
             break
-    flagged = peaks < p.peak_threshold
+    flagged = peaks < flag_level
     flagged[ref] = False
     mag, ang = _polar_a1(a1_c)
     return FocalRegistration(
@@ -834,6 +856,7 @@ class StructureImageResult:
     """CTF-corrected average of a fixed-step series (weak-phase estimate, float32 (y, x))."""
 
     image: np.ndarray
+    reference_index: int
     start_defocus_nm: float
     defocus_nm: np.ndarray
     astigmatism_nm: float
@@ -863,8 +886,9 @@ def structure_image(
 
     Defocus of image i = start + i·``step_nm``. ``start_range_nm`` = (lo, hi) searched (default:
     the recorded nominal start ± 20 nm, or around Scherzer if none). Drift is measured first by
-    the registration's first pass (``shifts_px`` skips that). The image is the CTF-corrected
-    average Σ S_n s_n / (Σ s_n² + 1/snr) — the projected potential's sign: atoms bright.
+    :func:`register_focal_series` (no absolute step; ``shifts_px`` skips that). The image is
+    the CTF-corrected average Σ S_n s_n / (Σ s_n² + 1/snr) in the reference image's frame:
+    the projected potential's sign, atoms bright.
     """
     t0 = time.perf_counter()
     n = stack.n_frames
@@ -880,23 +904,18 @@ def structure_image(
     lo, hi = sorted(float(v) for v in start_range_nm)
     center, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
     rel = step_nm * np.arange(n, dtype=np.float64)
-    params = FocalParams(area=area, iterations=0, absolute="none")
+    params = FocalParams(area=area, iterations=2, absolute="none")
     if shifts_px is None:
-        prob = _Problem(intensity_frames(stack), optics, pix, center + rel, params)
-        ref = _choose_reference(center + rel, optics, None)
-        env_s = prob.bt.spatial(center + rel)
-        s_r = prob.ctf(np.array([center + rel[ref]]), env_s[ref])[0]
-        shifts = np.zeros((n, 2))
-        for i in range(n):
-            if i == ref:
-                continue
-            base = prob.spectra[i] * np.conj(prob.spectra[ref]) * s_r
-            z = (base * prob.ctf(np.array([center + rel[i]]), env_s[i])[0])[None]
-            pk, _ = prob.corr.coarse(z.astype(np.complex64), np.ones(1))
-            shifts[i] = prob.corr.refine(z[0], pk[0], 1.0, steps=8)[0]
+        reg = register_focal_series(
+            stack, optics, params, nominal_defocus_nm=center + rel, pixel_nm=pix
+        )
+        shifts, ref = reg.shifts_px, reg.reference_index
     else:
+        ref = _choose_reference(center + rel, optics, None)
         shifts = np.asarray(shifts_px, np.float64)
-        prob = _Problem(intensity_frames(stack), optics, pix, center + rel, params)
+        if shifts.shape != (n, 2):
+            raise ValueError(f"shifts_px must be ({n}, 2); got {shifts.shape}")
+    prob = _Problem(intensity_frames(stack), optics, pix, center + rel, params)
     aligned = prob.spectra * shift_phase(prob.band, shifts)
     basis = _chi_basis(optics, prob.grid, prob.band)
     fit = fit_start_phase_agreement(
@@ -909,6 +928,7 @@ def structure_image(
     image = _ctf_corrected_average(frames, opt_a1, pix, defocus, shifts, area, wiener_snr)
     return StructureImageResult(
         image=image,
+        reference_index=ref,
         start_defocus_nm=fit.start_nm,
         defocus_nm=defocus,
         astigmatism_nm=mag,

@@ -1,0 +1,262 @@
+"""Focal-series registration: accuracy against ground truth, bad input, plots.
+
+Series come from ``synthetic_series`` (tests/test_restoration.py: a known periodic exit wave
+through scherzer.optics.image_intensity, Fourier-shift drift, Poisson noise) and, where noted,
+from the project's simulator (scherzer.simulators.hrtem: multislice specimens, a camera, a
+margin field). Tolerances are the issue's: relative defocus RMS ≤ 0.3 nm, drift RMS ≤ 0.05 px,
+absolute defocus within 1 nm, |A1| within 0.5 nm and its angle within 5°.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from test_restoration import fourier_shift, synthetic_series
+
+from scherzer.optics import Optics
+from scherzer.processing.focal import (
+    FocalParams,
+    instrument_from_stack,
+    plot_registration,
+    register_focal_series,
+    structure_image,
+)
+from scherzer.stack import FrameRecord, ImageStack
+
+
+def errors(reg, st):
+    """(relative defocus RMS nm, drift RMS px, max absolute defocus error nm)."""
+    gt = st.ground_truth
+    r = reg.reference_index
+    rel_true = gt["defocus_nm"] - gt["defocus_nm"][r]
+    sh_true = gt["shifts_px"] - gt["shifts_px"][r]
+    rel = float(np.sqrt(np.mean((reg.relative_defocus_nm - rel_true) ** 2)))
+    drift = float(np.sqrt(np.mean((reg.shifts_px - sh_true) ** 2)))
+    absolute = float(np.max(np.abs(reg.defocus_nm - gt["defocus_nm"])))
+    return rel, drift, absolute
+
+
+def angle_diff_deg(a, b):
+    """Difference of two-fold angles (period 180°)."""
+    return abs((a - b + 90.0) % 180.0 - 90.0)
+
+
+CASES = {
+    # kind, dose, step error, A1 (nm, deg)
+    "weak_phase_500": ("weak_phase", 500.0, 0.03, (2.0, 30.0)),
+    "weak_phase_1000_no_a1": ("weak_phase", 1000.0, -0.04, (0.0, 0.0)),
+    "crystal_edge_under_film_500": ("crystal_edge", 500.0, 0.03, (1.5, 120.0)),
+    "strong_phase_1000": ("strong_phase", 1000.0, 0.02, (2.0, 75.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_registration_accuracy(case):
+    kind, dose, step_err, (a1, a1_deg) = CASES[case]
+    st = synthetic_series(
+        kind,
+        n=9,
+        size=256,
+        start_nm=-100.0,
+        dose_e_per_A2=dose,
+        step_error_fraction=step_err,
+        a1_nm=a1,
+        a1_deg=a1_deg,
+        drift_px_per_frame=(0.9, -0.6),
+        seed=7,
+    )
+    reg = register_focal_series(st, st.optics)
+    rel, drift, absolute = errors(reg, st)
+    assert rel <= 0.3, (rel, reg.relative_defocus_nm)
+    assert drift <= 0.05, drift
+    assert absolute <= 1.0, absolute
+    assert abs(reg.astigmatism_nm - a1) <= 0.5, (reg.astigmatism_nm, a1)
+    if a1 > 0:
+        assert angle_diff_deg(reg.astigmatism_deg, a1_deg) <= 5.0, reg.astigmatism_deg
+    assert reg.used.all() and not reg.flagged.any()
+    assert 0.0 <= reg.astigmatism_deg < 180.0
+
+
+def test_simulator_amorphous_carbon_series():
+    """The project's simulator: multislice a-C film, camera (MTF, offset), margin field.
+
+    Absolute defocus: the weak-phase (minimum amplitude contrast) criterion finds the plane
+    where the wave is most nearly a pure phase object, the film's mid-plane; the simulator's
+    true defocus refers to its exit surface, t/2 downstream. So the estimate is compared with
+    true + t/2 (seen: +0.87 nm for t = 2 nm and +2.8 nm for t = 6 nm, i.e. it is this plane).
+    """
+    from scherzer.simulators.hrtem import simulate_focal_series
+    from scherzer.simulators.specimen import Specimen, amorphous_film
+
+    t_nm = 2.0
+    field_A = (256 + 2 * 32) * 0.2
+    pos = amorphous_film((field_A, field_A), t_nm * 10.0, np.random.default_rng(3))
+    film = Specimen("a-C", pos, np.full(len(pos), 6), (field_A, field_A), t_nm * 10.0, True)
+    st = simulate_focal_series(
+        film,
+        n=9,
+        size=256,
+        start_nm=-100.0,
+        step_nm=10.0,
+        step_error_fraction=0.03,
+        dose_e_per_A2=1000.0,
+        a1_nm=2.0,
+        a1_deg=30.0,
+        seed=3,
+    )
+    optics, _, nominal = instrument_from_stack(st)
+    reg = register_focal_series(st, optics, FocalParams(), nominal_defocus_nm=nominal)
+    rel, drift, _ = errors(reg, st)
+    assert rel <= 0.3, rel
+    assert drift <= 0.05, drift
+    mid_plane = st.ground_truth["defocus_nm"] + t_nm / 2
+    assert np.max(np.abs(reg.defocus_nm - mid_plane)) <= 1.0, reg.defocus_nm - mid_plane
+    assert abs(reg.astigmatism_nm - 2.0) <= 0.5
+    assert angle_diff_deg(reg.astigmatism_deg, 30.0) <= 5.0
+
+
+def test_a_blank_frame_is_flagged_and_not_used():
+    st = synthetic_series("weak_phase", n=8, size=128, dose_e_per_A2=1000.0, seed=8)
+    frames = st.frames.copy()
+    frames[2] = np.random.default_rng(0).poisson(frames.mean(), frames[2].shape)
+    reg = register_focal_series(st.with_frames(frames), st.optics)
+    assert reg.flagged[2] and not reg.used[2]
+    assert reg.peak_heights[2] < 0.5 * np.delete(reg.peak_heights, 2).min()
+    assert reg.flagged.sum() == 1
+
+
+def test_reference_exclusion_table_and_json(tmp_path):
+    st = synthetic_series("weak_phase", n=7, size=128, dose_e_per_A2=None, seed=9)
+    reg = register_focal_series(st, st.optics, FocalParams(reference=2, exclude=(5,)))
+    assert reg.reference_index == 2
+    assert reg.relative_defocus_nm[2] == 0.0 and np.all(reg.shifts_px[2] == 0.0)
+    assert not reg.used[5] and reg.used.sum() == 6
+    table = reg.table()
+    assert table.dtype.names == (
+        "index",
+        "nominal_defocus_nm",
+        "fitted_defocus_nm",
+        "shift_y_px",
+        "shift_x_px",
+        "peak_height",
+        "used",
+    )
+    assert table["used"].tolist() == reg.used.tolist()
+    js = reg.to_json()
+    assert set(js) == {
+        "reference_index",
+        "defocus_nm",
+        "relative_defocus_nm",
+        "shifts_px",
+        "peak_heights",
+        "astigmatism_nm",
+        "astigmatism_deg",
+        "seconds",
+    }
+    assert len(js["shifts_px"]) == 7 and len(js["shifts_px"][0]) == 2
+    paths = plot_registration(reg, tmp_path)
+    assert [p.name for p in paths] == ["focus_vs_index.png", "peak_heights.png", "drift.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_default_reference_is_nearest_scherzer():
+    st = synthetic_series("weak_phase", n=7, size=128, start_nm=-100.0, dose_e_per_A2=None)
+    reg = register_focal_series(st, st.optics, FocalParams(iterations=1, absolute="none"))
+    sch = st.optics.scherzer_defocus_nm()
+    nominal = -100.0 + 10.0 * np.arange(7)
+    assert reg.reference_index == int(np.argmin(np.abs(nominal - sch)))
+
+
+def test_structure_image_start_defocus_of_a_crystal_only_field():
+    st = synthetic_series(
+        "crystal", n=9, size=256, start_nm=-96.0, dose_e_per_A2=1000.0, a1_nm=0.0, seed=10
+    )
+    res = structure_image(st, st.optics, 10.0, start_range_nm=(-110.0, -85.0))
+    assert abs(res.start_defocus_nm - st.ground_truth["defocus_nm"][0]) <= 1.0
+    assert res.image.shape == (256, 256) and res.image.dtype == np.float32
+    # atoms bright in the structure image: it correlates with the projected potential (the
+    # exit-wave phase moved to the reference frame's position)
+    s_ref = st.ground_truth["shifts_px"][res.reference_index][None]
+    phase = fourier_shift(np.angle(st.ground_truth["exit_wave"])[None], s_ref)[0]
+    c = np.corrcoef(res.image.ravel(), phase.ravel())[0, 1]
+    assert c > 0.5, c
+
+
+def test_registration_phase_agreement_on_a_crystal_only_field():
+    st = synthetic_series("crystal", n=9, size=256, start_nm=-100.0, dose_e_per_A2=1000.0, seed=11)
+    reg = register_focal_series(st, st.optics, FocalParams(absolute="phase_agreement"))
+    _, _, absolute = errors(reg, st)
+    assert absolute <= 1.0, absolute
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+def _stack(n=5, nominal=None, optics=True, pixel=(0.02, 0.02)):
+    rng = np.random.default_rng(0)
+    nominal = -50.0 + 10.0 * np.arange(n) if nominal is None else np.asarray(nominal)
+    recs = [FrameRecord(index=i, defocus_nominal_nm=float(nominal[i])) for i in range(n)]
+    inst = {"optics": Optics(voltage_kv=300, cs_mm=0.6).model_dump()} if optics else {}
+    return ImageStack(
+        frames=rng.poisson(50.0, (n, 64, 64)).astype(np.float32),
+        pixel_size_nm=pixel,
+        records=recs,
+        instrument=inst,
+    )
+
+
+def test_too_few_images():
+    with pytest.raises(ValueError, match="at least 3 images; got 2"):
+        register_focal_series(_stack(2), Optics(cs_mm=0.6))
+    with pytest.raises(ValueError, match="at least 3 images; 2 left"):
+        register_focal_series(_stack(4), Optics(cs_mm=0.6), FocalParams(exclude=(0, 3)))
+
+
+def test_non_monotonic_and_missing_defocus():
+    with pytest.raises(ValueError, match=r"monotonic.*frames \[3\]"):
+        register_focal_series(_stack(5, [-50, -40, -30, -35, -20]), Optics(cs_mm=0.6))
+    with pytest.raises(ValueError, match=r"missing \(NaN\) for frames \[1\]"):
+        register_focal_series(_stack(4, [-50, math.nan, -30, -20]), Optics(cs_mm=0.6))
+
+
+def test_bad_reference_and_exclusions():
+    with pytest.raises(ValueError, match="reference frame 9 out of range"):
+        register_focal_series(_stack(5), Optics(cs_mm=0.6), FocalParams(reference=9))
+    with pytest.raises(ValueError, match="reference frame 1 cannot be excluded"):
+        register_focal_series(_stack(5), Optics(cs_mm=0.6), FocalParams(reference=1, exclude=[1]))
+    with pytest.raises(ValueError, match="excluded frame 7 out of range"):
+        register_focal_series(_stack(5), Optics(cs_mm=0.6), FocalParams(exclude=[7]))
+
+
+def test_instrument_from_stack_names_every_missing_parameter():
+    st = _stack(4, [-50, math.nan, -30, -20], optics=False, pixel=(1.0, 1.0))
+    with pytest.raises(ValueError) as exc:
+        instrument_from_stack(st)
+    msg = str(exc.value)
+    for word in (
+        "voltage_kv",
+        "cs_mm",
+        "focal_spread_nm",
+        "beam_divergence_mrad",
+        "pixel size",
+        "frames [1]",
+    ):
+        assert word in msg, (word, msg)
+    optics, pixel, nominal = instrument_from_stack(
+        st,
+        voltage_kv=200.0,
+        cs_mm=1.2,
+        focal_spread_nm=3.0,
+        beam_divergence_mrad=0.2,
+        pixel_nm=0.05,
+        start_nm=-60.0,
+        step_nm=5.0,
+    )
+    assert optics.voltage_kv == 200.0 and optics.cs_mm == 1.2 and pixel == 0.05
+    assert nominal.tolist() == [-60.0, -55.0, -50.0, -45.0]
+    with pytest.raises(ValueError, match="both --start-nm and --step-nm"):
+        instrument_from_stack(_stack(4), start_nm=-60.0)
+    full = instrument_from_stack(_stack(4))
+    assert full[1] == 0.02 and full[2].tolist() == [-50.0, -40.0, -30.0, -20.0]
