@@ -577,10 +577,9 @@ def _multislice(
     sp: _SlicePotential, thickness_A: float, slice_A: float, voltage_kv: float
 ) -> np.ndarray:
     grid = sp.grid
-    sigma = interaction_constant_per_V_A(voltage_kv)
-    lam = electron_wavelength_A(voltage_kv)
+    sigma = np.float32(interaction_constant_per_V_A(voltage_kv))
     mask = _bandlimit_mask(grid.shape, grid.pixel_A)
-    k2 = FrequencyGrid(grid.shape, (grid.pixel_A / 10.0,) * 2).k2
+    propagator = _Propagator(grid, electron_wavelength_A(voltage_kv), mask)
     edges = _slice_edges(max(thickness_A, 1e-6), slice_A)
     z = np.clip(sp.pos[:, 2], edges[0], edges[-1] - 1e-9)
     which = np.searchsorted(edges, z, side="right") - 1
@@ -594,22 +593,44 @@ def _multislice(
             pending_dz += dz
             continue
         if pending_dz > 0:
-            psi = _propagate(psi, pending_dz, lam, k2, mask, w)
-        v = sfft.irfft2(spec, s=grid.shape, workers=w).astype(np.float32)
-        t = np.exp(1j * sigma * v).astype(np.complex64)
-        t = sfft.ifft2(sfft.fft2(t, workers=w) * mask, workers=w)
-        psi = _propagate(psi * t, dz, lam, k2, mask, w)
+            psi = propagator(psi, pending_dz)
+        phase = sfft.irfft2(spec, s=grid.shape, workers=w).astype(np.float32)
+        phase *= sigma
+        t = np.empty(grid.shape, dtype=np.complex64)
+        np.cos(phase, out=t.real)
+        np.sin(phase, out=t.imag)
+        t = sfft.fft2(t, workers=w, overwrite_x=True)
+        t *= mask
+        t = sfft.ifft2(t, workers=w, overwrite_x=True)
+        t *= psi
+        psi = propagator(t, dz)
         pending_dz = 0.0
     if pending_dz > 0:
-        psi = _propagate(psi, pending_dz, lam, k2, mask, w)
-    return psi.astype(np.complex64)
+        psi = propagator(psi, pending_dz)
+    return psi.astype(np.complex64, copy=False)
 
 
-def _propagate(psi, dz, lam, k2, mask, workers) -> np.ndarray:
-    """Fresnel propagation over dz (Å) with P(k) = exp(−iπλ dz k²), band-limited by ``mask``."""
-    arg = (-math.pi * lam * dz) * k2
-    p = ((np.cos(arg) + 1j * np.sin(arg)) * mask).astype(np.complex64)
-    return sfft.ifft2(sfft.fft2(psi, workers=workers) * p, workers=workers).astype(np.complex64)
+class _Propagator:
+    """Fresnel propagation over dz (Å): P(k) = exp(−iπλ dz k²) × band limit, cached per dz."""
+
+    def __init__(self, grid: _Grid, wavelength_A: float, mask: np.ndarray) -> None:
+        self.k2 = FrequencyGrid(grid.shape, (grid.pixel_A / 10.0,) * 2).k2
+        self.lam = wavelength_A
+        self.mask = mask
+        self._cache: dict[float, np.ndarray] = {}
+
+    def kernel(self, dz: float) -> np.ndarray:
+        key = round(dz, 9)
+        if key not in self._cache:
+            arg = (-math.pi * self.lam * dz) * self.k2.astype(np.float64)
+            self._cache[key] = ((np.cos(arg) + 1j * np.sin(arg)) * self.mask).astype(np.complex64)
+        return self._cache[key]
+
+    def __call__(self, psi: np.ndarray, dz: float) -> np.ndarray:
+        w = fft_workers()
+        spec = sfft.fft2(psi, workers=w)
+        spec *= self.kernel(dz)
+        return sfft.ifft2(spec, workers=w, overwrite_x=True).astype(np.complex64, copy=False)
 
 
 def exit_wave(
