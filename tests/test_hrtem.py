@@ -222,3 +222,13 @@ def test_bad_input(thin_carbon):
         simulate_focal_series("graphite", n=2, size=32)
     with pytest.raises(ValueError, match="n must"):
         simulate_focal_series(n=0)
+
+
+def test_repeated_single_defocus_is_reproducible(thin_carbon):
+    # single-defocus transfers are cached: the cache must not be modified by image formation
+    img = HRTEMImager(thin_carbon, optics(), (32, 32), PIXEL_NM, margin_px=8)
+    first = img.noiseless(-40.0)
+    img.noiseless(-20.0, np.array([[0.05, 0.0]]))
+    np.testing.assert_array_equal(img.noiseless(-40.0), first)
+    batch = img.noiseless(np.array([-40.0, -20.0]))
+    np.testing.assert_allclose(batch[0], first[0], atol=1e-6)

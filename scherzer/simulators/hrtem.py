@@ -119,6 +119,7 @@ class HRTEMImager:
         self.exit_wave_seconds = _time.perf_counter() - t0
         self.wave_fft = sfft.fft2(self.wave, workers=fft_workers()).astype(np.complex64)
         self.grid = FrequencyGrid(self.big_shape, (self.pixel_nm, self.pixel_nm))
+        self._transfer_cache: dict[tuple[str, float], np.ndarray] = {}
 
     # ------------------------------------------------------------------ helpers
     def cropped_exit_wave(self) -> np.ndarray:
@@ -171,11 +172,28 @@ class HRTEMImager:
         out += np.square(img.imag)
         return out.astype(np.float32, copy=False)
 
+    def _transfer(self, opt: Optics, dfs: np.ndarray) -> np.ndarray:
+        """Quasi-coherent wave transfer (n, NY, NX) (a fresh array: callers may modify it).
+
+        Single-defocus transfers are cached (last few optics/defocus pairs), which makes
+        repeated frames at one focus — live view — cheaper.
+        """
+        if len(dfs) != 1:
+            return wave_transfer(opt, self.grid, dfs, envelopes=True)
+        key = (opt.model_dump_json(exclude={"defocus_nm"}), float(dfs[0]))
+        hit = self._transfer_cache.pop(key, None)
+        if hit is None:
+            hit = wave_transfer(opt, self.grid, dfs, envelopes=True)
+        self._transfer_cache[key] = hit
+        while len(self._transfer_cache) > 4:
+            self._transfer_cache.pop(next(iter(self._transfer_cache)))
+        return hit.copy()
+
     def _coherent_images(
         self, opt: Optics, dfs: np.ndarray, ramps: tuple[np.ndarray, np.ndarray]
     ) -> np.ndarray:
         if self.coherence == "quasi" or opt.focal_spread_nm == 0:
-            return self._image(wave_transfer(opt, self.grid, dfs, envelopes=True), ramps)
+            return self._image(self._transfer(opt, dfs), ramps)
         x, w = np.polynomial.hermite.hermgauss(self._n_focal_nodes(opt))
         w = w / math.sqrt(math.pi)
         sharp = opt.with_(focal_spread_nm=0.0)
