@@ -263,14 +263,19 @@ class HRTEMImager:
         rng: np.random.Generator,
         optics: Optics | None = None,
     ) -> tuple[np.ndarray, dict]:
-        """One camera frame (counts, float32 integer-valued) and its ground truth."""
+        """One camera frame (counts, float32 integer-valued) and its ground truth.
+
+        Truth: ``defocus_nm``, ``shift_nm`` (dy, dx), ``shift_px`` (in read-out pixels, i.e.
+        after binning), ``dose_e_per_A2``, ``electrons_per_pixel_vacuum`` (physical pixel) and
+        the effective ``optics``.
+        """
         intensity = self.noiseless(defocus_nm, np.asarray(shift_nm, dtype=float)[None], optics)[0]
         counts = self.camera.expose(intensity, dose_e_per_A2, self.pixel_nm, rng)
         s = np.asarray(shift_nm, dtype=float)
         truth = {
             "defocus_nm": float(defocus_nm),
             "shift_nm": s.tolist(),
-            "shift_px": (s / self.pixel_nm).tolist(),
+            "shift_px": (s / (self.pixel_nm * self.camera.binning)).tolist(),
             "dose_e_per_A2": float(dose_e_per_A2),
             "electrons_per_pixel_vacuum": self.camera.electrons_per_pixel(
                 dose_e_per_A2, self.pixel_nm
