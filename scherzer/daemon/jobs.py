@@ -178,6 +178,11 @@ class JobStore:
         """Like :meth:`_info` without the position query (the caller knows the position)."""
         return self._info(self._db, (*row[:11], None, *row[12:]))
 
+    def bump_queue_counter(self) -> None:
+        """The queue changed without a row changing (paused/resumed)."""
+        with self._lock:
+            self.queue_counter += 1
+
     def queued_count(self) -> int:
         with self._lock:
             q = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'"

@@ -492,14 +492,14 @@ class Daemon:
 
     def _queue_pause(self, call: Call, _: P.Empty) -> Reply:
         self.executor.pause()
-        self.store.queue_counter += 1
+        self.store.bump_queue_counter()
         call.log.info("queue paused")
         self._queue_event()
         return Reply(P.QueueStateResult(paused=True))
 
     def _queue_resume(self, call: Call, _: P.Empty) -> Reply:
         self.executor.resume()
-        self.store.queue_counter += 1
+        self.store.bump_queue_counter()
         call.log.info("queue resumed")
         self._queue_event()
         return Reply(P.QueueStateResult(paused=False))
