@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ CameraCurve = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
 # --------------------------------------------------------------------------------------------
 # spectral band: the frequencies that carry information, as flat vectors
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SpectralBand:
     """A set of FFT frequencies closed under g → −g, stored as flat index vectors.
 
@@ -112,6 +113,18 @@ class SpectralBand:
         out[..., self.idx] = vec
         return out.reshape(*vec.shape[:-1], *self.shape)
 
+    @cached_property
+    def product_box(self) -> tuple[tuple[int, int], np.ndarray]:
+        """A smaller FFT grid on which products of two band-limited fields are alias-free on
+        the band: each side ≥ 3 × the band's half-width (+2); and the band's flat indices in it.
+        """
+        ny, nx = self.shape
+        iy = np.rint(self.gy * ny).astype(np.int64)
+        ix = np.rint(self.gx * nx).astype(np.int64)
+        by = min(ny, sfft.next_fast_len(int(3 * np.abs(iy).max() + 2)))
+        bx = min(nx, sfft.next_fast_len(int(3 * np.abs(ix).max() + 2)))
+        return (by, bx), (iy % by) * bx + (ix % bx)
+
     def conj_neg(self, vec: np.ndarray) -> np.ndarray:
         """v*(−g) for every band element."""
         return np.conj(vec[..., self.neg])
@@ -150,10 +163,14 @@ class BandTransfer:
 
     def transfer(self, defocus_nm: np.ndarray, env_s: np.ndarray | None = None) -> np.ndarray:
         """T(g) = A E_t E_s exp(−iχ) on the band, (n, m) complex64."""
-        x = self.chi(defocus_nm)
+        x = self.chi(defocus_nm).astype(np.float32)
         if env_s is None:
             env_s = self.spatial(defocus_nm)
-        return ((self.env_t * env_s) * np.exp(-1j * x)).astype(np.complex64)
+        amp = (self.env_t * env_s).astype(np.float32)
+        out = np.empty(x.shape, np.complex64)
+        out.real = amp * np.cos(x)
+        out.imag = -amp * np.sin(x)
+        return out
 
     def pair(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(a, b) = (T(g), T*(−g)), the coefficients of φ(g) and φ*(−g)."""
@@ -400,11 +417,20 @@ def linear_prediction(phi: np.ndarray, a: np.ndarray, b: np.ndarray, band: Spect
 def quadratic_term(
     band: SpectralBand, phi: np.ndarray, t: np.ndarray, camera: np.ndarray | float = 1.0
 ) -> np.ndarray:
-    """C(g)·F[|F⁻¹[φ T_n]|²] on the band, (n, m): the term the linear model leaves out."""
-    img = sfft.ifft2(band.scatter((phi[None] * t).astype(np.complex64)), workers=fft_workers())
+    """C(g)·F[|F⁻¹[φ T_n]|²] on the band, (n, m): the term the linear model leaves out.
+
+    Computed on the band's alias-free product box (fewer pixels than the image), scaled to
+    the full grid's unnormalised FFT convention.
+    """
+    (by, bx), pos = band.product_box
+    n = t.shape[0]
+    full_px, box_px = band.shape[0] * band.shape[1], by * bx
+    grid = np.zeros((n, box_px), np.complex64)
+    grid[:, pos] = phi[None] * t * np.float32(box_px / full_px)
+    img = sfft.ifft2(grid.reshape(n, by, bx), workers=fft_workers(), overwrite_x=True)
     power = (img.real**2 + img.imag**2).astype(np.complex64)
-    spec = sfft.fft2(power, workers=fft_workers(), overwrite_x=True)
-    return (band.gather(spec) * camera).astype(np.complex64)
+    spec = sfft.fft2(power, workers=fft_workers(), overwrite_x=True).reshape(n, box_px)
+    return (spec[:, pos] * np.float32(full_px / box_px) * camera).astype(np.complex64)
 
 
 @dataclass
