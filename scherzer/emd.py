@@ -1463,11 +1463,15 @@ def _describe_group(f: h5py.File, name: str, g: h5py.Group) -> dict:
         info["metadata"] = _read_attrs(md) if md is not None else {}
         truth = f.get(f"ground_truth/{name}", {})
         info["ground_truth"] = {
-            k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in truth.items()
+            k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in truth.items()
         }
     else:
         info["attrs"] = _read_attrs(g, skip=_RESERVED_ATTRS)
     return info
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return "str" if h5py.check_string_dtype(dtype) else str(dtype)
 
 
 def _records_summary(table: np.ndarray) -> dict[str, Any]:

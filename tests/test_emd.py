@@ -503,6 +503,13 @@ def test_files_written_by_rosettasciio(tmp_path: Path) -> None:
 # --- the real files in ../shared/testdata ---------------------------------------------------------
 
 
+def test_emi_without_its_ser_says_so(testdata_dir: Path, tmp_path: Path) -> None:
+    lone = tmp_path / "lone.emi"
+    lone.write_bytes((testdata_dir / "rosettasciio/tia/64x64x5_TEM_preview.emi").read_bytes())
+    with pytest.raises(emd.EmdError, match=r"lone_1\.ser"):
+        emd.import_stack(lone)
+
+
 def test_stoimage_tia(testdata_dir: Path) -> None:
     (sig,) = emd.import_signals(testdata_dir / "ncempy/16_STOimage.emi")
     assert sig.data.shape == (1024, 1024) and sig.data.dtype == np.uint16
@@ -721,6 +728,7 @@ def test_describe_our_file_and_import_signals(tmp_path: Path) -> None:
     assert frames["records"]["defocus_nominal_nm"] == {"min": -50.0, "max": -30.0}
     assert frames["records"]["signal"] == ["camera"]
     assert frames["ground_truth"]["shifts_px"]["shape"] == [3, 2]
+    assert frames["ground_truth"]["specimen"] == {"shape": [], "dtype": "str"}
     assert info["instrument"]["voltage_kv"] == 300.0
     sigs = emd.import_signals(path)
     assert [s.name for s in sigs] == ["frames", "wave"]
