@@ -501,6 +501,8 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
         d_abs[i], shifts[i], peaks[i] = delta, s, h
         if used[i] and h >= prob.flag_level:
             done.append(i)
+        elif used[i] and len(done) < MIN_IMAGES:  # low dose: keep going with what there is
+            done.append(i)
     return d_abs, shifts, peaks
 
 
