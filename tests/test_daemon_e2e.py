@@ -167,6 +167,32 @@ def test_events_carry_job_states_frames_and_heartbeats(client):
     assert [e.data["index"] for e in seen["frame"]] == [0, 1]
     assert "heartbeat" in seen
     assert len(set(seqs)) == len(seqs)
+    # a frame event's frame_id fetches that very frame
+    image, info = client.frame_get(seen["frame"][-1].data["frame_id"])
+    assert info.job_id == job.job_id and info.record.index == 1
+    np.testing.assert_array_equal(image[1:], ramp(64, 64)[1:])
+
+
+def test_many_clients_at_once(daemon):
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with daemon.client() as c:
+                for _ in range(30):
+                    assert c.status().state in ("idle", "running")
+                    c.queue()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
 
 
 def test_status_counters_and_validation(client):
@@ -200,6 +226,9 @@ def test_sigterm_mid_job_interrupts_at_a_frame_boundary_and_exits_0(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "data/logs/daemon.jsonl").read_text().splitlines()]
     stopped = [r for r in log if r.get("event") == "job stopped"]
     assert stopped and stopped[0]["state"] == "interrupted" and stopped[0]["job"] == job.job_id
+    assert stopped[0]["client"] == "local"  # job lines are bound to job and submitter
+    queued = [r for r in log if r.get("event") == "job queued"]
+    assert queued[0]["client"] == "local" and queued[0]["method"] == "job_submit"
     assert all("timestamp" in r and "level" in r for r in log)
     with LocalDaemon({"devices": dict(PATTERN)}, tmp_path / "again") as d2:
         pass

@@ -51,9 +51,12 @@ def test_kill_9_mid_job_leaves_an_interrupted_job_and_a_readable_file(tmp_path):
 
 def test_camera_timeout_fails_the_job_cleanly_and_the_daemon_lives(tmp_path):
     devices = {**PATTERN, "fault": "timeout:2"}  # the third acquisition times out
-    with LocalDaemon({"devices": devices}, tmp_path) as d, d.client() as c:
+    with LocalDaemon({"devices": devices}, tmp_path) as d, d.client() as c, c.events(["log"]) as ev:
+        time.sleep(0.3)  # let the subscription reach the daemon
         job = c.wait(c.submit({"kind": "camera_image", "exposure_s": 0.5, "repeat": 5}).job_id, 20)
         assert job.state == "failed" and job.error.code == "device_timeout"
+        log = ev.next(5.0)  # warnings and errors are published as log events
+        assert log is not None and log.data["level"] == "error" and log.data["job"] == job.job_id
         assert "injected" in job.error.message and job.frames_done == 2
         assert read_stack(job.output_file).n_frames == 2  # frames already written stay
         assert c.status().state == "idle"
