@@ -54,11 +54,13 @@ __all__ = [
     "import_stack",
     "import_stacks",
     "read_processing",
+    "read_processing_summary",
     "read_result",
     "read_stack",
     "read_stacks",
     "read_table",
     "repair",
+    "store_pipeline_result",
     "write_processing",
     "write_result",
     "write_stack",
@@ -128,8 +130,11 @@ def _write_attrs(obj: h5py.Group | h5py.Dataset, values: Mapping[str, Any]) -> N
     """
     json_keys = set(json.loads(obj.attrs.get(_JSON_KEYS, "[]")))
     for key, value in values.items():
-        if not isinstance(key, str) or not key or key == _JSON_KEYS:
-            raise EmdError(f"attribute names must be non-empty strings; got {key!r}")
+        if not isinstance(key, str) or not key or key.startswith("scherzer_"):
+            raise EmdError(
+                f"attribute names must be non-empty strings not starting with 'scherzer_' "
+                f"(reserved); got {key!r}"
+            )
         native = isinstance(value, (int, float, str, np.integer, np.floating)) and not isinstance(
             value, (bool, np.bool_)
         )
@@ -149,10 +154,10 @@ def _write_attrs(obj: h5py.Group | h5py.Dataset, values: Mapping[str, Any]) -> N
 def _read_attrs(obj: h5py.Group | h5py.Dataset, skip: Iterable[str] = ()) -> dict[str, Any]:
     """Inverse of :func:`_write_attrs` (also reads attributes other programs wrote)."""
     json_keys = set(json.loads(obj.attrs.get(_JSON_KEYS, "[]")))
-    skipped = set(skip) | {_JSON_KEYS}
+    skipped = set(skip)
     out: dict[str, Any] = {}
     for key, value in obj.attrs.items():
-        if key in skipped:
+        if key in skipped or key.startswith("scherzer_"):
             continue
         if isinstance(value, (bytes, np.bytes_)):
             value = bytes(value).decode("utf-8", "replace")
@@ -766,6 +771,42 @@ def read_processing(path: str | Path, step: str) -> dict:
             have = sorted(f["processing"].keys()) if "processing" in f else []
             raise EmdError(f"{path} has no processing step {step!r}; steps: {have or 'none'}")
         return _read_attrs(g)
+
+
+def store_pipeline_result(path: str | Path, result: Any) -> None:
+    """Store what :func:`scherzer.processing.pipeline.run_pipeline` produced in one of our files.
+
+    For each step output (duck-typed: ``step``, ``params``, ``summary``, ``stacks``, ``arrays``,
+    ``tables``, ``seconds``, optional ``dims``): stacks go to ``/data/<name>`` (write_stack),
+    arrays to ``/data/<name>`` (write_result, complex as complex64), tables to
+    ``/tables/<name>``, and the parameters to ``/processing/<step>`` with the step's JSON
+    summary and run time in the reserved attributes ``scherzer_summary``/``scherzer_seconds``
+    (see :func:`read_processing_summary`).
+    """
+    for out in result.outputs:
+        dims = getattr(out, "dims", None) or {}
+        for name, stack in out.stacks.items():
+            write_stack(path, stack, name=name, mode="a")
+        for name, array in out.arrays.items():
+            write_result(path, name, array, dims=dims.get(name), attrs={"step": out.step})
+        for name, table in out.tables.items():
+            write_table(path, name, table)
+        write_processing(path, out.step, dict(out.params))
+        with _open_append(path) as f:
+            g = f["processing"][out.step]
+            g.attrs["scherzer_summary"] = json.dumps(_jsonable(out.summary), allow_nan=False)
+            g.attrs["scherzer_seconds"] = float(getattr(out, "seconds", math.nan))
+
+
+def read_processing_summary(path: str | Path, step: str) -> dict:
+    """The JSON summary (and ``seconds``) :func:`store_pipeline_result` stored for ``step``."""
+    with _open_ours(path) as f:
+        g = f.get(f"processing/{step}")
+        if g is None or "scherzer_summary" not in g.attrs:
+            raise EmdError(f"{path} has no stored summary for processing step {step!r}")
+        out = json.loads(g.attrs["scherzer_summary"])
+        out["seconds"] = float(g.attrs.get("scherzer_seconds", math.nan))
+        return out
 
 
 # =============================================================================================
@@ -1439,6 +1480,11 @@ def _describe_ours(path: Path) -> dict:
                 for name, ds in f.get("tables", {}).items()
             },
             "processing": {step: _read_attrs(g) for step, g in f.get("processing", {}).items()},
+            "processing_summary": {
+                step: json.loads(g.attrs["scherzer_summary"])
+                for step, g in f.get("processing", {}).items()
+                if "scherzer_summary" in g.attrs
+            },
         }
     return _jsonable(out)
 

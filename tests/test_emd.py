@@ -176,6 +176,46 @@ def test_table_and_processing_round_trip(tmp_path: Path) -> None:
     assert emd.describe(path)["processing"]["align"] == params
 
 
+def test_store_pipeline_result(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    path = tmp_path / "p.emd"
+    stack = make_stack(n=3)
+    emd.write_stack(path, stack, name="HAADF")
+    table = np.zeros(3, dtype=[("dy", "f8"), ("dx", "f8"), ("peak", "f8")])
+    table["dy"] = [0.0, 1.5, -2.25]
+    wave = np.full((12, 10), 1 - 1j, dtype=np.complex128)
+    outputs = [
+        SimpleNamespace(
+            step="align", params={"alpha": 0.5}, summary={"max_shift_px": 2.25, "bad": math.nan},
+            stacks={"aligned_HAADF": stack.with_frames(stack.frames + 1)},
+            arrays={"average_HAADF": stack.frames.mean(axis=0)}, tables={"alignment": table},
+            seconds=0.125,
+        ),
+        SimpleNamespace(
+            step="restore", params={"iterations": 3}, summary={"defocus_nm": -41.0},
+            stacks={}, arrays={"exit_wave": wave}, tables={}, seconds=1.5,
+            dims={"exit_wave": [("y", "nm", None), ("x", "nm", None)]},
+        ),
+    ]  # fmt: skip
+    emd.store_pipeline_result(path, SimpleNamespace(outputs=outputs))
+    stacks = emd.read_stacks(path)
+    assert list(stacks) == ["HAADF", "aligned_HAADF"]
+    np.testing.assert_array_equal(stacks["aligned_HAADF"].frames, stack.frames + 1)
+    np.testing.assert_array_equal(emd.read_result(path, "average_HAADF"), stack.frames.mean(0))
+    assert emd.read_result(path, "exit_wave").dtype == np.complex64
+    np.testing.assert_array_equal(emd.read_table(path, "alignment"), table)
+    assert emd.read_processing(path, "align") == {"alpha": 0.5}
+    assert emd.read_processing_summary(path, "align") == {
+        "max_shift_px": 2.25, "bad": None, "seconds": 0.125,
+    }  # fmt: skip
+    assert emd.read_processing_summary(path, "restore")["defocus_nm"] == -41.0
+    info = emd.describe(path)
+    assert info["data"]["exit_wave"]["dims"][0]["units"] == "nm"
+    assert info["data"]["exit_wave"]["attrs"] == {"step": "restore"}
+    assert info["processing_summary"]["restore"] == {"defocus_nm": -41.0}
+
+
 def test_rosettasciio_reads_our_files(tmp_path: Path) -> None:
     """The external proof of the format: rosettasciio's Berkeley-EMD reader finds our stack and
     result, with their shapes and calibrated axes (it presents arrays transposed, dims reversed,
