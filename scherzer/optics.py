@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import scipy.fft as sfft
@@ -234,6 +234,69 @@ def _defocus_axis(defocus_nm: float | np.ndarray | None) -> np.ndarray | None:
     return arr
 
 
+@dataclass(frozen=True)
+class _AberrationBase:
+    """Defocus-free parts of χ and ∇χ on one grid (float32, read-only, cached).
+
+    χ = ``chi0`` + π λ C1 k²; ∂χ/∂k = ``d_radial`` + 2π λ C1 k; (1/k)∂χ/∂φ = ``d_azimuthal``.
+    """
+
+    chi0: np.ndarray
+    d_radial: np.ndarray
+    d_azimuthal: np.ndarray
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    a.flags.writeable = False
+    return a
+
+
+@lru_cache(maxsize=16)
+def _aberration_base(optics: Optics, grid: FrequencyGrid) -> _AberrationBase:
+    """Sum the non-defocus terms once per (optics, grid): each term c·kⁿ·cos(m(φ−φ₀)) adds
+    itself to χ, n c kⁿ⁻¹ cos(…) to ∂χ/∂k and −m c kⁿ⁻¹ sin(…) to (1/k)∂χ/∂φ."""
+    lam = optics.wavelength_A
+    k = grid.k.astype(np.float64)
+    phi = grid.phi.astype(np.float64)
+    chi0 = np.zeros_like(k)
+    d_radial = np.zeros_like(k)
+    d_azimuthal = np.zeros_like(k)
+    for t in optics.terms(include_defocus=False):
+        c = 2.0 * math.pi * t.prefactor * t.coefficient_A * lam ** (t.power - 1)
+        kn1 = k ** (t.power - 1)
+        ang = t.symmetry * (phi - t.angle_rad)
+        cos_ang = np.cos(ang) if t.symmetry else 1.0
+        chi0 += c * kn1 * k * cos_ang
+        d_radial += t.power * c * kn1 * cos_ang
+        if t.symmetry:
+            d_azimuthal += -t.symmetry * c * kn1 * np.sin(ang)
+    return _AberrationBase(_readonly(chi0), _readonly(d_radial), _readonly(d_azimuthal))
+
+
+def _base_for(optics: Optics, grid: FrequencyGrid) -> _AberrationBase:
+    return _aberration_base(_without_defocus(optics), grid)
+
+
+@lru_cache(maxsize=64)
+def _without_defocus(optics: Optics) -> Optics:
+    return optics if optics.defocus_nm == 0 else optics.with_(defocus_nm=0.0)
+
+
+def _c1_factor(optics: Optics, defocus_nm: float | np.ndarray | None) -> np.ndarray:
+    """π λ C1 (1/Å·rad… per k²) for the optics' own defocus (None) or the given one(s)."""
+    dfs = _defocus_axis(defocus_nm)
+    d = np.float64(optics.defocus_nm) if dfs is None else dfs
+    return (math.pi * optics.wavelength_A * d * 10.0).astype(np.float32)
+
+
+def _series(base: np.ndarray, factor: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """base + factor·field, broadcast to (n, ny, nx) when factor is 1-D."""
+    if factor.ndim == 0:
+        return base + factor * field
+    return base[None] + factor[:, None, None] * field[None]
+
+
 def chi(
     optics: Optics, grid: FrequencyGrid, defocus_nm: float | np.ndarray | None = None
 ) -> np.ndarray:
@@ -241,25 +304,11 @@ def chi(
 
     With ``defocus_nm=None`` the optics' own defocus is used and the result is (ny, nx). With a
     scalar it replaces the optics' defocus; with a 1-D array of n defoci the result is (n, ny, nx)
-    — the whole series in one vectorised evaluation.
+    — the whole series in one vectorised evaluation. The defocus-free part is cached per
+    (optics, grid), so a series costs one multiply-add per defocus.
     """
-    lam = optics.wavelength_A
-    dfs = _defocus_axis(defocus_nm)
-    k, phi = grid.k, grid.phi
-    base = np.zeros(grid.k2.shape, dtype=np.float64)
-    for t in optics.terms(include_defocus=dfs is None):
-        coef = t.prefactor * t.coefficient_A * lam ** (t.power - 1)
-        radial = coef * k.astype(np.float64) ** t.power
-        if t.symmetry:
-            radial = radial * np.cos(t.symmetry * (phi - t.angle_rad))
-        base += radial
-    base *= 2.0 * math.pi
-    if dfs is None:
-        return base.astype(np.float32)
-    c1 = (math.pi * lam * dfs * 10.0).astype(np.float32)
-    if c1.ndim == 0:
-        return (base + float(c1) * grid.k2).astype(np.float32)
-    return base.astype(np.float32)[None] + c1[:, None, None] * grid.k2[None]
+    base = _base_for(optics, grid)
+    return _series(base.chi0, _c1_factor(optics, defocus_nm), grid.k2)
 
 
 def chi_gradient_sq(
@@ -267,29 +316,11 @@ def chi_gradient_sq(
 ) -> np.ndarray:
     """|∇_k χ|² in (rad·Å)², float32, same shape rules as :func:`chi`.
 
-    Each term c·kⁿ·cos(m(φ−φ₀)) contributes n c kⁿ⁻¹ cos(…) to ∂χ/∂k and −m c kⁿ⁻¹ sin(…) to
-    (1/k)∂χ/∂φ; |∇χ|² is the sum of their squares.
+    ∇χ = (∂χ/∂k, (1/k)∂χ/∂φ); defocus adds 2π λ C1 k to the radial derivative.
     """
-    lam = optics.wavelength_A
-    dfs = _defocus_axis(defocus_nm)
-    k = grid.k.astype(np.float64)
-    phi = grid.phi.astype(np.float64)
-    d_radial = np.zeros_like(k)
-    d_azimuthal = np.zeros_like(k)
-    for t in optics.terms(include_defocus=dfs is None):
-        c = 2.0 * math.pi * t.prefactor * t.coefficient_A * lam ** (t.power - 1)
-        kn1 = k ** (t.power - 1)
-        if t.symmetry:
-            ang = t.symmetry * (phi - t.angle_rad)
-            d_radial += t.power * c * kn1 * np.cos(ang)
-            d_azimuthal += -t.symmetry * c * kn1 * np.sin(ang)
-        else:
-            d_radial += t.power * c * kn1
-    if dfs is None:
-        return (d_radial**2 + d_azimuthal**2).astype(np.float32)
-    # defocus adds 2·π λ C1 k to the radial derivative
-    c1_term = (2.0 * math.pi * lam * dfs * 10.0)[..., None, None] * k
-    return ((d_radial + c1_term) ** 2 + d_azimuthal**2).astype(np.float32)
+    base = _base_for(optics, grid)
+    radial = _series(base.d_radial, 2.0 * _c1_factor(optics, defocus_nm), grid.k)
+    return (radial * radial + base.d_azimuthal * base.d_azimuthal).astype(np.float32)
 
 
 def temporal_envelope(optics: Optics, grid: FrequencyGrid) -> np.ndarray:
@@ -358,11 +389,22 @@ def wave_transfer(
     of the wave transfer (vibration blurs the intensity); it is in :func:`ctf`.
     """
     x = chi(optics, grid, defocus_nm)
-    t = (np.cos(x) - 1j * np.sin(x)).astype(np.complex64)
+    amp = _static_amplitude(_without_defocus(optics), grid, envelopes)
+    if envelopes and optics.beam_divergence_mrad > 0:
+        amp = amp * spatial_envelope(optics, grid, defocus_nm)
+    out = np.empty(x.shape, dtype=np.complex64)
+    out.real = np.cos(x) * amp
+    out.imag = np.sin(x) * -amp
+    return out
+
+
+@lru_cache(maxsize=16)
+def _static_amplitude(optics: Optics, grid: FrequencyGrid, envelopes: bool) -> np.ndarray:
+    """Aperture (× E_t with ``envelopes``): the defocus-independent amplitude, cached."""
     amp = aperture(optics, grid)
     if envelopes:
-        amp = amp * temporal_envelope(optics, grid) * spatial_envelope(optics, grid, defocus_nm)
-    return (t * amp).astype(np.complex64)
+        amp = amp * temporal_envelope(optics, grid)
+    return _readonly(amp)
 
 
 def ctf(
