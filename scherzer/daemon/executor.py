@@ -161,8 +161,14 @@ def count_frames_on_disk(path: str | Path | None) -> int:
 
 
 def output_path(data_dir: Path, job: JobInfo) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", job.name or job.kind).strip("-")[:48] or job.kind
-    return data_dir / "jobs" / f"{job.job_id:06d}_{slug}.h5"
+    """``<data_dir>/jobs/<job id>_<name>.h5``; never an existing file (``_2``, ``_3`` … added)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", job.name or job.kind).strip("-.")[:48] or job.kind
+    stem = data_dir / "jobs" / f"{job.job_id:06d}_{slug}"
+    path, n = stem.with_suffix(".h5"), 1
+    while path.exists():
+        n += 1
+        path = stem.parent / f"{stem.name}_{n}.h5"
+    return path
 
 
 # --- recent frames for frame_get --------------------------------------------------------------
@@ -351,19 +357,24 @@ class Executor:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._serve_tasks()
-                job = None if self.queue_paused else self.store.next_queued()
-                if job is not None:
-                    self._run_job(job)
-                    continue
-                with self._cond:
-                    if not self._tasks and not self._stopping.is_set():
-                        self._cond.wait(timeout=0.5)
-        except Exception:
-            log.exception("executor thread crashed")
+                try:
+                    self._run_once()
+                except Exception:  # a bug: log it and keep the instrument thread alive
+                    log.exception("executor error; continuing")
+                    self._stopping.wait(1.0)
         finally:
             self._refuse_tasks(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
             self.processing.shutdown()
+
+    def _run_once(self) -> None:
+        self._serve_tasks()
+        job = None if self.queue_paused else self.store.next_queued()
+        if job is not None:
+            self._run_job(job)
+            return
+        with self._cond:
+            if not self._tasks and not self._stopping.is_set():
+                self._cond.wait(timeout=0.5)
 
     # --- one job ---------------------------------------------------------------------------
     def _emit_job(self, info: JobInfo) -> None:
@@ -416,7 +427,8 @@ class Executor:
 
     def _fail(self, job: JobInfo, exc: Exception, jlog: Any) -> None:
         if isinstance(exc, DeviceError):
-            err = ErrorBody(code=ErrorCode(exc.code), message=str(exc), details=exc.details or None)
+            code = ErrorCode.of_device(exc.code)
+            err = ErrorBody(code=code, message=str(exc), details=exc.details or None)
             jlog.error("job failed: device error", code=exc.code, error=str(exc))
         elif isinstance(exc, ProtocolError):
             err = ErrorBody(code=exc.code, message=exc.message, details=exc.details)

@@ -78,6 +78,14 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
+    @classmethod
+    def of_device(cls, code: str) -> ErrorCode:
+        """A driver's error code, or ``device_error`` if a driver invents one we do not know."""
+        try:
+            return cls(code)
+        except ValueError:
+            return cls.DEVICE_ERROR
+
 
 ERROR_DOCS: dict[ErrorCode, str] = {
     ErrorCode.BAD_REQUEST: "the request is not a JSON object envelope (bad JSON, wrong frame "

@@ -294,7 +294,8 @@ class Daemon:
         except P.ProtocolError as exc:
             self._send_error(envelope, request_id, exc.code, exc.message, exc.details)
         except DeviceError as exc:
-            self._send_error(envelope, request_id, ErrorCode(exc.code), str(exc), exc.details)
+            code = ErrorCode.of_device(exc.code)
+            self._send_error(envelope, request_id, code, str(exc), exc.details or None)
         except Exception as exc:
             log.exception("internal error", request=request_id)
             self._send_error(envelope, request_id, ErrorCode.INTERNAL, f"internal error: {exc}")
@@ -627,7 +628,7 @@ def _error_fields(error: BaseException | None) -> tuple[ErrorCode, str, Any]:
     if isinstance(error, P.ProtocolError):
         return error.code, error.message, error.details
     if isinstance(error, DeviceError):
-        return ErrorCode(error.code), str(error), error.details or None
+        return ErrorCode.of_device(error.code), str(error), error.details or None
     if isinstance(error, ValueError):
         return ErrorCode.INVALID_PARAMS, str(error), None
     return ErrorCode.INTERNAL, f"internal error: {error}", None
