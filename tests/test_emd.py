@@ -293,6 +293,20 @@ def test_stackwriter_two_signals_ground_truth_and_results(tmp_path: Path) -> Non
     assert len(emd.read_table(path, "shifts")) == 3
 
 
+def test_reading_while_writing_in_the_same_process(tmp_path: Path) -> None:
+    """The daemon counts frames on disk while its own writer holds the file."""
+    path = tmp_path / "live.emd"
+    with emd.StackWriter(path, pixel_size_nm=(1, 1), frame_shape=(4, 4), names=("A", "B")) as w:
+        for i in range(3):
+            w.append(np.full((4, 4), float(i)), FrameRecord(index=i), name="A")
+            stacks = emd.read_stacks(path)
+            assert list(stacks) == ["A"] and stacks["A"].n_frames == i + 1  # B: no frames yet
+            assert emd.describe(path)["data"]["B"]["frames_complete"] == 0
+        with pytest.raises(emd.EmdError, match="no complete frames"):
+            emd.read_stack(path, "B")
+    np.testing.assert_array_equal(emd.read_stack(path).frames[:, 0, 0], [0.0, 1.0, 2.0])
+
+
 def test_stackwriter_refuses_to_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "x.emd"
     path.write_bytes(b"")
