@@ -178,6 +178,16 @@ def _existing_file(path: str | Path) -> Path:
     return p
 
 
+def _new_file(path: str | Path, **kwargs: Any) -> h5py.File:
+    """Create (truncate) an HDF5 file, saying clearly when its folder is missing."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise FileNotFoundError(f"cannot create {p}: folder {p.parent} does not exist")
+    if p.is_dir():
+        raise EmdError(f"{p} is a directory, not a file")
+    return h5py.File(p, "w", track_order=True, **kwargs)
+
+
 def _open_read(path: str | Path) -> h5py.File:
     """Open an HDF5 file read-only. Files being written (or left by a killed SWMR writer) are
     opened in SWMR-read mode; a stale "open for writing" flag that a killed non-SWMR writer left
@@ -338,7 +348,7 @@ def _open_append(path: str | Path) -> h5py.File:
             f.close()
             raise EmdError(f"{p} is an HDF5 file from another program; refusing to modify it")
     else:
-        f = h5py.File(p, "w", track_order=True)
+        f = _new_file(p)
     if not _is_ours(f):
         _init_root(f)
     return f
@@ -484,7 +494,7 @@ def write_stack(path: str | Path, stack: ImageStack, name: str = "frames", mode:
     if not isinstance(stack, ImageStack):
         raise EmdError(f"write_stack needs an ImageStack; got {type(stack).__name__}")
     if mode == "w":
-        f = h5py.File(path, "w", track_order=True)
+        f = _new_file(path)
         _init_root(f)
     elif mode == "a":
         f = _open_append(path)
@@ -529,7 +539,7 @@ class StackWriter:
         if self.path.exists() and not overwrite:
             raise EmdError(f"{self.path} already exists; choose a new path or pass overwrite=True")
         self._counts = dict.fromkeys(self.names, 0)
-        f = h5py.File(self.path, "w", libver=_SWMR_LIBVER, track_order=True)
+        f = _new_file(self.path, libver=_SWMR_LIBVER)
         try:
             _init_root(f)
             for n in self.names:

@@ -444,6 +444,12 @@ def test_bad_input_gives_clear_errors(tmp_path: Path) -> None:
         emd.read_stack(tmp_path / "missing.emd")
     with pytest.raises(FileNotFoundError, match="no such file"):
         emd.import_stack(tmp_path / "missing.dm3")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        emd.write_stack(tmp_path / "no_such_dir" / "s.emd", make_stack(n=1))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        emd.StackWriter(
+            tmp_path / "no_such_dir" / "w.emd", pixel_size_nm=(1, 1), frame_shape=(2, 2)
+        )
     garbage = tmp_path / "garbage.emd"
     garbage.write_bytes(b"this is not HDF5 at all" * 10)
     with pytest.raises(emd.EmdError, match="not an HDF5 file"):
