@@ -69,7 +69,11 @@ class Call:
     request_id: str | None
     method: str
     identity: Identity
-    log: Any
+
+    @property
+    def log(self) -> Any:
+        """A logger bound to this client, method and request (built only when used)."""
+        return log.bind(client=self.identity.user, method=self.method, request=self.request_id)
 
 
 Handler = Callable[[Call, Any], "Reply | Deferred"]
@@ -280,13 +284,7 @@ class Daemon:
             request_id = _id_of(obj)
             req, spec, params = self._decode(obj, len(body))
             request_id = req.id
-            call = Call(
-                envelope,
-                req.id,
-                req.method,
-                who,
-                log.bind(client=who.user, method=req.method, request=req.id),
-            )
+            call = Call(envelope, req.id, req.method, who)
             self._authorise(call, spec)
             out = self.dispatch[req.method](call, params)
             if isinstance(out, Reply):
