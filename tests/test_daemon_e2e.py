@@ -167,6 +167,8 @@ def test_events_carry_job_states_frames_and_heartbeats(client):
     assert [e.data["index"] for e in seen["frame"]] == [0, 1]
     assert "heartbeat" in seen
     assert len(set(seqs)) == len(seqs)
+    assert all(set(e.data) == {"paused", "queued", "counters"} for e in seen["queue"])
+    assert seen["queue"][-1].data["queued"] == 0  # the job left the queue when it started
     # a frame event's frame_id fetches that very frame
     image, info = client.frame_get(seen["frame"][-1].data["frame_id"])
     assert info.job_id == job.job_id and info.record.index == 1

@@ -279,6 +279,7 @@ class Executor:
         self.publish = publish
         self.frames = frames
         self.processing = ProcessingWorker(store, publish)
+        self.on_queue_change: Callable[[], None] = lambda: None  # set by the server
         self.current_job: int | None = None
         self._nominal_defocus_nm: float | None = None
         self.job_paused = False
@@ -391,7 +392,7 @@ class Executor:
         self.current_job = job.job_id
         self._nominal_defocus_nm = None
         self._emit_job(info)
-        self.publish("queue", {"queued": self.store.queued_count()})
+        self.on_queue_change()
         jlog.info("job started", kind=job.kind, output=str(path))
         writer_box: list[Any] = []
         try:

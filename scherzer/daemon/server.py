@@ -140,6 +140,7 @@ class Daemon:
         self.executor = Executor(
             self.store, instruments, self.settings, self.events.publish, self.frames
         )
+        self.executor.on_queue_change = self._queue_event
         self.executor.start()
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
@@ -430,7 +431,8 @@ class Daemon:
         )
 
     def _queue_event(self) -> None:
-        self.events.send(
+        """Publish the queue state (any thread)."""
+        self.events.publish(
             "queue",
             {
                 "paused": self.executor.queue_paused,
