@@ -92,7 +92,11 @@ class FocalParams:
     ``whiten``: spectra are divided by |S|^whiten before correlating with the predictions
     (0 = cross-correlation, the maximum-likelihood choice for white noise; 1 = phase
     correlation); ``whiten_first`` the same for the reference-only match of the first pass
-    (e.g. ½ keeps strong Bragg spots from dominating it).
+    (e.g. ½ keeps strong Bragg spots from dominating it); ``clip_spots``: in that match
+    |S| is limited to this multiple of its radial mean (0 = off), which stops a crystal's
+    Bragg spots from locking it onto a lattice-translated or contrast-reversed solution.
+    ``max_drift_px``: the first pass looks for each image's shift within this radius of the
+    drift line extrapolated from the images registered before it (larger drifts: raise it).
     ``max_delocalisation``: frequencies whose delocalisation |∇χ|/2π exceeds this fraction of
     the field in any image are not used (None: all).
     ``absolute``: "wave" (weak-phase relation on the restored wave), "phase_agreement"
@@ -108,6 +112,8 @@ class FocalParams:
     peak_threshold: float = 0.01
     whiten: float = 0.0
     whiten_first: float = 0.0
+    clip_spots: float = 3.0
+    max_drift_px: float = 12.0
     max_delocalisation: float | None = 0.25
     coarse_trials: int = 9
     tolerance_nm: float = 0.05
@@ -304,19 +310,33 @@ class Correlator:
         gy, gx = band.gy.astype(np.float32), band.gx.astype(np.float32)
         self.moments = (gy, gx, gy * gy, gy * gx, gx * gx)
 
-    def coarse(self, z: np.ndarray, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Integer-ish peak (k, 2) in px and height / ``norm`` (k,) of each trial."""
+    def coarse(
+        self,
+        z: np.ndarray,
+        norm: np.ndarray,
+        center: np.ndarray | None = None,
+        radius: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Integer-ish peak (k, 2) in px and height / ``norm`` (k,) of each trial.
+
+        With ``center`` (2,) and ``radius`` (px) only shifts within the radius are considered
+        (drift is smooth: this keeps a lattice-translated peak of a crystal from winning).
+        """
         k = z.shape[0]
         by, bx = self.box
         full = np.zeros((k, by * bx), np.complex64)
         full[:, self.box_idx] = z
         c = sfft.ifft2(full.reshape(k, by, bx), workers=fft_workers(), overwrite_x=True).real
+        sy = np.fft.fftfreq(by, 1.0 / by) * self.scale[0]
+        sx = np.fft.fftfreq(bx, 1.0 / bx) * self.scale[1]
+        if center is not None and radius is not None:
+            dy = (sy - center[0])[:, None]
+            dx = (sx - center[1])[None, :]
+            c = np.where((dy * dy + dx * dx <= radius * radius)[None], c, -np.inf)
         flat = c.reshape(k, -1).argmax(axis=1)
         py, px = np.divmod(flat, bx)
-        py = np.where(py > by // 2, py - by, py) * self.scale[0]
-        px = np.where(px > bx // 2, px - bx, px) * self.scale[1]
         heights = c.reshape(k, -1).max(axis=1) / np.maximum(norm, 1e-30)
-        return np.stack([py, px], axis=1), heights
+        return np.stack([sy[py], sx[px]], axis=1), heights
 
     def phase(self, s: np.ndarray) -> np.ndarray:
         """exp(2πi g·s) on the band (complex64), from separable per-axis factors."""
@@ -356,17 +376,19 @@ def search_defocus_shift(
     n_coarse: int,
     tol_nm: float,
     shift_guess: np.ndarray | None = None,
+    shift_window: tuple[np.ndarray, float] | None = None,
 ) -> tuple[float, np.ndarray, float]:
     """Maximise the normalised correlation peak over defocus Δ and shift.
 
     ``z_of(Δ (k,)) → (Z (k, m), norm (k,))``. Coarse: ``n_coarse`` trials over center ± range,
-    peaks by FFT (or, with ``shift_guess``, by Newton from it). Fine: Brent on Δ within one
+    peaks by FFT within ``shift_window`` = (centre, radius px) if given (or, with
+    ``shift_guess``, by Newton from it). Fine: Brent on Δ within one
     coarse spacing, the shift refined by Newton at every evaluation. Returns (Δ, shift, peak).
     """
     trials = center_nm + np.linspace(-range_nm, range_nm, max(n_coarse, 3))
     z, norm = z_of(trials)
     if shift_guess is None:
-        peaks, heights = corr.coarse(z, norm)
+        peaks, heights = corr.coarse(z, norm, *(shift_window or (None, None)))
     else:
         peaks = np.repeat(np.asarray(shift_guess, float)[None], len(trials), axis=0)
         e = corr.phase(peaks[0])
@@ -429,6 +451,19 @@ class _Problem:
         return (2.0 * np.sin(self.bt.chi(defocus_nm)) * (self.bt.env_t * env_s)).astype(np.float32)
 
 
+def _clip_spots(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 32) -> np.ndarray:
+    """Limit |x| to ``factor`` × its radial mean |x|: Bragg spots weigh no more than a few
+    diffuse (amorphous) frequencies, which carry the unambiguous drift and defocus signal."""
+    if factor <= 0:
+        return x
+    q = np.hypot(band.gy, band.gx)
+    which = np.minimum((q / (q.max() + 1e-12) * n_bins).astype(int), n_bins - 1)
+    mag = np.abs(x)
+    mean = np.bincount(which, mag, n_bins) / np.maximum(np.bincount(which, None, n_bins), 1)
+    cap = factor * mean[which]
+    return (x * np.minimum(1.0, cap / np.maximum(mag, 1e-30))).astype(np.complex64)
+
+
 def _whiten(x: np.ndarray, exponent: float) -> np.ndarray:
     """x / |x|^exponent (0: unchanged; 1: phase only) — spectral whitening before correlation."""
     if exponent == 0:
@@ -436,25 +471,34 @@ def _whiten(x: np.ndarray, exponent: float) -> np.ndarray:
     return (x / np.maximum(np.abs(x), 1e-30) ** exponent).astype(np.complex64)
 
 
-def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng_nm):
-    """Image i against the reference alone through the weak-phase transfer sin χ."""
+def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng_nm, window):
+    """Image i against the reference alone through the weak-phase transfer s = 2 sin χ · E.
+
+    For a weak-phase object S_n s_r − S_r s_n is pure noise of variance ∝ s_r² + s_n², so the
+    pair's likelihood is maximal where C = Re Σ S_n S_r* s_r s_n e^{2πig·s} / (s_r² + s_n²) is
+    largest relative to E/2 = ½ Σ (|S_n|² s_r² + |S_r|² s_n²) / (s_r² + s_n²); the peak height
+    C / (E/2) ≤ 1 equals 1 for noise-free, consistent images.
+    """
     p = prob.params
     s_r = prob.ctf(np.array([d_abs[ref]]), env_s[ref])[0]
-    x = _whiten(prob.spectra[i], p.whiten_first) * s_r
-    ref_w = _whiten(prob.spectra[ref], p.whiten_first)
-    base = x * np.conj(ref_w)
-    x_norm = float(np.linalg.norm(x))
-    ref_pow = np.abs(ref_w) ** 2
+    xi = _clip_spots(_whiten(prob.spectra[i], p.whiten_first), prob.band, p.clip_spots)
+    xr = _clip_spots(_whiten(prob.spectra[ref], p.whiten_first), prob.band, p.clip_spots)
+    base = xi * np.conj(xr) * s_r
+    pow_i, pow_r = np.abs(xi) ** 2, np.abs(xr) ** 2
+    eps = np.float32(0.05 * np.mean(s_r * s_r))
 
     def z_of(trials):
         sn = prob.ctf(trials, env_s[i])
-        norm = x_norm * np.sqrt((ref_pow[None] * sn * sn).sum(axis=1))
-        return (base[None] * sn).astype(np.complex64), norm
+        den = s_r[None] ** 2 + sn * sn + eps
+        norm = 0.5 * ((pow_i[None] * s_r[None] ** 2 + pow_r[None] * sn * sn) / den).sum(axis=1)
+        return (base[None] * sn / den).astype(np.complex64), norm
 
-    return search_defocus_shift(prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm)
+    return search_defocus_shift(
+        prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, None, window
+    )
 
 
-def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess):
+def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess, window=None):
     """Image i against its prediction φ T + φ*(−g) T*(−g) + quadratic term, over Δ and shift."""
     p = prob.params
     phi_neg = prob.band.conj_neg(phi)
@@ -468,7 +512,7 @@ def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_g
         return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
 
     return search_defocus_shift(
-        prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess
+        prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess, window
     )
 
 
@@ -476,8 +520,9 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
     """Progressive registration outward from the reference.
 
     The nearest neighbours are matched to the reference through the weak-phase transfer; every
-    further image (nearest first) against its prediction from the wave restored from the images
-    registered so far, its defocus searched around the line fitted to them.
+    further image (nearest first) against its prediction from the wave restored from the (≥ 3)
+    images registered so far, its defocus searched around the line fitted to them and its
+    shift within ``max_drift_px`` of their drift line.
     """
     n = len(nominal)
     d_abs = nominal.copy()
@@ -488,8 +533,9 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
     order = sorted((i for i in range(n) if i != ref), key=lambda i: (abs(i - ref), i))
     for i in order:
         center = _predict_defocus(nominal, d_abs, i, ref, np.array(done))
-        if len(done) < 2:
-            delta, s, h = _match_reference(prob, i, ref, d_abs, env_s, center, rng_nm)
+        window = (_predict_shift(shifts, i, np.array(done)), prob.params.max_drift_px)
+        if len(done) < MIN_IMAGES or abs(i - ref) <= 1:  # two images restore no wave
+            delta, s, h = _match_reference(prob, i, ref, d_abs, env_s, center, rng_nm, window)
         else:
             idx = np.array(sorted(done))
             aligned = prob.spectra[idx] * shift_phase(prob.band, shifts[idx])
@@ -497,13 +543,23 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
             sol = solve_series(aligned, t, prob.band, corrections=1)
             t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
             quad_i = quadratic_term(prob.band, sol.phi, t_i)[0]
-            delta, s, h = _match_wave(prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None)
+            delta, s, h = _match_wave(
+                prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None, window
+            )
         d_abs[i], shifts[i], peaks[i] = delta, s, h
         if used[i] and h >= prob.flag_level:
             done.append(i)
         elif used[i] and len(done) < MIN_IMAGES:  # low dose: keep going with what there is
             done.append(i)
     return d_abs, shifts, peaks
+
+
+def _predict_shift(shifts: np.ndarray, i: int, done: np.ndarray) -> np.ndarray:
+    """Shift of image i extrapolated along the images done so far (a straight drift line)."""
+    if done.size < 2:
+        return shifts[done].mean(axis=0)
+    coef = np.polyfit(done.astype(np.float64), shifts[done], 1)
+    return coef[0] * i + coef[1]
 
 
 def _predict_defocus(nominal, d_abs, i, ref, done) -> float:
@@ -536,8 +592,9 @@ def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=Fal
             others = used & (index != i)
             k, c = np.polyfit(index[others], d_abs[others], 1)
             center = float(k * i + c) if abs(k * i + c - d_abs[i]) > rng_nm / 2 else center
+        window = (shifts[i], 3.0) if wide else None
         new_d[i], new_s[i], new_p[i] = _match_wave(
-            prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i]
+            prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i], window
         )
     new_s -= new_s[ref]  # the reference defines the frame (its own fit sets the gauge)
     return new_d, new_s, new_p, sol.phi
