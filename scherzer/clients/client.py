@@ -311,9 +311,16 @@ class Client:
                 if event is None:
                     job = self.job(job_id)
                     continue
-                if on_event is not None and event.data.get("job_id", job_id) == job_id:
+                about = (
+                    event.data["job"]["job_id"]
+                    if event.topic == "job"
+                    else event.data.get("job_id")
+                )
+                if about != job_id:
+                    continue
+                if on_event is not None:
                     on_event(event)
-                if event.topic == "job" and event.data["job"]["job_id"] == job_id:
+                if event.topic == "job":
                     job = P.JobInfo.model_validate(event.data["job"])
             return job
 
