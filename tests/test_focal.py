@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import pytest
-from test_restoration import fourier_shift, synthetic_series
+from test_restoration import band_limited_phase_error, fourier_shift, synthetic_series
 
 from scherzer.optics import Optics
 from scherzer.processing.focal import (
@@ -21,6 +21,8 @@ from scherzer.processing.focal import (
     instrument_from_stack,
     plot_registration,
     register_focal_series,
+    restore_exit_wave,
+    restore_stack,
     structure_image,
 )
 from scherzer.stack import FrameRecord, ImageStack
@@ -115,6 +117,17 @@ def test_simulator_amorphous_carbon_series():
     assert np.max(np.abs(reg.defocus_nm - mid_plane)) <= 1.0, reg.defocus_nm - mid_plane
     assert abs(reg.astigmatism_nm - 2.0) <= 0.5
     assert angle_diff_deg(reg.astigmatism_deg, 30.0) <= 5.0
+    # the pipeline's restore step: camera offset removed, registration applied
+    res = restore_stack(st, reg, optics)
+    r = reg.reference_index
+    truth = st.ground_truth["exit_wave"]
+    s_ref = np.asarray(st.ground_truth["shifts_px"][r])[None]
+    truth = (
+        fourier_shift(truth.real[None], s_ref)[0] + 1j * fourier_shift(truth.imag[None], s_ref)[0]
+    )
+    err = band_limited_phase_error(res.wave, truth, optics, 0.02)
+    raw = restore_exit_wave(st.frames, optics, 0.02, reg.defocus_nm, reg.shifts_px)
+    assert err <= 0.05 and err < band_limited_phase_error(raw.wave, truth, optics, 0.02)
 
 
 def test_a_blank_frame_is_flagged_and_not_used():

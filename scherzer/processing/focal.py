@@ -50,6 +50,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scherzer.optics import FrequencyGrid, Optics, chi, fft_workers
 from scherzer.processing.restoration import (
     BandTransfer,
+    RestorationResult,
     SpectralBand,
     crop_area,
     frame_spectra,
@@ -72,6 +73,7 @@ __all__ = [
     "plot_registration",
     "register_focal_series",
     "restore_exit_wave",
+    "restore_stack",
     "structure_image",
 ]
 
@@ -905,6 +907,43 @@ def _absolute_correction(prob, d_abs, shifts, ok, basis, p, search) -> tuple[flo
         sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12
     )
     return delta, ast
+
+
+def restore_stack(
+    stack: ImageStack,
+    registration: FocalRegistration,
+    optics: Optics,
+    *,
+    pixel_nm: float | None = None,
+    mtf: Any = None,
+    nps: Any = None,
+    area: tuple[int, int, int, int] | None = None,
+    iterations: int = 0,
+    use_dose_weights: bool = True,
+) -> RestorationResult:
+    """Restore the exit wave of a registered stack (the pipeline's ``restore`` step).
+
+    Removes the recorded camera offset, uses the registration's absolute defocus, drift, A1 and
+    ``used`` images, and the per-frame doses of the records as noise weights when all are known
+    (``use_dose_weights``). Other arguments as :func:`restore_exit_wave`.
+    """
+    pix = float(pixel_nm if pixel_nm is not None else stack.pixel_size_nm[1])
+    doses = stack.column("dose_e_per_A2").astype(np.float64)
+    dose_w = doses if use_dose_weights and np.all(np.isfinite(doses) & (doses > 0)) else None
+    return restore_exit_wave(
+        intensity_frames(stack),
+        optics,
+        pix,
+        registration.defocus_nm,
+        registration.shifts_px,
+        used=registration.used,
+        mtf=mtf,
+        nps=nps,
+        dose_weights=dose_w,
+        area=area,
+        iterations=iterations,
+        astigmatism=(registration.astigmatism_nm, registration.astigmatism_deg),
+    )
 
 
 # --------------------------------------------------------------------------------------------
