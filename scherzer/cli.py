@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -226,6 +227,299 @@ def add_keys(sub: Any) -> None:
     n.set_defaults(func=_keys_new)
 
 
+# --- offline processing and simulation ----------------------------------------------------------
+def _ints(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _box(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    values = _ints(text)
+    if len(values) != 4:
+        raise SystemExit(f"a region is y0,x0,height,width; got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{what}: expected {n} comma-separated numbers, got {text!r}") from None
+    if len(values) != n:
+        raise SystemExit(f"{what}: expected {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _simulate_focal(args: argparse.Namespace) -> Outcome:
+    from scherzer import emd
+    from scherzer.simulators.hrtem import default_hrtem_optics, simulate_focal_series
+
+    given = {
+        k: getattr(args, k)
+        for k in ("voltage_kv", "cs_mm", "focal_spread_nm", "beam_divergence_mrad")
+        if getattr(args, k) is not None
+    }
+    optics = default_hrtem_optics().with_(**given)
+    stack = simulate_focal_series(
+        args.specimen,
+        n=args.n,
+        start_nm=args.start_nm,
+        step_nm=args.step_nm,
+        step_error_fraction=args.step_error,
+        optics=optics,
+        a1_nm=args.a1_nm,
+        a1_deg=args.a1_deg,
+        dose_e_per_A2=args.dose,
+        drift_px_per_frame=_floats(args.drift_px, 2, "--drift-px"),
+        size=args.size,
+        pixel_nm=args.pixel_nm,
+        seed=args.seed,
+    )
+    emd.write_stack(args.out, stack, name="frames")
+    result = {"out": str(args.out), "frames": stack.n_frames, "shape": list(stack.frame_shape)}
+    return 0, result, f"wrote {stack.n_frames} frames {stack.frame_shape} to {args.out}"
+
+
+def _simulate_scan(args: argparse.Namespace) -> Outcome:
+    from scherzer import emd
+    from scherzer.simulators.stem import simulate_rotated_scan
+
+    stacks = simulate_rotated_scan(
+        args.specimen,
+        n_frames=args.n,
+        rotation_mode=args.rotation_mode,
+        base_rotation_deg=args.base_rotation_deg,
+        size=args.size,
+        pixel_nm=args.pixel_nm,
+        dwell_us=args.dwell_us,
+        flyback_us=args.flyback_us,
+        signals=tuple(s.strip() for s in args.signals.split(",") if s.strip()),
+        drift_nm_per_s=_floats(args.drift_nm_per_s, 2, "--drift-nm-per-s"),
+        seed=args.seed,
+    )
+    for i, (name, stack) in enumerate(stacks.items()):
+        emd.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
+    first = next(iter(stacks.values()))
+    result = {"out": str(args.out), "signals": list(stacks), "frames": first.n_frames}
+    return 0, result, f"wrote {first.n_frames} frames of {', '.join(stacks)} to {args.out}"
+
+
+def add_simulate(sub: Any) -> None:
+    p = sub.add_parser("simulate", help="simulate a series offline into an EMD file")
+    ssub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    f = ssub.add_parser(
+        "focal-series", help="HRTEM focal series with ground truth", parents=[_output_options()]
+    )
+    f.add_argument("--specimen", default="crystal_edge")
+    f.add_argument("--n", type=int, default=11, help="number of images")
+    f.add_argument("--start-nm", type=float, default=-100.0)
+    f.add_argument("--step-nm", type=float, default=10.0)
+    f.add_argument("--step-error", type=float, default=0.0, help="true step = (1+e)·nominal")
+    f.add_argument("--voltage-kv", type=float, default=None)
+    f.add_argument("--cs-mm", type=float, default=None)
+    f.add_argument("--focal-spread-nm", type=float, default=None, help="standard deviation")
+    f.add_argument("--beam-divergence-mrad", type=float, default=None, help="1/e semi-angle")
+    f.add_argument("--a1-nm", type=float, default=0.0)
+    f.add_argument("--a1-deg", type=float, default=0.0)
+    f.add_argument("--dose", type=float, default=500.0, help="e/Å² per image")
+    f.add_argument("--drift-px", default="0.7,-0.4", help="dy,dx per frame")
+    f.add_argument("--size", type=int, default=256)
+    f.add_argument("--pixel-nm", type=float, default=0.02)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", type=Path, required=True)
+    f.set_defaults(func=_simulate_focal)
+    r = ssub.add_parser(
+        "rotated-scan",
+        help="STEM rotated-scan series with ground truth",
+        parents=[_output_options()],
+    )
+    r.add_argument("--specimen", default="srtio3_001")
+    r.add_argument("--n", type=int, default=8, help="number of frames")
+    r.add_argument(
+        "--rotation-mode", default="orthogonal-pairs",
+        choices=["none", "orthogonal-pairs", "orthogonal-sets"],
+    )  # fmt: skip
+    r.add_argument("--base-rotation-deg", type=float, default=0.0)
+    r.add_argument("--dwell-us", type=float, default=2.0)
+    r.add_argument("--flyback-us", type=float, default=100.0)
+    r.add_argument("--signals", default="HAADF,ABF")
+    r.add_argument("--drift-nm-per-s", default="0.05,-0.03", help="dy,dx")
+    r.add_argument("--size", type=int, default=256)
+    r.add_argument("--pixel-nm", type=float, default=0.02)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", type=Path, required=True)
+    r.set_defaults(func=_simulate_scan)
+
+
+def _process(args: argparse.Namespace, steps: list[Any], signal: Any = None) -> Outcome:
+    """Import FILE, run the pipeline, write OUT (input frames + results)."""
+    import time
+
+    from scherzer import emd
+    from scherzer.processing.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    stacks = emd.import_stacks(args.file)
+    named = {}
+    for i, s in enumerate(stacks):
+        name = s.signal if s.signal and s.signal not in named else f"signal{i}"
+        named[name] = s
+    if signal is not None:
+        if signal not in named:
+            raise SystemExit(f"no signal {signal!r} in {args.file}; have {sorted(named)}")
+        named = {signal: named[signal], **{k: v for k, v in named.items() if k != signal}}
+    result = run_pipeline(named, steps, plot_dir=args.plot)
+    for i, (name, stack) in enumerate(named.items()):
+        emd.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
+    emd.store_pipeline_result(args.out, result)
+    seconds = time.perf_counter() - t0
+    return 0, {"seconds": seconds, **result.summary()}, f"wrote {args.out}"
+
+
+def _align(args: argparse.Namespace) -> Outcome:
+    reference: Any = args.reference if args.reference == "mean" else int(args.reference)
+    params = {
+        "alpha": args.alpha,
+        "neighbours": args.neighbours,
+        "refine": args.refine,
+        "roi": _box(args.roi),
+        "reference": reference,
+        "output": "expand" if args.expand else "crop",
+    }
+    code, result, text = _process(args, [{"step": "align", **params}], args.signal)
+    a = result["align"]
+    out = {k: a[k] for k in ("shifts_px", "peak_heights", "reference", "flagged")}
+    out["seconds"] = result["seconds"]
+    pairs = zip(a["shifts_px"], a["peak_heights"], strict=True)
+    lines = [
+        f"frame {i:3d}: dy {s[0]:+8.3f}  dx {s[1]:+8.3f} px  peak {p:.3f}"
+        for i, (s, p) in enumerate(pairs)
+    ]
+    return code, out, "\n".join([*lines, text])
+
+
+def add_align(sub: Any) -> None:
+    p = sub.add_parser(
+        "align", help="rigid alignment of any readable stack", parents=[_output_options()]
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--alpha", type=float, default=0.5, help="0 cross, 0.5 mutual, 1 phase")
+    p.add_argument("--neighbours", type=int, default=4)
+    p.add_argument("--refine", type=int, default=2, help="refinement passes")
+    p.add_argument("--roi", default=None, help="y0,x0,height,width measured region")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--crop", action="store_true", help="crop to the common area (default)")
+    g.add_argument("--expand", action="store_true", help="expanded canvas")
+    p.add_argument("--reference", default="mean", help="mean or a frame index")
+    p.add_argument("--signal", default=None, help="signal to measure on (multi-signal files)")
+    p.add_argument("--plot", type=Path, default=None, help="directory for PNG plots")
+    p.set_defaults(func=_align)
+
+
+def _restore(args: argparse.Namespace) -> Outcome:
+    overrides = {
+        k: getattr(args, k)
+        for k in ("voltage_kv", "cs_mm", "focal_spread_nm", "beam_divergence_mrad",
+                  "pixel_nm", "start_nm", "step_nm")
+        if getattr(args, k) is not None
+    }  # fmt: skip
+    register: dict[str, Any] = {"step": "focal_register", **overrides}
+    if args.reference is not None:
+        register["reference"] = args.reference
+    if args.exclude:
+        register["exclude"] = _ints(args.exclude)
+    if args.area:
+        register["area"] = _box(args.area)
+    for k in ("mtf", "nps"):
+        if getattr(args, k) is not None:
+            register[k] = str(getattr(args, k))
+    restore: dict[str, Any] = {"step": "restore", **overrides, "iterations": args.iterations}
+    if args.area:
+        restore["area"] = _box(args.area)
+    code, result, text = _process(args, [register, restore])
+    reg = result["focal_register"]
+    keys = ("reference_index", "defocus_nm", "relative_defocus_nm", "shifts_px",
+            "peak_heights", "astigmatism_nm", "astigmatism_deg")  # fmt: skip
+    out = {k: reg[k] for k in keys}
+    out["seconds"] = result["seconds"]
+    lines = [
+        f"image {i:3d}: c1 {d:8.2f} nm, drift ({s[0]:+.2f}, {s[1]:+.2f}) px, peak {p:.3f}"
+        for i, (d, s, p) in enumerate(
+            zip(reg["defocus_nm"], reg["shifts_px"], reg["peak_heights"], strict=True)
+        )
+    ]
+    lines.append(f"A1 {reg['astigmatism_nm']:.2f} nm at {reg['astigmatism_deg']:.1f}°")
+    return code, out, "\n".join([*lines, text])
+
+
+def add_restore(sub: Any) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="focal-series registration + exit-wave restoration",
+        parents=[_output_options()],
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reference", type=int, default=None, help="reference image index")
+    p.add_argument("--exclude", default=None, help="image indices to leave out, e.g. 3,7")
+    p.add_argument("--area", default=None, help="y0,x0,height,width restored region")
+    p.add_argument("--mtf", type=Path, default=None, help="camera MTF file (.npy or text)")
+    p.add_argument("--nps", type=Path, default=None, help="camera NPS file (.npy or text)")
+    p.add_argument("--iterations", type=int, default=0, help="non-linear refinement steps")
+    p.add_argument("--plot", type=Path, default=None, help="directory for PNG plots")
+    g = p.add_argument_group("instrument (when the file does not record it)")
+    for name, unit in (("voltage-kv", "kV"), ("cs-mm", "mm"), ("focal-spread-nm", "nm, std"),
+                       ("beam-divergence-mrad", "mrad, 1/e"), ("pixel-nm", "nm"),
+                       ("start-nm", "nm"), ("step-nm", "nm")):  # fmt: skip
+        g.add_argument(f"--{name}", type=float, default=None, help=unit)
+    p.set_defaults(func=_restore)
+
+
+def _info(args: argparse.Namespace) -> Outcome:
+    from scherzer import emd
+
+    summary = emd.describe(args.file)
+    return 0, summary, json.dumps(summary, indent=2, default=str)
+
+
+def add_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="what a file holds", parents=[_output_options()])
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=_info)
+
+
+def _demo(args: argparse.Namespace) -> Outcome:
+    from scherzer.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        out_dir=args.out,
+        focal_size_px=args.size,
+        scan_size_px=args.size,
+        focal_images=args.images,
+        scan_frames=args.frames,
+    )
+    summary = run_demo(settings)
+    return 0, summary, ""
+
+
+def add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job on the built-in simulators", parents=[_output_options()]
+    )
+    p.add_argument("--out", type=Path, default=Path("scherzer-demo"))
+    p.add_argument("--size", type=int, default=256, help="image size in pixels")
+    p.add_argument("--images", type=int, default=11, help="focal-series images")
+    p.add_argument("--frames", type=int, default=8, help="scan frames")
+    p.set_defaults(func=_demo)
+
+
 # --- assembly ---------------------------------------------------------------------------------
 #: Subcommand registrars, in help order. Add new commands here.
 COMMANDS: list[Callable[[Any], None]] = [
@@ -237,6 +531,11 @@ COMMANDS: list[Callable[[Any], None]] = [
     add_resume,
     add_wait,
     add_keys,
+    add_simulate,
+    add_align,
+    add_restore,
+    add_info,
+    add_demo,
 ]
 
 
@@ -274,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"error: {exc}", file=sys.stderr)
         return _emit(args, 2, result, "") if args.json else 2
-    except (ConfigError, FileExistsError, ValueError, DeviceError) as exc:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, DeviceError) as exc:
         code = getattr(exc, "code", "bad_input")
         result = {"error": {"code": code, "message": str(exc)}}
         if not args.json:
