@@ -11,8 +11,9 @@ touch are PNG plots in ``plot_dir`` when one is given. Storing the outputs in an
 Steps
 -----
 * ``align`` — rigid alignment (:mod:`scherzer.processing.registration`): scan-rotated frames are
-  rotated back to one orientation first; shifts are measured on the first signal (or
-  ``signal=``) and applied to every signal. Outputs ``aligned_<signal>`` stacks,
+  rotated back to one orientation first (unless the stack's metadata says ``"derotated": True``;
+  records keep the acquired ``scan_rotation_deg`` either way); shifts are measured on the first
+  signal (or ``signal=``) and applied to every signal. Outputs ``aligned_<signal>`` stacks,
   ``average_<signal>`` arrays and the ``alignment`` table.
 * ``focal_register`` — focal-series registration (:mod:`scherzer.processing.focal`): per-image
   defocus, drift, peak height, absolute defocus and A1. Output table ``focal_registration``.
@@ -117,14 +118,12 @@ def _rotated_back(stack: ImageStack) -> ImageStack:
     from scherzer.processing.registration import rotate_to_common
 
     rotation = stack.column("scan_rotation_deg")
-    if not np.any(np.abs(rotation) > 1e-9):
+    if stack.metadata.get("derotated") or not np.any(np.abs(rotation) > 1e-9):
         return stack
     frames = rotate_to_common(stack.frames, rotation)
-    records = [dataclasses.replace(r, scan_rotation_deg=0.0) for r in stack.records]
     return stack.with_frames(
         frames,
-        records=records,
-        metadata={**stack.metadata, "rotated_back_from_deg": [float(v) for v in rotation]},
+        metadata={**stack.metadata, "derotated": True},
     )
 
 
