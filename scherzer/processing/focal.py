@@ -47,11 +47,12 @@ import numpy as np
 import scipy.fft as sfft
 from scipy.optimize import minimize, minimize_scalar
 
-from scherzer.optics import FrequencyGrid, Optics, chi, fft_workers
+from scherzer.optics import FrequencyGrid, Optics, chi, fft_workers, vibration_envelope
 from scherzer.processing.restoration import (
     BandTransfer,
     RestorationResult,
     SpectralBand,
+    camera_curve_to_grid,
     crop_area,
     frame_spectra,
     information_band,
@@ -284,7 +285,14 @@ def _used_mask(n: int, exclude: Sequence[int], reference: int) -> np.ndarray:
 def _choose_reference(nominal: np.ndarray, optics: Optics, reference: int | None) -> int:
     n = len(nominal)
     if reference is None:
-        return int(np.argmin(np.abs(nominal - optics.scherzer_defocus_nm())))
+        # nearest Scherzer, but never an image so close to focus that it has no phase contrast
+        # (Cs ≈ 0 puts Scherzer at 0 nm)
+        step = float(np.median(np.abs(np.diff(nominal))))
+        dist = np.abs(nominal - optics.scherzer_defocus_nm())
+        dist = np.where(np.abs(nominal) < step, np.inf, dist)
+        if np.all(np.isinf(dist)):
+            dist = np.abs(nominal - optics.scherzer_defocus_nm())
+        return int(np.argmin(dist))
     if not 0 <= int(reference) < n:
         raise ValueError(f"reference frame {reference} out of range 0..{n - 1}")
     return int(reference)
@@ -423,7 +431,7 @@ def search_defocus_shift(
 class _Problem:
     """Spectra, band and transfer of one series (internal)."""
 
-    def __init__(self, frames, optics, pixel_nm, nominal, params: FocalParams):
+    def __init__(self, frames, optics, pixel_nm, nominal, params: FocalParams, mtf=None):
         self.params = params
         self.frames = crop_area(frames, params.area)
         self.spectra_full = frame_spectra(self.frames, params.taper_px)
@@ -442,6 +450,11 @@ class _Problem:
         # a peak must pass the threshold and stand 5σ above the correlation of pure noise (≈ 1/√m)
         self.flag_level = max(params.peak_threshold, 5.0 / math.sqrt(self.band.size))
         self.corr = Correlator(self.band)
+        # camera MTF × vibration envelope: multiplies the intensity spectrum
+        cam = camera_curve_to_grid(mtf, self.grid.shape, "mtf") * vibration_envelope(
+            optics, self.grid
+        )
+        self.camera = self.band.gather(cam).astype(np.float32)
         self.set_optics(optics)
 
     def set_optics(self, optics: Optics) -> None:
@@ -450,7 +463,8 @@ class _Problem:
 
     def ctf(self, defocus_nm: np.ndarray, env_s: np.ndarray) -> np.ndarray:
         """Weak-phase transfer 2 sin χ · envelopes on the band, (k, m) float32."""
-        return (2.0 * np.sin(self.bt.chi(defocus_nm)) * (self.bt.env_t * env_s)).astype(np.float32)
+        env = self.bt.env_t * env_s * self.camera
+        return (2.0 * np.sin(self.bt.chi(defocus_nm)) * env).astype(np.float32)
 
 
 def _clip_spots(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 32) -> np.ndarray:
@@ -509,7 +523,8 @@ def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_g
 
     def z_of(trials):
         tt = prob.bt.transfer(trials, env_s_i)
-        y = _whiten(phi * tt + phi_neg * prob.band.conj_neg(tt) + quad_i, p.whiten)
+        lin = (phi * tt + phi_neg * prob.band.conj_neg(tt)) * prob.camera
+        y = _whiten(lin + quad_i, p.whiten)
         norm = spec_norm * np.linalg.norm(y, axis=1)
         return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
 
@@ -542,9 +557,9 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
             idx = np.array(sorted(done))
             aligned = prob.spectra[idx] * shift_phase(prob.band, shifts[idx])
             t = prob.bt.transfer(d_abs[idx], env_s[idx])
-            sol = solve_series(aligned, t, prob.band, corrections=1)
+            sol = solve_series(aligned, t, prob.band, camera=prob.camera, corrections=1)
             t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
-            quad_i = quadratic_term(prob.band, sol.phi, t_i)[0]
+            quad_i = quadratic_term(prob.band, sol.phi, t_i, prob.camera)[0]
             delta, s, h = _match_wave(
                 prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None, window
             )
@@ -581,8 +596,8 @@ def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=Fal
     env_s = prob.bt.spatial(d_abs)
     t = prob.bt.transfer(d_abs, env_s)
     aligned = prob.spectra * shift_phase(prob.band, shifts)
-    sol = solve_series(aligned[used], t[used], prob.band, leave_one_out=True)
-    quad = quadratic_term(prob.band, sol.phi, t)
+    sol = solve_series(aligned[used], t[used], prob.band, camera=prob.camera, leave_one_out=True)
+    quad = quadratic_term(prob.band, sol.phi, t, prob.camera)
     loo = np.empty((n, prob.band.size), np.complex64)
     loo[used] = sol.loo
     loo[~used] = sol.phi
@@ -796,9 +811,10 @@ def register_focal_series(
 
     ``optics``: instrument (its ``defocus_nm`` is ignored; its A1 is the starting value).
     ``nominal_defocus_nm`` (n,) overrides the stack records; ``pixel_nm`` overrides
-    ``stack.pixel_size_nm``. ``mtf``/``nps`` are accepted for interface symmetry with the
-    restoration (registration works on the information band, where they change the weights
-    little, and does not use them). See the module docstring for the method and conventions.
+    ``stack.pixel_size_nm``. ``mtf`` (see :func:`camera_curve_to_grid`) enters the predicted
+    image spectra with the vibration envelope; ``nps`` is accepted for interface symmetry with
+    the restoration (noise is measured from the data). See the module docstring for the
+    method and conventions.
     """
     t0 = time.perf_counter()
     p = params or FocalParams()
@@ -817,7 +833,7 @@ def register_focal_series(
     steps = np.abs(np.diff(nominal))
     rng_nm = p.search_range_nm if p.search_range_nm else 0.5 * float(np.median(steps)) + 2.0
 
-    prob = _Problem(intensity_frames(stack), optics, pix, nominal, p)
+    prob = _Problem(intensity_frames(stack), optics, pix, nominal, p, mtf)
     flag_level = prob.flag_level
     d_abs, shifts, peaks = _first_pass(prob, ref, nominal, used, rng_nm)
     history = [{"pass": 0, "relative_defocus_nm": (d_abs - d_abs[ref]).tolist()}]
@@ -901,7 +917,7 @@ def _absolute_correction(prob, d_abs, shifts, ok, basis, p, search) -> tuple[flo
         )
         return fit.start_nm - ref_d, fit.astigmatism_cartesian_nm
     t = prob.bt.transfer(d_abs[ok], prob.bt.spatial(d_abs[ok]))
-    sol = solve_series(aligned[ok], t, prob.band)
+    sol = solve_series(aligned[ok], t, prob.band, camera=prob.camera)
     cov12 = pair_noise_covariance(sol.terms.sums(), 1.0 / sol.prior)
     delta, ast = fit_defocus_astigmatism_wave(
         sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12
