@@ -81,6 +81,41 @@ def test_registration_accuracy(case):
     assert 0.0 <= reg.astigmatism_deg < 180.0
 
 
+LOW_DOSE = {
+    "crystal_edge": pytest.param("crystal_edge"),
+    "strong_phase": pytest.param("strong_phase"),
+    # known limitation: an 0.08-rad weak-phase film at 100 e/Å² (4 e/px) gives ≈ 0.44 nm
+    "weak_phase": pytest.param(
+        "weak_phase",
+        marks=pytest.mark.xfail(strict=True, reason="noise-limited: rel. defocus ≈ 0.44 nm"),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(LOW_DOSE.values()), ids=list(LOW_DOSE))
+def test_registration_at_100_e_per_A2(kind):
+    """100 e/Å² (4 electrons per 0.02-nm pixel): 11 images of 512²."""
+    st = synthetic_series(
+        kind,
+        n=11,
+        size=512,
+        start_nm=-100.0,
+        dose_e_per_A2=100.0,
+        step_error_fraction=0.03,
+        a1_nm=2.0,
+        a1_deg=30.0,
+        drift_px_per_frame=(0.9, -0.6),
+        seed=7,
+    )
+    reg = register_focal_series(st, st.optics)
+    rel, drift, absolute = errors(reg, st)
+    assert rel <= 0.3, rel
+    assert drift <= 0.05, drift
+    assert absolute <= 1.0, absolute
+    assert abs(reg.astigmatism_nm - 2.0) <= 0.5
+    assert angle_diff_deg(reg.astigmatism_deg, 30.0) <= 5.0
+
+
 def test_simulator_amorphous_carbon_series():
     """The project's simulator: multislice a-C film, camera (MTF, offset), margin field.
 

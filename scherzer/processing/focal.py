@@ -105,6 +105,8 @@ class FocalParams:
     ``absolute``: "wave" (weak-phase relation on the restored wave), "phase_agreement"
     (QFocus-like, crystal-only fields) or "none". ``absolute_range_nm``: ± search of the
     absolute defocus around the nominal one. ``fit_astigmatism``: fit A1 with the defocus.
+    ``pure_phase_refinement``: refine the absolute defocus by minimum amplitude variance of the
+    full (not linearised) wave after the weak-phase fit.
     """
 
     reference: int | None = None
@@ -125,6 +127,7 @@ class FocalParams:
     absolute: str = "wave"
     absolute_range_nm: float = 20.0
     fit_astigmatism: bool = True
+    pure_phase_refinement: bool = True
 
 
 @dataclass
@@ -922,7 +925,41 @@ def _absolute_correction(prob, d_abs, shifts, ok, basis, p, search) -> tuple[flo
     delta, ast = fit_defocus_astigmatism_wave(
         sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12
     )
+    if p.pure_phase_refinement:
+        delta = refine_defocus_min_amplitude(sol.phi, basis, prob.band, delta, ast)
     return delta, ast
+
+
+def refine_defocus_min_amplitude(
+    phi: np.ndarray,
+    basis: np.ndarray,
+    band: SpectralBand,
+    delta_nm: float,
+    ast: np.ndarray,
+    half_range_nm: float = 1.5,
+) -> float:
+    """Refine δC1 so that the propagated wave 1 + F⁻¹[φ e^{iΔχ}] has the least amplitude
+    variance (a pure phase object, without the weak-phase linearisation: strong objects).
+
+    Evaluated on the band's alias-free product box; Brent within ±``half_range_nm``.
+    """
+    (by, bx), pos = band.product_box
+    scale = np.float32(by * bx / (band.shape[0] * band.shape[1]))
+    fixed = ast[0] * basis[1] + ast[1] * basis[2]
+
+    def amp_var(d: float) -> float:
+        grid = np.zeros(by * bx, np.complex64)
+        grid[pos] = phi * np.exp(1j * (d * basis[0] + fixed)).astype(np.complex64) * scale
+        wave = sfft.ifft2(grid.reshape(by, bx), workers=fft_workers()) + np.complex64(1.0)
+        return float(np.var(np.abs(wave)))
+
+    res = minimize_scalar(
+        amp_var,
+        bounds=(delta_nm - half_range_nm, delta_nm + half_range_nm),
+        method="bounded",
+        options={"xatol": 0.01},
+    )
+    return float(res.x)
 
 
 def restore_stack(
