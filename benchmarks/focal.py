@@ -4,7 +4,8 @@ Default case: 11 images of 512² (0.02 nm pixels, 300 kV, Cs 0.6 mm), weak-phase
 object, drift 0.7/−0.4 px per frame + 0.3 px jitter, a real step 3 % off the nominal one,
 A1 = 2 nm at 30°, Poisson noise at 500 e/Å² — from tests/test_restoration.synthetic_series
 (a known periodic exit wave through scherzer.optics.image_intensity). Optionally (--simulator)
-the project's simulator (multislice crystal edge under a-C, camera with MTF/offset).
+the project's simulator (multislice crystal edge under a-C, camera with MTF/offset; the
+camera's MTF and NPS are given to registration and restoration).
 
 Baseline: a plain Gerchberg–Saxton-type focal-series reconstruction (the method of the open
 PEWR code), written here: start from √I of the reference, then for every image propagate the
@@ -96,13 +97,18 @@ def main() -> None:
     gt = st.ground_truth
     optics, pix = st.optics, st.pixel_size_nm[0]
     frames = st.frames
+    mtf = nps = None
     if "camera" in st.instrument:
-        frames = frames - np.float32(st.instrument["camera"]["offset_counts"])
+        from scherzer.simulators.detector import CameraModel
+
+        cam = CameraModel(**st.instrument["camera"])
+        frames = frames - np.float32(cam.offset_counts)
+        mtf, nps = cam.mtf_2d(frames.shape[-2:]), cam.ntf_2d(frames.shape[-2:]) ** 2
 
     register_focal_series(st, optics)  # warm-up (imports, FFT plans)
     t_reg = []
     for _ in range(args.repeat):
-        reg = register_focal_series(st, optics, FocalParams())
+        reg = register_focal_series(st, optics, FocalParams(), mtf=mtf)
         t_reg.append(reg.seconds)
     r = reg.reference_index
     rel_true = gt["defocus_nm"] - gt["defocus_nm"][r]
@@ -124,6 +130,8 @@ def main() -> None:
                 used=reg.used,
                 iterations=iterations,
                 astigmatism=a1_c,
+                mtf=mtf,
+                nps=nps,
             )
             times.append(res.seconds)
         return res, min(times)
@@ -161,6 +169,8 @@ def main() -> None:
         gt["defocus_nm"],
         sh_true,
         astigmatism=(gt["a1_nm"], gt["a1_deg"]),
+        mtf=mtf,
+        nps=nps,
     )
 
     out = {

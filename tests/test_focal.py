@@ -107,7 +107,10 @@ def test_registration_at_100_e_per_A2(kind):
         drift_px_per_frame=(0.9, -0.6),
         seed=7,
     )
-    reg = register_focal_series(st, st.optics)
+    # a strong pure-phase object: the weak-phase absolute fit is refined by minimum amplitude
+    # variance of the full wave (without it: 1.24 nm absolute error at this dose)
+    params = FocalParams(pure_phase_refinement=kind == "strong_phase")
+    reg = register_focal_series(st, st.optics, params)
     rel, drift, absolute = errors(reg, st)
     assert rel <= 0.3, rel
     assert drift <= 0.05, drift
