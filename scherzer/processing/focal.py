@@ -92,7 +92,9 @@ class FocalParams:
 
     ``reference``: frame index (None = the image nearest extended Scherzer defocus).
     ``search_range_nm``: ± search around each image's predicted defocus (default
-    0.5·|step| + 2 nm). ``iterations``: maximum wave-based passes after the first.
+    0.3·|step| + 1 nm: steps a few % off the nominal are followed, and a neighbour can never be
+    mistaken for an image at the reference's own defocus). ``iterations``: maximum wave-based
+    passes after the first.
     ``exclude``: frame indices left out. ``area``: (y0, x0, h, w) px registered (and restored).
     ``whiten``: spectra are divided by |S|^whiten before correlating with the predictions
     (0 = cross-correlation, the maximum-likelihood choice for white noise; 1 = phase
@@ -424,7 +426,10 @@ def search_defocus_shift(
         return -height
 
     res = minimize_scalar(
-        neg_peak, bounds=(best - h, best + h), method="bounded", options={"xatol": tol_nm}
+        neg_peak,
+        bounds=(max(best - h, trials[0]), min(best + h, trials[-1])),
+        method="bounded",
+        options={"xatol": tol_nm},
     )
     delta = float(res.x)
     zz, nn = z_of(np.array([delta]))
@@ -838,7 +843,7 @@ def register_focal_series(
     if p.absolute not in ("wave", "phase_agreement", "none"):
         raise ValueError(f"absolute must be 'wave', 'phase_agreement' or 'none'; got {p.absolute}")
     steps = np.abs(np.diff(nominal))
-    rng_nm = p.search_range_nm if p.search_range_nm else 0.5 * float(np.median(steps)) + 2.0
+    rng_nm = p.search_range_nm if p.search_range_nm else 0.3 * float(np.median(steps)) + 1.0
 
     prob = _Problem(intensity_frames(stack), optics, pix, nominal, p, mtf)
     flag_level = prob.flag_level
