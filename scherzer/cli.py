@@ -311,7 +311,9 @@ def _simulate_scan(args: argparse.Namespace) -> Outcome:
 
 
 def add_simulate(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="simulate a series offline into an EMD file")
+    p = sub.add_parser(
+        "simulate", help="simulate a series offline into an EMD file", parents=[_output_options()]
+    )
     ssub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     f = ssub.add_parser(
         "focal-series", help="HRTEM focal series with ground truth", parents=[_output_options()]

@@ -74,6 +74,13 @@ class DeviceSettings(_Section):
     serial_timeout_s: float = Field(0.5, gt=0)
     serial_retries: int = Field(2, ge=0)
     settle_timeout_s: float = Field(10.0, gt=0)
+    drift_nm_per_s: tuple[float, float] = Field(
+        (0.0, 0.0), description="sim only: constant specimen drift (y, x)"
+    )
+    drift_random_walk_nm_per_sqrt_s: float = Field(0.0, ge=0, description="sim only")
+    dose_rate_e_per_A2_s: float = Field(1000.0, gt=0, description="sim only: camera dose rate")
+    probe_current_pA: float = Field(20.0, gt=0, description="sim only: STEM probe current")
+    scan_jitter_px: float = Field(0.1, ge=0, description="sim only: line jitter σ")
     fault: str = Field("", description="sim only: '<kind>:<after_calls>' injected at start")
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_camera_job_runs_to_done_and_file_holds_the_frames(client):
     )
     np.testing.assert_allclose(np.diff(stack.column("time_s")), 0.5)
     assert stack.column("defocus_nominal_nm").tolist() == [-42.0] * 3
-    assert done.output_file.endswith("_edge.h5")
+    assert Path(done.output_file).name == "edge_001.h5"  # <name>_<NNN>.h5, numbered
 
 
 def test_scan_job_writes_every_signal(client):
@@ -211,9 +212,10 @@ def test_status_counters_and_validation(client):
     with pytest.raises(DaemonError) as e:
         client.submit({"kind": "camera_image", "exposure_s": 0.1, "defocus_nm": -1e5})
     assert e.value.code == "limit_exceeded"
-    with pytest.raises(DaemonError) as e:
-        client.submit({"kind": "focal_series"})
-    assert e.value.code == "invalid_params"
+    for plan in ({"kind": "no_such_kind"}, {"kind": "focal_series", "n_images": 1}):
+        with pytest.raises(DaemonError) as e:
+            client.submit(plan)
+        assert e.value.code == "invalid_params"
 
 
 def test_sigterm_mid_job_interrupts_at_a_frame_boundary_and_exits_0(tmp_path):

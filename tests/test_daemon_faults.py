@@ -53,7 +53,8 @@ def test_camera_timeout_fails_the_job_cleanly_and_the_daemon_lives(tmp_path):
     devices = {**PATTERN, "fault": "timeout:2"}  # the third acquisition times out
     with LocalDaemon({"devices": devices}, tmp_path) as d, d.client() as c, c.events(["log"]) as ev:
         time.sleep(0.3)  # let the subscription reach the daemon
-        job = c.wait(c.submit({"kind": "camera_image", "exposure_s": 0.5, "repeat": 5}).job_id, 20)
+        plan = {"kind": "camera_image", "exposure_s": 0.5, "repeat": 5, "on_error": "abort"}
+        job = c.wait(c.submit(plan).job_id, 20)  # no retry: the one-shot fault fails the job
         assert job.state == "failed" and job.error.code == "device_timeout"
         log = ev.next(5.0)  # warnings and errors are published as log events
         assert log is not None and log.data["level"] == "error" and log.data["job"] == job.job_id

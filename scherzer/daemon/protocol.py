@@ -76,6 +76,7 @@ class ErrorCode(StrEnum):
     DEVICE_BUSY = "device_busy"
     DEVICE_PROTOCOL_ERROR = "device_protocol_error"
     SHUTTING_DOWN = "shutting_down"
+    PROCESSING_FAILED = "processing_failed"
     INTERNAL = "internal"
 
     @classmethod
@@ -107,6 +108,8 @@ ERROR_DOCS: dict[ErrorCode, str] = {
     ErrorCode.DEVICE_BUSY: "the device itself reports that it is busy",
     ErrorCode.DEVICE_PROTOCOL_ERROR: "a device answered with garbage (checksum, framing)",
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping and accepts no new work",
+    ErrorCode.PROCESSING_FAILED: "a job's processing steps failed (job error only; the "
+    "acquired frames stay in the file)",
     ErrorCode.INTERNAL: "a bug in the daemon; the log has the traceback",
 }
 
@@ -463,7 +466,8 @@ EventTopic = Literal["job", "frame", "progress", "log", "heartbeat", "queue"]
 EVENT_DOCS: dict[str, str] = {
     "job": "`{job: JobInfo}` whenever a job changes state",
     "frame": "`{job_id, frame_id, index, total, signal, record}` after each frame is on disk",
-    "progress": "`{job_id, frames_done, frames_total}`",
+    "progress": "`{job_id, frames_done, frames_total, skipped}` (`skipped`: frame indices left "
+    "out under the `skip` error policy)",
     "log": "`{level, event, ...}` warnings and errors from the daemon log",
     "heartbeat": "`{state, uptime_s, current_job, counters}` every `heartbeat_s`",
     "queue": "`{paused, queued, counters}` when the queue changes",
@@ -570,9 +574,10 @@ def _constraint(meta: Any) -> str:
 
 
 def _default_repr(f: Any) -> str:
-    if f.default_factory is not None:
-        return json.dumps(f.default_factory())
-    return json.dumps(f.default)
+    value = f.default_factory() if f.default_factory is not None else f.default
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value)
 
 
 def _type_name(ann: Any) -> str:

@@ -441,9 +441,17 @@ class Daemon:
             },
         )
 
+    def _estimate(self, plan: Any) -> Any:
+        ins = self.executor.instruments
+        return plan.estimate(
+            ins.camera_shape,
+            dose_rate_e_per_A2_s=ins.dose_rate_e_per_A2_s,
+            probe_current_pA=ins.probe_current_pA,
+        )
+
     def _check_plan(self, plan: Any) -> list[str]:
         problems = plan.problems(self.settings.limits, self.executor.instruments.camera_shape)
-        est = plan.estimate(self.executor.instruments.camera_shape)
+        est = self._estimate(plan)
         free = _free_disk_bytes(self.data_dir)
         keep = self.settings.limits.min_free_disk_bytes
         if free - est.disk_bytes < keep:
@@ -516,7 +524,7 @@ class Daemon:
             problems = [f"{'.'.join(d['loc'])}: {d['msg']}" for d in P.validation_details(exc)]
             return Reply(P.PlanValidateResult(valid=False, problems=problems))
         problems = self._check_plan(plan)
-        est = plan.estimate(self.executor.instruments.camera_shape)
+        est = self._estimate(plan)
         return Reply(P.PlanValidateResult(valid=not problems, problems=problems, estimate=est))
 
     # --- handlers: devices (run on the executor thread) ------------------------------------
