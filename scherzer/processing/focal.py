@@ -364,9 +364,10 @@ class Correlator:
         return ey[self.iy] * ex[self.ix]
 
     def refine(
-        self, z: np.ndarray, s: np.ndarray, norm: float, steps: int = 4
+        self, z: np.ndarray, s: np.ndarray, norm: float, steps: int = 4, offset: float = 0.0
     ) -> tuple[np.ndarray, float]:
-        """Newton ascent of Re Σ Z e^{2πi g·s} from s (2,); returns (s, height / ``norm``)."""
+        """Newton ascent of Re Σ Z e^{2πi g·s} from s (2,); returns (s, (value − ``offset``) /
+        ``norm``)."""
         s = np.asarray(s, np.float64).copy()
         norm = max(float(norm), 1e-30)
         gy, gx, gyy, gxy, gxx = self.moments
@@ -384,7 +385,7 @@ class Correlator:
             if np.max(np.abs(step)) < 1e-4:
                 break
         height = float(np.dot(z.real, (e := self.phase(s)).real) - np.dot(z.imag, e.imag))
-        return s, height / norm
+        return s, (height - offset) / norm
 
 
 def search_defocus_shift(
@@ -399,29 +400,31 @@ def search_defocus_shift(
 ) -> tuple[float, np.ndarray, float]:
     """Maximise the normalised correlation peak over defocus Δ and shift.
 
-    ``z_of(Δ (k,)) → (Z (k, m), norm (k,))``. Coarse: ``n_coarse`` trials over center ± range,
+    ``z_of(Δ (k,)) → (Z (k, m), norm (k,)[, offset (k,)])``; the objective is
+    (Re Σ Z e^{2πi g·s} − offset) / norm. Coarse: ``n_coarse`` trials over center ± range,
     peaks by FFT within ``shift_window`` = (centre, radius px) if given (or, with
     ``shift_guess``, by Newton from it). Fine: Brent on Δ within one
     coarse spacing, the shift refined by Newton at every evaluation. Returns (Δ, shift, peak).
     """
     trials = center_nm + np.linspace(-range_nm, range_nm, max(n_coarse, 3))
-    z, norm = z_of(trials)
+    z, norm, off = _evaluate(z_of, trials)
     if shift_guess is None:
-        peaks, heights = corr.coarse(z, norm, *(shift_window or (None, None)))
+        peaks, raw = corr.coarse(z, np.ones(len(trials)), *(shift_window or (None, None)))
     else:
         peaks = np.repeat(np.asarray(shift_guess, float)[None], len(trials), axis=0)
         e = corr.phase(peaks[0])
-        heights = (z.real @ e.real - z.imag @ e.imag) / np.maximum(norm, 1e-30)
+        raw = z.real @ e.real - z.imag @ e.imag
+    heights = (raw - off) / np.maximum(norm, 1e-30)
     top = np.argsort(heights)[::-1][:3]
-    fits = {int(j): corr.refine(z[j], peaks[j], norm[j], steps=6) for j in top}
+    fits = {int(j): corr.refine(z[j], peaks[j], norm[j], 6, off[j]) for j in top}
     j = max(fits, key=lambda k: fits[k][1])
     best = float(trials[j])
     h = float(trials[1] - trials[0])
     state = {"s": fits[j][0]}
 
     def neg_peak(delta: float) -> float:
-        zz, nn = z_of(np.array([delta]))
-        s_new, height = corr.refine(zz[0], state["s"], nn[0], steps=3)
+        zz, nn, oo = _evaluate(z_of, np.array([delta]))
+        s_new, height = corr.refine(zz[0], state["s"], nn[0], 3, oo[0])
         state["s"] = s_new
         return -height
 
@@ -432,9 +435,17 @@ def search_defocus_shift(
         options={"xatol": tol_nm},
     )
     delta = float(res.x)
-    zz, nn = z_of(np.array([delta]))
-    s, height = corr.refine(zz[0], state["s"], nn[0], steps=6)
+    zz, nn, oo = _evaluate(z_of, np.array([delta]))
+    s, height = corr.refine(zz[0], state["s"], nn[0], 6, oo[0])
     return delta, s, height
+
+
+def _evaluate(z_of: Any, trials: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Z, norm, offset) of ``z_of``; objectives without an offset get zeros."""
+    out = z_of(trials)
+    if len(out) == 2:
+        return out[0], np.asarray(out[1]), np.zeros(len(trials))
+    return out[0], np.asarray(out[1]), np.asarray(out[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,9 +514,10 @@ def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng
     """Image i against the reference alone through the weak-phase transfer s = 2 sin χ · E.
 
     For a weak-phase object S_n s_r − S_r s_n is pure noise of variance ∝ s_r² + s_n², so the
-    pair's likelihood is maximal where C = Re Σ S_n S_r* s_r s_n e^{2πig·s} / (s_r² + s_n²) is
-    largest relative to E/2 = ½ Σ (|S_n|² s_r² + |S_r|² s_n²) / (s_r² + s_n²); the peak height
-    C / (E/2) ≤ 1 equals 1 for noise-free, consistent images.
+    pair's likelihood is maximal where L = E − 2C is least, with C = Re Σ S_n S_r* s_r s_n
+    e^{2πig·s} / (s_r² + s_n²) and E = Σ (|S_n|² s_r² + |S_r|² s_n²) / (s_r² + s_n²). (The ratio
+    C/(E/2) would favour Δ → 0, where the pair is simply two similar images.) The reported peak
+    is C/(E/2) ≤ 1, 1 for noise-free, consistent images.
     """
     p = prob.params
     s_r = prob.ctf(np.array([d_abs[ref]]), env_s[ref])[0]
@@ -515,15 +527,23 @@ def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng
     pow_i, pow_r = np.abs(xi) ** 2, np.abs(xr) ** 2
     eps = np.float32(0.05 * np.mean(s_r * s_r))
 
+    e0 = 0.25 * float((pow_i + pow_r).sum())  # a fixed scale: the search maximises C − E/2
+
+    def energy(sn):
+        den = s_r[None] ** 2 + sn * sn + eps
+        return 0.5 * ((pow_i[None] * s_r[None] ** 2 + pow_r[None] * sn * sn) / den).sum(axis=1)
+
     def z_of(trials):
         sn = prob.ctf(trials, env_s[i])
         den = s_r[None] ** 2 + sn * sn + eps
-        norm = 0.5 * ((pow_i[None] * s_r[None] ** 2 + pow_r[None] * sn * sn) / den).sum(axis=1)
-        return (base[None] * sn / den).astype(np.complex64), norm
+        return (base[None] * sn / den).astype(np.complex64), np.full(len(trials), e0), energy(sn)
 
-    return search_defocus_shift(
+    delta, s, _ = search_defocus_shift(
         prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, None, window
     )
+    z, _, half_e = z_of(np.array([delta]))
+    peak = prob.corr.refine(z[0], s, float(half_e[0]), 0)[1]  # C / (E/2), reported
+    return delta, s, peak
 
 
 def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess, window=None):
