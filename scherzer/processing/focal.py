@@ -641,7 +641,9 @@ def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=Fal
             others = used & (index != i)
             k, c = np.polyfit(index[others], d_abs[others], 1)
             center = float(k * i + c) if abs(k * i + c - d_abs[i]) > rng_nm / 2 else center
-        window = (shifts[i], 3.0) if wide else None
+        # the reference is searched widely: if the others agree among themselves but sit a
+        # lattice (or contrast-reversal) translation away from it, the gauge moves to them
+        window = (shifts[i], prob.params.max_drift_px if i == ref else 3.0) if wide else None
         new_d[i], new_s[i], new_p[i] = _match_wave(
             prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i], window
         )
