@@ -123,7 +123,7 @@ class FocalParams:
     peak_threshold: float = 0.01
     whiten: float = 0.0
     whiten_first: float = 0.0
-    clip_spots: float = 3.0
+    clip_spots: float = 1.5
     max_drift_px: float = 12.0
     max_delocalisation: float | None = 0.25
     coarse_trials: int = 9
