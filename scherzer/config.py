@@ -81,7 +81,9 @@ class DeviceSettings(_Section):
     dose_rate_e_per_A2_s: float = Field(1000.0, gt=0, description="sim only: camera dose rate")
     probe_current_pA: float = Field(20.0, gt=0, description="sim only: STEM probe current")
     scan_jitter_px: float = Field(0.1, ge=0, description="sim only: line jitter σ")
-    fault: str = Field("", description="sim only: '<kind>:<after_calls>' injected at start")
+    fault: str = Field(
+        "", description="sim only: '<kind>:<after_calls>[,…]' faults injected at start"
+    )
 
     @model_validator(mode="after")
     def _serial_needs_port(self) -> DeviceSettings:

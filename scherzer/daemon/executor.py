@@ -120,9 +120,11 @@ class Instruments:
                 log.exception("closing a device failed")
 
 
-def _inject_fault(microscope: Any, spec: str) -> None:
-    kind, _, after = spec.partition(":")
-    microscope.inject_fault(kind, int(after or 0))
+def _inject_faults(microscope: Any, spec: str) -> None:
+    """``"<kind>:<after_calls>[,<kind>:<after_calls>…]"`` (sim and pattern devices only)."""
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, after = item.partition(":")
+        microscope.inject_fault(kind, int(after or 0))
 
 
 def _virtual_microscope(dev: Any) -> Any:
@@ -183,7 +185,7 @@ def open_instruments(settings: Settings) -> Instruments:
             "mark_truth_origin": scope.reset_truth,
         }
     if dev.fault:
-        _inject_fault(scope, dev.fault)
+        _inject_faults(scope, dev.fault)
     camera_cls, scan_cls, lens_cls = devices
     lens: Lens
     closers: list[Callable[[], None]] = []
