@@ -316,6 +316,10 @@ def test_camera_curves_all_forms_agree(tmp_path):
     assert np.allclose(load_camera_curve(path)[[0, -1]], prof[[0, -1]], atol=1e-3)
     with pytest.raises(ValueError, match="mtf"):
         camera_curve_to_grid(np.ones((3, 3)), shape, "mtf")
+    # a full-frame curve used for a smaller area: its radial average
+    big = camera_curve_to_grid(parametric_mtf, (256, 256), "mtf")
+    small = camera_curve_to_grid(big, shape, "mtf")
+    assert np.allclose(small[inner], from_callable[inner], atol=0.02)
     with pytest.raises(FileNotFoundError):
         load_camera_curve(tmp_path / "missing.txt")
 

@@ -200,8 +200,9 @@ def camera_curve_to_grid(curve: CameraCurve, shape: tuple[int, int], name: str) 
 
     ``curve`` may be None (ones), a callable of q = |g|/Nyquist, a 1-D radial profile sampled
     uniformly from q = 0 to q = 1 (extrapolated flat to the corners), or a 2-D array of the
-    image shape (fftfreq order) or of its rfft2 half-grid (a real, even curve). ``name`` is
-    used in error messages.
+    image shape (fftfreq order) or of its rfft2 half-grid (a real, even curve); a 2-D array of
+    another size (e.g. the full frame when an area is restored) is used through its radial
+    average. ``name`` is used in error messages.
     """
     if curve is None:
         return np.ones(shape, dtype=np.float32)
@@ -218,14 +219,31 @@ def camera_curve_to_grid(curve: CameraCurve, shape: tuple[int, int], name: str) 
             out = arr.astype(np.float32)
         elif arr.shape == (shape[0], shape[1] // 2 + 1):
             out = _rfft_to_full(arr, shape).astype(np.float32)
+        elif arr.ndim == 2 and min(arr.shape) >= 4:
+            # another image size (e.g. a selected area): use its radial average
+            out = np.interp(q, *_radial_profile(arr)).astype(np.float32)
         else:
             raise ValueError(
-                f"{name}: expected a 1-D radial profile (0..Nyquist) or a 2-D array of shape "
-                f"{shape}; got shape {arr.shape}"
+                f"{name}: expected a 1-D radial profile (0..Nyquist) or a 2-D array (full or "
+                f"rfft grid); got shape {arr.shape}"
             )
     if out.shape != shape or not np.all(np.isfinite(out)) or np.any(out < 0):
         raise ValueError(f"{name}: values must be finite and non-negative on the {shape} grid")
     return out
+
+
+def _radial_profile(arr: np.ndarray, n_bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(q, mean value) of a 2-D curve on a full (fftfreq) or rfft grid, q = |g|/Nyquist ≤ 1."""
+    ny, nx = arr.shape
+    rfft = nx < ny and nx == ny // 2 + 1
+    gy = np.fft.fftfreq(ny)[:, None]
+    gx = (np.fft.rfftfreq(2 * (nx - 1)) if rfft else np.fft.fftfreq(nx))[None, :]
+    q = (np.sqrt(gy**2 + gx**2) / 0.5).ravel()
+    keep = q <= 1.0
+    which = np.minimum((q[keep] * n_bins).astype(int), n_bins - 1)
+    total = np.bincount(which, arr.ravel()[keep], n_bins)
+    count = np.maximum(np.bincount(which, None, n_bins), 1)
+    return (np.arange(n_bins) + 0.5) / n_bins, total / count
 
 
 def _rfft_to_full(half: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
