@@ -198,6 +198,201 @@ def add_wait(sub: Any) -> None:
     p.set_defaults(func=_wait)
 
 
+# --- plans: focal-series / rotated-scan / time-series / submit ---------------------------------
+def _plan_value(text: str, annotation: Any) -> Any:
+    """A command-line value: JSON when it parses, comma lists for list/tuple fields, else text."""
+    if annotation is str:
+        return text
+    kind = str(annotation)
+    if ("list" in kind or "tuple" in kind) and not text.lstrip().startswith(("[", "{")):
+        return [_plan_value(part.strip(), Any) for part in text.split(",") if part.strip()]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _add_plan_options(p: argparse.ArgumentParser, model: Any) -> None:
+    g = p.add_argument_group(f"{model.kind_name()} plan (defaults in docs/protocol.md)")
+    for name, f in model.model_fields.items():
+        if name in ("kind", "not_before_s"):  # --not-before takes a time
+            continue
+        key = f.alias or name
+        flag = "--" + key.replace("_", "-")
+        default = "required" if f.is_required() else _default_text(f)
+        help_text = f"{f.description or key} (default {default})"
+        if f.annotation is bool:
+            g.add_argument(flag, dest=f"plan__{key}", action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)  # fmt: skip
+        else:
+            g.add_argument(flag, dest=f"plan__{key}", default=None, metavar="VALUE",
+                           type=_plan_type(f.annotation), help=help_text)  # fmt: skip
+
+
+def _default_text(f: Any) -> str:
+    value = f.default_factory() if f.default_factory is not None else f.default
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    return json.dumps(value, default=str)
+
+
+def _plan_type(annotation: Any) -> Callable[[str], Any]:
+    return lambda text: _plan_value(text, annotation)
+
+
+def _plan_from_args(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    plan: dict[str, Any] = {"kind": kind}
+    for key, value in vars(args).items():
+        if key.startswith("plan__") and value is not None:
+            plan[key[len("plan__") :]] = value
+    if args.not_before:
+        plan["not_before_s"] = _when(args.not_before)
+    return plan
+
+
+def _when(text: str) -> float:
+    """Unix seconds from ISO 8601 local time (2026-11-21T22:00) or a number."""
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise SystemExit(f"--not-before: expected ISO time or Unix seconds, got {text!r}") from None
+
+
+class _ProgressBar:
+    """One progress line on stderr per job (frames, then processing states)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, event: Any) -> None:
+        if not self.enabled:
+            return
+        d = event.data
+        if event.topic == "progress":
+            n, total = d["frames_done"], max(d["frames_total"], 1)
+            bar = "#" * int(24 * n / total) + "." * (24 - int(24 * n / total))
+            line = f"job {d['job_id']}: [{bar}] {n}/{total} frames"
+        elif event.topic == "job":
+            job = d["job"]
+            line = f"job {job['job_id']}: {job['state']:<40}"
+        else:
+            return
+        print(f"\r{line}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _submit_plan(kind: str) -> Callable[[argparse.Namespace], Outcome]:
+    def run(args: argparse.Namespace) -> Outcome:
+        plan = _plan_from_args(args, kind)
+        with _client(args) as c:
+            if args.validate_only:
+                res = c.plan_validate(plan)
+                est = res.estimate
+                lines = ["valid" if res.valid else "refused", *res.problems]
+                if est is not None:
+                    lines.append(
+                        f"{est.frames} frames, {est.duration_s:.1f} s, "
+                        f"{est.disk_bytes / 1e6:.1f} MB, dose {est.dose_e_per_A2} e/Å²"
+                    )
+                text = "\n".join(lines)
+                return (0 if res.valid else 1), res.model_dump(mode="json"), text
+            job = c.submit(plan)
+            if not args.wait:
+                return 0, {"job": job.model_dump(mode="json")}, _job_line(job)
+            bar = _ProgressBar(not args.json)
+            job = c.wait(job.job_id, timeout_s=args.wait_timeout, on_event=bar)
+            bar.done()
+        code = 0 if job.state == "done" else 1
+        return code, {"job": job.model_dump(mode="json")}, _job_line(job)
+
+    return run
+
+
+def _plan_command(name: str, kind: str, help_text: str) -> Callable[[Any], None]:
+    def add(sub: Any) -> None:
+        from scherzer.daemon.plans import PLAN_MODELS
+
+        model = next(m for m in PLAN_MODELS if m.kind_name() == kind)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            parents=[_output_options(), _client_options()],
+            description=(model.__doc__ or help_text).strip(),
+        )
+        _add_plan_options(p, model)
+        p.add_argument("--wait", action="store_true", help="show progress until the job ends")
+        p.add_argument("--wait-timeout", type=float, default=None, help="with --wait: seconds")
+        p.add_argument("--not-before", default=None, help="start no earlier (ISO time or Unix s)")
+        p.add_argument("--validate-only", action="store_true",
+                       help="only check the plan: limits, duration, dose, disk")  # fmt: skip
+        p.set_defaults(func=_submit_plan(kind))
+
+    return add
+
+
+add_focal_series = _plan_command("focal-series", "focal_series", "submit a focal series")
+add_rotated_scan = _plan_command("rotated-scan", "rotated_scan", "submit a rotated-scan series")
+add_time_series = _plan_command("time-series", "time_series", "submit a time series")
+
+
+def _submit(args: argparse.Namespace) -> Outcome:
+    from scherzer.daemon.runs import expand_runs, load_runs, preflight, run_batch
+
+    runs = load_runs(args.runs)
+    with _client(args) as c:
+        if args.dry_run:
+            pf = preflight(c, expand_runs(runs))
+            return (0 if pf.ok else 1), {"preflight": pf.to_json()}, pf.text()
+        bar = _ProgressBar(not args.json and args.wait)
+        out = run_batch(c, runs, wait=args.wait, timeout_s=args.wait_timeout, on_event=bar)
+        bar.done()
+    from scherzer.daemon.runs import Preflight
+
+    pf = Preflight(**{k: v for k, v in out["preflight"].items() if k != "ok"})
+    if not pf.ok:
+        return 1, out, pf.text() + "\nnothing was submitted"
+    lines = [pf.text()]
+    lines += [_job_line(job) for job in _jobs_of(out)]
+    if out["report"]:
+        lines.append(f"report: {out['report']}")
+    states = {j["state"] for j in out["jobs"]}
+    code = 0 if not args.wait or states <= {"done"} else 1
+    return code, out, "\n".join(lines)
+
+
+def _jobs_of(out: dict[str, Any]) -> list[Any]:
+    from scherzer.daemon.protocol import JobInfo
+
+    return [JobInfo.model_validate(j) for j in out["jobs"]]
+
+
+def add_submit(sub: Any) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="queue a runs.toml batch (preflight, repeats, not-before times, report)",
+        parents=[_output_options(), _client_options()],
+        description=(
+            "Queue every plan of a runs.toml file after a preflight of total time, dose and "
+            "disk (see scherzer/daemon/runs.py for the format). With --wait (default) it waits "
+            "for every job and has the daemon write a summary report in its data directory."
+        ),
+    )
+    p.add_argument("runs", type=Path, help="the runs.toml file")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="submit and return")
+    p.add_argument("--wait-timeout", type=float, default=None, help="give up after seconds")
+    p.add_argument("--dry-run", action="store_true", help="preflight only; submit nothing")
+    p.set_defaults(func=_submit, wait=True)
+
+
 # --- keys -------------------------------------------------------------------------------------
 def _keys_new(args: argparse.Namespace) -> Outcome:
     from scherzer.daemon.security import new_keypair
@@ -532,6 +727,10 @@ COMMANDS: list[Callable[[Any], None]] = [
     add_pause,
     add_resume,
     add_wait,
+    add_focal_series,
+    add_rotated_scan,
+    add_time_series,
+    add_submit,
     add_keys,
     add_simulate,
     add_align,
