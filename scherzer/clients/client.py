@@ -248,6 +248,17 @@ class Client:
     def plan_validate(self, plan: dict[str, Any]) -> P.PlanValidateResult:
         return self._typed("plan_validate", {"plan": plan})
 
+    def report(
+        self,
+        job_ids: Iterable[int],
+        title: str = "Scherzer run",
+        name: str = "report",
+        timeout_s: float = 120.0,
+    ) -> P.ReportResult:
+        """Have the daemon write a summary report of these jobs (in its data directory)."""
+        params = P.ReportParams(job_ids=list(job_ids), title=title, name=name)
+        return self._typed("report_create", params, timeout_s=timeout_s)
+
     # --- devices ---------------------------------------------------------------------------
     def lens_get(self) -> P.LensState:
         return self._typed("lens_get")

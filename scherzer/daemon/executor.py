@@ -29,6 +29,7 @@ import dataclasses
 import math
 import re
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -523,7 +524,7 @@ class Executor:
     def _run_once(self) -> None:
         self._serve_tasks()
         job = None if self.queue_paused else self.store.next_queued()
-        if job is not None:
+        if job is not None and not _too_early(job):
             self._run_job(job)
             return
         with self._cond:
@@ -825,6 +826,12 @@ class Executor:
         except Exception:
             jlog.exception("closing the job file failed")
         run.writer = None
+
+
+def _too_early(job: JobInfo) -> bool:
+    """The job's plan asks not to start before a time that has not come yet."""
+    not_before = job.plan.get("not_before_s")
+    return not_before is not None and time.time() < float(not_before)
 
 
 @dataclass

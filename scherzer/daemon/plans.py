@@ -191,6 +191,9 @@ class BasePlan(BaseModel):
     restore_optics: bool = Field(
         True, description="put focus/stigmator/scan settings back afterwards (also on failure)"
     )
+    not_before_s: float | None = Field(
+        None, description="Unix time before which the job does not start (it holds the queue)"
+    )
 
     @model_validator(mode="after")
     def _known_steps(self) -> BasePlan:

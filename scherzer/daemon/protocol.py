@@ -341,6 +341,19 @@ class PlanValidateResult(_Model):
     valid: bool
     problems: list[str] = Field(default_factory=list)
     estimate: PlanEstimate | None = None
+    disk_free_bytes: int | None = Field(None, description="free space in the data directory")
+    disk_reserve_bytes: int | None = Field(None, description="space that must stay free")
+
+
+class ReportParams(_Model):
+    job_ids: list[int] = Field(min_length=1, max_length=10000)
+    title: str = Field("Scherzer run", max_length=256)
+    name: str = Field("report", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="file stem")
+
+
+class ReportResult(_Model):
+    path: str = Field(description="the Markdown report (PNGs in the folder beside it)")
+    jobs: list[dict[str, Any]] = Field(description="per job: id, name, kind, state, frames, …")
 
 
 @dataclass(frozen=True)
@@ -444,6 +457,15 @@ METHODS: dict[str, MethodSpec] = {
         PlanValidateResult,
         _OBS,
         "Check a plan against schema and limits; estimated duration, dose and disk use.",
+    ),
+    "report_create": MethodSpec(
+        ReportParams,
+        ReportResult,
+        _OP,
+        "Write a Markdown summary report (outcome of every job, plots of fitted focus, peak "
+        "heights, drift, thumbnails) under `<data_dir>/reports/`; replies when written.",
+        (ErrorCode.NOT_FOUND,),
+        idempotent=False,
     ),
 }
 

@@ -109,6 +109,7 @@ class Daemon:
             "scan_acquire": self._scan_acquire,
             "frame_get": self._frame_get,
             "plan_validate": self._plan_validate,
+            "report_create": self._report_create,
         }
 
     # --- life cycle ------------------------------------------------------------------------
@@ -525,7 +526,33 @@ class Daemon:
             return Reply(P.PlanValidateResult(valid=False, problems=problems))
         problems = self._check_plan(plan)
         est = self._estimate(plan)
-        return Reply(P.PlanValidateResult(valid=not problems, problems=problems, estimate=est))
+        return Reply(
+            P.PlanValidateResult(
+                valid=not problems,
+                problems=problems,
+                estimate=est,
+                disk_free_bytes=_free_disk_bytes(self.data_dir),
+                disk_reserve_bytes=self.settings.limits.min_free_disk_bytes,
+            )
+        )
+
+    def _report_create(self, call: Call, p: P.ReportParams) -> Deferred:
+        """Reads the job files in a thread (never in the request loop), then replies."""
+        from scherzer.daemon.report import write_report
+
+        jobs = [self.store.get(i) for i in p.job_ids]  # not_found before any work
+
+        def run() -> None:
+            try:
+                path, summaries = write_report(jobs, self.data_dir, p.title, p.name)
+                call.log.info("report written", path=str(path), jobs=len(jobs))
+                result = P.ReportResult(path=str(path), jobs=[s.to_json() for s in summaries])
+                self.finish(call, Reply(result), None)
+            except Exception as exc:
+                self.finish(call, None, exc)
+
+        threading.Thread(target=run, name="report", daemon=True).start()
+        return Deferred()
 
     # --- handlers: devices (run on the executor thread) ------------------------------------
     def _device(self, call: Call, fn: Callable[[Instruments], Reply], *, changes: bool) -> Deferred:
