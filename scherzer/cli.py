@@ -701,9 +701,10 @@ def _demo(args: argparse.Namespace) -> Outcome:
         scan_size_px=args.size,
         focal_images=args.images,
         scan_frames=args.frames,
+        speedup=args.speedup,
     )
-    summary = run_demo(settings)
-    return 0, summary, ""
+    summary = run_demo(settings, out=sys.stderr if args.json else sys.stdout)
+    return (0 if summary["ok"] else 1), summary, ""
 
 
 def add_demo(sub: Any) -> None:
@@ -714,6 +715,7 @@ def add_demo(sub: Any) -> None:
     p.add_argument("--size", type=int, default=256, help="image size in pixels")
     p.add_argument("--images", type=int, default=11, help="focal-series images")
     p.add_argument("--frames", type=int, default=8, help="scan frames")
+    p.add_argument("--speedup", type=float, default=20.0, help="simulated time runs faster")
     p.set_defaults(func=_demo)
 
 

@@ -1,31 +1,35 @@
-"""`scherzer demo`: the main job on the built-in simulators, end to end, with a report.
+"""`scherzer demo`: the main job on the built-in simulators, end to end, through the daemon.
 
-Runs an 11-image focal series of a crystal edge under an amorphous film (registration and
-exit-wave restoration) and an orthogonal-pairs HAADF + ABF scan series (rigid alignment, shifts
-measured on HAADF applied to ABF), compares what was measured with the simulators' ground truth,
-and writes the files, PNG plots and a Markdown report to the output directory.
+Starts an embedded daemon (:class:`~scherzer.clients.client.LocalDaemon`, a child process on free
+loopback ports) whose instruments are the simulated microscope (a crystal edge under an
+amorphous film, drifting), submits an 11-image focal series (focal-series registration and
+exit-wave restoration) and an orthogonal-pairs HAADF + ABF scan series (rigid alignment measured
+on HAADF and applied to ABF), shows progress bars while they run (the scan series acquires while
+the focal series is processed), compares the fitted values with the simulator's ground truth
+stored in the job files, and prints a summary table and where the report and files are. The
+daemon is stopped on any exit (normal, error, Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
 from scherzer import emd
-from scherzer.processing.pipeline import PipelineResult, run_pipeline
 from scherzer.stack import ImageStack
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["DemoSettings", "focal_comparison", "focal_table", "run_demo", "scan_comparison"]
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and seeds of the demo (CI runs it small)."""
+    """Sizes, speed and seed of the demo (CI runs it small)."""
 
     out_dir: Path = Path("scherzer-demo")
     focal_images: int = 11
@@ -33,49 +37,45 @@ class DemoSettings:
     scan_frames: int = 8
     scan_size_px: int = 256
     seed: int = 1
-
-
-def next_free_path(directory: Path, name: str) -> Path:
-    """``<name>_<NNN>.h5`` with the first unused number (files are never overwritten)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 100000):
-        path = directory / f"{name}_{i:03d}.h5"
-        if not path.exists():
-            return path
-    raise RuntimeError(f"no free file name for {name} in {directory}")
+    speedup: float = 20.0
+    timeout_s: float = 600.0
 
 
 def _relative(values: np.ndarray, ref: int) -> np.ndarray:
     return np.asarray(values, dtype=float) - np.asarray(values, dtype=float)[ref]
 
 
-def focal_comparison(stack: ImageStack, result: PipelineResult) -> dict[str, Any]:
-    """Fitted against true relative defocus and drift (relative to the reference image)."""
-    reg = result.output("focal_register").summary
-    ref = int(reg["reference_index"])
-    fitted = np.asarray(reg["relative_defocus_nm"])
+def focal_comparison(stack: ImageStack, summary: dict[str, Any]) -> dict[str, Any]:
+    """Fitted against true relative defocus and drift (relative to the reference image).
+    ``summary`` is the ``focal_register`` step summary."""
+    ref = int(summary["reference_index"])
+    fitted = np.asarray(summary["relative_defocus_nm"])
     truth = _relative(stack.ground_truth["defocus_nm"], ref)
-    shifts = np.asarray(reg["shifts_px"])
+    shifts = np.asarray(summary["shifts_px"])
     true_shifts = np.asarray(stack.ground_truth["shifts_px"], dtype=float)
     true_shifts = true_shifts - true_shifts[ref]
     return {
         "reference_index": ref,
         "nominal_nm": stack.column("defocus_nominal_nm").tolist(),
+        "readback_nm": stack.column("defocus_readback_nm").tolist(),
         "true_relative_nm": truth.tolist(),
         "fitted_relative_nm": fitted.tolist(),
         "defocus_rms_error_nm": float(np.sqrt(np.mean((fitted - truth) ** 2))),
         "drift_rms_error_px": float(np.sqrt(np.mean(np.sum((shifts - true_shifts) ** 2, 1)))),
         "absolute_defocus_error_nm": float(
-            reg["defocus_nm"][ref] - stack.ground_truth["defocus_nm"][ref]
+            summary["defocus_nm"][ref] - stack.ground_truth["defocus_nm"][ref]
         ),
         "shifts_px": shifts.tolist(),
         "true_shifts_px": true_shifts.tolist(),
+        "astigmatism_nm": float(summary["astigmatism_nm"]),
+        "astigmatism_deg": float(summary["astigmatism_deg"]),
     }
 
 
-def scan_comparison(stack: ImageStack, result: PipelineResult) -> dict[str, Any]:
-    """Measured against true frame shifts (both relative to their mean)."""
-    shifts = np.asarray(result.output("align").summary["shifts_px"], dtype=float)
+def scan_comparison(stack: ImageStack, summary: dict[str, Any]) -> dict[str, Any]:
+    """Measured against true frame shifts (both relative to their mean); ``summary`` is the
+    ``align`` step summary."""
+    shifts = np.asarray(summary["shifts_px"], dtype=float)
     truth = np.asarray(stack.ground_truth["shifts_px"], dtype=float)
     err = (shifts - shifts.mean(0)) - (truth - truth.mean(0))
     return {
@@ -86,142 +86,227 @@ def scan_comparison(stack: ImageStack, result: PipelineResult) -> dict[str, Any]
     }
 
 
-def _progress_bar(label: str) -> Callable[[str, int, int], None]:
-    def show(step: str, i: int, n: int) -> None:
-        filled = int(20 * i / max(n, 1))
-        print(f"\r  {label:<14} [{'#' * filled}{'.' * (20 - filled)}] {step:<16}", end="")
-
-    return show
-
-
-def run_focal(settings: DemoSettings) -> dict[str, Any]:
-    from scherzer.simulators.hrtem import simulate_focal_series
-
-    t0 = time.perf_counter()
-    stack = simulate_focal_series(
-        "crystal_edge",
-        n=settings.focal_images,
-        start_nm=-100.0,
-        step_nm=10.0,
-        step_error_fraction=0.02,
-        a1_nm=2.0,
-        a1_deg=30.0,
-        size=settings.focal_size_px,
-        seed=settings.seed,
-    )
-    t_sim = time.perf_counter() - t0
-    path = next_free_path(settings.out_dir, "focal_series")
-    emd.write_stack(path, stack, name="frames")
-    plots = settings.out_dir / path.stem
-    result = run_pipeline(
-        {"frames": stack}, ["focal_register", "restore"], plot_dir=plots,
-        progress=_progress_bar("focal series"),
-    )  # fmt: skip
-    print()
-    emd.store_pipeline_result(path, result)
-    return {
-        "file": str(path),
-        "plots": [str(p) for o in result.outputs for p in o.plots],
-        "simulate_seconds": t_sim,
-        "process_seconds": sum(o.seconds for o in result.outputs),
-        "astigmatism_nm": result.output("focal_register").summary["astigmatism_nm"],
-        "astigmatism_deg": result.output("focal_register").summary["astigmatism_deg"],
-        "true_astigmatism": (2.0, 30.0),
-        **focal_comparison(stack, result),
-    }
-
-
-def run_scan(settings: DemoSettings) -> dict[str, Any]:
-    from scherzer.simulators.stem import simulate_rotated_scan
-
-    t0 = time.perf_counter()
-    stacks = simulate_rotated_scan(
-        "srtio3_001",
-        n_frames=settings.scan_frames,
-        rotation_mode="orthogonal-pairs",
-        base_rotation_deg=10.0,
-        size=settings.scan_size_px,
-        signals=("HAADF", "ABF"),
-        seed=settings.seed,
-    )
-    t_sim = time.perf_counter() - t0
-    path = next_free_path(settings.out_dir, "rotated_scan")
-    for i, (name, stack) in enumerate(stacks.items()):
-        emd.write_stack(path, stack, name=name, mode="w" if i == 0 else "a")
-    plots = settings.out_dir / path.stem
-    result = run_pipeline(stacks, ["align"], plot_dir=plots, progress=_progress_bar("scan series"))
-    print()
-    emd.store_pipeline_result(path, result)
-    return {
-        "file": str(path),
-        "plots": [str(p) for o in result.outputs for p in o.plots],
-        "simulate_seconds": t_sim,
-        "process_seconds": sum(o.seconds for o in result.outputs),
-        **scan_comparison(stacks["HAADF"], result),
-    }
-
-
 def focal_table(focal: dict[str, Any]) -> str:
     """Markdown table of fitted against true relative defocus and drift."""
     lines = [
-        "| image | nominal (nm) | true rel. (nm) | fitted rel. (nm) | drift (px) "
-        "| true drift (px) |",
-        "|---:|---:|---:|---:|---|---|",
+        "| image | nominal (nm) | read-back (nm) | true rel. (nm) | fitted rel. (nm) "
+        "| drift (px) | true drift (px) |",
+        "|---:|---:|---:|---:|---:|---|---|",
     ]
     for i, nominal in enumerate(focal["nominal_nm"]):
         s, t = focal["shifts_px"][i], focal["true_shifts_px"][i]
         lines.append(
-            f"| {i} | {nominal:.1f} | {focal['true_relative_nm'][i]:+.2f} | "
-            f"{focal['fitted_relative_nm'][i]:+.2f} | ({s[0]:+.2f}, {s[1]:+.2f}) | "
-            f"({t[0]:+.2f}, {t[1]:+.2f}) |"
+            f"| {i} | {nominal:.1f} | {focal['readback_nm'][i]:.1f} | "
+            f"{focal['true_relative_nm'][i]:+.2f} | {focal['fitted_relative_nm'][i]:+.2f} | "
+            f"({s[0]:+.2f}, {s[1]:+.2f}) | ({t[0]:+.2f}, {t[1]:+.2f}) |"
         )
     return "\n".join(lines)
 
 
-def write_report(settings: DemoSettings, focal: dict[str, Any], scan: dict[str, Any]) -> Path:
-    """A Markdown report with the comparison tables and the plots (relative links)."""
-    out = settings.out_dir
-    report = out / "report.md"
-
-    def images(paths: list[str]) -> str:
-        return "\n".join(f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in paths)
-
-    report.write_text(
-        "# Scherzer demo report\n\n"
-        f"## Focal series ({focal['file']})\n\n"
-        f"Reference image {focal['reference_index']}; relative defocus RMS error "
-        f"{focal['defocus_rms_error_nm']:.3f} nm; drift RMS error "
-        f"{focal['drift_rms_error_px']:.3f} px; absolute defocus error "
-        f"{focal['absolute_defocus_error_nm']:+.2f} nm; A1 {focal['astigmatism_nm']:.2f} nm at "
-        f"{focal['astigmatism_deg']:.1f}° (true 2.00 nm at 30.0°).\n\n"
-        f"{focal_table(focal)}\n\n{images(focal['plots'])}\n\n"
-        f"## Rotated-scan series ({scan['file']})\n\n"
-        f"Rotations {scan['rotation_deg']}; shift RMS error against truth "
-        f"{scan['rms_error_px']:.3f} px (HAADF measured, ABF carries the same shifts).\n\n"
-        f"{images(scan['plots'])}\n",
-        encoding="utf-8",
-    )
-    return report
+# --- the run ----------------------------------------------------------------------------------
+def daemon_config(settings: DemoSettings) -> dict[str, Any]:
+    """Settings of the embedded daemon: simulated instruments on free loopback ports."""
+    return {
+        "devices": {
+            "kind": "sim",
+            "specimen": "crystal_edge",
+            "camera_shape": [settings.focal_size_px, settings.focal_size_px],
+            "speedup": settings.speedup,
+            "seed": settings.seed,
+            "drift_nm_per_s": [0.015, -0.01],
+            "probe_current_pA": 200.0,
+        },
+        "server": {"heartbeat_s": 1.0},
+        "logging": {"console": "json"},
+    }
 
 
-def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, Any]:
-    """Run both series, print the summary, return it as a JSON-able dict."""
+def plans(settings: DemoSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    focal = {
+        "kind": "focal_series",
+        "name": "demo_focal",
+        "sample": "crystal edge under an amorphous film (simulated)",
+        "n_images": settings.focal_images,
+        "start_nm": -100.0,
+        "step_nm": 10.0,
+        "exposure_s": 0.5,
+        "settle_s": 0.2,
+    }
+    scan = {
+        "kind": "rotated_scan",
+        "name": "demo_scan",
+        "sample": "crystal edge under an amorphous film (simulated)",
+        "n_frames": settings.scan_frames,
+        "size_px": [settings.scan_size_px, settings.scan_size_px],
+        "dwell_us": 2.0,
+        "base_rotation_deg": 10.0,
+        "rotation_mode": "orthogonal-pairs",
+        "signals": ["HAADF", "ABF"],
+    }
+    return focal, scan
+
+
+class _Bars:
+    """A progress bar per job on ``out`` (frames, then processing, then the outcome)."""
+
+    def __init__(self, out: TextIO, label: str) -> None:
+        self.out = out
+        self.label = label
+        self.state = "queued"
+        self.done = 0
+        self.total = 1
+
+    def __call__(self, event: Any) -> None:
+        d = event.data
+        if event.topic == "progress":
+            self.done, self.total = d["frames_done"], max(d["frames_total"], 1)
+            self.state = "running" if self.state == "queued" else self.state
+        elif event.topic == "job":
+            self.state = d["job"]["state"]
+        else:
+            return
+        self.draw()
+
+    def draw(self) -> None:
+        filled = int(24 * self.done / self.total)
+        bar = "#" * filled + "." * (24 - filled)
+        print(f"\r  {self.label:<14} [{bar}] {self.done:>3}/{self.total:<3} {self.state:<11}",
+              end="", file=self.out, flush=True)  # fmt: skip
+
+
+def _wait(client: Any, job: Any, label: str, settings: DemoSettings, out: TextIO) -> Any:
+    bars = _Bars(out, label)
+    bars.total = job.frames_total
+    bars.draw()
+    final = client.wait(job.job_id, timeout_s=settings.timeout_s, on_event=bars)
+    bars.done, bars.state = final.frames_done, final.state
+    bars.draw()
+    print(file=out)
+    return final
+
+
+def _seconds(job: Any) -> float:
+    return float((job.finished_s or 0.0) - (job.started_s or 0.0))
+
+
+def _focal_result(job: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"file": job.output_file, "state": job.state, "seconds": _seconds(job)}
+    if job.state != "done":
+        out["error"] = job.error.message if job.error else "?"
+        return out
+    summary = emd.read_processing_summary(job.output_file, "focal_register")
+    out.update(focal_comparison(emd.read_stack(job.output_file), summary))
+    out["process_seconds"] = float(summary["seconds"])
+    return out
+
+
+def _scan_result(job: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"file": job.output_file, "state": job.state, "seconds": _seconds(job)}
+    if job.state != "done":
+        out["error"] = job.error.message if job.error else "?"
+        return out
+    summary = emd.read_processing_summary(job.output_file, "align")
+    out.update(scan_comparison(emd.read_stack(job.output_file, "HAADF"), summary))
+    out["process_seconds"] = float(summary["seconds"])
+    return out
+
+
+def _demo_section(focal: dict[str, Any], scan: dict[str, Any]) -> str:
+    parts = ["## Demo: fitted against the simulator's truth\n"]
+    if "fitted_relative_nm" in focal:
+        parts += [
+            f"Focal series: reference image {focal['reference_index']}; relative defocus RMS "
+            f"error {focal['defocus_rms_error_nm']:.3f} nm; drift RMS error "
+            f"{focal['drift_rms_error_px']:.3f} px; absolute defocus error "
+            f"{focal['absolute_defocus_error_nm']:+.2f} nm; A1 {focal['astigmatism_nm']:.2f} nm "
+            f"at {focal['astigmatism_deg']:.1f}°.\n",
+            focal_table(focal),
+            "",
+        ]
+    else:
+        parts.append(f"Focal series {focal['state']}: {focal.get('error')}\n")
+    if "rms_error_px" in scan:
+        parts.append(
+            f"Rotated-scan series (rotations {scan['rotation_deg']}): shift RMS error against "
+            f"truth {scan['rms_error_px']:.3f} px (HAADF measured, ABF carries the same shifts)."
+        )
+    else:
+        parts.append(f"Rotated-scan series {scan['state']}: {scan.get('error')}")
+    return "\n".join(parts) + "\n"
+
+
+def _summary_lines(focal: dict[str, Any], scan: dict[str, Any]) -> list[str]:
+    lines = ["", "| series | outcome | fitted vs truth | time (s) |", "|---|---|---|---:|"]
+    if "fitted_relative_nm" in focal:
+        quality = (f"defocus RMS {focal['defocus_rms_error_nm']:.2f} nm, drift RMS "
+                   f"{focal['drift_rms_error_px']:.2f} px")  # fmt: skip
+    else:
+        quality = focal.get("error", "")
+    lines.append(f"| focal series | {focal['state']} | {quality} | {focal['seconds']:.1f} |")
+    if "rms_error_px" in scan:
+        quality = f"drift RMS {scan['rms_error_px']:.2f} px"
+    else:
+        quality = scan.get("error", "")
+    lines.append(f"| rotated scan | {scan['state']} | {quality} | {scan['seconds']:.1f} |")
+    return lines
+
+
+def _raise_on_sigterm() -> Any:
+    """SIGTERM becomes KeyboardInterrupt so the daemon is stopped by the ``with`` block."""
+
+    def handler(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def run_demo(settings: DemoSettings = DemoSettings(), out: TextIO | None = None) -> dict[str, Any]:
+    """Run both series through an embedded daemon, print the summary, return it (JSON-able).
+    ``summary["ok"]`` is True when both series were acquired and processed."""
+    from scherzer.clients.client import LocalDaemon
+
+    out = out or sys.stdout
     t0 = time.perf_counter()
-    print(f"Scherzer demo — output in {settings.out_dir}/")
-    focal = run_focal(settings)
-    scan = run_scan(settings)
-    report = write_report(settings, focal, scan)
-    summary = {"focal_series": focal, "rotated_scan": scan, "report": str(report)}
-    summary["seconds"] = time.perf_counter() - t0
-    print()
-    print(focal_table(focal))
-    print(
-        f"\nfocal series: defocus RMS error {focal['defocus_rms_error_nm']:.3f} nm, drift RMS "
-        f"error {focal['drift_rms_error_px']:.3f} px, processed in {focal['process_seconds']:.2f} s"
-    )
-    print(
-        f"rotated scan: shift RMS error {scan['rms_error_px']:.3f} px, processed in "
-        f"{scan['process_seconds']:.2f} s"
-    )
-    print(f"files: {focal['file']}, {scan['file']}\nreport: {report}")
+    previous = _raise_on_sigterm()
+    directory = Path(settings.out_dir).resolve()
+    print(f"Scherzer demo — daemon, files and report under {directory}/", file=out)
+    try:
+        with LocalDaemon(daemon_config(settings), directory) as daemon:
+            with daemon.client(timeout_s=30.0) as client:
+                print(f"  daemon on {daemon.endpoint} (simulated instruments)", file=out)
+                focal_plan, scan_plan = plans(settings)
+                focal_job = client.submit(focal_plan)
+                scan_job = client.submit(scan_plan)
+                focal_final = _wait(client, focal_job, "focal series", settings, out)
+                scan_final = _wait(client, scan_job, "rotated scan", settings, out)
+                focal = _focal_result(focal_final)
+                scan = _scan_result(scan_final)
+                report = client.report(
+                    [focal_final.job_id, scan_final.job_id], title="Scherzer demo", name="demo"
+                )
+        report_path = Path(report.path)
+        with report_path.open("a", encoding="utf-8") as f:
+            f.write("\n" + _demo_section(focal, scan))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    ok = focal["state"] == "done" and scan["state"] == "done"
+    summary = {
+        "ok": ok,
+        "focal_series": focal,
+        "rotated_scan": scan,
+        "report": str(report_path),
+        "endpoint": daemon.endpoint,
+        "events_endpoint": daemon.events_endpoint,
+        "seconds": time.perf_counter() - t0,
+    }
+    if "fitted_relative_nm" in focal:
+        print("\n" + focal_table(focal), file=out)
+    print("\n".join(_summary_lines(focal, scan)), file=out)
+    print(f"\nfiles:  {focal['file']}\n        {scan['file']}\nreport: {report_path}", file=out)
+    print(f"demo took {summary['seconds']:.1f} s{'' if ok else ' — NOT all series done'}",
+          file=out)  # fmt: skip
     return summary
