@@ -43,8 +43,13 @@ def test_focal_series_on_the_simulator_matches_the_truth(tmp_path):
         start = c.lens_set(defocus_nm=-7.0).defocus_nm
         plan = {"kind": "focal_series", "n_images": 11, "start_nm": -100.0, "step_nm": 10.0,
                 "exposure_s": 1.0, "settle_s": 0.5, "name": "film"}  # fmt: skip
-        job = c.wait(c.submit(plan).job_id, timeout_s=90)
+        first = c.submit(plan)
+        after = c.submit({"kind": "camera_image", "exposure_s": 0.1, "name": "next"})
+        job = c.wait(first.job_id, timeout_s=90)
         assert job.state == "done", job.error
+        nxt = c.wait(after.job_id, timeout_s=30)
+        # processing ran in the worker thread: the next acquisition started before it ended
+        assert nxt.started_s < job.finished_s
         assert abs(c.lens_get().defocus_nm - start) < 1.0  # focus restored
     stack = read_stack(job.output_file)
     nominal = -100.0 + 10.0 * np.arange(11)
@@ -225,3 +230,23 @@ def test_daemon_killed_mid_series_and_restarted(tmp_path):
         nxt = c.wait(c.submit(focal_plan(3)).job_id, timeout_s=20)
         assert nxt.state == "done" and read_stack(nxt.output_file).n_frames == 3
         assert nxt.output_file != lost.output_file  # numbered, never overwritten
+
+
+def test_processing_failure_fails_the_job_with_the_reason_and_keeps_the_frames(pattern_daemon):
+    """Pattern frames carry no optics: focal registration cannot run."""
+    with pattern_daemon.client() as c:
+        plan = focal_plan(3, processing=["focal_register"])
+        job = c.wait(c.submit(plan).job_id, timeout_s=30)
+        assert job.state == "failed" and job.error.code == "processing_failed"
+        assert "missing instrument parameters" in job.error.message
+        assert job.frames_done == 3 and read_stack(job.output_file).n_frames == 3
+        assert c.wait(c.submit(focal_plan(2)).job_id, timeout_s=20).state == "done"
+
+
+def test_plan_validate_refuses_when_the_disk_would_fill(tmp_path):
+    config = {"devices": dict(PATTERN), "limits": {"min_free_disk_bytes": 1 << 62}}
+    with LocalDaemon(config, tmp_path) as d, d.client() as c:
+        res = c.plan_validate(focal_plan(5))
+        assert not res.valid and "not enough disk" in res.problems[0]
+        assert res.estimate.disk_bytes == 5 * 32 * 32 * 4
+        assert res.estimate.duration_s == pytest.approx(5 * 1.0)
