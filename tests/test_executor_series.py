@@ -250,3 +250,40 @@ def test_plan_validate_refuses_when_the_disk_would_fill(tmp_path):
         assert not res.valid and "not enough disk" in res.problems[0]
         assert res.estimate.disk_bytes == 5 * 32 * 32 * 4
         assert res.estimate.duration_s == pytest.approx(5 * 1.0)
+
+
+def test_queue_pause_survives_a_restart(tmp_path):
+    config = {"devices": dict(PATTERN), "server": {}}
+    with LocalDaemon(config, tmp_path) as d, d.client() as c:
+        c.pause()
+        job = c.submit(focal_plan(2))
+    config["server"].pop("endpoint"), config["server"].pop("events_endpoint")
+    with LocalDaemon(config, tmp_path) as d, d.client() as c:
+        assert c.status().queue_paused
+        time.sleep(0.3)
+        assert c.job(job.job_id).state == "queued"
+        c.resume()
+        assert c.wait(job.job_id, timeout_s=20).state == "done"
+
+
+def test_processing_interrupted_by_a_kill_runs_again_after_restart(tmp_path):
+    devices = {"kind": "sim", "camera_shape": [256, 256], "speedup": 1000.0, "seed": 1,
+               "specimen": "amorphous_carbon"}  # fmt: skip
+    config = {"devices": devices, "server": {}}
+    plan = {"kind": "focal_series", "n_images": 9, "start_nm": -90.0, "step_nm": 10.0,
+            "processing": ["focal_register", {"step": "restore", "iterations": 5}]}  # fmt: skip
+    d = LocalDaemon(config, tmp_path).start()
+    try:
+        with d.client(timeout_s=30) as c:
+            job = c.submit(plan)
+            wait_for(lambda: c.job(job.job_id).state == "processing", timeout_s=60)
+        d.kill()
+    finally:
+        d.kill()
+    config["server"].pop("endpoint"), config["server"].pop("events_endpoint")
+    with LocalDaemon(config, tmp_path) as again, again.client(timeout_s=30) as c:
+        done = c.wait(job.job_id, timeout_s=90)
+        assert done.state == "done", done.error
+    log = (tmp_path / "data/logs/daemon.jsonl").read_text()
+    assert "resuming processing after a restart" in log
+    assert read_processing_summary(done.output_file, "restore")["images_used"] == 9

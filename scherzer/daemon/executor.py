@@ -437,7 +437,7 @@ class Executor:
         self.current_job: int | None = None
         self._nominal_defocus_nm: float | None = None
         self.job_paused = False
-        self.queue_paused = False
+        self.queue_paused = store.get_flag("queue_paused")  # survives restarts
         self._stopping = threading.Event()
         self._cond = threading.Condition()
         self._tasks: list[_Task] = []
@@ -445,7 +445,22 @@ class Executor:
 
     # --- control from the request loop -----------------------------------------------------
     def start(self) -> None:
+        self._resume_processing()
         self._thread.start()
+
+    def _resume_processing(self) -> None:
+        """Jobs left ``acquired`` by a stop or crash get their processing run now."""
+        for job in self.store.awaiting_processing():
+            try:
+                plan = parse_plan(job.plan)
+            except Exception:
+                log.exception("cannot resume processing", job=job.job_id)
+                continue
+            log.info("resuming processing after a restart", job=job.job_id)
+            if plan.processing and job.output_file:
+                self.processing.submit(job, plan, Path(job.output_file), job.error)
+            else:
+                self._emit_job(self.store.set_state(job.job_id, "done"))
 
     def wake(self) -> None:
         with self._cond:
@@ -470,10 +485,12 @@ class Executor:
 
     def pause(self) -> None:
         self.queue_paused = True
+        self.store.set_flag("queue_paused", True)
         self.wake()
 
     def resume(self) -> None:
         self.queue_paused = False
+        self.store.set_flag("queue_paused", False)
         self.wake()
 
     def call_device(

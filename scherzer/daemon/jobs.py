@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from scherzer.daemon.protocol import (
-    ACTIVE_STATES,
     FINAL_STATES,
     ErrorBody,
     ErrorCode,
@@ -51,6 +50,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, queue_pos);
+CREATE TABLE IF NOT EXISTS flags (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 _COLUMNS = (
     "job_id, kind, name, plan, state, submitter, created_s, started_s, finished_s, frames_done, "
@@ -183,6 +186,22 @@ class JobStore:
         with self._lock:
             self.queue_counter += 1
 
+    def get_flag(self, name: str) -> bool:
+        """A persistent switch (e.g. ``queue_paused``); False when never set."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM flags WHERE name = ?", (name,)).fetchone()
+            return bool(row[0]) if row else False
+
+    def set_flag(self, name: str, value: bool) -> None:
+        self._tx(
+            lambda db: db.execute(
+                "INSERT INTO flags (name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (name, int(bool(value))),
+            ),
+            queue_changed=True,
+        )
+
     def queued_count(self) -> int:
         with self._lock:
             q = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'"
@@ -287,12 +306,14 @@ class JobStore:
             return bool(self._db.execute(q, (job_id,)).fetchone()[0])
 
     def recover(self, count_frames: Callable[[str | None], int]) -> list[JobInfo]:
-        """After a crash: every active job becomes ``interrupted`` with the frames on disk."""
+        """After a crash: a job that was acquiring (``running``/``paused``) becomes
+        ``interrupted`` with the frames on disk; one whose frames were complete (``acquired``/
+        ``processing``) goes back to ``acquired`` so its processing runs again
+        (:meth:`awaiting_processing`). Returns the interrupted jobs."""
 
         def tx(db: sqlite3.Connection) -> list[int]:
-            marks = ",".join("?" * len(ACTIVE_STATES))
             rows = db.execute(
-                f"SELECT job_id, output_file FROM jobs WHERE state IN ({marks})", ACTIVE_STATES
+                "SELECT job_id, output_file FROM jobs WHERE state IN ('running', 'paused')"
             ).fetchall()
             err = ErrorBody(
                 code=ErrorCode.INTERNAL,
@@ -304,10 +325,15 @@ class JobStore:
                     "WHERE job_id=?",
                     (time.time(), count_frames(out), err, jid),
                 )
+            db.execute("UPDATE jobs SET state='acquired' WHERE state='processing'")
             return [r[0] for r in rows]
 
         ids = self._tx(tx, queue_changed=True)
         return [self.get(i) for i in ids]
+
+    def awaiting_processing(self) -> list[JobInfo]:
+        """Jobs whose frames are complete and whose processing has not finished."""
+        return self.history(limit=1000, states=["acquired"])[::-1]
 
 
 def _with_pos(info: JobInfo, position: int) -> JobInfo:

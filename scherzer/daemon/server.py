@@ -501,15 +501,13 @@ class Daemon:
         return Reply(P.JobsResult(jobs=jobs, paused=self.executor.queue_paused))
 
     def _queue_pause(self, call: Call, _: P.Empty) -> Reply:
-        self.executor.pause()
-        self.store.bump_queue_counter()
+        self.executor.pause()  # persisted: counts as a queue change
         call.log.info("queue paused")
         self._queue_event()
         return Reply(P.QueueStateResult(paused=True))
 
     def _queue_resume(self, call: Call, _: P.Empty) -> Reply:
         self.executor.resume()
-        self.store.bump_queue_counter()
         call.log.info("queue resumed")
         self._queue_event()
         return Reply(P.QueueStateResult(paused=False))
