@@ -287,3 +287,38 @@ def test_processing_interrupted_by_a_kill_runs_again_after_restart(tmp_path):
     log = (tmp_path / "data/logs/daemon.jsonl").read_text()
     assert "resuming processing after a restart" in log
     assert read_processing_summary(done.output_file, "restore")["images_used"] == 9
+
+
+def test_scan_settings_a_plan_changed_are_restored_in_process(tmp_path):
+    """The executor without a server: the scan generator's settings (rotation included) are put
+    back after a rotated-scan series, and after one that fails."""
+    from scherzer.config import Settings
+    from scherzer.daemon.executor import Executor, FrameCache, open_instruments
+    from scherzer.daemon.jobs import JobStore
+    from scherzer.daemon.plans import RotatedScanSeries, plan_to_json
+    from scherzer.drivers.base import ScanSettings
+
+    settings = Settings(data_dir=tmp_path, devices={**PATTERN, "fault": "timeout:5,timeout:5"})
+    instruments = open_instruments(settings)
+    before = ScanSettings(size_px=(8, 8), rotation_deg=33.0, signals=("BF",))
+    instruments.scan.configure(before)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    events: list = []
+    ex = Executor(store, instruments, settings, lambda t, d: events.append((t, d)), FrameCache())
+    ex.start()
+    try:
+        ids = []
+        for n in (4, 4):  # the second one hits the double fault on its 2nd frame and fails
+            plan = RotatedScanSeries(n_frames=n, size_px=(16, 16), processing=[])
+            ids.append(store.submit(plan_to_json(plan), kind=plan.kind, submitter="t",
+                                    frames_total=n).job_id)  # fmt: skip
+            ex.wake()
+            final = wait_for(lambda: (j := store.get(ids[-1])).state in ("done", "failed") and j)
+            assert instruments.scan.settings == before
+        assert [store.get(i).state for i in ids] == ["done", "failed"]
+        assert any(t == "frame" and d["record"]["scan_rotation_deg"] == 90.0 for t, d in events)
+    finally:
+        ex.stop()
+        assert ex.join(10)
+        store.close()
+    assert final.error.code == "device_timeout"
