@@ -138,8 +138,14 @@ def test_orthogonal_sets_alignment_recovers_the_drift(tmp_path):
     assert np.sqrt(np.mean(np.sum(err**2, 1))) <= 0.3, err
     aligned = read_stacks(job.output_file)
     assert {"aligned_HAADF", "aligned_ABF"} <= set(aligned)
-    # ABF carries the HAADF shifts: aligned ABF frames are the raw ones moved by the same shifts
     assert aligned["aligned_ABF"].n_frames == aligned["aligned_HAADF"].n_frames == 8
+    # ABF carries the shifts measured on HAADF: its aligned frames no longer move
+    from skimage.registration import phase_cross_correlation
+
+    abf = aligned["aligned_ABF"].frames
+    for i in range(1, 8):
+        rest, *_ = phase_cross_correlation(abf[0], abf[i], upsample_factor=10)
+        assert np.hypot(*rest) <= 0.3, (i, rest)
 
 
 # --- control flow on pattern devices ----------------------------------------------------------
