@@ -248,8 +248,11 @@ def count_frames_on_disk(path: str | Path | None) -> int:
     """Complete frames in a job file (largest signal); 0 if it is missing or unreadable."""
     if not path or not Path(path).exists():
         return 0
+    from scherzer.emd import describe
+
     try:
-        return max((s.n_frames for s in read_stacks(path).values()), default=0)
+        groups = describe(path)["data"].values()  # reads records only, not the frames
+        return max((g.get("frames_complete", 0) for g in groups if g["kind"] == "stack"), default=0)
     except Exception:
         log.warning("cannot count frames", path=str(path))
         return 0
