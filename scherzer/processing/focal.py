@@ -116,6 +116,21 @@ class FocalParams:
     full (not linearised) wave after the weak-phase fit — right for strong pure-phase objects
     (thin films, light atoms); off by default because for thick crystals with dynamical
     amplitude contrast it moves the estimate away from the exit surface (seen: +1.3 nm).
+    ``crystal``: a crystal-only field (no amorphous area). The first pass then takes the nominal
+    step and measures drift image-to-image (each image against the previous one, on the low
+    frequencies where one step changes χ by < π/4, the peak nearest the drift so far: the
+    lattice makes the correlation periodic, so the drift between neighbours must stay below
+    half a lattice period); later passes refine Δ and shift locally (no wide search, which
+    could jump by a lattice vector). The absolute defocus assumes ψ − 1 = c·R(r), R real, one
+    complex c (the channelling picture of a thin crystal at its exit surface: amplitude and
+    phase contrast in a fixed ratio) instead of a weak-phase object, with 3 rounds of the
+    quadratic-term correction in the restoration (see :func:`fit_defocus_astigmatism_wave`).
+    ``thickness_nm``: specimen thickness, if known. The reported absolute defocus refers to the
+    **exit surface** (where the simulator and the restored exit wave are defined). The
+    weak-phase criterion finds the plane where the wave is most nearly a pure phase object — the
+    mid-plane of an amorphous film, t/2 upstream — so with ``thickness_nm`` its estimate is moved
+    by t/2 to the exit surface (without it, the mid-plane is reported: within t/2 of the exit
+    surface). The crystal criterion locates the exit surface itself (no shift applied).
     """
 
     reference: int | None = None
@@ -137,6 +152,8 @@ class FocalParams:
     absolute_range_nm: float = 20.0
     fit_astigmatism: bool = True
     pure_phase_refinement: bool = False
+    crystal: bool = False
+    thickness_nm: float | None = None
 
 
 @dataclass
@@ -606,6 +623,48 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
     return d_abs, shifts, peaks
 
 
+CRYSTAL_STEP_WINDOW_PX = 3.0
+CRYSTAL_MAX_DCHI = math.pi / 2  # rad: frequencies whose χ changes less over one step
+
+
+def _first_pass_crystal(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray):
+    """Nominal defocus; drift chained image to image (FocalParams ``crystal``).
+
+    Each image is cross-correlated with the previous one on the frequencies where one step
+    changes χ by less than π/2 (their contrast is nearly the same there, up to a reversal
+    where the CTF crosses zero). A reversal would make a lattice pseudo-translation win, so
+    the cross-power is squared (sign-free; the peak sits at twice the step, ambiguous by half
+    a lattice vector) and the drift is taken as smooth: the median of the steps found within
+    ``max_drift_px`` is the steady drift, every step the peak within
+    ``CRYSTAL_STEP_WINDOW_PX`` of it.
+    """
+    n = len(nominal)
+    steps = np.abs(np.diff(nominal))
+    dchi = np.abs(prob.bt.unit) * float(np.max(steps))  # χ change over one step (rad)
+    low = dchi < CRYSTAL_MAX_DCHI
+    if low.sum() < 8:
+        low = dchi <= np.sort(dchi)[min(len(dchi) - 1, 64)]
+    spec = prob.spectra * low
+    pairs = spec[1:] * np.conj(spec[:-1])
+    # squared phasors: a reflection whose contrast reverses between the two images (sign
+    # flip) still points the same way; the correlation of the squares peaks at twice the step
+    mag = np.abs(pairs)
+    sq = (pairs * pairs / np.maximum(mag, 1e-30)).astype(np.complex64)
+    norms = mag.sum(axis=1)
+    win = prob.params.max_drift_px
+    wide, _ = prob.corr.coarse(sq, np.ones(n - 1), np.zeros(2), 2 * win)
+    typical = np.median(wide, axis=0)  # twice the steady drift per image
+    near, _ = prob.corr.coarse(sq, np.ones(n - 1), typical, 2 * CRYSTAL_STEP_WINDOW_PX)
+    step_s = np.zeros((n, 2))
+    peaks = np.ones(n)
+    for i in range(1, n):
+        s2, peaks[i] = prob.corr.refine(sq[i - 1], near[i - 1], float(norms[i - 1]), 6)
+        step_s[i] = 0.5 * s2
+    shifts = np.cumsum(step_s, axis=0)
+    shifts -= shifts[ref]
+    return nominal.copy(), shifts, peaks
+
+
 def _predict_shift(shifts: np.ndarray, i: int, done: np.ndarray) -> np.ndarray:
     """Shift of image i extrapolated along the images done so far (a straight drift line)."""
     if done.size < 2:
@@ -684,11 +743,15 @@ def fit_defocus_astigmatism_wave(
     range_nm: float,
     fit_astigmatism: bool = True,
     noise_cov12: np.ndarray | None = None,
+    free_phase: bool = False,
 ) -> tuple[float, np.ndarray]:
-    """χ error (δC1 nm, (A1 cos 2φ, A1 sin 2φ) nm) of a restored wave φ (band), weak phase.
+    """χ error (δC1 nm, (A1 cos 2φ, A1 sin 2φ) nm) of a restored wave φ (band).
 
-    Maximises J = Re Σ q(g) e^{2iΔχ(g)} with q = −p/|p|^½, p = φ(g)φ(−g) minus its noise
-    part ``noise_cov12`` (see :func:`pair_noise_covariance`) (module doc).
+    Weak phase: maximises J = Re Σ q(g) e^{2iΔχ(g)} with q = −p/|p|^½, p = φ(g)φ(−g) minus its
+    noise part ``noise_cov12`` (see :func:`pair_noise_covariance`) (module doc). With
+    ``free_phase`` the wave is only assumed to be c·R(r) with R real and one unknown complex c
+    (a crystal's exit wave in the channelling picture: amplitude and phase contrast in a fixed
+    ratio), so arg p = 2 arg c − 2Δχ and J = |Σ q e^{2iΔχ}| is maximised instead.
     """
     half = (band.gy > 0) | ((band.gy == 0) & (band.gx > 0))  # p(g) = p(−g): one of each pair
     p = phi[half].astype(np.complex128) * phi[band.neg][half]
@@ -699,7 +762,12 @@ def fit_defocus_astigmatism_wave(
 
     def j_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         e = q * np.exp(2j * (x @ basis[: len(x)]))
-        return -float(e.real.sum()), 2.0 * (basis[: len(x)] @ e.imag)
+        if not free_phase:
+            return -float(e.real.sum()), 2.0 * (basis[: len(x)] @ e.imag)
+        z = e.sum()  # J = |z|; ∂J/∂x = Re(z* ∂z/∂x)/|z|, ∂z/∂x = 2i Σ basis e
+        r = abs(z) + 1e-30
+        grad = (2.0 * (basis[: len(x)] @ (np.conj(z) * 1j * e).real)) / r
+        return -float(r), -grad
 
     step = 0.5
     coarse = np.arange(-range_nm, range_nm + 1e-9, step)
@@ -707,7 +775,7 @@ def fit_defocus_astigmatism_wave(
     rot = np.exp(2j * step * basis[0])
     vals = np.empty(coarse.size)
     for k in range(coarse.size):  # e^{2iδu} by repeated rotation: one multiply per trial
-        vals[k] = e.real.sum()
+        vals[k] = abs(e.sum()) if free_phase else e.real.sum()
         e *= rot
     x0 = np.array([coarse[int(np.argmax(vals))]])
     x = minimize(j_and_grad, x0, jac=True, method="BFGS").x
@@ -722,6 +790,50 @@ def fit_defocus_astigmatism_wave(
     return float(x[0]), ast
 
 
+def _agreement_terms(
+    spectra: np.ndarray,
+    bt: BandTransfer,
+    rel_defocus_nm: np.ndarray,
+    starts_nm: np.ndarray,
+    env_s: np.ndarray,
+    extra_chi: np.ndarray | None = None,
+    chunk: int = 8,
+) -> tuple[np.ndarray, ...]:
+    """Sums over images for trial start defoci, each (k, m): U = Σ S_n e_n sin χ_n,
+    V = Σ S_n e_n cos χ_n, and Σ e_n² sin², Σ e_n² sin·cos, Σ e_n² cos² (e_n = envelopes)."""
+    k, m = len(starts_nm), spectra.shape[1]
+    u, v = np.empty((k, m), np.complex64), np.empty((k, m), np.complex64)
+    pss, psc, pcc = (np.empty((k, m), np.float32) for _ in range(3))
+    env = bt.env_t[None] * env_s
+    for c0 in range(0, k, chunk):
+        st = np.asarray(starts_nm[c0 : c0 + chunk], np.float64)
+        dfs = (st[:, None] + rel_defocus_nm[None]).reshape(-1)
+        x = bt.chi(dfs).reshape(len(st), len(rel_defocus_nm), -1)
+        if extra_chi is not None:
+            x = x + extra_chi
+        s = (np.sin(x) * env[None]).astype(np.float32)
+        c = (np.cos(x) * env[None]).astype(np.float32)
+        sl = slice(c0, c0 + len(st))
+        u[sl] = np.einsum("knm,nm->km", s, spectra)
+        v[sl] = np.einsum("knm,nm->km", c, spectra)
+        pss[sl] = np.sum(s * s, axis=1)
+        psc[sl] = np.sum(s * c, axis=1)
+        pcc[sl] = np.sum(c * c, axis=1)
+    return u, v, pss, psc, pcc
+
+
+def _agreement_from_terms(terms, mag: np.ndarray, beta_rad: np.ndarray | float) -> np.ndarray:
+    """a(g) for CTFs sin(χ_n + β): (len(β), k, m) for an array β, (k, m) for a scalar."""
+    u, v, pss, psc, pcc = terms
+    b = np.atleast_1d(np.asarray(beta_rad, np.float64))
+    cb = np.cos(b).astype(np.float32)[:, None, None]
+    sb = np.sin(b).astype(np.float32)[:, None, None]
+    num = np.abs(cb * u[None] + sb * v[None])
+    p = cb * cb * pss[None] + 2 * cb * sb * psc[None] + sb * sb * pcc[None]
+    out = num / (mag[None, None] * np.sqrt(np.maximum(p, 0)) + 1e-30)
+    return out if np.ndim(beta_rad) else out[0]
+
+
 def phase_agreement(
     spectra: np.ndarray,
     prob_bt: BandTransfer,
@@ -730,26 +842,17 @@ def phase_agreement(
     env_s: np.ndarray,
     extra_chi: np.ndarray | None = None,
     chunk: int = 8,
+    beta_rad: float = 0.0,
 ) -> np.ndarray:
     """Per-frequency agreement a(g) ∈ [0, 1] of CTF-corrected images for trial start defoci.
 
-    a(g) = |Σ_n S_n(g) s_n(g)| / √(Σ_n |S_n(g)|² · Σ_n s_n(g)²), s_n = sin χ_n · envelopes,
-    χ_n at defocus start + rel_n (plus ``extra_chi``, e.g. an A1 term). Returns (k, m).
+    a(g) = |Σ_n S_n(g) s_n(g)| / √(Σ_n |S_n(g)|² · Σ_n s_n(g)²), s_n = sin(χ_n + β) ·
+    envelopes, χ_n at defocus start + rel_n (plus ``extra_chi``, e.g. an A1 term). β = 0 is
+    the weak-phase CTF; β ≠ 0 mixes in amplitude contrast (module doc). Returns (k, m).
     """
-    out = np.empty((len(starts_nm), spectra.shape[1]), np.float32)
     mag = np.sqrt(np.sum(np.abs(spectra) ** 2, axis=0))
-    env = prob_bt.env_t[None] * env_s
-    for c0 in range(0, len(starts_nm), chunk):
-        st = np.asarray(starts_nm[c0 : c0 + chunk], np.float64)
-        dfs = (st[:, None] + rel_defocus_nm[None]).reshape(-1)
-        x = prob_bt.chi(dfs).reshape(len(st), len(rel_defocus_nm), -1)
-        if extra_chi is not None:
-            x = x + extra_chi
-        s = (np.sin(x) * env[None]).astype(np.float32)
-        num = np.abs(np.einsum("knm,nm->km", s, spectra))
-        den = mag[None] * np.sqrt(np.sum(s * s, axis=1)) + 1e-30
-        out[c0 : c0 + chunk] = num / den
-    return out
+    terms = _agreement_terms(spectra, prob_bt, rel_defocus_nm, starts_nm, env_s, extra_chi, chunk)
+    return _agreement_from_terms(terms, mag, beta_rad)
 
 
 def _sector_masks(band: SpectralBand, n_sectors: int) -> np.ndarray:
@@ -770,7 +873,13 @@ def _parabolic_peak(x: np.ndarray, y: np.ndarray) -> float:
 
 @dataclass
 class AgreementFit:
-    """Start defocus (nm) and A1 from Fourier-phase agreement of CTF-corrected images."""
+    """Start defocus (nm) and A1 from Fourier-phase agreement of CTF-corrected images.
+
+    ``amplitude_contrast_deg``: the fitted β of the CTF sin(χ + β) (0 = pure weak phase).
+    ``astigmatism_uncertainty_nm``: 1σ of each Cartesian A1 component (NaN: not fitted).
+    ``astigmatism_determined``: False when the data cannot fix A1 (too few sectors with signal,
+    or the uncertainty exceeds the fitted magnitude); A1 is then reported as 0.
+    """
 
     start_nm: float
     astigmatism_cartesian_nm: np.ndarray
@@ -778,6 +887,13 @@ class AgreementFit:
     sector_defocus_nm: np.ndarray
     trials_nm: np.ndarray
     agreement: np.ndarray
+    amplitude_contrast_deg: float = 0.0
+    astigmatism_uncertainty_nm: float = math.nan
+    astigmatism_determined: bool = True
+    sector_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+BETA_TRIALS = np.radians(np.arange(0.0, 180.0, 5.0))
 
 
 def fit_start_phase_agreement(
@@ -790,45 +906,78 @@ def fit_start_phase_agreement(
     range_nm: float,
     n_sectors: int = 6,
     fit_astigmatism: bool = True,
+    amplitude_contrast: bool = False,
 ) -> AgreementFit:
     """Start defocus and A1 maximising the phase agreement (QFocus-like).
 
-    Coarse trials (0.5 nm) over center ± range, then 0.05 nm around the best; the same per
-    azimuth sector; C1(θ) = C1 + A1c cos 2θ + A1s sin 2θ fitted to the sector optima (weighted
-    by sector signal), refined jointly by Nelder–Mead on the total agreement.
+    The CTF of every image is sin(χ_n + β): β = 0 is the weak-phase object; a crystal's
+    dynamical amplitude contrast (ψ − 1 ≈ c·R(r) with R real and one complex c, the channelling
+    picture: the image term 2|c| R cos(χ − arg c)) is a β ≠ 0, fitted with the defocus when
+    ``amplitude_contrast`` (otherwise β = 0, the weak-phase assumption). Measured: with β free
+    the start moved by 1.3 nm on a synthetic pure-phase crystal and did not come within 1 nm
+    on the simulator's SrTiO3 (β trades against defocus on the few low-order reflections), so
+    it is off by default; crystals are better served by ``FocalParams(crystal=True)``.
+    Coarse trials (0.5 nm) over center ± range, then 0.1 nm around the best; the same per
+    azimuth sector; A1 from the sector optima, refined jointly by Nelder–Mead on the total.
     """
     env_s = bt.spatial(center_nm + rel_defocus_nm)
-    weight = np.sqrt(np.sum(np.abs(spectra) ** 2, axis=0)).astype(np.float32)
+    mag = np.sqrt(np.sum(np.abs(spectra) ** 2, axis=0)).astype(np.float32)
+    weight = mag
+    betas = BETA_TRIALS if amplitude_contrast else np.zeros(1)
 
-    def score_grid(trials, masks, extra=None):
-        a = phase_agreement(spectra, bt, rel_defocus_nm, trials, env_s, extra)
-        return (a * weight[None]) @ masks.T.astype(np.float32)  # (k, sectors)
+    def score_grid(trials, masks, beta=None, extra=None):
+        terms = _agreement_terms(spectra, bt, rel_defocus_nm, trials, env_s, extra)
+        a = _agreement_from_terms(terms, mag, betas if beta is None else np.array([beta]))
+        return (a * weight) @ masks.T.astype(np.float32)  # (β, k, sectors)
 
     coarse = center_nm + np.arange(-range_nm, range_nm + 1e-9, 0.5)
-    total = score_grid(coarse, np.ones((1, band.size), bool))[:, 0]
+    all_b = np.ones((1, band.size), bool)
+    tot = score_grid(coarse, all_b)[:, :, 0]  # (β, k)
+    jb = int(np.unravel_index(np.argmax(tot), tot.shape)[0])
+    total = tot[jb]
     best = _parabolic_peak(coarse, total)
     fine = best + np.arange(-1.5, 1.5 + 1e-9, 0.1)
+    tot_f = score_grid(fine, all_b)[:, :, 0]
+    jb = int(np.unravel_index(np.argmax(tot_f), tot_f.shape)[0])
+    beta = float(betas[jb])
     masks = _sector_masks(band, n_sectors)
-    sec = score_grid(fine, np.vstack([np.ones((1, band.size), bool), masks]))
+    sec = score_grid(fine, np.vstack([all_b, masks]), beta)[0]
     start = _parabolic_peak(fine, sec[:, 0])
     angles = (np.arange(n_sectors) + 0.5) * 180.0 / n_sectors
     sector_def = np.array([_parabolic_peak(fine, sec[:, 1 + j]) for j in range(n_sectors)])
-    ast = np.zeros(2)
-    if fit_astigmatism:
-        sw = (weight[None] * masks).sum(axis=1)
-        t = np.radians(2 * angles)
-        design = np.stack([np.ones_like(t), np.cos(t), np.sin(t)], axis=1) * np.sqrt(sw)[:, None]
-        coef = np.linalg.lstsq(design, sector_def * np.sqrt(sw), rcond=None)[0]
-        x0 = np.array([coef[0], coef[1], coef[2]])
+    sw = (weight[None] * masks).sum(axis=1)
+    fit = AgreementFit(
+        start, np.zeros(2), angles, sector_def, coarse, total, math.degrees(beta), math.nan,
+        True, sw,
+    )  # fmt: skip
+    if not fit_astigmatism:
+        return fit
+    x0 = np.array([start, 0.0, 0.0, beta] if amplitude_contrast else [start, 0.0, 0.0])
 
-        def neg(x):
-            extra = (x[1] * basis[1] + x[2] * basis[2])[None]
-            a = phase_agreement(spectra, bt, rel_defocus_nm, np.array([x[0]]), env_s, extra)
-            return -float((a[0] * weight).sum())
+    def neg(x):
+        extra = (x[1] * basis[1] + x[2] * basis[2])[None]
+        b = x[3] if len(x) > 3 else 0.0
+        a = phase_agreement(spectra, bt, rel_defocus_nm, np.array([x[0]]), env_s, extra, 8, b)
+        return -float((a[0] * weight).sum())
 
-        res = minimize(neg, x0, method="Nelder-Mead", options={"xatol": 0.02, "fatol": 1e-6})
-        start, ast = float(res.x[0]), np.array(res.x[1:3])
-    return AgreementFit(start, ast, angles, sector_def, coarse, total)
+    simplex = _simplex(x0, (0.5, 1.0, 1.0, 0.2)[: len(x0)])
+    res = minimize(
+        neg, x0, method="Nelder-Mead",
+        options={"xatol": 0.02, "fatol": 1e-7, "initial_simplex": simplex},
+    )  # fmt: skip
+    fit.start_nm, fit.astigmatism_cartesian_nm = float(res.x[0]), np.array(res.x[1:3])
+    fit.amplitude_contrast_deg = math.degrees(float(res.x[3])) if amplitude_contrast else 0.0
+    return fit
+
+
+def _simplex(x0: np.ndarray, steps: Sequence[float]) -> np.ndarray:
+    """Nelder–Mead start simplex: x0 and x0 + step_i e_i."""
+    pts = [x0]
+    for i, s in enumerate(steps):
+        p = x0.copy()
+        p[i] += s
+        pts.append(p)
+    return np.array(pts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -872,7 +1021,10 @@ def register_focal_series(
 
     prob = _Problem(intensity_frames(stack), optics, pix, nominal, p, mtf)
     flag_level = prob.flag_level
-    d_abs, shifts, peaks = _first_pass(prob, ref, nominal, used, rng_nm)
+    if p.crystal:
+        d_abs, shifts, peaks = _first_pass_crystal(prob, ref, nominal, used)
+    else:
+        d_abs, shifts, peaks = _first_pass(prob, ref, nominal, used, rng_nm)
     history = [{"pass": 0, "relative_defocus_nm": (d_abs - d_abs[ref]).tolist()}]
     a1_c = _cartesian_a1(optics.a1_nm, optics.a1_deg)
     basis = _chi_basis(optics, prob.grid, prob.band)
@@ -886,7 +1038,7 @@ def register_focal_series(
                 break
             # the first wave pass searches as widely as the first pass (FFT shifts, ±range) so
             # that an image the reference-based start got wrong is recovered
-            wide = passes == 0
+            wide = passes == 0 and not p.crystal
             new_d, new_s, new_p, _ = _wave_pass(
                 prob, ref, d_abs, shifts, peaks, ok, rng_nm if wide else fine_range, wide
             )
@@ -917,6 +1069,8 @@ def register_focal_series(
         history.append({"absolute_correction_nm": delta, "a1_nm": mag, "a1_deg": ang})
         if abs(delta) < 0.05 and np.hypot(*d_ast) < 0.05:
             break
+    if p.thickness_nm is not None and p.absolute == "wave" and not p.crystal:
+        d_abs = d_abs - 0.5 * float(p.thickness_nm)  # mid-plane → exit surface
     flagged = peaks < flag_level
     flagged[ref] = False
     mag, ang = _polar_a1(a1_c)
@@ -954,10 +1108,12 @@ def _absolute_correction(prob, d_abs, shifts, ok, basis, p, search) -> tuple[flo
         )
         return fit.start_nm - ref_d, fit.astigmatism_cartesian_nm
     t = prob.bt.transfer(d_abs[ok], prob.bt.spatial(d_abs[ok]))
-    sol = solve_series(aligned[ok], t, prob.band, camera=prob.camera)
+    sol = solve_series(
+        aligned[ok], t, prob.band, camera=prob.camera, corrections=3 if p.crystal else 1
+    )
     cov12 = pair_noise_covariance(sol.terms.sums(), 1.0 / sol.prior)
     delta, ast = fit_defocus_astigmatism_wave(
-        sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12
+        sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12, free_phase=p.crystal
     )
     if p.pure_phase_refinement:
         delta = refine_defocus_min_amplitude(sol.phi, basis, prob.band, delta, ast)
