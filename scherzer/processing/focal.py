@@ -635,8 +635,9 @@ def _first_pass_crystal(prob: _Problem, ref: int, nominal: np.ndarray, used: np.
     where the CTF crosses zero). A reversal would make a lattice pseudo-translation win, so
     the cross-power is squared (sign-free; the peak sits at twice the step, ambiguous by half
     a lattice vector) and the drift is taken as smooth: the median of the steps found within
-    ``max_drift_px`` is the steady drift, every step the peak within
-    ``CRYSTAL_STEP_WINDOW_PX`` of it.
+    ``max_drift_px``/2 is the steady drift (the squared map repeats with the lattice period,
+    so a steady drift per image must stay below ~¼ of the shortest lattice period, ≈ 5 px for
+    SrTiO3 at 0.02 nm/px), every step the peak within ``CRYSTAL_STEP_WINDOW_PX`` of it.
     """
     n = len(nominal)
     steps = np.abs(np.diff(nominal))
@@ -652,17 +653,31 @@ def _first_pass_crystal(prob: _Problem, ref: int, nominal: np.ndarray, used: np.
     sq = (pairs * pairs / np.maximum(mag, 1e-30)).astype(np.complex64)
     norms = mag.sum(axis=1)
     win = prob.params.max_drift_px
-    wide, _ = prob.corr.coarse(sq, np.ones(n - 1), np.zeros(2), 2 * win)
+    wide, _ = prob.corr.coarse(sq, np.ones(n - 1), np.zeros(2), win)
     typical = np.median(wide, axis=0)  # twice the steady drift per image
     near, _ = prob.corr.coarse(sq, np.ones(n - 1), typical, 2 * CRYSTAL_STEP_WINDOW_PX)
     step_s = np.zeros((n, 2))
     peaks = np.ones(n)
+    half = 0.5 * max(prob.corr.scale)  # the coarse map's pixel: search ± that finely first
     for i in range(1, n):
-        s2, peaks[i] = prob.corr.refine(sq[i - 1], near[i - 1], float(norms[i - 1]), 6)
+        start = _local_grid_peak(prob.corr, sq[i - 1], near[i - 1], half)
+        s2, peaks[i] = prob.corr.refine(sq[i - 1], start, float(norms[i - 1]), 6)
         step_s[i] = 0.5 * s2
     shifts = np.cumsum(step_s, axis=0)
     shifts -= shifts[ref]
     return nominal.copy(), shifts, peaks
+
+
+def _local_grid_peak(corr: Correlator, z: np.ndarray, center: np.ndarray, half: float):
+    """Shift (2,) maximising Re Σ z e^{2πi g·s} on a 9×9 grid within ± ``half`` px of
+    ``center``: a start inside the peak for Newton (a coarse-box peak can be off by half a box
+    pixel, several image pixels, on the sharp periodic peaks of a crystal)."""
+    offs = np.linspace(-half, half, 9)
+    ey = np.exp(2j * math.pi * np.outer(center[0] + offs, corr.fy)).astype(np.complex64)
+    ex = np.exp(2j * math.pi * np.outer(center[1] + offs, corr.fx)).astype(np.complex64)
+    vals = ((ey[:, corr.iy] * z[None]) @ ex[:, corr.ix].T).real  # (y offsets, x offsets)
+    jy, jx = np.unravel_index(int(np.argmax(vals)), vals.shape)
+    return np.array([center[0] + offs[jy], center[1] + offs[jx]])
 
 
 def _predict_shift(shifts: np.ndarray, i: int, done: np.ndarray) -> np.ndarray:
