@@ -56,6 +56,7 @@ from scherzer.processing.restoration import (
     crop_area,
     frame_spectra,
     information_band,
+    linear_prediction,
     pair_noise_covariance,
     plot_wave,
     quadratic_term,
@@ -668,6 +669,79 @@ def _first_pass_crystal(prob: _Problem, ref: int, nominal: np.ndarray, used: np.
     return nominal.copy(), shifts, peaks
 
 
+CRYSTAL_STEP_SCALE_RANGE = 0.1  # ± fraction of the nominal step searched
+CRYSTAL_SPOT_QUANTILE = 0.995  # band frequencies above this power quantile are "the spots"
+
+
+def _spot_mask(spectra: np.ndarray, quantile: float = CRYSTAL_SPOT_QUANTILE) -> np.ndarray:
+    """Band elements carrying the most power over the series (a crystal's Bragg spots), ≥ 16."""
+    pw = np.sum(np.abs(spectra) ** 2, axis=0)
+    k = max(16, round((1.0 - quantile) * pw.size))
+    mask = np.zeros(pw.size, bool)
+    mask[np.argsort(pw)[::-1][:k]] = True
+    return mask
+
+
+def fit_step_scale(
+    prob: _Problem,
+    aligned: np.ndarray,
+    nominal: np.ndarray,
+    ref: int,
+    ref_defocus_nm: float,
+    half_range: float = CRYSTAL_STEP_SCALE_RANGE,
+) -> tuple[float, float]:
+    """Scale κ of the nominal step (defocus_n = ref + κ·(nominal_n − nominal_ref)) that best
+    explains the aligned series by the two-sided linear model (+ quadratic term), and the
+    residual fraction at it. The residual is taken on the Bragg spots only (:func:`_spot_mask`):
+    a crystal's per-image defocus is poorly determined (a defocus change only rescales each
+    reflection), but one step scale for the whole series is well determined."""
+    spots = _spot_mask(aligned)
+    total = float(np.sum(np.abs(aligned[:, spots]) ** 2)) + 1e-30
+
+    def resid(kappa: float) -> float:
+        d = ref_defocus_nm + kappa * (nominal - nominal[ref])
+        t = prob.bt.transfer(d, prob.bt.spatial(d))
+        sol = solve_series(aligned, t, prob.band, camera=prob.camera, corrections=1)
+        pred = linear_prediction(sol.phi, t * prob.camera, prob.band.conj_neg(t) * prob.camera,
+                                 prob.band) + sol.quadratic  # fmt: skip
+        return float(np.sum(np.abs((aligned - pred)[:, spots]) ** 2)) / total
+
+    grid = 1.0 + np.arange(-half_range, half_range + 1e-9, 0.01)
+    vals = np.array([resid(k) for k in grid])
+    best = _parabolic_peak(grid, -vals)
+    res = minimize_scalar(
+        resid, bounds=(best - 0.01, best + 0.01), method="bounded", options={"xatol": 1e-4}
+    )
+    return float(res.x), float(res.fun)
+
+
+def _crystal_pass(prob: _Problem, ref: int, nominal, d_abs, shifts, used):
+    """One crystal pass: the step scale κ (defocus on the nominal line through the reference),
+    then every image's shift refined (Newton, from the last) against its leave-one-out
+    prediction at that defocus. Returns (defocus, shifts, peaks)."""
+    n = len(d_abs)
+    aligned = prob.spectra * shift_phase(prob.band, shifts)
+    kappa, _ = fit_step_scale(prob, aligned[used], nominal[used], int(np.sum(used[:ref])),
+                              float(d_abs[ref]))  # fmt: skip
+    new_d = d_abs[ref] + kappa * (nominal - nominal[ref])
+    env_s = prob.bt.spatial(new_d)
+    t = prob.bt.transfer(new_d, env_s)
+    sol = solve_series(aligned[used], t[used], prob.band, camera=prob.camera, leave_one_out=True)
+    quad = quadratic_term(prob.band, sol.phi, t, prob.camera)
+    loo = np.empty((n, prob.band.size), np.complex64)
+    loo[used] = sol.loo
+    loo[~used] = sol.phi
+    new_s, peaks = shifts.copy(), np.ones(n)
+    for i in range(n):
+        lin = (loo[i] * t[i] + prob.band.conj_neg(loo[i]) * prob.band.conj_neg(t[i])) * prob.camera
+        y = lin + quad[i]
+        norm = float(np.linalg.norm(prob.spectra[i]) * np.linalg.norm(y))
+        z = (prob.spectra[i] * np.conj(y)).astype(np.complex64)
+        new_s[i], peaks[i] = prob.corr.refine(z, shifts[i], norm, 6)
+    new_s -= new_s[ref]
+    return new_d, new_s, peaks
+
+
 def _local_grid_peak(corr: Correlator, z: np.ndarray, center: np.ndarray, half: float):
     """Shift (2,) maximising Re Σ z e^{2πi g·s} on a 9×9 grid within ± ``half`` px of
     ``center``: a start inside the peak for Newton (a coarse-box peak can be off by half a box
@@ -1054,9 +1128,12 @@ def register_focal_series(
             # the first wave pass searches as widely as the first pass (FFT shifts, ±range) so
             # that an image the reference-based start got wrong is recovered
             wide = passes == 0 and not p.crystal
-            new_d, new_s, new_p, _ = _wave_pass(
-                prob, ref, d_abs, shifts, peaks, ok, rng_nm if wide else fine_range, wide
-            )
+            if p.crystal:
+                new_d, new_s, new_p = _crystal_pass(prob, ref, nominal, d_abs, shifts, ok)
+            else:
+                new_d, new_s, new_p, _ = _wave_pass(
+                    prob, ref, d_abs, shifts, peaks, ok, rng_nm if wide else fine_range, wide
+                )
             change_d = np.max(np.abs(new_d - d_abs))
             change_s = np.max(np.abs(new_s - shifts))
             d_abs, shifts, peaks = new_d, new_s, new_p
