@@ -737,7 +737,8 @@ def _crystal_pass(prob: _Problem, ref: int, nominal, d_abs, shifts, used):
         y = lin + quad[i]
         norm = float(np.linalg.norm(prob.spectra[i]) * np.linalg.norm(y))
         z = (prob.spectra[i] * np.conj(y)).astype(np.complex64)
-        new_s[i], peaks[i] = prob.corr.refine(z, shifts[i], norm, 6)
+        start = _local_grid_peak(prob.corr, z, shifts[i], 1.0)
+        new_s[i], peaks[i] = prob.corr.refine(z, start, norm, 6)
     new_s -= new_s[ref]
     return new_d, new_s, peaks
 
@@ -833,6 +834,7 @@ def fit_defocus_astigmatism_wave(
     fit_astigmatism: bool = True,
     noise_cov12: np.ndarray | None = None,
     free_phase: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> tuple[float, np.ndarray]:
     """χ error (δC1 nm, (A1 cos 2φ, A1 sin 2φ) nm) of a restored wave φ (band).
 
@@ -840,7 +842,12 @@ def fit_defocus_astigmatism_wave(
     noise part ``noise_cov12`` (see :func:`pair_noise_covariance`) (module doc). With
     ``free_phase`` the wave is only assumed to be c·R(r) with R real and one unknown complex c
     (a crystal's exit wave in the channelling picture: amplitude and phase contrast in a fixed
-    ratio), so arg p = 2 arg c − 2Δχ and J = |Σ q e^{2iΔχ}| is maximised instead.
+    ratio), so arg p = 2 arg c − 2Δχ and J = |Σ q e^{2iΔχ}| is maximised instead; A1 is
+    then fitted first with a free phase per ring of equal |g| (symmetry-equivalent reflections
+    share c, so within a ring only A1 changes arg p), and the defocus with A1 fixed; when the
+    rings cannot fix both A1 components (:func:`_ring_conditioning` below
+    ``RING_MIN_CONDITIONING``, e.g. a rectangular lattice with few equivalent reflections) the
+    joint free-phase fit is used. ``info`` (a dict), if given, receives how A1 was fitted.
     """
     half = (band.gy > 0) | ((band.gy == 0) & (band.gx > 0))  # p(g) = p(−g): one of each pair
     p = phi[half].astype(np.complex128) * phi[band.neg][half]
@@ -849,14 +856,10 @@ def fit_defocus_astigmatism_wave(
     q = -p / np.maximum(np.abs(p), 1e-30) ** 0.5
     basis = basis[:, half]
 
-    def j_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
-        e = q * np.exp(2j * (x @ basis[: len(x)]))
-        if not free_phase:
-            return -float(e.real.sum()), 2.0 * (basis[: len(x)] @ e.imag)
-        z = e.sum()  # J = |z|; ∂J/∂x = Re(z* ∂z/∂x)/|z|, ∂z/∂x = 2i Σ basis e
-        r = abs(z) + 1e-30
-        grad = (2.0 * (basis[: len(x)] @ (np.conj(z) * 1j * e).real)) / r
-        return -float(r), -grad
+    groups = None
+    if free_phase:
+        groups = np.zeros(q.size, np.int64)
+    j_and_grad = _phase_objective(q, basis, groups)
 
     step = 0.5
     coarse = np.arange(-range_nm, range_nm + 1e-9, step)
@@ -868,15 +871,81 @@ def fit_defocus_astigmatism_wave(
         e *= rot
     x0 = np.array([coarse[int(np.argmax(vals))]])
     x = minimize(j_and_grad, x0, jac=True, method="BFGS").x
-    if fit_astigmatism:
-        best = None
-        for a in ([0.0, 0.0], [1.5, 1.5], [-1.5, -1.5]):
-            r = minimize(j_and_grad, np.array([x[0], *a]), jac=True, method="BFGS")
-            if best is None or r.fun < best.fun:
-                best = r
-        x = best.x
-    ast = np.array([x[1], x[2]]) if len(x) == 3 else np.zeros(2)
-    return float(x[0]), ast
+    if not fit_astigmatism:
+        return float(x[0]), np.zeros(2)
+    if free_phase:
+        # A1 from rings of equal |g| (symmetry-equivalent reflections share their c, so only
+        # A1 differs within a ring); the defocus, constant on a ring, then with A1 fixed
+        ny, nx = band.shape
+        rings = np.rint(np.hypot(band.gy[half] * ny, band.gx[half] * nx)).astype(np.int64)
+        # only the strong elements (the spots): a ring of noise alone fits any A1
+        keep = np.abs(q) >= np.quantile(np.abs(q), RING_FIT_QUANTILE)
+        rings = np.where(keep, rings, rings.max() + 1)
+        qk = np.where(keep, q, 0)
+        ring_obj = _phase_objective(qk, basis[1:], rings)
+        ast = _best_of_starts(ring_obj, ([0.0, 0.0], [1.5, 1.5], [-1.5, -1.5])).x
+        cond = _ring_conditioning(np.abs(qk), basis[1:], rings)
+        if info is not None:
+            info["a1_ring_conditioning"] = cond
+        if cond < RING_MIN_CONDITIONING:  # one A1 direction unconstrained: the joint fit
+            x = _best_of_starts(j_and_grad, ([x[0], *ast], [x[0], 0.0, 0.0]))
+            if info is not None:
+                info["a1_method"] = "joint free phase (rings ill-conditioned)"
+            return float(x.x[0]), np.array(x.x[1:3])
+        if info is not None:
+            info["a1_method"] = "rings of equal |g|"
+        fixed = q * np.exp(2j * (ast @ basis[1:]))
+        c1_obj = _phase_objective(fixed, basis[:1], groups)
+        x = minimize(c1_obj, x0, jac=True, method="BFGS").x
+        return float(x[0]), np.asarray(ast, float)
+    x = _best_of_starts(j_and_grad, ([x[0], 0.0, 0.0], [x[0], 1.5, 1.5], [x[0], -1.5, -1.5])).x
+    return float(x[0]), np.array([x[1], x[2]])
+
+
+RING_FIT_QUANTILE = 0.98  # the ring fit of A1 uses band elements above this |q| quantile
+RING_MIN_CONDITIONING = 0.1  # smallest/largest eigenvalue of the ring design's Gram matrix
+
+
+def _ring_conditioning(w: np.ndarray, basis: np.ndarray, rings: np.ndarray) -> float:
+    """How well rings of equal |g| fix both A1 components: λ_min/λ_max of the weighted Gram
+    matrix of the A1 basis with each ring's (weighted) mean removed (0: one direction free)."""
+    n = int(rings.max()) + 1
+    wsum = np.bincount(rings, w, n) + 1e-30
+    centred = [b - (np.bincount(rings, w * b, n) / wsum)[rings] for b in basis[:2]]
+    g = np.array([[np.sum(w * ci * cj) for cj in centred] for ci in centred])
+    ev = np.linalg.eigvalsh(g)
+    return float(ev[0] / max(ev[1], 1e-30))
+
+
+def _best_of_starts(fun: Any, starts: Sequence[Sequence[float]]) -> Any:
+    """The best BFGS result of ``fun`` (value, gradient) over several starting points."""
+    best = None
+    for x0 in starts:
+        r = minimize(fun, np.asarray(x0, float), jac=True, method="BFGS")
+        if best is None or r.fun < best.fun:
+            best = r
+    return best
+
+
+def _phase_objective(q: np.ndarray, basis: np.ndarray, groups: np.ndarray | None) -> Any:
+    """(−J, −∇J) of x (len ≤ rows of ``basis``) with e = q e^{2i x·basis}.
+
+    ``groups`` None: J = Re Σ e (the weak-phase relation, arg p = π). Otherwise each group
+    has its own free phase: J = Σ_groups |Σ_{g∈group} e|; ∇J = Σ Re(z̄/|z| · 2i basis e).
+    """
+
+    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+        b = basis[: len(x)]
+        e = q * np.exp(2j * (x @ b))
+        if groups is None:
+            return -float(e.real.sum()), 2.0 * (b @ e.imag)
+        n = int(groups.max()) + 1
+        z = np.bincount(groups, e.real, n) + 1j * np.bincount(groups, e.imag, n)
+        r = np.abs(z) + 1e-30
+        w = (np.conj(z) / r)[groups]
+        return -float(r.sum()), -2.0 * (b @ (w * 1j * e).real)
+
+    return f
 
 
 def _agreement_terms(
@@ -1153,12 +1222,13 @@ def register_focal_series(
         ok = used & (peaks >= flag_level)
         ok[ref] = True
         search = p.absolute_range_nm if rounds == 0 else 3.0
-        delta, d_ast = _absolute_correction(prob, d_abs, shifts, ok, basis, p, search)
+        info: dict[str, Any] = {}
+        delta, d_ast = _absolute_correction(prob, d_abs, shifts, ok, basis, p, search, info)
         d_abs = d_abs + delta
         a1_c = a1_c + d_ast
         mag, ang = _polar_a1(a1_c)
         prob.set_optics(optics.with_(a1_nm=mag, a1_deg=ang, defocus_nm=0.0))
-        history.append({"absolute_correction_nm": delta, "a1_nm": mag, "a1_deg": ang})
+        history.append({"absolute_correction_nm": delta, "a1_nm": mag, "a1_deg": ang, **info})
         if abs(delta) < 0.05 and np.hypot(*d_ast) < 0.05:
             break
     if p.thickness_nm is not None and p.absolute == "wave" and not p.crystal:
@@ -1183,7 +1253,9 @@ def register_focal_series(
     )
 
 
-def _absolute_correction(prob, d_abs, shifts, ok, basis, p, search) -> tuple[float, np.ndarray]:
+def _absolute_correction(
+    prob, d_abs, shifts, ok, basis, p, search, info=None
+) -> tuple[float, np.ndarray]:
     """(δC1 nm, δA1 cartesian nm) from the restored wave or from phase agreement."""
     aligned = prob.spectra * shift_phase(prob.band, shifts)
     if p.absolute == "phase_agreement":
@@ -1205,7 +1277,7 @@ def _absolute_correction(prob, d_abs, shifts, ok, basis, p, search) -> tuple[flo
     )
     cov12 = pair_noise_covariance(sol.terms.sums(), 1.0 / sol.prior)
     delta, ast = fit_defocus_astigmatism_wave(
-        sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12, free_phase=p.crystal
+        sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12, p.crystal, info
     )
     if p.pure_phase_refinement:
         delta = refine_defocus_min_amplitude(sol.phi, basis, prob.band, delta, ast)
