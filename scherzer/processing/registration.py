@@ -1,0 +1,876 @@
+"""Rigid registration of image series: measure every frame's shift, solve jointly, apply.
+
+Conventions
+-----------
+* Frames are (n, y, x); shifts are in pixels, ``shifts_px[i] = (dy, dx)`` is where frame i's
+  content sits relative to the reference: frame_i(r) ≈ ref(r − s_i). Aligning applies −s_i.
+  ``reference="mean"`` puts the reference at the mean position (Σ s_i = 0); an integer N makes
+  frame N the reference (s_N = 0).
+* Pair offsets: ``pair_offsets[i, j] = s_i − s_j`` as measured from the pair alone (NaN where
+  the pair graph has no edge).
+* Frequencies are in cycles per pixel; spectra are single-precision ``rfft2`` of the prepared
+  (mean-subtracted, optionally prefiltered, windowed) frames, computed once per frame.
+
+Method (in the manner of SmartAlign, with our own estimator)
+-----------------------------------------------------------
+1. Correlation-only preparation: optional 3×3 median or 5×5 Wiener prefilter, mean removal and a
+   Hann/Hamming/Tukey window. The output frames are never filtered.
+2. For every edge (i, j) of the pair graph (reference | sequential | k nearest neighbours | all
+   pairs) the normalised correlation NCF = F⁻¹[G·H* / |G·H*|^α] (optionally band-passed) gives an
+   integer peak inside the maximum shift. Pairs farther apart in the series search only near the
+   offset predicted by the closer pairs, so a crystal's lattice-equivalent peaks are not chosen.
+3. The peak is refined to sub-pixel precision on the band-limited correlation at α_fine (0 =
+   plain cross-correlation, the efficient estimator under Poisson noise): Newton steps on the
+   exact Fourier series of the correlation, whose moments are batched matrix products.
+4. A weighted least-squares solution for all positions from all pair offsets, with iterative
+   outlier rejection (robust scale from the median absolute residual), so a unit-cell jump in
+   a pair does not survive.
+5. Refinement passes against the leave-one-out average of the aligned frames (in Fourier space),
+   until the largest update is below ``refine_tolerance_px``.
+6. Low-SNR mode: the cross-power of all pairs with equal separation is pooled (a steady drift
+   makes their offsets proportional to the separation), giving a drift rate that guides every
+   pair's peak search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.fft as sfft
+from scipy import ndimage, signal
+
+from scherzer.optics import fft_workers
+from scherzer.stack import ImageStack
+
+__all__ = [
+    "AlignParams",
+    "AlignmentError",
+    "AlignmentResult",
+    "align_stack",
+    "apply_shifts",
+    "measure_shifts",
+    "plot_alignment",
+    "rotate_frame_back",
+    "rotate_to_common",
+]
+
+WINDOWS = ("hann", "hamming", "tukey", "none")
+PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
+OUTPUTS = ("crop", "expand", "expand-mean")
+
+
+class AlignmentError(ValueError):
+    """The frames or parameters cannot be aligned; the message says what is wrong."""
+
+
+@dataclass
+class AlignParams:
+    """Alignment settings (see the module docstring for the method).
+
+    ``alpha``: normalisation exponent of the correlation used to *find* peaks (0 cross-, 0.5
+    mutual, 1 phase correlation); ``alpha_fine``: exponent used to *refine* them. ``neighbours``:
+    k of the k-nearest-neighbour graph. ``refine``: maximum passes against the leave-one-out
+    average. ``max_shift_px``: largest offset searched between two frames (default: a quarter of
+    the measured field). ``window``: hann | hamming | tukey | none. ``prefilter``: None | "median3"
+    | "wiener5". ``bandpass``: (low, high) as fractions of Nyquist applied to the correlation.
+    ``roi``: (y0, x0, height, width) measured region (applied to the full field). ``reference``:
+    "mean" or a frame index. ``output``: crop (common area) | expand (canvas filled with zeros) |
+    expand-mean (canvas, average over valid observations with a count map). ``combine``: mean |
+    sum.
+    """
+
+    alpha: float = 0.5
+    alpha_fine: float = 0.0
+    neighbours: int = 4
+    pairs: str = "neighbours"
+    refine: int = 2
+    refine_tolerance_px: float = 0.01
+    max_shift_px: float | None = None
+    window: str = "hann"
+    prefilter: str | None = None
+    bandpass: tuple[float, float] | None = None
+    roi: tuple[int, int, int, int] | None = None
+    reference: str | int = "mean"
+    low_snr: bool = False
+    output: str = "crop"
+    combine: str = "mean"
+    outlier_px: float = 1.0
+
+    def check(self, n_frames: int) -> None:
+        """Raise AlignmentError naming every invalid setting."""
+        problems = []
+        for name in ("alpha", "alpha_fine"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1]; got {getattr(self, name)}")
+        if self.neighbours < 1:
+            problems.append(f"neighbours must be ≥ 1; got {self.neighbours}")
+        if self.pairs not in PAIR_GRAPHS:
+            problems.append(f"pairs must be one of {PAIR_GRAPHS}; got {self.pairs!r}")
+        if self.refine < 0:
+            problems.append(f"refine must be ≥ 0; got {self.refine}")
+        if self.window not in WINDOWS:
+            problems.append(f"window must be one of {WINDOWS}; got {self.window!r}")
+        if self.prefilter not in (None, "median3", "wiener5"):
+            problems.append(
+                f"prefilter must be None, 'median3' or 'wiener5'; got {self.prefilter!r}"
+            )
+        if self.output not in OUTPUTS:
+            problems.append(f"output must be one of {OUTPUTS}; got {self.output!r}")
+        if self.combine not in ("mean", "sum"):
+            problems.append(f"combine must be 'mean' or 'sum'; got {self.combine!r}")
+        if self.bandpass is not None:
+            lo, hi = self.bandpass
+            if not 0.0 <= lo < hi:
+                problems.append(
+                    f"bandpass must be (low, high) with 0 ≤ low < high; got {self.bandpass}"
+                )
+        if isinstance(self.reference, str):
+            if self.reference != "mean":
+                problems.append(
+                    f"reference must be 'mean' or a frame index; got {self.reference!r}"
+                )
+        elif not 0 <= int(self.reference) < n_frames:
+            problems.append(f"reference frame {self.reference} out of range 0..{n_frames - 1}")
+        if self.max_shift_px is not None and not self.max_shift_px > 0:
+            problems.append(f"max_shift_px must be positive; got {self.max_shift_px}")
+        if problems:
+            raise AlignmentError("invalid alignment parameters: " + "; ".join(problems))
+
+
+@dataclass
+class AlignmentResult:
+    """Measured shifts and everything that went into them (see module docstring)."""
+
+    shifts_px: np.ndarray
+    peak_heights: np.ndarray
+    pair_offsets: np.ndarray
+    similarity: np.ndarray
+    residuals_px: np.ndarray
+    flagged: list[int]
+    reference: str | int
+    params: AlignParams
+    seconds: float
+    rejected_pairs: list[tuple[int, int]] = field(default_factory=list)
+    refinement_updates_px: list[float] = field(default_factory=list)
+    aligned: np.ndarray | None = None
+    average: np.ndarray | None = None
+    count: np.ndarray | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The keys of ``scherzer align --json``."""
+        return {
+            "shifts_px": [[float(a), float(b)] for a, b in self.shifts_px],
+            "peak_heights": [float(v) for v in self.peak_heights],
+            "reference": self.reference,
+            "flagged": [int(i) for i in self.flagged],
+            "seconds": float(self.seconds),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# input checks and preparation
+# --------------------------------------------------------------------------------------------
+def _as_frames(frames: Any) -> np.ndarray:
+    if isinstance(frames, (list, tuple)):
+        shapes = {np.shape(f) for f in frames}
+        if len(shapes) > 1:
+            raise AlignmentError(f"frames have mismatched shapes: {sorted(shapes)}")
+    arr = np.asarray(frames)
+    if arr.dtype.kind not in "iuf":
+        raise AlignmentError(f"frames must be real numbers; got dtype {arr.dtype}")
+    if arr.ndim != 3:
+        raise AlignmentError(
+            f"frames must be a 3-D stack (frames, y, x); got {arr.ndim}-D shape {arr.shape}"
+        )
+    n, ny, nx = arr.shape
+    if n < 2:
+        raise AlignmentError(f"alignment needs at least 2 frames; got {n}")
+    if ny < 8 or nx < 8:
+        raise AlignmentError(f"frames must be at least 8×8 pixels; got {ny}×{nx}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr).all(axis=(1, 2))
+    if not finite.all():
+        raise AlignmentError(
+            f"frames {np.flatnonzero(~finite).tolist()} contain NaN or infinite values"
+        )
+    flat = arr.reshape(n, -1)
+    constant = flat.max(axis=1) == flat.min(axis=1)
+    if constant.any():
+        raise AlignmentError(
+            f"frames {np.flatnonzero(constant).tolist()} are constant: nothing to correlate"
+        )
+    return arr
+
+
+def _crop_roi(frames: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
+    if roi is None:
+        return frames
+    y0, x0, h, w = (int(v) for v in roi)
+    ny, nx = frames.shape[1:]
+    if not (0 <= y0 and 0 <= x0 and h >= 8 and w >= 8 and y0 + h <= ny and x0 + w <= nx):
+        raise AlignmentError(
+            f"roi (y0, x0, height, width) = {roi} must lie inside the {ny}×{nx} frame "
+            "and be at least 8×8"
+        )
+    return frames[:, y0 : y0 + h, x0 : x0 + w]
+
+
+def window_2d(shape: tuple[int, int], kind: str) -> np.ndarray:
+    """Separable apodisation window (float32): hann | hamming | tukey (α = 0.5) | none."""
+    if kind == "none":
+        return np.ones(shape, dtype=np.float32)
+    make = {
+        "hann": lambda n: signal.windows.hann(n, sym=False),
+        "hamming": lambda n: signal.windows.hamming(n, sym=False),
+        "tukey": lambda n: signal.windows.tukey(n, 0.5, sym=False),
+    }[kind]
+    return np.outer(make(shape[0]), make(shape[1])).astype(np.float32)
+
+
+def prepare(frames: np.ndarray, params: AlignParams) -> np.ndarray:
+    """Correlation-only preparation: prefilter, mean removal, window (float32 copy)."""
+    f = frames
+    if params.prefilter == "median3":
+        f = ndimage.median_filter(f, size=(1, 3, 3), mode="reflect")
+    elif params.prefilter == "wiener5":
+        f = np.stack([signal.wiener(fr.astype(np.float64), (5, 5)) for fr in f])
+    f = f.astype(np.float32) - f.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(
+        np.float32
+    )
+    return f * window_2d(f.shape[1:], params.window)
+
+
+@dataclass(frozen=True)
+class _Spectral:
+    """rfft2 frequencies (cycles/px) and Hermitian weights of one frame shape."""
+
+    shape: tuple[int, int]
+
+    @property
+    def ky(self) -> np.ndarray:
+        return np.fft.fftfreq(self.shape[0]).astype(np.float32)
+
+    @property
+    def kx(self) -> np.ndarray:
+        return np.fft.rfftfreq(self.shape[1]).astype(np.float32)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """2 for columns that stand for a conjugate pair, 1 for kx = 0 (and Nyquist)."""
+        w = np.full(self.shape[1] // 2 + 1, 2.0, dtype=np.float32)
+        w[0] = 1.0
+        if self.shape[1] % 2 == 0:
+            w[-1] = 1.0
+        return w
+
+    def bandpass(self, band: tuple[float, float] | None) -> np.ndarray | None:
+        """Butterworth band-pass (order 4) with edges as fractions of Nyquist."""
+        if band is None:
+            return None
+        k = np.hypot(self.ky[:, None], self.kx[None, :]) / 0.5
+        lo, hi = band
+        high = 1.0 / (1.0 + (k / max(hi, 1e-6)) ** 8)
+        low = 1.0 - 1.0 / (1.0 + (k / lo) ** 8) if lo > 0 else 1.0
+        return (high * low).astype(np.float32)
+
+
+def _rfft(frames: np.ndarray) -> np.ndarray:
+    return sfft.rfft2(frames, workers=fft_workers()).astype(np.complex64, copy=False)
+
+
+def _normalised(cross: np.ndarray, alpha: float) -> np.ndarray:
+    if alpha == 0:
+        return cross
+    mag = np.abs(cross)
+    mag += np.float32(1e-6) * mag.max(axis=(-2, -1), keepdims=True) + np.float32(1e-30)
+    if alpha == 1:
+        return cross / mag
+    if alpha == 0.5:
+        return cross / np.sqrt(mag)
+    return cross / mag ** np.float32(alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# pair graphs and peaks
+# --------------------------------------------------------------------------------------------
+def pair_graph(n: int, params: AlignParams) -> list[tuple[int, int]]:
+    """Edges (i, j), i < j, of the requested pair graph."""
+    if params.pairs == "all":
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+    if params.pairs == "sequential":
+        return [(i, i + 1) for i in range(n - 1)]
+    if params.pairs == "reference":
+        ref = 0 if params.reference == "mean" else int(params.reference)
+        return [(min(ref, j), max(ref, j)) for j in range(n) if j != ref]
+    k = max(1, params.neighbours)
+    return [(i, j) for i in range(n) for j in range(i + 1, min(n, i + k + 1))]
+
+
+def _shift_mask(shape: tuple[int, int], max_shift: float) -> np.ndarray:
+    """True at correlation lags (in fftfreq order) within ``max_shift`` of zero."""
+    dy = np.fft.fftfreq(shape[0], 1.0 / shape[0])
+    dx = np.fft.fftfreq(shape[1], 1.0 / shape[1])
+    return (dy[:, None] ** 2 + dx[None, :] ** 2) <= max_shift**2
+
+
+def _integer_peaks(
+    maps: np.ndarray, mask: np.ndarray, predicted: np.ndarray | None, radius: np.ndarray | None
+) -> np.ndarray:
+    """Integer (dy, dx) of each map's maximum inside ``mask`` — or, with ``predicted``, inside
+    a window of ``radius`` around the predicted lag (gathered, not masked: cheap)."""
+    m, ny, nx = maps.shape
+    if predicted is None:
+        work = np.where(mask[None], maps, -np.inf)
+        iy, ix = np.unravel_index(work.reshape(m, -1).argmax(axis=1), (ny, nx))
+        lags = np.stack([iy, ix], axis=1)
+    else:
+        r = math.ceil(float(np.max(radius)))
+        d = np.arange(-r, r + 1)
+        centre = np.rint(predicted).astype(int)
+        yy = centre[:, 0, None, None] + d[None, :, None]
+        xx = centre[:, 1, None, None] + d[None, None, :]
+        inside = (yy - predicted[:, 0, None, None]) ** 2 + (xx - predicted[:, 1, None, None]) ** 2
+        inside = inside <= radius[:, None, None] ** 2
+        vals = maps[np.arange(m)[:, None, None], yy % ny, xx % nx]
+        vals = np.where(inside & mask[yy % ny, xx % nx], vals, -np.inf)
+        best = vals.reshape(m, -1).argmax(axis=1)
+        by, bx = np.unravel_index(best, vals.shape[1:])
+        lags = np.stack([yy[np.arange(m), by, 0], xx[np.arange(m), 0, bx]], axis=1)
+    dy = np.where(lags[:, 0] % ny > ny // 2, lags[:, 0] % ny - ny, lags[:, 0] % ny)
+    dx = np.where(lags[:, 1] % nx > nx // 2, lags[:, 1] % nx - nx, lags[:, 1] % nx)
+    return np.stack([dy, dx], axis=1).astype(np.float64)
+
+
+def _fourier_moments(
+    spectra: np.ndarray, ky: np.ndarray, kx: np.ndarray, w: np.ndarray, shifts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Value, gradient and Hessian of c(r) = Σ_k w Re[C(k) e^{2πi k·r}] at r = ``shifts``.
+
+    ``spectra`` (m, ny, nkx); the sums are separable, so each moment is a batched product
+    e_y(r)ᵀ C e_x(r) with e_y = exp(2πi k_y r_y) (times k_y or k_y²).
+    """
+    two_pi = 2.0 * np.pi
+    ey = np.exp(1j * two_pi * ky[None, :] * shifts[:, 0:1]).astype(np.complex64)  # (m, ny)
+    ex = (np.exp(1j * two_pi * kx[None, :] * shifts[:, 1:2]) * w[None, :]).astype(np.complex64)
+    left = np.stack([ey, ey * ky, ey * ky * ky], axis=1)  # (m, 3, ny)
+    rows = np.matmul(left, spectra)  # (m, 3, nkx): Σ_y e_y k_yᵖ C(k)
+    right = np.stack([ex, ex * kx, ex * kx * kx], axis=2)  # (m, nkx, 3)
+    s = np.matmul(rows, right)  # (m, 3, 3): Σ e_y e_x k_yᵖ k_xᵠ C(k)
+    value = s[:, 0, 0].real.astype(np.float64)
+    grad = -two_pi * np.stack([s[:, 1, 0].imag, s[:, 0, 1].imag], axis=1).astype(np.float64)
+    hyy, hyx, hxx = s[:, 2, 0].real, s[:, 1, 1].real, s[:, 0, 2].real
+    h = -(two_pi**2) * np.stack([np.stack([hyy, hyx], 1), np.stack([hyx, hxx], 1)], 1)
+    return value, grad, h.astype(np.float64)
+
+
+def refine_peaks(
+    spectra: np.ndarray, shape: tuple[int, int], start: np.ndarray, iterations: int = 6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel maxima of the band-limited correlations whose spectra are given (rfft half).
+
+    Newton steps from ``start`` (m, 2) on the exact Fourier series (uphill gradient steps where
+    the surface is not concave), each clipped to 0.5 px. Returns (shifts, values).
+    """
+    sp = _Spectral(shape)
+    ky, kx, w = sp.ky, sp.kx, sp.weights
+    r = start.astype(np.float64).copy()
+    for _ in range(iterations):
+        _, grad, hess = _fourier_moments(spectra, ky, kx, w, r)
+        det = hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2
+        concave = (hess[:, 0, 0] < 0) & (det > 0)
+        inv = np.empty_like(hess)
+        inv[:, 0, 0], inv[:, 1, 1] = hess[:, 1, 1], hess[:, 0, 0]
+        inv[:, 0, 1] = inv[:, 1, 0] = -hess[:, 0, 1]
+        newton = -np.einsum("mab,mb->ma", inv, grad) / np.where(det == 0, 1.0, det)[:, None]
+        uphill = grad / (np.abs(grad).max(axis=1, keepdims=True) + 1e-30) * 0.25
+        step = np.where(concave[:, None], newton, uphill)
+        norm = np.linalg.norm(step, axis=1, keepdims=True)
+        step = np.where(norm > 0.5, step * 0.5 / np.maximum(norm, 1e-30), step)
+        r += step
+        if np.max(np.abs(step)) < 1e-4:
+            break
+    value, _, _ = _fourier_moments(spectra, ky, kx, w, r)
+    return r, value
+
+
+def _peak_energy(spectra: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """Σ w |F|^{2(1−α)} per frame: the Cauchy–Schwarz bound that normalises peak heights."""
+    mag2 = (spectra.real**2 + spectra.imag**2).astype(np.float32)
+    return np.einsum("nyx,x->n", mag2 ** np.float32(1.0 - alpha), w).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# joint solution
+# --------------------------------------------------------------------------------------------
+def _gauge(shifts: np.ndarray, reference: str | int) -> np.ndarray:
+    if reference == "mean":
+        return shifts - shifts.mean(axis=0)
+    return shifts - shifts[int(reference)]
+
+
+def solve_positions(
+    n: int,
+    pairs: Sequence[tuple[int, int]],
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    outlier_px: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares positions from pair offsets d_ij = s_i − s_j, outliers removed.
+
+    Iteratively: solve, compute residuals, drop pairs whose residual exceeds max(outlier_px,
+    4 × robust σ) while every frame stays connected. Returns (positions (n, 2) with mean zero,
+    boolean mask of kept pairs).
+    """
+    pairs_arr = np.asarray(pairs, dtype=int)
+    keep = np.ones(len(pairs_arr), dtype=bool)
+    a = np.zeros((len(pairs_arr), n))
+    a[np.arange(len(pairs_arr)), pairs_arr[:, 0]] = 1.0
+    a[np.arange(len(pairs_arr)), pairs_arr[:, 1]] = -1.0
+    w = np.maximum(np.asarray(weights, dtype=float), 1e-6)
+    positions = np.zeros((n, 2))
+    for _ in range(10):
+        sw = np.sqrt(w * keep)[:, None]
+        lhs = np.vstack([a * sw, np.ones((1, n))])  # gauge row: Σ s = 0
+        rhs = np.vstack([offsets * sw, np.zeros((1, 2))])
+        positions = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+        residual = np.linalg.norm(offsets - a @ positions, axis=1)
+        scale = 1.4826 * np.median(residual[keep]) if keep.any() else 0.0
+        limit = max(outlier_px, 4.0 * scale)
+        worst = np.argsort(-np.where(keep, residual, -1.0))
+        changed = False
+        for p in worst:
+            if not keep[p] or residual[p] <= limit:
+                break
+            keep[p] = False
+            if not _connected(n, pairs_arr[keep]):
+                keep[p] = True
+                continue
+            changed = True
+        if not changed:
+            break
+    return positions - positions.mean(axis=0), keep
+
+
+def _connected(n: int, pairs: np.ndarray) -> bool:
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        parent[find(int(i))] = find(int(j))
+    return len({find(i) for i in range(n)}) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------------------------
+def _pair_spectra(
+    spectra: np.ndarray, pairs: np.ndarray, alpha: float, band: np.ndarray | None
+) -> np.ndarray:
+    cross = spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]])
+    out = _normalised(cross, alpha)
+    return out * band if band is not None else out
+
+
+def _low_snr_rate(
+    spectra: np.ndarray, pairs: np.ndarray, params: AlignParams, mask: np.ndarray,
+    band: np.ndarray | None, shape: tuple[int, int],
+) -> np.ndarray:  # fmt: skip
+    """Drift per frame from cross-power pooled over pairs of equal separation (steady drift)."""
+    gaps = pairs[:, 1] - pairs[:, 0]
+    found, weights = [], []
+    for g in np.unique(gaps):
+        sel = pairs[gaps == g]
+        pooled = _pair_spectra(spectra, sel, params.alpha, band).sum(axis=0, keepdims=True)
+        corr = sfft.irfft2(pooled, s=shape, workers=fft_workers())
+        start = _integer_peaks(corr, mask, None, None)
+        peak, _ = refine_peaks(pooled, shape, start)
+        found.append(peak[0] / -g)  # d_ij = s_i − s_j = (i − j)·v
+        weights.append(len(sel) * g * g)
+    return np.average(np.array(found), axis=0, weights=np.array(weights, dtype=float))
+
+
+def _measure_pairs(
+    spectra: np.ndarray,
+    pairs: np.ndarray,
+    params: AlignParams,
+    shape: tuple[int, int],
+    rate: np.ndarray | None,
+    positions: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (m, 2) and normalised peak heights (m,) of every pair. With ``positions`` (or a
+    drift ``rate``) each pair searches only near the offset they predict."""
+    sp = _Spectral(shape)
+    band = sp.bandpass(params.bandpass)
+    max_shift = params.max_shift_px or 0.25 * min(shape)
+    mask = _shift_mask(shape, max_shift)
+    gaps = pairs[:, 1] - pairs[:, 0]
+    if positions is not None:  # already sub-pixel: refine from the prediction directly
+        starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
+    else:
+        coarse = _pair_spectra(spectra, pairs, params.alpha, band)
+        maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
+        if rate is not None:
+            predicted = -gaps[:, None] * rate[None, :]
+            starts = _integer_peaks(maps, mask, predicted, 3.0 + 0.5 * gaps.astype(float))
+        else:
+            starts = _guided_peaks(maps, mask, pairs, len(spectra))
+    fine = _pair_spectra(spectra, pairs, params.alpha_fine, band)
+    offsets, values = refine_peaks(fine, shape, starts)
+    energy = _peak_energy(spectra, sp.weights, params.alpha_fine)
+    heights = values / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
+    return offsets, heights
+
+
+def _guided_peaks(maps: np.ndarray, mask: np.ndarray, pairs: np.ndarray, n: int) -> np.ndarray:
+    """Integer peaks: the closest pairs search the whole allowed range; farther pairs search
+    near the offset their closer pairs predict (a lattice-equivalent peak is never taken)."""
+    gaps = pairs[:, 1] - pairs[:, 0]
+    starts = np.zeros((len(pairs), 2))
+    first = gaps == gaps.min()
+    starts[first] = _integer_peaks(maps[first], mask, None, None)
+    if first.all():
+        return starts
+    positions, _ = solve_positions(n, [tuple(p) for p in pairs[first]], starts[first],
+                                   np.ones(first.sum()))  # fmt: skip
+    rest = ~first
+    predicted = positions[pairs[rest, 0]] - positions[pairs[rest, 1]]
+    radius = 3.0 + 0.5 * gaps[rest].astype(float)
+    starts[rest] = _integer_peaks(maps[rest], mask, predicted, radius)
+    return starts
+
+
+def _shift_spectra(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Spectra of frames moved by −shifts (aligned): G · exp(+2πi k·s)."""
+    sp = _Spectral(shape)
+    ramp_y = np.exp(2j * np.pi * sp.ky[None, :] * shifts[:, 0:1]).astype(np.complex64)
+    ramp_x = np.exp(2j * np.pi * sp.kx[None, :] * shifts[:, 1:2]).astype(np.complex64)
+    return spectra * ramp_y[:, :, None] * ramp_x[:, None, :]
+
+
+def _loo_cross(
+    spectra: np.ndarray, shifts: np.ndarray, alpha: float, band: np.ndarray | None,
+    shape: tuple[int, int],
+) -> np.ndarray:  # fmt: skip
+    """Cross-power of every aligned frame with the leave-one-out average of the others."""
+    aligned = _shift_spectra(spectra, shifts, shape)
+    total = aligned.sum(axis=0)
+    template = (total[None] - aligned) / np.float32(len(spectra) - 1)
+    cross = _normalised(aligned * np.conj(template), alpha)
+    return cross * band if band is not None else cross
+
+
+def _template_passes(
+    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
+    passes: int = 3,
+) -> tuple[np.ndarray, float]:  # fmt: skip
+    """Match every frame to the leave-one-out average (global integer search at α, refined at
+    α_fine); the average of n−1 frames has √(n−1) the SNR of one, which keeps the integer peak
+    right where single pairs are too noisy. Returns (shifts, mean normalised peak height)."""
+    band = _Spectral(shape).bandpass(params.bandpass)
+    mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
+    energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
+    score = -np.inf
+    for _ in range(passes):
+        coarse = _loo_cross(spectra, shifts, params.alpha, band, shape)
+        maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
+        start = _integer_peaks(maps, mask, None, None)
+        fine = _loo_cross(spectra, shifts, params.alpha_fine, band, shape)
+        delta, values = refine_peaks(fine, shape, start)
+        shifts = shifts + delta
+        score = float(np.mean(values / np.sqrt(energy * energy.mean())))
+        if np.abs(delta).max() < params.refine_tolerance_px:
+            break
+    return shifts - shifts.mean(axis=0), score
+
+
+def _refine_against_average(
+    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int]
+) -> tuple[np.ndarray, list[float]]:
+    """Passes against the leave-one-out average until updates < ``refine_tolerance_px``."""
+    updates: list[float] = []
+    band = _Spectral(shape).bandpass(params.bandpass)
+    for _ in range(params.refine):
+        cross = _loo_cross(spectra, shifts, params.alpha_fine, band, shape)
+        delta, _ = refine_peaks(cross, shape, np.zeros((len(spectra), 2)))
+        delta = np.where(np.abs(delta) < 1.0, delta, 0.0)  # a refinement never jumps
+        shifts = shifts + delta
+        updates.append(float(np.abs(delta).max()))
+        if updates[-1] < params.refine_tolerance_px:
+            break
+    return shifts, updates
+
+
+def _robust_start(
+    spectra: np.ndarray, pair_positions: np.ndarray, params: AlignParams, shape: tuple[int, int]
+) -> np.ndarray:
+    """The better of two starts for template matching — the pair solution and no shift at all —
+    judged by how well each frame then matches the average of the others."""
+    best, best_score = pair_positions, -np.inf
+    for start in (pair_positions, np.zeros_like(pair_positions)):
+        shifts, score = _template_passes(spectra, start, params, shape)
+        if score > best_score:
+            best, best_score = shifts, score
+    return best
+
+
+def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentResult:
+    """Measure every frame's shift (see the module docstring); no frames are moved."""
+    t0 = time.perf_counter()
+    p = params or AlignParams()
+    arr = _as_frames(frames)
+    n = len(arr)
+    p.check(n)
+    measured = _crop_roi(arr, p.roi)
+    shape = measured.shape[1:]
+    spectra = _rfft(prepare(measured, p))
+    pairs = np.asarray(pair_graph(n, p), dtype=int)
+    rate = None
+    if p.low_snr and n > 2:
+        max_shift = p.max_shift_px or 0.25 * min(shape)
+        rate = _low_snr_rate(spectra, pairs, p, _shift_mask(shape, max_shift),
+                             _Spectral(shape).bandpass(p.bandpass), shape)  # fmt: skip
+    offsets, heights = _measure_pairs(spectra, pairs, p, shape, rate)
+    positions, keep = _solve(n, pairs, offsets, heights, p)
+    if n > 2:
+        template = _robust_start(spectra, positions, p, shape)
+        offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, template)
+        positions, keep = _solve(n, pairs, offsets, heights, p)
+    positions, updates = _refine_against_average(spectra, positions, p, shape)
+    shifts = _gauge(positions, p.reference)
+    pair_offsets = np.full((n, n, 2), np.nan)
+    similarity = np.full((n, n), np.nan)
+    np.fill_diagonal(similarity, 1.0)
+    for (i, j), d, h in zip(pairs, offsets, heights, strict=True):
+        pair_offsets[i, j], pair_offsets[j, i] = d, -d
+        similarity[i, j] = similarity[j, i] = h
+    predicted = positions[pairs[:, 0]] - positions[pairs[:, 1]]
+    pair_residual = np.linalg.norm(offsets - predicted, axis=1)
+    residuals = np.zeros(n)
+    peak = np.zeros(n)
+    for f in range(n):
+        mine = (pairs[:, 0] == f) | (pairs[:, 1] == f)
+        used = mine & keep
+        residuals[f] = float(np.sqrt(np.mean(pair_residual[used] ** 2))) if used.any() else np.nan
+        peak[f] = float(np.mean(heights[mine]))
+    flagged = _flag(peak, residuals, p)
+    return AlignmentResult(
+        shifts_px=shifts,
+        peak_heights=peak,
+        pair_offsets=pair_offsets,
+        similarity=similarity,
+        residuals_px=residuals,
+        flagged=flagged,
+        reference=p.reference,
+        params=p,
+        seconds=time.perf_counter() - t0,
+        rejected_pairs=[(int(i), int(j)) for (i, j), k in zip(pairs, keep, strict=True) if not k],
+        refinement_updates_px=updates,
+    )
+
+
+def _solve(
+    n: int, pairs: np.ndarray, offsets: np.ndarray, heights: np.ndarray, params: AlignParams
+) -> tuple[np.ndarray, np.ndarray]:
+    weights = np.clip(heights, 1e-3, None) ** 2
+    return solve_positions(n, [tuple(q) for q in pairs], offsets, weights, params.outlier_px)
+
+
+def _flag(peak: np.ndarray, residuals: np.ndarray, params: AlignParams) -> list[int]:
+    """Frames whose similarity is far below the series' or whose pairs disagree."""
+    med = np.median(peak)
+    low = peak < 0.5 * med
+    disagree = np.nan_to_num(residuals, nan=np.inf) > max(params.outlier_px, 0.5)
+    return [int(i) for i in np.flatnonzero(low | disagree)]
+
+
+# --------------------------------------------------------------------------------------------
+# applying shifts
+# --------------------------------------------------------------------------------------------
+def _common_area(shape: tuple[int, int], shifts: np.ndarray) -> tuple[slice, slice]:
+    """Pixels where every aligned frame has data: r + s_i inside the frame for all i."""
+    out = []
+    for axis, size in enumerate(shape):
+        s = shifts[:, axis]
+        lo = max(0, math.ceil(float(np.max(-s)) - 1e-9))
+        hi = min(size, math.floor(float(np.min(size - s)) + 1e-9))
+        if hi - lo < 1:
+            raise AlignmentError("the frames share no common area after alignment")
+        out.append(slice(lo, hi))
+    return out[0], out[1]
+
+
+def apply_shifts(
+    frames: Any, shifts_px: np.ndarray, output: str = "crop", method: str = "fourier"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Move every frame by −s_i. Returns (aligned stack, count map or None).
+
+    ``crop``: Fourier phase ramp (or cubic spline with ``method="spline"``) on the full field,
+    cropped to the area every frame covers. ``expand`` / ``expand-mean``: a canvas holding every
+    frame, by cubic spline; areas a frame does not cover are 0 and the count map says how many
+    frames cover each pixel.
+    """
+    arr = _as_frames(frames)
+    s = np.asarray(shifts_px, dtype=np.float64).reshape(len(arr), 2)
+    if output not in OUTPUTS:
+        raise AlignmentError(f"output must be one of {OUTPUTS}; got {output!r}")
+    if output == "crop":
+        if method == "fourier":
+            moved = sfft.irfft2(_shift_spectra(_rfft(arr), s, arr.shape[1:]), s=arr.shape[1:],
+                                workers=fft_workers()).astype(np.float32)  # fmt: skip
+        elif method == "spline":
+            moved = np.stack(
+                [ndimage.shift(f, -d, order=3, mode="nearest") for f, d in zip(arr, s, strict=True)]
+            )
+        else:
+            raise AlignmentError(f"method must be 'fourier' or 'spline'; got {method!r}")
+        ys, xs = _common_area(arr.shape[1:], s)
+        return np.ascontiguousarray(moved[:, ys, xs], dtype=np.float32), None
+    lo = np.floor(np.min(-s, axis=0)).astype(int)
+    hi = np.ceil(np.max(-s, axis=0)).astype(int)
+    pad = (max(0, -lo[0]), max(0, hi[0]), max(0, -lo[1]), max(0, hi[1]))
+    canvas_shape = (arr.shape[1] + pad[0] + pad[1], arr.shape[2] + pad[2] + pad[3])
+    out = np.zeros((len(arr), *canvas_shape), dtype=np.float32)
+    count = np.zeros(canvas_shape, dtype=np.float32)
+    for i, (f, d) in enumerate(zip(arr, s, strict=True)):
+        placed = np.zeros(canvas_shape, dtype=np.float32)
+        mask = np.zeros(canvas_shape, dtype=np.float32)
+        placed[pad[0] : pad[0] + f.shape[0], pad[2] : pad[2] + f.shape[1]] = f
+        mask[pad[0] : pad[0] + f.shape[0], pad[2] : pad[2] + f.shape[1]] = 1.0
+        out[i] = ndimage.shift(placed, -d, order=3, mode="constant", cval=0.0)
+        moved_mask = ndimage.shift(mask, -d, order=1, mode="constant", cval=0.0) > 0.999
+        out[i] *= moved_mask
+        count += moved_mask
+    return out, count
+
+
+def combine(aligned: np.ndarray, count: np.ndarray | None, params: AlignParams) -> np.ndarray:
+    """Average or sum of aligned frames; ``expand-mean`` divides by the count map."""
+    total = aligned.sum(axis=0, dtype=np.float64)
+    if params.combine == "sum":
+        return total.astype(np.float32)
+    if params.output == "expand-mean" and count is not None:
+        return (total / np.maximum(count, 1.0)).astype(np.float32)
+    return (total / len(aligned)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# rotated-scan series
+# --------------------------------------------------------------------------------------------
+def _quarter_turns(rotation_deg: float) -> int:
+    q = float(rotation_deg) / 90.0
+    if abs(q - round(q)) > 1e-6:
+        raise AlignmentError(
+            f"only rotations by multiples of 90° can be undone exactly; got {rotation_deg}°"
+        )
+    return round(q) % 4
+
+
+def rotate_frame_back(frame: np.ndarray, rotation_deg: float) -> np.ndarray:
+    """Undo a scan rotation that is a multiple of 90° (exact, ``np.rot90``), into the
+    orientation of a 0° frame — the scan geometry of :mod:`scherzer.simulators.stem`."""
+    k = _quarter_turns(rotation_deg)
+    return np.ascontiguousarray(np.rot90(frame, k=-k % 4, axes=(-2, -1)))
+
+
+def rotate_to_common(frames: np.ndarray, rotation_deg: Sequence[float]) -> np.ndarray:
+    """Rotate every frame back by its scan rotation relative to the first frame's (rotations
+    must differ by multiples of 90°). Square frames are required when any turn is odd."""
+    arr = np.asarray(frames)
+    rot = np.asarray(rotation_deg, dtype=float).reshape(-1)
+    if arr.ndim != 3 or len(rot) != len(arr):
+        raise AlignmentError(
+            f"need a (frames, y, x) stack and one rotation per frame; "
+            f"got {arr.shape} and {len(rot)}"
+        )
+    rel = rot - rot[0]
+    turns = [_quarter_turns(r) for r in rel]
+    if any(t % 2 for t in turns) and arr.shape[1] != arr.shape[2]:
+        raise AlignmentError(f"90° rotations need square frames; got {arr.shape[1:]}")
+    return np.stack([rotate_frame_back(f, r) for f, r in zip(arr, rel, strict=True)])
+
+
+# --------------------------------------------------------------------------------------------
+# stacks
+# --------------------------------------------------------------------------------------------
+def align_stack(
+    stack: ImageStack, params: AlignParams | None = None, *, others: Sequence[ImageStack] = ()
+) -> tuple[AlignmentResult, list[ImageStack]]:
+    """Measure on ``stack`` (its ROI), apply the same shifts to it and to ``others`` (e.g. the
+    ABF recorded with the HAADF). Returns the result and the aligned stacks, ``stack`` first."""
+    p = params or AlignParams()
+    for o in others:
+        if o.frames.shape != stack.frames.shape:
+            raise AlignmentError(
+                f"signals to align together must have the same shape; got {o.frames.shape} "
+                f"and {stack.frames.shape}"
+            )
+    result = measure_shifts(stack.frames, p)
+    aligned_stacks = []
+    for s in (stack, *others):
+        moved, count = apply_shifts(s.frames, result.shifts_px, p.output)
+        meta = {**s.metadata, "aligned": True, "alignment_reference": str(p.reference)}
+        aligned_stacks.append(replace(s, frames=moved, metadata=meta))
+        if s is stack:
+            result.aligned, result.count = moved, count
+            result.average = combine(moved, count, p)
+    return result, aligned_stacks
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def plot_alignment(result: AlignmentResult, average: np.ndarray, out_dir: str | Path) -> list[Path]:
+    """PNG plots: shifts against frame, the similarity matrix, the average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    idx = np.arange(len(result.shifts_px))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(idx, result.shifts_px[:, 0], "o-", label="dy")
+    ax.plot(idx, result.shifts_px[:, 1], "s-", label="dx")
+    for f in result.flagged:
+        ax.axvline(f, color="red", alpha=0.3)
+    ax.set(xlabel="frame", ylabel="shift (px)", title="Measured drift (red: flagged)")
+    ax.legend()
+    paths.append(_save(fig, out / "shifts.png"))
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    im = ax.imshow(result.similarity, vmin=0, vmax=1, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="normalised peak height")
+    ax.set(xlabel="frame", ylabel="frame", title="Similarity")
+    paths.append(_save(fig, out / "similarity.png"))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(average, cmap="gray")
+    ax.set_axis_off()
+    ax.set_title("Aligned average")
+    paths.append(_save(fig, out / "average.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def params_dict(params: AlignParams) -> dict[str, Any]:
+    """JSON-able parameters."""
+    return asdict(params)
