@@ -63,6 +63,7 @@ __all__ = [
 WINDOWS = ("hann", "hamming", "tukey", "none")
 PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
 OUTPUTS = ("crop", "expand", "expand-mean")
+PEAK_TIE = 0.15  # relative height below the top within which correlation peaks count as equal
 
 
 class AlignmentError(ValueError):
@@ -101,6 +102,7 @@ class AlignParams:
     output: str = "crop"
     combine: str = "mean"
     outlier_px: float = 1.0
+    snr_weighting: bool = True
 
     def check(self, n_frames: int) -> None:
         """Raise AlignmentError naming every invalid setting."""
@@ -280,6 +282,24 @@ class _Spectral:
         return (high * low).astype(np.float32)
 
 
+def snr_weight(spectra: np.ndarray) -> np.ndarray:
+    """Per-frequency signal fraction max(P − N, 0)/P of a series (float32, rfft layout).
+
+    P is the power averaged over frames; N the noise floor, taken as the median power in the
+    outermost frequencies (|k| > 0.9 Nyquist), where little signal survives the optics and
+    the detector. Noise is independent between frames, signal is not, so P − N estimates the
+    signal power.
+    """
+    power = np.mean(spectra.real**2 + spectra.imag**2, axis=0)
+    ny, nkx = power.shape
+    ky = np.fft.fftfreq(ny)[:, None]
+    kx = np.fft.rfftfreq(2 * (nkx - 1))[None, :]
+    outer = np.hypot(ky, kx) > 0.45
+    noise = float(np.median(power[outer])) if outer.any() else 0.0
+    weight = np.clip(power - noise, 0.0, None) / np.maximum(power, 1e-30)
+    return weight.astype(np.float32)
+
+
 def _rfft(frames: np.ndarray) -> np.ndarray:
     return sfft.rfft2(frames, workers=fft_workers()).astype(np.complex64, copy=False)
 
@@ -323,11 +343,22 @@ def _integer_peaks(
     maps: np.ndarray, mask: np.ndarray, predicted: np.ndarray | None, radius: np.ndarray | None
 ) -> np.ndarray:
     """Integer (dy, dx) of each map's maximum inside ``mask`` — or, with ``predicted``, inside
-    a window of ``radius`` around the predicted lag (gathered, not masked: cheap)."""
+    a window of ``radius`` around the predicted lag (gathered, not masked: cheap).
+
+    In the global search, peaks within ``PEAK_TIE`` of the highest (above the map's mean) count
+    as equal and the smallest lag among them wins: a crystal's lattice-equivalent peaks differ
+    only by noise and the window's envelope, and frames in a series move little between
+    neighbours. Sub-pixel refinement then climbs to the local maximum."""
     m, ny, nx = maps.shape
     if predicted is None:
-        work = np.where(mask[None], maps, -np.inf)
-        iy, ix = np.unravel_index(work.reshape(m, -1).argmax(axis=1), (ny, nx))
+        flat = np.where(mask[None], maps, -np.inf).reshape(m, -1)
+        top, floor = flat.max(axis=1), maps.reshape(m, -1).mean(axis=1)
+        near_top = flat >= (floor + (1.0 - PEAK_TIE) * (top - floor))[:, None]
+        dy = np.fft.fftfreq(ny, 1.0 / ny)[:, None]
+        dx = np.fft.fftfreq(nx, 1.0 / nx)[None, :]
+        lag2 = (dy * dy + dx * dx).reshape(-1)
+        best = np.where(near_top, lag2[None], np.inf).argmin(axis=1)
+        iy, ix = np.unravel_index(best, (ny, nx))
         lags = np.stack([iy, ix], axis=1)
     else:
         r = math.ceil(float(np.max(radius)))
@@ -506,12 +537,12 @@ def _measure_pairs(
     params: AlignParams,
     shape: tuple[int, int],
     rate: np.ndarray | None,
+    band: np.ndarray | None,
     positions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (m, 2) and normalised peak heights (m,) of every pair. With ``positions`` (or a
     drift ``rate``) each pair searches only near the offset they predict."""
     sp = _Spectral(shape)
-    band = sp.bandpass(params.bandpass)
     max_shift = params.max_shift_px or 0.25 * min(shape)
     mask = _shift_mask(shape, max_shift)
     gaps = pairs[:, 1] - pairs[:, 0]
@@ -572,19 +603,23 @@ def _loo_cross(
 
 def _template_passes(
     spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
-    passes: int = 3,
+    band: np.ndarray | None, search_px: float | None = None, passes: int = 3,
 ) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Match every frame to the leave-one-out average (global integer search at α, refined at
-    α_fine); the average of n−1 frames has √(n−1) the SNR of one, which keeps the integer peak
-    right where single pairs are too noisy. Returns (shifts, mean normalised peak height)."""
-    band = _Spectral(shape).bandpass(params.bandpass)
+    """Match every frame to the leave-one-out average (integer search at α — over the whole
+    allowed range, or within ``search_px`` of the current position — refined at α_fine); the
+    average of n−1 frames has √(n−1) the SNR of one, which keeps the integer peak right where
+    single pairs are too noisy. Returns (shifts, mean normalised peak height)."""
     mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
     energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
     score = -np.inf
     for _ in range(passes):
         coarse = _loo_cross(spectra, shifts, params.alpha, band, shape)
         maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
-        start = _integer_peaks(maps, mask, None, None)
+        if search_px is None:
+            start = _integer_peaks(maps, mask, None, None)
+        else:
+            n = len(spectra)
+            start = _integer_peaks(maps, mask, np.zeros((n, 2)), np.full(n, search_px))
         fine = _loo_cross(spectra, shifts, params.alpha_fine, band, shape)
         delta, values = refine_peaks(fine, shape, start)
         shifts = shifts + delta
@@ -595,11 +630,14 @@ def _template_passes(
 
 
 def _refine_against_average(
-    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int]
+    spectra: np.ndarray,
+    shifts: np.ndarray,
+    params: AlignParams,
+    shape: tuple[int, int],
+    band: np.ndarray | None,
 ) -> tuple[np.ndarray, list[float]]:
     """Passes against the leave-one-out average until updates < ``refine_tolerance_px``."""
     updates: list[float] = []
-    band = _Spectral(shape).bandpass(params.bandpass)
     for _ in range(params.refine):
         cross = _loo_cross(spectra, shifts, params.alpha_fine, band, shape)
         delta, _ = refine_peaks(cross, shape, np.zeros((len(spectra), 2)))
@@ -612,16 +650,28 @@ def _refine_against_average(
 
 
 def _robust_start(
-    spectra: np.ndarray, pair_positions: np.ndarray, params: AlignParams, shape: tuple[int, int]
+    spectra: np.ndarray,
+    pair_positions: np.ndarray,
+    consistent: float,
+    params: AlignParams,
+    shape: tuple[int, int],
+    band: np.ndarray | None,
 ) -> np.ndarray:
-    """The better of two starts for template matching — the pair solution and no shift at all —
-    judged by how well each frame then matches the average of the others."""
-    best, best_score = pair_positions, -np.inf
-    for start in (pair_positions, np.zeros_like(pair_positions)):
-        shifts, score = _template_passes(spectra, start, params, shape)
-        if score > best_score:
-            best, best_score = shifts, score
-    return best
+    """Positions to start the final measurement from.
+
+    When the pairs agree with their joint solution (``consistent`` = fraction of pairs within
+    the outlier limit ≥ 0.7) the pair solution is kept and only improved locally against the
+    leave-one-out average: its pairs carry the continuity between neighbours that settles a
+    crystal's lattice ambiguity. When they do not (noise-dominated pairs), a global search from
+    no shift at all competes with it, and the one whose frames better match the average of the
+    others wins.
+    """
+    local, local_score = _template_passes(spectra, pair_positions, params, shape, band, 2.0)
+    if consistent >= 0.7:
+        return local
+    zero = np.zeros_like(pair_positions)
+    rescue, rescue_score = _template_passes(spectra, zero, params, shape, band)
+    return rescue if rescue_score > local_score else local
 
 
 def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentResult:
@@ -634,19 +684,24 @@ def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentR
     measured = _crop_roi(arr, p.roi)
     shape = measured.shape[1:]
     spectra = _rfft(prepare(measured, p))
+    band = _Spectral(shape).bandpass(p.bandpass)
+    if p.snr_weighting:
+        weight = snr_weight(spectra)
+        band = weight if band is None else band * weight
     pairs = np.asarray(pair_graph(n, p), dtype=int)
     rate = None
     if p.low_snr and n > 2:
         max_shift = p.max_shift_px or 0.25 * min(shape)
-        rate = _low_snr_rate(spectra, pairs, p, _shift_mask(shape, max_shift),
-                             _Spectral(shape).bandpass(p.bandpass), shape)  # fmt: skip
-    offsets, heights = _measure_pairs(spectra, pairs, p, shape, rate)
+        rate = _low_snr_rate(spectra, pairs, p, _shift_mask(shape, max_shift), band, shape)
+    offsets, heights = _measure_pairs(spectra, pairs, p, shape, rate, band)
     positions, keep = _solve(n, pairs, offsets, heights, p)
     if n > 2:
-        template = _robust_start(spectra, positions, p, shape)
-        offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, template)
+        residual = np.linalg.norm(offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), 1)
+        consistent = float(np.mean(residual <= max(p.outlier_px, 0.5)))
+        template = _robust_start(spectra, positions, consistent, p, shape, band)
+        offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, band, template)
         positions, keep = _solve(n, pairs, offsets, heights, p)
-    positions, updates = _refine_against_average(spectra, positions, p, shape)
+    positions, updates = _refine_against_average(spectra, positions, p, shape, band)
     shifts = _gauge(positions, p.reference)
     pair_offsets = np.full((n, n, 2), np.nan)
     similarity = np.full((n, n), np.nan)
