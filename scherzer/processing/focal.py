@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,17 @@ import numpy as np
 import scipy.fft as sfft
 from scipy.optimize import minimize, minimize_scalar
 
-from scherzer.optics import FrequencyGrid, Optics, chi, fft_workers, vibration_envelope
+from scherzer.optics import (
+    FrequencyGrid,
+    Optics,
+    chi,
+    chi_gradient_sq,
+    fft_workers,
+    vibration_envelope,
+)
 from scherzer.processing.restoration import (
     BandTransfer,
+    NormalTerms,
     RestorationResult,
     SpectralBand,
     camera_curve_to_grid,
@@ -80,6 +88,7 @@ from scherzer.processing.restoration import (
     quadratic_term,
     restore_exit_wave,
     shift_phase,
+    solve_pair,
     solve_series,
 )
 from scherzer.stack import ImageStack
@@ -144,6 +153,13 @@ class FocalParams:
     complex c (the channelling picture of a thin crystal at its exit surface: amplitude and
     phase contrast in a fixed ratio) instead of a weak-phase object, with 3 rounds of the
     quadratic-term correction in the restoration (see :func:`fit_defocus_astigmatism_wave`).
+    ``per_image_delocalisation`` (None: automatic, see :meth:`resolved`): the
+    ``max_delocalisation`` limit leaves a frequency out only for the images that delocalise it
+    beyond the limit, and the band keeps frequencies that ≥ ``DELOC_MIN_FRACTION`` of the
+    images keep (False: out for all images, the band of the worst image).
+    ``prior_scale`` (None: automatic): the Wiener prior of the waves that predict images
+    during registration is this many times weaker than the restoration's (see
+    :func:`scherzer.processing.restoration.solve_series`; 1 = the restoration's).
     ``thickness_nm``: specimen thickness, if known. The reported absolute defocus refers to the
     **exit surface** (where the simulator and the restored exit wave are defined). The
     weak-phase criterion finds the plane where the wave is most nearly a pure phase object — the
@@ -173,6 +189,17 @@ class FocalParams:
     pure_phase_refinement: bool = False
     crystal: bool = False
     thickness_nm: float | None = None
+    prior_scale: float | None = None
+    per_image_delocalisation: bool | None = None
+
+    def resolved(self) -> FocalParams:
+        """A copy with the automatic (None) settings filled in: ``prior_scale`` 1e4 and
+        ``per_image_delocalisation`` True, except for ``crystal`` (1 and False: a crystal's
+        few spots need the restoration's prior, and the common band)."""
+        ps = self.prior_scale if self.prior_scale is not None else (1.0 if self.crystal else 1e4)
+        pi = self.per_image_delocalisation
+        pi = (not self.crystal) if pi is None else pi
+        return replace(self, prior_scale=ps, per_image_delocalisation=pi)
 
 
 @dataclass
@@ -494,11 +521,13 @@ class _Problem:
     """Spectra, band and transfer of one series (internal)."""
 
     def __init__(self, frames, optics, pixel_nm, nominal, params: FocalParams, mtf=None):
+        params = params.resolved()
         self.params = params
         self.frames = crop_area(frames, params.area)
         self.spectra_full = frame_spectra(self.frames, params.taper_px)
         self.grid = FrequencyGrid(self.spectra_full.shape[-2:], (pixel_nm, pixel_nm))
         self.optics = optics
+        per_image = params.max_delocalisation is not None and params.per_image_delocalisation
         self.band = information_band(
             optics,
             self.grid,
@@ -506,9 +535,14 @@ class _Problem:
             np.ones(self.grid.shape, np.float32),
             0.02,
             2.0,
-            params.max_delocalisation,
+            None if per_image else params.max_delocalisation,
         )
-        self.spectra = self.band.gather(self.spectra_full)
+        self.mask = np.ones((len(nominal), self.band.size), bool)
+        if per_image:
+            self.band, self.mask = _delocalisation_band(
+                optics, self.grid, self.band, nominal, params.max_delocalisation
+            )
+        self.spectra = self.band.gather(self.spectra_full) * self.mask
         # a peak must pass the threshold and stand 5σ above the correlation of pure noise (≈ 1/√m)
         self.flag_level = max(params.peak_threshold, 5.0 / math.sqrt(self.band.size))
         self.corr = Correlator(self.band)
@@ -527,6 +561,34 @@ class _Problem:
         """Weak-phase transfer 2 sin χ · envelopes on the band, (k, m) float32."""
         env = self.bt.env_t * env_s * self.camera
         return (2.0 * np.sin(self.bt.chi(defocus_nm)) * env).astype(np.float32)
+
+
+DELOC_MIN_FRACTION = 0.75  # a frequency is used when ≥ this fraction of the images keep it
+
+
+def _delocalisation_band(
+    optics: Optics,
+    grid: FrequencyGrid,
+    band: SpectralBand,
+    nominal: np.ndarray,
+    fraction: float,
+) -> tuple[SpectralBand, np.ndarray]:
+    """Per image, the band frequencies whose delocalisation |∇χ|/2π stays within ``fraction``
+    of the field (content from outside the field is inconsistent between defoci there); the
+    band shrunk to frequencies at least ``MIN_IMAGES`` images keep. Returns (band, (n, m)).
+
+    Leaving a frequency out only for the images that delocalise it (instead of for all)
+    keeps the high frequencies of the images near the delocalisation minimum, which carry
+    most of the defocus information (measured on a 256² weak-phase series, 1000 e/Å²,
+    relative defocus from the true start: 0.33 → 0.04 nm RMS)."""
+    field_A = 10.0 * min(s * p for s, p in zip(grid.shape, grid.pixel_nm, strict=True))
+    limit = (2.0 * math.pi * fraction * field_A) ** 2
+    ok = np.stack([band.gather(chi_gradient_sq(optics, grid, float(d))) <= limit for d in nominal])
+    keep = ok.sum(axis=0) >= max(MIN_IMAGES, math.ceil(DELOC_MIN_FRACTION * len(nominal)))
+    full = np.zeros(grid.shape[0] * grid.shape[1], bool)
+    full[band.idx[keep]] = True
+    new = SpectralBand.from_mask(full.reshape(grid.shape))
+    return new, ok[:, keep]
 
 
 def _clip_spots(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 32) -> np.ndarray:
@@ -559,7 +621,7 @@ def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng
     is C/(E/2) ≤ 1, 1 for noise-free, consistent images.
     """
     p = prob.params
-    s_r = prob.ctf(np.array([d_abs[ref]]), env_s[ref])[0]
+    s_r = prob.ctf(np.array([d_abs[ref]]), env_s[ref])[0] * prob.mask[ref]
     xi = _clip_spots(_whiten(prob.spectra[i], p.whiten_first), prob.band, p.clip_spots)
     xr = _clip_spots(_whiten(prob.spectra[ref], p.whiten_first), prob.band, p.clip_spots)
     base = xi * np.conj(xr) * s_r
@@ -573,7 +635,7 @@ def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng
         return 0.5 * ((pow_i[None] * s_r[None] ** 2 + pow_r[None] * sn * sn) / den).sum(axis=1)
 
     def z_of(trials):
-        sn = prob.ctf(trials, env_s[i])
+        sn = prob.ctf(trials, env_s[i]) * prob.mask[i]
         den = s_r[None] ** 2 + sn * sn + eps
         return (base[None] * sn / den).astype(np.complex64), np.full(len(trials), e0), energy(sn)
 
@@ -595,7 +657,7 @@ def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_g
     def z_of(trials):
         tt = prob.bt.transfer(trials, env_s_i)
         lin = (phi * tt + phi_neg * prob.band.conj_neg(tt)) * prob.camera
-        y = _whiten(lin + quad_i, p.whiten)
+        y = _whiten((lin + quad_i) * prob.mask[i], p.whiten)
         norm = spec_norm * np.linalg.norm(y, axis=1)
         return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
 
@@ -628,7 +690,10 @@ def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray,
             idx = np.array(sorted(done))
             aligned = prob.spectra[idx] * shift_phase(prob.band, shifts[idx])
             t = prob.bt.transfer(d_abs[idx], env_s[idx])
-            sol = solve_series(aligned, t, prob.band, camera=prob.camera, corrections=1)
+            sol = solve_series(
+                aligned, t, prob.band, camera=prob.camera, corrections=1,
+                prior_scale=prob.params.prior_scale, mask=prob.mask[idx],
+            )  # fmt: skip
             t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
             quad_i = quadratic_term(prob.band, sol.phi, t_i, prob.camera)[0]
             delta, s, h = _match_wave(
@@ -707,6 +772,7 @@ def fit_step_scale(
     ref: int,
     ref_defocus_nm: float,
     half_range: float = CRYSTAL_STEP_SCALE_RANGE,
+    mask: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Scale κ of the nominal step (defocus_n = ref + κ·(nominal_n − nominal_ref)) that best
     explains the aligned series by the two-sided linear model (+ quadratic term), and the
@@ -719,10 +785,11 @@ def fit_step_scale(
     def resid(kappa: float) -> float:
         d = ref_defocus_nm + kappa * (nominal - nominal[ref])
         t = prob.bt.transfer(d, prob.bt.spatial(d))
-        sol = solve_series(aligned, t, prob.band, camera=prob.camera, corrections=1)
+        sol = solve_series(aligned, t, prob.band, camera=prob.camera, corrections=1, mask=mask)
         pred = linear_prediction(sol.phi, t * prob.camera, prob.band.conj_neg(t) * prob.camera,
                                  prob.band) + sol.quadratic  # fmt: skip
-        return float(np.sum(np.abs((aligned - pred)[:, spots]) ** 2)) / total
+        res = aligned - pred if mask is None else (aligned - pred) * mask
+        return float(np.sum(np.abs(res[:, spots]) ** 2)) / total
 
     grid = 1.0 + np.arange(-half_range, half_range + 1e-9, 0.01)
     vals = np.array([resid(k) for k in grid])
@@ -740,11 +807,14 @@ def _crystal_pass(prob: _Problem, ref: int, nominal, d_abs, shifts, used):
     n = len(d_abs)
     aligned = prob.spectra * shift_phase(prob.band, shifts)
     kappa, _ = fit_step_scale(prob, aligned[used], nominal[used], int(np.sum(used[:ref])),
-                              float(d_abs[ref]))  # fmt: skip
+                              float(d_abs[ref]), mask=prob.mask[used])  # fmt: skip
     new_d = d_abs[ref] + kappa * (nominal - nominal[ref])
     env_s = prob.bt.spatial(new_d)
     t = prob.bt.transfer(new_d, env_s)
-    sol = solve_series(aligned[used], t[used], prob.band, camera=prob.camera, leave_one_out=True)
+    sol = solve_series(
+        aligned[used], t[used], prob.band, camera=prob.camera, leave_one_out=True,
+        prior_scale=prob.params.prior_scale, mask=prob.mask[used],
+    )  # fmt: skip
     quad = quadratic_term(prob.band, sol.phi, t, prob.camera)
     loo = np.empty((n, prob.band.size), np.complex64)
     loo[used] = sol.loo
@@ -752,13 +822,82 @@ def _crystal_pass(prob: _Problem, ref: int, nominal, d_abs, shifts, used):
     new_s, peaks = shifts.copy(), np.ones(n)
     for i in range(n):
         lin = (loo[i] * t[i] + prob.band.conj_neg(loo[i]) * prob.band.conj_neg(t[i])) * prob.camera
-        y = lin + quad[i]
+        y = (lin + quad[i]) * prob.mask[i]
         norm = float(np.linalg.norm(prob.spectra[i]) * np.linalg.norm(y))
         z = (prob.spectra[i] * np.conj(y)).astype(np.complex64)
         start = _local_grid_peak(prob.corr, z, shifts[i], 1.0)
         new_s[i], peaks[i] = prob.corr.refine(z, start, norm, 6)
     new_s -= new_s[ref]
     return new_d, new_s, peaks
+
+
+def refine_jointly(
+    prob: _Problem,
+    ref: int,
+    d_abs: np.ndarray,
+    shifts: np.ndarray,
+    used: np.ndarray,
+    max_iter: int = 60,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """All defoci and shifts at once by maximum likelihood with the wave profiled out.
+
+    R(D, s) = Σ_g min_φ [Σ_n w_n |S_n e^{2πi g·s_n} − q_n − C(φ T_n + φ*(−g) T_n*(−g))|²
+    + ρ(g)(|φ(g)|² + |φ(−g)|²)] with the noise weights w_n, Wiener prior ρ, quadratic term q_n
+    and spatial envelopes of a first solve held fixed. By the envelope theorem ∂R/∂D_n =
+    −2 Re Σ w_n r̄_n ∂pred_n/∂D_n with ∂pred/∂D = −iu(C φ T − C φ*(−g) T*(−g)) (u = ∂χ/∂D),
+    and ∂R/∂s_n = 2 Re Σ w_n r̄_n 2πi g S_n(aligned). L-BFGS; the reference's defocus and shift
+    stay fixed (the gauge). Unlike the leave-one-out passes every image helps define the wave
+    that every other image is compared with. Returns (defocus, shifts, R_final/R_start).
+    """
+    idx = np.flatnonzero(used)
+    r_pos = int(np.flatnonzero(idx == ref)[0])
+    free = np.array([k for k in range(idx.size) if k != r_pos])
+    spec = prob.spectra[idx]
+    env_s = prob.bt.spatial(d_abs[idx])
+    t0 = prob.bt.transfer(d_abs[idx], env_s)
+    first = solve_series(
+        spec * shift_phase(prob.band, shifts[idx]), t0, prob.band, camera=prob.camera,
+        mask=prob.mask[idx], prior_scale=prob.params.prior_scale,
+    )  # fmt: skip
+    w = ((1.0 / first.sigma2)[:, None] * prob.mask[idx]).astype(np.float32)
+    reg = (1.0 / first.prior).astype(np.float32)
+    q = first.quadratic
+    u = prob.bt.unit.astype(np.float32)
+    two_pi_g = (2.0 * math.pi * np.stack([prob.band.gy, prob.band.gx])).astype(np.float32)
+    d0, s0 = d_abs[idx].copy(), shifts[idx].copy()
+    scale_s = 0.1  # px per unit of the optimiser's variable (D in nm): similar curvatures
+
+    def unpack(x):
+        d, sh = d0.copy(), s0.copy()
+        d[free] = x[: free.size]
+        sh[free] = x[free.size :].reshape(-1, 2) * scale_s
+        return d, sh
+
+    def objective(x):
+        d, sh = unpack(x)
+        al = spec * shift_phase(prob.band, sh)
+        t = prob.bt.transfer(d, env_s)
+        a, b = t * prob.camera, prob.band.conj_neg(t) * prob.camera
+        data = al - q
+        terms = NormalTerms.build(data, a, b, w)
+        phi, _ = solve_pair(*terms.sums(), reg)
+        pa, pb = phi * a, prob.band.conj_neg(phi) * b
+        res = data - pa - pb
+        val = float(np.sum(w * (res.real**2 + res.imag**2)))
+        val += float(np.sum(reg * 2.0 * np.abs(phi) ** 2))
+        wr = w * np.conj(res)
+        g_d = -2.0 * (wr * (-1j * u) * (pa - pb)).real.sum(axis=1)
+        g_s = 2.0 * np.einsum("nm,km->nk", (wr * 1j * al).real, two_pi_g)
+        grad = np.concatenate([g_d[free], (g_s[free] * scale_s).ravel()])
+        return val, grad.astype(np.float64)
+
+    x0 = np.concatenate([d0[free], (s0[free] / scale_s).ravel()])
+    v0 = objective(x0)[0]
+    res = minimize(objective, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    d, sh = unpack(res.x)
+    out_d, out_s = d_abs.copy(), shifts.copy()
+    out_d[idx], out_s[idx] = d, sh
+    return out_d, out_s, float(res.fun / max(v0, 1e-30))
 
 
 def _local_grid_peak(corr: Correlator, z: np.ndarray, center: np.ndarray, half: float):
@@ -798,7 +937,10 @@ def _wave_pass(prob: _Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=Fal
     env_s = prob.bt.spatial(d_abs)
     t = prob.bt.transfer(d_abs, env_s)
     aligned = prob.spectra * shift_phase(prob.band, shifts)
-    sol = solve_series(aligned[used], t[used], prob.band, camera=prob.camera, leave_one_out=True)
+    sol = solve_series(
+        aligned[used], t[used], prob.band, camera=prob.camera, leave_one_out=True,
+        prior_scale=prob.params.prior_scale, mask=prob.mask[used],
+    )  # fmt: skip
     quad = quadratic_term(prob.band, sol.phi, t, prob.camera)
     loo = np.empty((n, prob.band.size), np.complex64)
     loo[used] = sol.loo
@@ -1083,6 +1225,7 @@ def fit_start_phase_agreement(
     n_sectors: int = 6,
     fit_astigmatism: bool = True,
     amplitude_contrast: bool = False,
+    mask: np.ndarray | None = None,
 ) -> AgreementFit:
     """Start defocus and A1 maximising the phase agreement (QFocus-like).
 
@@ -1105,6 +1248,8 @@ def fit_start_phase_agreement(
     :func:`register_focal_series` fits A1 from rings of equal |g| instead.
     """
     env_s = bt.spatial(center_nm + rel_defocus_nm)
+    if mask is not None:  # frequencies an image does not contribute: no CTF there either
+        env_s = env_s * mask
     mag = np.sqrt(np.sum(np.abs(spectra) ** 2, axis=0)).astype(np.float32)
     weight = mag
     betas = BETA_TRIALS if amplitude_contrast else np.zeros(1)
@@ -1365,12 +1510,14 @@ def _absolute_correction(
             ref_d,
             search,
             fit_astigmatism=p.fit_astigmatism,
+            mask=prob.mask[ok],
         )
         return fit.start_nm - ref_d, fit.astigmatism_cartesian_nm
     t = prob.bt.transfer(d_abs[ok], prob.bt.spatial(d_abs[ok]))
     sol = solve_series(
-        aligned[ok], t, prob.band, camera=prob.camera, corrections=3 if p.crystal else 1
-    )
+        aligned[ok], t, prob.band, camera=prob.camera, corrections=3 if p.crystal else 1,
+        mask=prob.mask[ok],
+    )  # fmt: skip
     cov12 = pair_noise_covariance(sol.terms.sums(), 1.0 / sol.prior)
     delta, ast = fit_defocus_astigmatism_wave(
         sol.phi, basis, prob.band, search, p.fit_astigmatism, cov12, p.crystal, info
@@ -1524,7 +1671,10 @@ def structure_image(
             stack, optics, pix, center + rel, half, n_sectors, fit_astigmatism, area,
             wiener_snr, t0,
         )  # fmt: skip
-    params = FocalParams(area=area, iterations=2, absolute="none")
+    # the weak-phase agreement as measured: the common band and the restoration's prior
+    params = FocalParams(
+        area=area, iterations=2, absolute="none", prior_scale=1.0, per_image_delocalisation=False
+    )
     if shifts_px is None:
         reg = register_focal_series(
             stack, optics, params, nominal_defocus_nm=center + rel, pixel_nm=pix
@@ -1539,8 +1689,9 @@ def structure_image(
     aligned = prob.spectra * shift_phase(prob.band, shifts)
     basis = _chi_basis(optics, prob.grid, prob.band)
     fit = fit_start_phase_agreement(
-        aligned, prob.bt, basis, prob.band, rel, center, half, n_sectors, fit_astigmatism
-    )
+        aligned, prob.bt, basis, prob.band, rel, center, half, n_sectors, fit_astigmatism,
+        mask=prob.mask,
+    )  # fmt: skip
     mag, ang = _polar_a1(fit.astigmatism_cartesian_nm)
     defocus = fit.start_nm + rel
     opt_a1 = optics.with_(a1_nm=mag, a1_deg=ang)
@@ -1580,8 +1731,9 @@ def _structure_image_crystal(
     basis = _chi_basis(optics, prob.grid, prob.band)
     rel = defocus - defocus[0]
     diag = fit_start_phase_agreement(
-        aligned, prob.bt, basis, prob.band, rel, float(defocus[0]), 3.0, n_sectors, False
-    )
+        aligned, prob.bt, basis, prob.band, rel, float(defocus[0]), 3.0, n_sectors, False,
+        mask=prob.mask,
+    )  # fmt: skip
     image = _ctf_corrected_average(
         intensity_frames(stack), opt_a1, pix, defocus, reg.shifts_px, area, snr
     )
