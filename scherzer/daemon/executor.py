@@ -63,6 +63,7 @@ from scherzer.daemon.protocol import (
 )
 from scherzer.drivers.base import Camera, DeviceError, Lens, ScanGenerator, ScanSettings
 from scherzer.emd import StackWriter, read_stacks
+from scherzer.processing.registration import rotate_frame_back
 from scherzer.stack import FrameRecord
 
 __all__ = [
@@ -217,14 +218,8 @@ def open_instruments(settings: Settings) -> Instruments:
 
 
 # --- geometry ---------------------------------------------------------------------------------
-def rotate_back(frame: np.ndarray, rotation_deg: float) -> np.ndarray:
-    """A frame scanned at ``rotation_deg`` (a multiple of 90°, relative to the base rotation)
-    turned back into the base orientation, exactly (``np.rot90``; the simulator's geometry,
-    :func:`scherzer.simulators.stem.derotate`)."""
-    q = rotation_deg / 90.0
-    if abs(q - round(q)) > 1e-9:
-        raise ValueError(f"frames are rotated back by multiples of 90°; got {rotation_deg}°")
-    return np.ascontiguousarray(np.rot90(frame, k=-round(q) % 4, axes=(-2, -1)))
+#: Frames scanned at a multiple of 90° are turned back exactly (the simulator's scan geometry).
+rotate_back = rotate_frame_back
 
 
 def truth_shift_in_frame_px(shift_yx_px: Any, base_rotation_deg: float) -> np.ndarray:

@@ -77,6 +77,7 @@ from scherzer.optics import (
     image_intensity,
     vibration_envelope,
 )
+from scherzer.processing.registration import rotate_frame_back
 from scherzer.simulators.specimen import Specimen, make_specimen, projected_potential
 from scherzer.stack import FrameRecord, ImageStack
 
@@ -252,10 +253,7 @@ class ScanRaster:
 
 def derotate(frame: np.ndarray, rotation_deg: float) -> np.ndarray:
     """Turn a frame acquired at a multiple of 90° scan rotation into specimen orientation."""
-    q = rotation_deg / 90.0
-    if abs(q - round(q)) > 1e-9:
-        raise ValueError(f"derotate handles multiples of 90°; got {rotation_deg}°")
-    return np.ascontiguousarray(np.rot90(frame, k=-round(q) % 4, axes=(-2, -1)))
+    return rotate_frame_back(frame, rotation_deg)
 
 
 def rotation_series(mode: str, n_frames: int, base_rotation_deg: float = 0.0) -> np.ndarray:
