@@ -695,10 +695,10 @@ def add_info(sub: Any) -> None:
 def _demo(args: argparse.Namespace) -> Outcome:
     from scherzer.demo import DemoSettings, run_demo
 
+    sizes = {"focal_size_px": args.size, "scan_size_px": args.size} if args.size else {}
     settings = DemoSettings(
         out_dir=args.out,
-        focal_size_px=args.size,
-        scan_size_px=args.size,
+        **sizes,
         focal_images=args.images,
         scan_frames=args.frames,
         speedup=args.speedup,
@@ -712,7 +712,9 @@ def add_demo(sub: Any) -> None:
         "demo", help="the main job on the built-in simulators", parents=[_output_options()]
     )
     p.add_argument("--out", type=Path, default=Path("scherzer-demo"))
-    p.add_argument("--size", type=int, default=256, help="image size in pixels")
+    p.add_argument(
+        "--size", type=int, default=None, help="image size in pixels (default 512 focal, 256 scan)"
+    )
     p.add_argument("--images", type=int, default=11, help="focal-series images")
     p.add_argument("--frames", type=int, default=8, help="scan frames")
     p.add_argument("--speedup", type=float, default=20.0, help="simulated time runs faster")
