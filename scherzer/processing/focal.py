@@ -773,6 +773,7 @@ def fit_step_scale(
     ref_defocus_nm: float,
     half_range: float = CRYSTAL_STEP_SCALE_RANGE,
     mask: np.ndarray | None = None,
+    center: float = 1.0,
 ) -> tuple[float, float]:
     """Scale κ of the nominal step (defocus_n = ref + κ·(nominal_n − nominal_ref)) that best
     explains the aligned series by the two-sided linear model (+ quadratic term), and the
@@ -791,7 +792,7 @@ def fit_step_scale(
         res = aligned - pred if mask is None else (aligned - pred) * mask
         return float(np.sum(np.abs(res[:, spots]) ** 2)) / total
 
-    grid = 1.0 + np.arange(-half_range, half_range + 1e-9, 0.01)
+    grid = center + np.linspace(-half_range, half_range, 2 * round(half_range / 0.01) + 1)
     vals = np.array([resid(k) for k in grid])
     best = _parabolic_peak(grid, -vals)
     res = minimize_scalar(
@@ -806,8 +807,14 @@ def _crystal_pass(prob: _Problem, ref: int, nominal, d_abs, shifts, used):
     prediction at that defocus. Returns (defocus, shifts, peaks)."""
     n = len(d_abs)
     aligned = prob.spectra * shift_phase(prob.band, shifts)
-    kappa, _ = fit_step_scale(prob, aligned[used], nominal[used], int(np.sum(used[:ref])),
-                              float(d_abs[ref]), mask=prob.mask[used])  # fmt: skip
+    others = np.arange(n) != ref
+    now = float(np.median((d_abs - d_abs[ref])[others] / (nominal - nominal[ref])[others]))
+    narrow = abs(now - 1.0) > 1e-9  # a κ was fitted before: refine around it
+    kappa, _ = fit_step_scale(
+        prob, aligned[used], nominal[used], int(np.sum(used[:ref])), float(d_abs[ref]),
+        CRYSTAL_STEP_SCALE_RANGE / 5 if narrow else CRYSTAL_STEP_SCALE_RANGE,
+        prob.mask[used], now if narrow else 1.0,
+    )  # fmt: skip
     new_d = d_abs[ref] + kappa * (nominal - nominal[ref])
     env_s = prob.bt.spatial(new_d)
     t = prob.bt.transfer(new_d, env_s)
