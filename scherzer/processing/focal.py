@@ -75,7 +75,6 @@ from scherzer.optics import (
 )
 from scherzer.processing.restoration import (
     BandTransfer,
-    NormalTerms,
     RestorationResult,
     SpectralBand,
     camera_curve_to_grid,
@@ -88,7 +87,6 @@ from scherzer.processing.restoration import (
     quadratic_term,
     restore_exit_wave,
     shift_phase,
-    solve_pair,
     solve_series,
 )
 from scherzer.stack import ImageStack
@@ -836,75 +834,6 @@ def _crystal_pass(prob: _Problem, ref: int, nominal, d_abs, shifts, used):
         new_s[i], peaks[i] = prob.corr.refine(z, start, norm, 6)
     new_s -= new_s[ref]
     return new_d, new_s, peaks
-
-
-def refine_jointly(
-    prob: _Problem,
-    ref: int,
-    d_abs: np.ndarray,
-    shifts: np.ndarray,
-    used: np.ndarray,
-    max_iter: int = 60,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """All defoci and shifts at once by maximum likelihood with the wave profiled out.
-
-    R(D, s) = Σ_g min_φ [Σ_n w_n |S_n e^{2πi g·s_n} − q_n − C(φ T_n + φ*(−g) T_n*(−g))|²
-    + ρ(g)(|φ(g)|² + |φ(−g)|²)] with the noise weights w_n, Wiener prior ρ, quadratic term q_n
-    and spatial envelopes of a first solve held fixed. By the envelope theorem ∂R/∂D_n =
-    −2 Re Σ w_n r̄_n ∂pred_n/∂D_n with ∂pred/∂D = −iu(C φ T − C φ*(−g) T*(−g)) (u = ∂χ/∂D),
-    and ∂R/∂s_n = 2 Re Σ w_n r̄_n 2πi g S_n(aligned). L-BFGS; the reference's defocus and shift
-    stay fixed (the gauge). Unlike the leave-one-out passes every image helps define the wave
-    that every other image is compared with. Returns (defocus, shifts, R_final/R_start).
-    """
-    idx = np.flatnonzero(used)
-    r_pos = int(np.flatnonzero(idx == ref)[0])
-    free = np.array([k for k in range(idx.size) if k != r_pos])
-    spec = prob.spectra[idx]
-    env_s = prob.bt.spatial(d_abs[idx])
-    t0 = prob.bt.transfer(d_abs[idx], env_s)
-    first = solve_series(
-        spec * shift_phase(prob.band, shifts[idx]), t0, prob.band, camera=prob.camera,
-        mask=prob.mask[idx], prior_scale=prob.params.prior_scale,
-    )  # fmt: skip
-    w = ((1.0 / first.sigma2)[:, None] * prob.mask[idx]).astype(np.float32)
-    reg = (1.0 / first.prior).astype(np.float32)
-    q = first.quadratic
-    u = prob.bt.unit.astype(np.float32)
-    two_pi_g = (2.0 * math.pi * np.stack([prob.band.gy, prob.band.gx])).astype(np.float32)
-    d0, s0 = d_abs[idx].copy(), shifts[idx].copy()
-    scale_s = 0.1  # px per unit of the optimiser's variable (D in nm): similar curvatures
-
-    def unpack(x):
-        d, sh = d0.copy(), s0.copy()
-        d[free] = x[: free.size]
-        sh[free] = x[free.size :].reshape(-1, 2) * scale_s
-        return d, sh
-
-    def objective(x):
-        d, sh = unpack(x)
-        al = spec * shift_phase(prob.band, sh)
-        t = prob.bt.transfer(d, env_s)
-        a, b = t * prob.camera, prob.band.conj_neg(t) * prob.camera
-        data = al - q
-        terms = NormalTerms.build(data, a, b, w)
-        phi, _ = solve_pair(*terms.sums(), reg)
-        pa, pb = phi * a, prob.band.conj_neg(phi) * b
-        res = data - pa - pb
-        val = float(np.sum(w * (res.real**2 + res.imag**2)))
-        val += float(np.sum(reg * 2.0 * np.abs(phi) ** 2))
-        wr = w * np.conj(res)
-        g_d = -2.0 * (wr * (-1j * u) * (pa - pb)).real.sum(axis=1)
-        g_s = 2.0 * np.einsum("nm,km->nk", (wr * 1j * al).real, two_pi_g)
-        grad = np.concatenate([g_d[free], (g_s[free] * scale_s).ravel()])
-        return val, grad.astype(np.float64)
-
-    x0 = np.concatenate([d0[free], (s0[free] / scale_s).ravel()])
-    v0 = objective(x0)[0]
-    res = minimize(objective, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
-    d, sh = unpack(res.x)
-    out_d, out_s = d_abs.copy(), shifts.copy()
-    out_d[idx], out_s[idx] = d, sh
-    return out_d, out_s, float(res.fun / max(v0, 1e-30))
 
 
 def _local_grid_peak(corr: Correlator, z: np.ndarray, center: np.ndarray, half: float):

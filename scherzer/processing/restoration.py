@@ -523,8 +523,11 @@ def solve_series(
 class RestorationResult:
     """A restored exit wave and how it was obtained.
 
-    ``wave`` complex64 (y, x) at the reference plane (defocus ``defocus_nm[reference]`` removed
-    from nothing: the wave is the exit wave, i.e. all aberrations in the model are corrected).
+    ``wave`` complex64 (y, x): the wave at the plane the absolute ``defocus_nm`` refers to,
+    with all aberrations of the model corrected. With a registration from
+    :func:`scherzer.processing.focal.register_focal_series` that is the specimen's exit
+    surface (given ``FocalParams.thickness_nm`` for amorphous films, or in crystal mode), else
+    the plane of minimum amplitude contrast (an amorphous film's mid-plane).
     ``noise_sigma`` per image (relative noise level of the normalised image spectra).
     """
 
