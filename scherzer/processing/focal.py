@@ -848,6 +848,21 @@ def _local_grid_peak(corr: Correlator, z: np.ndarray, center: np.ndarray, half: 
     return np.array([center[0] + offs[jy], center[1] + offs[jx]])
 
 
+CRYSTAL_MIN_RELATIVE_PEAK = 0.25  # crystal mode: peaks below this × the median are suspect
+
+
+def _flag_level(prob: _Problem, peaks: np.ndarray, used: np.ndarray) -> float:
+    """Peak height below which an image is flagged (and left out of the wave).
+
+    Crystal mode adds a relative test: an image near a defocus where the lattice nearly
+    vanishes from the image correlates weakly with its prediction and its shift is not
+    determined (seen: peak 0.08 against ≈ 0.95, shift 0.66 px off), so it is flagged."""
+    level = prob.flag_level
+    if prob.params.crystal and used.sum() >= MIN_IMAGES:
+        level = max(level, CRYSTAL_MIN_RELATIVE_PEAK * float(np.median(peaks[used])))
+    return level
+
+
 def _predict_shift(shifts: np.ndarray, i: int, done: np.ndarray) -> np.ndarray:
     """Shift of image i extrapolated along the images done so far (a straight drift line)."""
     if done.size < 2:
@@ -1355,7 +1370,6 @@ def register_focal_series(
     rng_nm = p.search_range_nm if p.search_range_nm else 0.3 * float(np.median(steps)) + 1.0
 
     prob = _Problem(intensity_frames(stack), optics, pix, nominal, p, mtf)
-    flag_level = prob.flag_level
     if p.crystal:
         d_abs, shifts, peaks = _first_pass_crystal(prob, ref, nominal, used)
     else:
@@ -1367,7 +1381,7 @@ def register_focal_series(
     passes = 0
     for rounds in range(2):  # absolute defocus / A1 rounds
         for _ in range(max(p.iterations, 0)):
-            ok = used & (peaks >= flag_level)
+            ok = used & (peaks >= _flag_level(prob, peaks, used))
             ok[ref] = True
             if ok.sum() < MIN_IMAGES:
                 break
@@ -1396,7 +1410,7 @@ def register_focal_series(
                 break
         if p.absolute == "none":
             break
-        ok = used & (peaks >= flag_level)
+        ok = used & (peaks >= _flag_level(prob, peaks, used))
         ok[ref] = True
         search = p.absolute_range_nm if rounds == 0 else 3.0
         info: dict[str, Any] = {}
@@ -1410,8 +1424,14 @@ def register_focal_series(
             break
     if p.thickness_nm is not None and p.absolute == "wave" and not p.crystal:
         d_abs = d_abs - 0.5 * float(p.thickness_nm)  # mid-plane → exit surface
-    flagged = peaks < flag_level
+    flagged = peaks < _flag_level(prob, peaks, used)
     flagged[ref] = False
+    if p.crystal and flagged.any():  # no lattice to register: the smooth drift line instead
+        good = np.flatnonzero(used & ~flagged)
+        coef = np.polyfit(good.astype(float), shifts[good], 1)
+        bad = np.flatnonzero(flagged)
+        shifts = shifts.copy()
+        shifts[bad] = coef[0] * bad[:, None] + coef[1]
     mag, ang = _polar_a1(a1_c)
     return FocalRegistration(
         reference_index=ref,
