@@ -67,9 +67,9 @@ def test_camera_timeout_fails_the_job_cleanly_and_the_daemon_lives(tmp_path):
 
 @pytest.fixture
 def emulator():
-    lc = pytest.importorskip("scherzer.simulators.lens_controller")
-    pytest.importorskip("scherzer.drivers.serial_lens")
-    emu = lc.LensControllerEmulator(seed=0)
+    from scherzer.simulators.lens_controller import LensControllerEmulator
+
+    emu = LensControllerEmulator(seed=0)
     emu.start()
     yield emu
     emu.stop()

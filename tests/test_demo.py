@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import socket
@@ -53,11 +52,6 @@ def test_demo_runs_small_and_cleans_up(tmp_path):
     assert "| **done** |" in text and "Demo: fitted against the simulator's truth" in text
     assert any(report.with_suffix("").glob("*.png"))
     assert port_is_free(summary["endpoint"])  # the embedded daemon is gone
-    if importlib.util.find_spec("scherzer.processing.registration") is None:
-        # alignment engine not merged yet: the scan series' processing fails with the reason
-        assert proc.returncode == 1 and scan["state"] == "failed"
-        assert "registration" in scan["error"]
-        pytest.xfail("scherzer.processing.registration (align step) is not available yet")
     assert proc.returncode == 0 and summary["ok"] and scan["state"] == "done"
     assert "rms_error_px" in scan
 

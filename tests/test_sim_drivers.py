@@ -28,7 +28,7 @@ from scherzer.drivers.sim import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-VirtualMicroscope = pytest.importorskip("scherzer.simulators.microscope").VirtualMicroscope
+from scherzer.simulators.microscope import VirtualMicroscope  # noqa: E402
 
 
 @pytest.fixture
