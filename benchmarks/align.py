@@ -22,32 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import scipy.fft as sfft
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scherzer.emd import import_stack  # noqa: E402
 from scherzer.processing.registration import AlignParams, measure_shifts  # noqa: E402
+from scherzer.simulators.microscope import drifting_series_from_image  # noqa: E402
 
 TESTDATA = ROOT.parent / "shared" / "testdata" / "ncempy" / "16_STOimage_1.ser"
 
 
-def series(image: np.ndarray, dose: float, seed: int, n: int = 16, size: int = 512):
-    rng = np.random.default_rng(seed)
-    steps = rng.normal(0.0, 1.5, (n, 2))
-    steps[0] = 0.0
-    truth = np.cumsum(steps, axis=0)
-    spec = sfft.fft2(image - image.min())
-    ky = np.fft.fftfreq(image.shape[0])[:, None]
-    kx = np.fft.fftfreq(image.shape[1])[None, :]
-    y0, x0 = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
-    frames = []
-    for s in truth:
-        moved = sfft.ifft2(spec * np.exp(-2j * np.pi * (ky * s[0] + kx * s[1]))).real
-        crop = np.clip(moved[y0 : y0 + size, x0 : x0 + size], 0.0, None)
-        frames.append(rng.poisson(crop / crop.mean() * dose))
-    return np.asarray(frames, dtype=np.float32), truth
+def series(image: np.ndarray, dose: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return drifting_series_from_image(
+        image, n_frames=16, size_px=512, dose_e_per_px=dose, seed=seed
+    )
 
 
 def windowed(frames: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from scherzer.processing.registration import (
     measure_shifts,
     rotate_to_common,
 )
+from scherzer.simulators.microscope import drifting_series_from_image
 from scherzer.stack import ImageStack
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
@@ -37,23 +38,11 @@ def _real_image(name: str) -> np.ndarray:
 
 
 def shifted_series(
-    image: np.ndarray, n: int, size: int, dose: float, seed: int, sigma: float = 1.5
+    image: np.ndarray, n: int, size: int, dose: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(frames, true shifts): frame_i(r) = image(r − s_i) cropped, dark level removed, Poisson."""
-    rng = np.random.default_rng(seed)
-    steps = rng.normal(0.0, sigma, (n, 2))
-    steps[0] = 0.0
-    shifts = np.cumsum(steps, axis=0)
-    spectrum = sfft.fft2(image - image.min())
-    ky = np.fft.fftfreq(image.shape[0])[:, None]
-    kx = np.fft.fftfreq(image.shape[1])[None, :]
-    y0, x0 = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
-    frames = []
-    for s in shifts:
-        moved = sfft.ifft2(spectrum * np.exp(-2j * np.pi * (ky * s[0] + kx * s[1]))).real
-        crop = np.clip(moved[y0 : y0 + size, x0 : x0 + size], 0.0, None)
-        frames.append(rng.poisson(crop / crop.mean() * dose))
-    return np.asarray(frames, dtype=np.float32), shifts
+    return drifting_series_from_image(
+        image, n_frames=n, size_px=size, dose_e_per_px=dose, seed=seed
+    )
 
 
 def stack_error(measured: np.ndarray, truth: np.ndarray) -> tuple[float, float]:

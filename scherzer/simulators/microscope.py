@@ -42,6 +42,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft as sfft
 
 from scherzer.drivers.base import DeviceDisconnected, DeviceTimeout, ScanSettings
 from scherzer.optics import Optics
@@ -496,3 +497,40 @@ class VirtualMicroscope:
                 "convergence_mrad": self.convergence_mrad,
             }
             return images, records, truth
+
+
+def drifting_series_from_image(
+    image: np.ndarray,
+    *,
+    n_frames: int = 16,
+    size_px: int = 512,
+    dose_e_per_px: float = 10.0,
+    step_sigma_px: float = 1.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A real (or any) image as the specimen of a drifting series: (frames, true shifts_px).
+
+    The specimen moves by a seeded Gaussian random walk (σ = ``step_sigma_px`` per frame,
+    frame 0 at rest); frame_i(r) = image(r − s_i), shifted sub-pixel by a Fourier phase ramp on
+    the whole image and cropped from its centre, so no wrapped content reaches the crop when the
+    image is larger than ``size_px`` by more than the drift. The dark level (the image minimum)
+    is removed, the mean scaled to ``dose_e_per_px`` and Poisson noise drawn. Frames float32
+    (n, size, size); shifts (n, 2) in the ARCHITECTURE.md convention.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim != 2 or min(img.shape) < size_px:
+        raise ValueError(f"need a 2-D image of at least {size_px}² px; got shape {img.shape}")
+    rng = np.random.default_rng(seed)
+    steps = rng.normal(0.0, step_sigma_px, (n_frames, 2))
+    steps[0] = 0.0
+    shifts = np.cumsum(steps, axis=0)
+    spectrum = sfft.fft2(img - img.min())
+    ky = np.fft.fftfreq(img.shape[0])[:, None]
+    kx = np.fft.fftfreq(img.shape[1])[None, :]
+    y0, x0 = (img.shape[0] - size_px) // 2, (img.shape[1] - size_px) // 2
+    frames = np.empty((n_frames, size_px, size_px), dtype=np.float32)
+    for i, s in enumerate(shifts):
+        moved = sfft.ifft2(spectrum * np.exp(-2j * np.pi * (ky * s[0] + kx * s[1]))).real
+        crop = np.clip(moved[y0 : y0 + size_px, x0 : x0 + size_px], 0.0, None)
+        frames[i] = rng.poisson(crop / crop.mean() * dose_e_per_px)
+    return frames, shifts
