@@ -150,7 +150,10 @@ class FocalParams:
     could jump by a lattice vector). The absolute defocus assumes ψ − 1 = c·R(r), R real, one
     complex c (the channelling picture of a thin crystal at its exit surface: amplitude and
     phase contrast in a fixed ratio) instead of a weak-phase object, with 3 rounds of the
-    quadratic-term correction in the restoration (see :func:`fit_defocus_astigmatism_wave`).
+    quadratic-term correction in the restoration, on the band all images keep (see
+    :func:`fit_defocus_astigmatism_wave`). Images with almost no lattice contrast are flagged
+    (:func:`_flag_level`) and get the drift line's shift. Not automatic: a crystal edge under
+    amorphous film has as much power in its spots as a crystal-only field, so choose it.
     ``per_image_delocalisation`` (None: automatic, see :meth:`resolved`): the
     ``max_delocalisation`` limit leaves a frequency out only for the images that delocalise it
     beyond the limit, and the band keeps frequencies that ≥ ``DELOC_MIN_FRACTION`` of the
