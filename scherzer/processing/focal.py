@@ -739,12 +739,14 @@ def _first_pass_crystal(prob: _Problem, ref: int, nominal: np.ndarray, used: np.
     SrTiO3 at 0.02 nm/px), every step the peak within ``CRYSTAL_STEP_WINDOW_PX`` of it.
     """
     n = len(nominal)
-    steps = np.abs(np.diff(nominal))
+    idx = np.flatnonzero(used)  # excluded frames (e.g. hit by a vibration) leave the chain
+    k = idx.size
+    steps = np.abs(np.diff(nominal[idx]))
     dchi = np.abs(prob.bt.unit) * float(np.max(steps))  # χ change over one step (rad)
     low = dchi < CRYSTAL_MAX_DCHI
     if low.sum() < 8:
         low = dchi <= np.sort(dchi)[min(len(dchi) - 1, 64)]
-    spec = prob.spectra * low
+    spec = prob.spectra[idx] * low
     pairs = spec[1:] * np.conj(spec[:-1])
     # squared phasors: a reflection whose contrast reverses between the two images (sign
     # flip) still points the same way; the correlation of the squares peaks at twice the step
@@ -752,17 +754,23 @@ def _first_pass_crystal(prob: _Problem, ref: int, nominal: np.ndarray, used: np.
     sq = (pairs * pairs / np.maximum(mag, 1e-30)).astype(np.complex64)
     norms = mag.sum(axis=1)
     win = prob.params.max_drift_px
-    wide, _ = prob.corr.coarse(sq, np.ones(n - 1), np.zeros(2), win)
-    typical = np.median(wide, axis=0)  # twice the steady drift per image
-    near, _ = prob.corr.coarse(sq, np.ones(n - 1), typical, 2 * CRYSTAL_STEP_WINDOW_PX)
-    step_s = np.zeros((n, 2))
+    gap = np.diff(idx).astype(np.float64)[:, None]  # frames between chained neighbours
+    wide, _ = prob.corr.coarse(sq, np.ones(k - 1), np.zeros(2), win)
+    typical = np.median(wide / gap, axis=0)  # twice the steady drift per frame
+    near = np.empty((k - 1, 2))
+    for j in range(k - 1):
+        near[j] = prob.corr.coarse(sq[j : j + 1], np.ones(1), typical * gap[j],
+                                   2 * CRYSTAL_STEP_WINDOW_PX)[0][0]  # fmt: skip
+    step_s = np.zeros((k, 2))
     peaks = np.ones(n)
     half = 0.5 * max(prob.corr.scale)  # the coarse map's pixel: search ± that finely first
-    for i in range(1, n):
-        start = _local_grid_peak(prob.corr, sq[i - 1], near[i - 1], half)
-        s2, peaks[i] = prob.corr.refine(sq[i - 1], start, float(norms[i - 1]), 6)
-        step_s[i] = 0.5 * s2
-    shifts = np.cumsum(step_s, axis=0)
+    for j in range(1, k):
+        start = _local_grid_peak(prob.corr, sq[j - 1], near[j - 1], half)
+        s2, peaks[idx[j]] = prob.corr.refine(sq[j - 1], start, float(norms[j - 1]), 6)
+        step_s[j] = 0.5 * s2
+    chained = np.cumsum(step_s, axis=0)
+    frames = np.arange(n, dtype=np.float64)
+    shifts = np.stack([np.interp(frames, idx, chained[:, a]) for a in range(2)], axis=1)
     shifts -= shifts[ref]
     return nominal.copy(), shifts, peaks
 
