@@ -630,6 +630,10 @@ def _restore(args: argparse.Namespace) -> Outcome:
     register: dict[str, Any] = {"step": "focal_register", **overrides}
     if args.reference is not None:
         register["reference"] = args.reference
+    if args.crystal:
+        register["crystal"] = True
+    if args.thickness_nm is not None:
+        register["thickness_nm"] = args.thickness_nm
     if args.exclude:
         register["exclude"] = _ints(args.exclude)
     if args.area:
@@ -670,6 +674,11 @@ def add_restore(sub: Any) -> None:
     p.add_argument("--mtf", type=Path, default=None, help="camera MTF file (.npy or text)")
     p.add_argument("--nps", type=Path, default=None, help="camera NPS file (.npy or text)")
     p.add_argument("--iterations", type=int, default=0, help="non-linear refinement steps")
+    p.add_argument("--crystal", action="store_true", help="crystal-only field (no amorphous area)")
+    p.add_argument(
+        "--thickness-nm", type=float, default=None,
+        help="specimen thickness: absolute defocus refers to the exit surface",
+    )  # fmt: skip
     p.add_argument("--plot", type=Path, default=None, help="directory for PNG plots")
     g = p.add_argument_group("instrument (when the file does not record it)")
     for name, unit in (("voltage-kv", "kV"), ("cs-mm", "mm"), ("focal-spread-nm", "nm, std"),
