@@ -506,12 +506,18 @@ def _connected(n: int, pairs: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------------
 # measurement
 # --------------------------------------------------------------------------------------------
+def _weighted(cross: np.ndarray, alpha: float, band: np.ndarray | None) -> np.ndarray:
+    """The cross-power normalised by |·|^α and weighted by ``band`` (a new array)."""
+    out = _normalised(cross, alpha)
+    if band is not None:
+        return out * band
+    return out.copy() if out is cross else out
+
+
 def _pair_spectra(
     spectra: np.ndarray, pairs: np.ndarray, alpha: float, band: np.ndarray | None
 ) -> np.ndarray:
-    cross = spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]])
-    out = _normalised(cross, alpha)
-    return out * band if band is not None else out
+    return _weighted(spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]]), alpha, band)
 
 
 def _low_snr_rate(
@@ -547,18 +553,17 @@ def _measure_pairs(
     max_shift = params.max_shift_px or 0.25 * min(shape)
     mask = _shift_mask(shape, max_shift)
     gaps = pairs[:, 1] - pairs[:, 0]
+    cross = spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]])
     if positions is not None:  # already sub-pixel: refine from the prediction directly
         starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
     else:
-        coarse = _pair_spectra(spectra, pairs, params.alpha, band)
-        maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
+        maps = sfft.irfft2(_weighted(cross, params.alpha, band), s=shape, workers=fft_workers())
         if rate is not None:
             predicted = -gaps[:, None] * rate[None, :]
             starts = _integer_peaks(maps, mask, predicted, 3.0 + 0.5 * gaps.astype(float))
         else:
             starts = _guided_peaks(maps, mask, pairs, len(spectra))
-    fine = _pair_spectra(spectra, pairs, params.alpha_fine, band)
-    offsets, values = refine_peaks(fine, shape, starts)
+    offsets, values = refine_peaks(_weighted(cross, params.alpha_fine, band), shape, starts)
     energy = _peak_energy(spectra, sp.weights, params.alpha_fine)
     heights = values / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     return offsets, heights
@@ -590,39 +595,37 @@ def _shift_spectra(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, in
     return spectra * ramp_y[:, :, None] * ramp_x[:, None, :]
 
 
-def _loo_cross(
-    spectra: np.ndarray, shifts: np.ndarray, alpha: float, band: np.ndarray | None,
-    shape: tuple[int, int],
-) -> np.ndarray:  # fmt: skip
-    """Cross-power of every aligned frame with the leave-one-out average of the others."""
+def _loo_cross(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Raw cross-power of every aligned frame with the leave-one-out average of the others."""
     aligned = _shift_spectra(spectra, shifts, shape)
     total = aligned.sum(axis=0)
     template = (total[None] - aligned) / np.float32(len(spectra) - 1)
-    cross = _normalised(aligned * np.conj(template), alpha)
-    return cross * band if band is not None else cross
+    return aligned * np.conj(template)
 
 
 def _template_passes(
     spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
     band: np.ndarray | None, search_px: float | None = None, passes: int = 3,
 ) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Match every frame to the leave-one-out average (integer search at α — over the whole
-    allowed range, or within ``search_px`` of the current position — refined at α_fine); the
-    average of n−1 frames has √(n−1) the SNR of one, which keeps the integer peak right where
-    single pairs are too noisy. Returns (shifts, mean normalised peak height)."""
+    """Match every frame to the leave-one-out average (an integer search at α over the whole
+    allowed range, or — with ``search_px`` — Newton steps from the current position alone, then
+    refined at α_fine); the average of n−1 frames has √(n−1) the SNR of one, which keeps the
+    integer peak right where single pairs are too noisy. Returns (shifts, mean normalised peak
+    height)."""
     mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
     energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
     score = -np.inf
     for _ in range(passes):
-        coarse = _loo_cross(spectra, shifts, params.alpha, band, shape)
-        maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
+        cross = _loo_cross(spectra, shifts, shape)
         if search_px is None:
+            coarse = _weighted(cross, params.alpha, band)
+            maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
             start = _integer_peaks(maps, mask, None, None)
         else:
-            n = len(spectra)
-            start = _integer_peaks(maps, mask, np.zeros((n, 2)), np.full(n, search_px))
-        fine = _loo_cross(spectra, shifts, params.alpha_fine, band, shape)
-        delta, values = refine_peaks(fine, shape, start)
+            start = np.zeros((len(spectra), 2))
+        delta, values = refine_peaks(_weighted(cross, params.alpha_fine, band), shape, start)
+        if search_px is not None:
+            delta = np.where(np.abs(delta) <= search_px, delta, 0.0)
         shifts = shifts + delta
         score = float(np.mean(values / np.sqrt(energy * energy.mean())))
         if np.abs(delta).max() < params.refine_tolerance_px:
@@ -640,7 +643,7 @@ def _refine_against_average(
     """Passes against the leave-one-out average until updates < ``refine_tolerance_px``."""
     updates: list[float] = []
     for _ in range(params.refine):
-        cross = _loo_cross(spectra, shifts, params.alpha_fine, band, shape)
+        cross = _weighted(_loo_cross(spectra, shifts, shape), params.alpha_fine, band)
         delta, _ = refine_peaks(cross, shape, np.zeros((len(spectra), 2)))
         delta = np.where(np.abs(delta) < 1.0, delta, 0.0)  # a refinement never jumps
         shifts = shifts + delta
