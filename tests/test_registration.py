@@ -27,15 +27,6 @@ from scherzer.processing.registration import (
 from scherzer.simulators.microscope import drifting_series_from_image
 from scherzer.stack import ImageStack
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
-
-
-def _real_image(name: str) -> np.ndarray:
-    path = TESTDATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (the shared test data sit beside the repository)")
-    return import_stack(path).frames[0].astype(np.float64)
-
 
 def shifted_series(
     image: np.ndarray, n: int, size: int, dose: float, seed: int
@@ -52,9 +43,13 @@ def stack_error(measured: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(np.sqrt(np.mean(norm**2))), float(norm.max())
 
 
+def _real_image(testdata_dir: Path, name: str) -> np.ndarray:
+    return import_stack(testdata_dir / name).frames[0].astype(np.float64)
+
+
 @pytest.fixture(scope="module")
-def sto_image() -> np.ndarray:
-    return _real_image("ncempy/16_STOimage_1.ser")
+def sto_image(testdata_dir: Path) -> np.ndarray:
+    return _real_image(testdata_dir, "ncempy/16_STOimage_1.ser")
 
 
 @pytest.mark.parametrize(("dose", "limit_px"), [(10.0, 0.012), (2.0, 0.04), (0.5, 0.2)])
@@ -68,9 +63,9 @@ def test_real_srtio3_series_meets_accuracy_at_each_dose(
     assert worst < 1.0, f"{dose} e/px: a frame is off by {worst:.2f} px (unit-cell jump)"
 
 
-def test_second_real_image_low_dose(sto_image: np.ndarray) -> None:
+def test_second_real_image_low_dose(testdata_dir: Path) -> None:
     """The Berkeley EMD SrTiO3 image (different microscope and sampling) at 2 e/px."""
-    image = _real_image("ncempy/Acquisition_18.emd")
+    image = _real_image(testdata_dir, "ncempy/Acquisition_18.emd")
     frames, truth = shifted_series(image, 12, 512, 2.0, seed=5)
     rms, worst = stack_error(measure_shifts(frames).shifts_px, truth)
     assert rms <= 0.04 and worst < 1.0
