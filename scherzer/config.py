@@ -68,7 +68,11 @@ class DeviceSettings(_Section):
     camera_shape: tuple[int, int] = (512, 512)
     camera_pixel_nm: float = Field(0.02, gt=0)
     seed: int = 0
-    lens: Literal["sim", "serial"] = "sim"
+    lens: Literal["sim", "serial", "serial-sim"] = Field(
+        "sim",
+        description="sim: in-process; serial: a controller on serial_port; serial-sim: the "
+        "simulated microscope's own lens served on a pseudo-terminal and driven over it",
+    )
     serial_port: str = ""
     serial_baudrate: int = 115200
     serial_timeout_s: float = Field(0.5, gt=0)

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from scherzer.config import Settings
+from scherzer.config import ConfigError, Settings
 from scherzer.daemon.jobs import JobStore
 from scherzer.daemon.plans import (
     BasePlan,
@@ -164,6 +164,42 @@ def _sim_instrument(scope: Any, dev: Any) -> dict[str, Any]:
     }
 
 
+class _SettleClock(threading.Thread):
+    """While the simulated lens settles, simulated time follows real time × ``speedup`` (a real
+    column keeps time while a serial client polls its lens); otherwise simulated time moves only
+    with acquisitions, as everywhere in the simulator."""
+
+    def __init__(self, scope: Any, speedup: float, tick_s: float = 0.002) -> None:
+        super().__init__(name="scherzer-settle-clock", daemon=True)
+        self._scope, self._speedup, self._tick_s = scope, speedup, tick_s
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self._tick_s):
+            remaining = self._scope.lens.settle_remaining_s()
+            if remaining > 0:
+                self._scope.clock.advance(min(remaining, self._tick_s * self._speedup))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=1.0)
+
+
+def _serve_simulated_lens(scope: Any, speedup: float, closers: list[Callable[[], None]]) -> str:
+    """Serve the simulated microscope's own objective lens on a pseudo-terminal (the lens
+    controller emulator) so the daemon drives it over a real serial link; returns the port."""
+    from scherzer.simulators.lens_controller import LensControllerEmulator, LensModel
+
+    if not isinstance(getattr(scope, "lens", None), LensModel):
+        raise ConfigError("lens 'serial-sim' needs the simulated microscope (devices.kind 'sim')")
+    emulator = LensControllerEmulator(scope.lens)
+    emulator.start()
+    clock = _SettleClock(scope, speedup)
+    clock.start()
+    closers.extend([emulator.stop, clock.stop])
+    return emulator.port
+
+
 def open_instruments(settings: Settings) -> Instruments:
     """Build the configured devices (simulated microscope; sim or serial lens)."""
     from scherzer.drivers import sim
@@ -191,16 +227,19 @@ def open_instruments(settings: Settings) -> Instruments:
     camera_cls, scan_cls, lens_cls = devices
     lens: Lens
     closers: list[Callable[[], None]] = []
-    if dev.lens == "serial":
+    if dev.lens in ("serial", "serial-sim"):
         from scherzer.drivers.serial_lens import SerialLens
 
+        port = dev.serial_port
+        if dev.lens == "serial-sim":
+            port = _serve_simulated_lens(scope, dev.speedup, closers)
         serial = SerialLens(
-            dev.serial_port,
+            port,
             baudrate=dev.serial_baudrate,
             timeout_s=dev.serial_timeout_s,
             retries=dev.serial_retries,
         )
-        closers.append(serial.close)
+        closers.insert(0, serial.close)
         lens = serial
     elif lens_cls is sim.PatternLens:
         lens = sim.PatternLens(scope)
