@@ -402,7 +402,7 @@ def _fourier_moments(
 
 
 def refine_peaks(
-    spectra: np.ndarray, shape: tuple[int, int], start: np.ndarray, iterations: int = 6
+    spectra: np.ndarray, shape: tuple[int, int], start: np.ndarray, iterations: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel maxima of the band-limited correlations whose spectra are given (rfft half).
 
