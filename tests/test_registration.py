@@ -159,7 +159,8 @@ def test_simulated_stem_crystal_drifting_over_a_unit_cell(counts: float, limit_p
 
 @pytest.mark.parametrize(
     ("specimen", "e_per_px", "limit_px"),
-    [("crystal_edge", 2.0, 0.25), ("crystal_edge", 10.0, 0.06), ("crystal_edge", 100.0, 0.02),
+    [("crystal_edge", 1.0, 0.4), ("crystal_edge", 2.0, 0.25), ("crystal_edge", 10.0, 0.06),
+     ("crystal_edge", 100.0, 0.02),
      ("amorphous_carbon", 100.0, 0.06), ("au_particle_on_carbon", 10.0, 0.1)],
 )  # fmt: skip
 def test_simulated_hrtem_series_with_drift(specimen: str, e_per_px: float, limit_px: float) -> None:
@@ -175,6 +176,22 @@ def test_simulated_hrtem_series_with_drift(specimen: str, e_per_px: float, limit
         measure_shifts(stack.frames).shifts_px, stack.ground_truth["shifts_px"]
     )
     assert worst < 1.0 and rms <= limit_px, f"RMS {rms:.4f}, worst {worst:.3f} px"
+
+
+def test_simulated_hrtem_at_half_an_electron_per_pixel_has_no_unit_cell_jumps() -> None:
+    """At 0.5 e/px the simulated CCD's readout noise (1 e equivalent) exceeds the shot noise:
+    the steady-drift candidate keeps every frame on the right lattice site (SrTiO3 cell 19.5
+    px), though the precision (~0.8 px RMS) is short of the 0.2 px the issue asks for."""
+    from scherzer.simulators.hrtem import simulate_focal_series
+
+    stack = simulate_focal_series(
+        "crystal_edge", n=10, start_nm=-50.0, step_nm=0.0, dose_e_per_A2=0.5 / 0.04, size=256,
+        drift_px_per_frame=(1.3, -0.9), drift_jitter_px=0.4, seed=3,
+    )  # fmt: skip
+    rms, worst = stack_error(
+        measure_shifts(stack.frames).shifts_px, stack.ground_truth["shifts_px"]
+    )
+    assert worst < 2.0 and rms < 1.0, f"RMS {rms:.3f}, worst {worst:.2f} px"
 
 
 def test_align_stack_applies_the_same_shifts_to_other_signals() -> None:

@@ -65,6 +65,7 @@ WINDOWS = ("hann", "hamming", "tukey", "none")
 PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
 OUTPUTS = ("crop", "expand", "expand-mean")
 PEAK_TIE = 0.15  # relative height below the top within which correlation peaks count as equal
+TEMPLATE_TIE = 0.03  # relative template score within which alignment candidates count as equal
 
 
 class AlignmentError(ValueError):
@@ -653,6 +654,13 @@ def _refine_against_average(
     return shifts, updates
 
 
+def _roughness(shifts: np.ndarray) -> float:
+    """RMS second difference of a trajectory (px): drift is smooth, lattice jumps are not."""
+    if len(shifts) < 3:
+        return 0.0
+    return float(np.sqrt(np.mean(np.sum(np.diff(shifts, n=2, axis=0) ** 2, axis=1))))
+
+
 def _robust_start(
     spectra: np.ndarray,
     pair_positions: np.ndarray,
@@ -660,22 +668,35 @@ def _robust_start(
     params: AlignParams,
     shape: tuple[int, int],
     band: np.ndarray | None,
+    pairs: np.ndarray,
 ) -> np.ndarray:
     """Positions to start the final measurement from.
 
     When the pairs agree with their joint solution (``consistent`` = fraction of pairs within
     the outlier limit ≥ 0.7) the pair solution is kept and only improved locally against the
     leave-one-out average: its pairs carry the continuity between neighbours that settles a
-    crystal's lattice ambiguity. When they do not (noise-dominated pairs), a global search from
-    no shift at all competes with it, and the one whose frames better match the average of the
-    others wins.
+    crystal's lattice ambiguity. When they do not (noise-dominated pairs), two more candidates
+    compete: a steady drift fitted to cross-power pooled over all pairs of equal separation
+    (improved locally), and a global search from no shift at all. The candidates whose frames
+    match the average of the others about as well as the best (within ``TEMPLATE_TIE``) are
+    equally likely; of those the smoothest trajectory wins (drift is smooth, lattice jumps are
+    not).
     """
     local, local_score = _template_passes(spectra, pair_positions, params, shape, band, 2.0)
     if consistent >= 0.7:
         return local
-    zero = np.zeros_like(pair_positions)
-    rescue, rescue_score = _template_passes(spectra, zero, params, shape, band)
-    return rescue if rescue_score > local_score else local
+    n = len(spectra)
+    mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
+    rate = _low_snr_rate(spectra, pairs, params, mask, band, shape)
+    steady = np.arange(n)[:, None] * rate[None, :]
+    candidates = [
+        (local, local_score),
+        _template_passes(spectra, steady - steady.mean(axis=0), params, shape, band, 2.0),
+        _template_passes(spectra, np.zeros_like(pair_positions), params, shape, band),
+    ]
+    best = max(score for _, score in candidates)
+    near = [c for c in candidates if c[1] >= best - TEMPLATE_TIE * abs(best)]
+    return min(near, key=lambda c: _roughness(c[0]))[0]
 
 
 def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentResult:
@@ -713,7 +734,7 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
     if n > 2:
         residual = np.linalg.norm(offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), 1)
         consistent = float(np.mean(residual <= max(p.outlier_px, 0.5)))
-        template = _robust_start(spectra, positions, consistent, p, shape, band)
+        template = _robust_start(spectra, positions, consistent, p, shape, band, pairs)
         offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, band, template)
         positions, keep = _solve(n, pairs, offsets, heights, p)
     positions, updates = _refine_against_average(spectra, positions, p, shape, band)
