@@ -178,8 +178,9 @@ def test_simulator_crystal_edge_drift_absolute_defocus_and_a1():
     """The simulator's crystal edge (3 nm SrTiO3 [001] under 2 nm a-C, multislice, camera MTF),
     11 × 512², for the default reference and another one.
 
-    Not asserted here: the relative defocus, 0.30 nm RMS (0.29 nm noise-free) against the
-    0.3 nm target — limited by the non-periodic field (delocalisation), not by noise.
+    Relative defocus: 0.29 nm RMS before the automatic wide taper and spot clipping of
+    non-periodic fields (FocalParams.for_field); measured after: 0.16 nm (reference 6) and
+    0.25 nm (reference 8).
     """
     from scherzer.simulators.detector import CameraModel
     from scherzer.simulators.hrtem import simulate_focal_series
@@ -199,7 +200,7 @@ def test_simulator_crystal_edge_drift_absolute_defocus_and_a1():
     for ref in (None, 8):
         reg = register_focal_series(st, st.optics, FocalParams(reference=ref), mtf=mtf)
         rel, drift, absolute = errors(reg, st)
-        assert rel <= 0.5, (ref, rel)
+        assert rel <= 0.3, (ref, rel)
         assert drift <= 0.05, (ref, drift)
         assert absolute <= 1.0, (ref, absolute)
         assert abs(reg.astigmatism_nm - 2.0) <= 0.5

@@ -107,6 +107,22 @@ __all__ = [
 ]
 
 MIN_IMAGES = 3
+MIN_TAPER_PX = 12
+TAPER_FIELD_DIVISOR = 10  # automatic edge taper of a non-periodic field: a tenth of the field
+NONPERIODIC_EDGE_RATIO = 1.1  # edge_discontinuity above this: content enters from outside
+WAVE_SPOT_CLIP = 1.5  # automatic clip_spots_wave of a non-periodic field
+
+
+def edge_discontinuity(frames: np.ndarray) -> float:
+    """Mean |jump| across the periodic wrap (first vs last row/column) over the mean |step|
+    between neighbouring pixels, of mean-normalised frames (n, y, x). ≈ 1 for a periodic
+    field (also when noise dominates); measured 1.23–1.40 for the simulator's 256²–512²
+    crystal edge (a crop of a larger specimen), 1.00–1.02 for periodic synthetic series."""
+    f = np.asarray(frames, np.float32)
+    f = f / np.maximum(f.mean(axis=(-2, -1), keepdims=True), 1e-30)
+    wrap = np.mean(np.abs(f[..., 0] - f[..., -1])) + np.mean(np.abs(f[..., 0, :] - f[..., -1, :]))
+    step = np.mean(np.abs(np.diff(f, axis=-1))) + np.mean(np.abs(np.diff(f, axis=-2)))
+    return float(wrap / max(step, 1e-30))
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,9 +144,13 @@ class FocalParams:
     (e.g. ½ keeps strong Bragg spots from dominating it); ``clip_spots``: in that match
     |S| is limited to this multiple of its radial mean (0 = off), which stops a crystal's
     Bragg spots from locking it onto a lattice-translated or contrast-reversed solution.
-    ``taper_px``: raised-cosine edge taper of the registered frames (wider helps non-periodic
-    fields with strong delocalisation: 48 px gave 0.28 instead of 0.30 nm on a simulated 512²
-    crystal edge, but costs information on small or periodic fields).
+    ``taper_px``: raised-cosine edge taper of the registered frames (None: automatic, see
+    :meth:`for_field`). ``clip_spots_wave`` (None: automatic): in the wave passes' Δ search the
+    image and its prediction are weighted so that |S| ≤ this × its radial mean (Bragg spots,
+    whose dynamical model error otherwise dominates the fitted defocus); the shift and peak
+    are then refined on the plain spectra (``whiten_shift``). Measured on the simulator's
+    crystal edge (11 × 512², 500 e/Å²): relative defocus 0.29 → 0.16 nm RMS with both
+    (a wider taper alone: no gain; clipping alone: worse, a step-scale trend).
     ``max_drift_px``: the first pass looks for each image's shift within this radius of the
     drift line extrapolated from the images registered before it (larger drifts: raise it).
     ``max_delocalisation``: frequencies whose delocalisation |∇χ|/2π exceeds this fraction of
@@ -176,6 +196,8 @@ class FocalParams:
     area: tuple[int, int, int, int] | None = None
     peak_threshold: float = 0.01
     whiten: float = 0.0
+    whiten_shift: float = 0.0
+    clip_spots_wave: float | None = None
     whiten_first: float = 0.0
     clip_spots: float = 1.5
     max_drift_px: float = 12.0
@@ -183,7 +205,7 @@ class FocalParams:
     coarse_trials: int = 9
     tolerance_nm: float = 0.05
     tolerance_px: float = 0.01
-    taper_px: int = 12
+    taper_px: int | None = None
     absolute: str = "wave"
     absolute_range_nm: float = 20.0
     fit_astigmatism: bool = True
@@ -200,6 +222,21 @@ class FocalParams:
         ps = self.prior_scale if self.prior_scale is not None else (1.0 if self.crystal else 1e4)
         pi = True if self.per_image_delocalisation is None else self.per_image_delocalisation
         return replace(self, prior_scale=ps, per_image_delocalisation=pi)
+
+    def for_field(self, frames: np.ndarray) -> FocalParams:
+        """A copy with the field-dependent automatic settings filled in (``taper_px``,
+        ``clip_spots_wave``): a non-periodic field (:func:`edge_discontinuity` above
+        ``NONPERIODIC_EDGE_RATIO``; real data) gets a taper of a tenth of its shorter side and
+        Bragg spots clipped to 1.5 × the radial mean in the wave passes; a periodic one 12 px
+        and no clipping. Crystal mode keeps 12 px (its passes do not use the clipping)."""
+        wide = not self.crystal and edge_discontinuity(frames) > NONPERIODIC_EDGE_RATIO
+        taper = self.taper_px
+        if taper is None:
+            taper = max(MIN_TAPER_PX, min(frames.shape[-2:]) // TAPER_FIELD_DIVISOR) if wide else 12
+        clip = self.clip_spots_wave
+        if clip is None:
+            clip = WAVE_SPOT_CLIP if wide else 0.0
+        return replace(self, taper_px=int(taper), clip_spots_wave=float(clip))
 
 
 @dataclass
@@ -521,11 +558,11 @@ class _Problem:
     """Spectra, band and transfer of one series (internal)."""
 
     def __init__(self, frames, optics, pixel_nm, nominal, params: FocalParams, mtf=None):
-        params = params.resolved()
+        self.frames = crop_area(frames, params.area)
+        params = params.resolved().for_field(self.frames)
         self.params = params
         self._args = (pixel_nm, nominal, mtf)
         self._common: _Problem | None = None
-        self.frames = crop_area(frames, params.area)
         self.spectra_full = frame_spectra(self.frames, params.taper_px)
         self.grid = FrequencyGrid(self.spectra_full.shape[-2:], (pixel_nm, pixel_nm))
         self.optics = optics
@@ -619,6 +656,17 @@ def _clip_spots(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 
     return (x * np.minimum(1.0, cap / np.maximum(mag, 1e-30))).astype(np.complex64)
 
 
+def _clip_weight(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 32) -> np.ndarray:
+    """Weights (m,) float32 that limit |x| to ``factor`` × its radial mean (0: ones)."""
+    if factor <= 0:
+        return np.ones(band.size, np.float32)
+    q = np.hypot(band.gy, band.gx)
+    which = np.minimum((q / (q.max() + 1e-12) * n_bins).astype(int), n_bins - 1)
+    mag = np.abs(x)
+    mean = np.bincount(which, mag, n_bins) / np.maximum(np.bincount(which, None, n_bins), 1)
+    return np.minimum(1.0, factor * mean[which] / np.maximum(mag, 1e-30)).astype(np.float32)
+
+
 def _whiten(x: np.ndarray, exponent: float) -> np.ndarray:
     """x / |x|^exponent (0: unchanged; 1: phase only) — spectral whitening before correlation."""
     if exponent == 0:
@@ -663,22 +711,35 @@ def _match_reference(prob: _Problem, i: int, ref: int, d_abs, env_s, center, rng
 
 
 def _match_wave(prob: _Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess, window=None):
-    """Image i against its prediction φ T + φ*(−g) T*(−g) + quadratic term, over Δ and shift."""
+    """Image i against its prediction φ T + φ*(−g) T*(−g) + quadratic term, over Δ and shift.
+
+    Δ and shift are searched on spectra whitened by ``FocalParams.whiten``; the shift is then
+    refined at that Δ with ``whiten_shift`` (see :class:`FocalParams`)."""
     p = prob.params
     phi_neg = prob.band.conj_neg(phi)
-    spec_w = _whiten(prob.spectra[i], p.whiten)
-    spec_norm = float(np.linalg.norm(spec_w))
 
-    def z_of(trials):
-        tt = prob.bt.transfer(trials, env_s_i)
-        lin = (phi * tt + phi_neg * prob.band.conj_neg(tt)) * prob.camera
-        y = _whiten((lin + quad_i) * prob.mask[i], p.whiten)
-        norm = spec_norm * np.linalg.norm(y, axis=1)
-        return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
+    def z_maker(exponent: float, clip: float = 0.0):
+        w = _clip_weight(prob.spectra[i], prob.band, clip)
+        spec_w = _whiten(prob.spectra[i] * w, exponent)
+        spec_norm = float(np.linalg.norm(spec_w))
 
-    return search_defocus_shift(
-        prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess, window
+        def z_of(trials):
+            tt = prob.bt.transfer(trials, env_s_i)
+            lin = (phi * tt + phi_neg * prob.band.conj_neg(tt)) * prob.camera
+            y = _whiten((lin + quad_i) * (prob.mask[i] * w), exponent)
+            norm = spec_norm * np.linalg.norm(y, axis=1)
+            return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
+
+        return z_of
+
+    search_z = z_maker(p.whiten, p.clip_spots_wave)
+    delta, s, peak = search_defocus_shift(
+        prob.corr, search_z, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess, window
     )
+    if p.whiten_shift != p.whiten or p.clip_spots_wave:  # shift and peak on the plain spectra
+        z, norm = z_maker(p.whiten_shift)(np.array([delta]))
+        s, peak = prob.corr.refine(z[0], s, float(norm[0]), 6)
+    return delta, s, peak
 
 
 def _first_pass(prob: _Problem, ref: int, nominal: np.ndarray, used: np.ndarray, rng_nm: float):
