@@ -174,37 +174,60 @@ def test_simulator_amorphous_carbon_series():
     assert err <= 0.05 and err < band_limited_phase_error(raw.wave, truth, optics, 0.02)
 
 
-def test_simulator_crystal_edge_drift_absolute_defocus_and_a1():
+def simulator_crystal_edge(size=512, dose=500.0):
     """The simulator's crystal edge (3 nm SrTiO3 [001] under 2 nm a-C, multislice, camera MTF),
-    11 × 512², for the default reference and another one.
-
-    Relative defocus: 0.29 nm RMS before the automatic wide taper and spot clipping of
-    non-periodic fields (FocalParams.for_field); measured after: 0.16 nm (reference 6) and
-    0.25 nm (reference 8).
-    """
+    11 images, start −100 nm, step 10 nm (real one 3 % larger), A1 2 nm at 30°; and its MTF."""
     from scherzer.simulators.detector import CameraModel
     from scherzer.simulators.hrtem import simulate_focal_series
 
     st = simulate_focal_series(
         "crystal_edge",
         n=11,
-        size=512,
+        size=size,
         start_nm=-100.0,
         step_nm=10.0,
         step_error_fraction=0.03,
-        dose_e_per_A2=500.0,
+        dose_e_per_A2=dose,
         a1_nm=2.0,
         a1_deg=30.0,
     )
-    mtf = CameraModel(**st.instrument["camera"]).mtf_2d((512, 512))
-    for ref in (None, 8):
+    return st, CameraModel(**st.instrument["camera"]).mtf_2d((size, size))
+
+
+@pytest.mark.parametrize(
+    ("dose", "refs", "rel_tol"), [(500.0, (None, 8), 0.2), (100.0, (None,), 0.3)]
+)
+def test_simulator_crystal_edge_drift_absolute_defocus_and_a1(dose, refs, rel_tol):
+    """The simulator's crystal edge, 11 × 512², for the default reference and another one.
+
+    Relative defocus, before → after the automatic wide taper, spot clipping and whitening of
+    non-periodic fields (FocalParams.for_field): 500 e/Å² 0.29 → 0.10 nm (reference 6), 0.13
+    nm (reference 8); 100 e/Å² 0.35 → 0.18 nm. Hence 0.2 nm asserted at 500 e/Å² (the
+    issue's 0.3 nm at 100 e/Å²).
+    """
+    st, mtf = simulator_crystal_edge(512, dose)
+    for ref in refs:
         reg = register_focal_series(st, st.optics, FocalParams(reference=ref), mtf=mtf)
         rel, drift, absolute = errors(reg, st)
-        assert rel <= 0.3, (ref, rel)
+        assert rel <= rel_tol, (ref, rel)
         assert drift <= 0.05, (ref, drift)
         assert absolute <= 1.0, (ref, absolute)
         assert abs(reg.astigmatism_nm - 2.0) <= 0.5
         assert angle_diff_deg(reg.astigmatism_deg, 30.0) <= 5.0
+
+
+def test_edge_discontinuity_tells_a_cropped_field_from_a_periodic_one():
+    """The automatic settings of FocalParams.for_field hinge on this: the simulator's crop of
+    a larger specimen vs the periodic synthetic series (measured 1.40 vs 1.02 at 500 e/Å²)."""
+    from scherzer.processing.focal import NONPERIODIC_EDGE_RATIO, edge_discontinuity
+
+    st, _ = simulator_crystal_edge(256, 500.0)
+    periodic = synthetic_series("crystal_edge", n=5, size=256, dose_e_per_A2=500.0, seed=7)
+    assert edge_discontinuity(st.frames - 100.0) > NONPERIODIC_EDGE_RATIO
+    assert edge_discontinuity(periodic.frames) < NONPERIODIC_EDGE_RATIO
+    auto = FocalParams().for_field(st.frames)
+    assert auto.clip_spots_wave > 0 and auto.whiten > 0
+    assert FocalParams().for_field(periodic.frames).taper_px == 12
 
 
 def simulator_crystal_series(name, thickness_nm, size=256, a1=(2.0, 30.0), seed=1):
