@@ -137,7 +137,7 @@ def main() -> None:
     register_focal_series(st, optics, params)  # warm-up (imports, FFT plans)
     t_reg = []
     for _ in range(args.repeat):
-        reg = register_focal_series(st, optics, params, mtf=mtf)
+        reg = register_focal_series(st, optics, params, mtf=mtf, nps=nps)
         t_reg.append(reg.seconds)
     r = reg.reference_index
     rel_true = gt["defocus_nm"] - gt["defocus_nm"][r]
