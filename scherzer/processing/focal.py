@@ -1799,33 +1799,53 @@ def structure_image(
         shifts = np.asarray(shifts_px, np.float64)
         if shifts.shape != (n, 2):
             raise ValueError(f"shifts_px must be ({n}, 2); got {shifts.shape}")
-    prob = _Problem(intensity_frames(stack), optics, pix, center + rel, params)
-    aligned = prob.spectra * shift_phase(prob.band, shifts)
-    basis = _chi_basis(optics, prob.grid, prob.band)
-    fit = fit_start_phase_agreement(
-        aligned, prob.bt, basis, prob.band, rel, center, half, n_sectors, fit_astigmatism,
-        mask=prob.mask,
+    fit = _phase_agreement_of(
+        stack, optics, optics, pix, center + rel, params, shifts, center, half, n_sectors,
+        fit_astigmatism,
     )  # fmt: skip
     mag, ang = _polar_a1(fit.astigmatism_cartesian_nm)
-    defocus = fit.start_nm + rel
-    opt_a1 = optics.with_(a1_nm=mag, a1_deg=ang)
-    frames = intensity_frames(stack)
-    image = _ctf_corrected_average(frames, opt_a1, pix, defocus, shifts, area, wiener_snr)
+    return _structure_result(
+        stack, optics, pix, fit, fit.start_nm + rel, (mag, ang), shifts, ref, area, wiener_snr,
+        t0, astigmatism_uncertainty_nm=fit.astigmatism_uncertainty_nm,
+        astigmatism_determined=fit.astigmatism_determined or not fit_astigmatism,
+    )  # fmt: skip
+
+
+def _phase_agreement_of(
+    stack, band_optics, optics, pix, defocus, params, shifts, center, half, n_sectors, fit_a1
+) -> AgreementFit:
+    """:func:`fit_start_phase_agreement` of the stack aligned by ``shifts``, on the band of
+    ``band_optics`` at ``defocus`` (relative defocus = ``defocus`` − its first value)."""
+    prob = _Problem(intensity_frames(stack), band_optics, pix, defocus, params)
+    aligned = prob.spectra * shift_phase(prob.band, shifts)
+    basis = _chi_basis(optics, prob.grid, prob.band)
+    rel = defocus - defocus[0]
+    return fit_start_phase_agreement(
+        aligned, prob.bt, basis, prob.band, rel, center, half, n_sectors, fit_a1, mask=prob.mask
+    )
+
+
+def _structure_result(
+    stack, optics, pix, fit, defocus, a1, shifts, ref, area, snr, t0, **extra
+) -> StructureImageResult:
+    """The CTF-corrected average at ``defocus`` with A1 = (nm, deg), and its result record
+    (sector diagnostics from ``fit``)."""
+    opt_a1 = optics.with_(a1_nm=a1[0], a1_deg=a1[1])
+    image = _ctf_corrected_average(intensity_frames(stack), opt_a1, pix, defocus, shifts, area, snr)
     return StructureImageResult(
         image=image,
         reference_index=ref,
-        start_defocus_nm=fit.start_nm,
+        start_defocus_nm=float(defocus[0]),
         defocus_nm=defocus,
-        astigmatism_nm=mag,
-        astigmatism_deg=ang,
+        astigmatism_nm=a1[0],
+        astigmatism_deg=a1[1],
         shifts_px=shifts,
         sector_angles_deg=fit.sector_angles_deg,
         sector_defocus_nm=fit.sector_defocus_nm,
         trials_nm=fit.trials_nm,
         agreement=fit.agreement,
         seconds=time.perf_counter() - t0,
-        astigmatism_uncertainty_nm=fit.astigmatism_uncertainty_nm,
-        astigmatism_determined=fit.astigmatism_determined or not fit_astigmatism,
+        **extra,
     )
 
 
@@ -1838,36 +1858,16 @@ def _structure_image_crystal(
     )
     reg = register_focal_series(stack, optics, params, nominal_defocus_nm=nominal, pixel_nm=pix)
     defocus = reg.defocus_nm
-    mag, ang = reg.astigmatism_nm, reg.astigmatism_deg
-    opt_a1 = optics.with_(a1_nm=mag, a1_deg=ang)
-    prob = _Problem(intensity_frames(stack), opt_a1, pix, defocus, params)
-    aligned = prob.spectra * shift_phase(prob.band, reg.shifts_px)
-    basis = _chi_basis(optics, prob.grid, prob.band)
-    rel = defocus - defocus[0]
-    diag = fit_start_phase_agreement(
-        aligned, prob.bt, basis, prob.band, rel, float(defocus[0]), 3.0, n_sectors, False,
-        mask=prob.mask,
+    a1 = (reg.astigmatism_nm, reg.astigmatism_deg)
+    opt_a1 = optics.with_(a1_nm=a1[0], a1_deg=a1[1])
+    diag = _phase_agreement_of(
+        stack, opt_a1, optics, pix, defocus, params, reg.shifts_px, float(defocus[0]), 3.0,
+        n_sectors, False,
     )  # fmt: skip
-    image = _ctf_corrected_average(
-        intensity_frames(stack), opt_a1, pix, defocus, reg.shifts_px, area, snr
-    )
-    return StructureImageResult(
-        image=image,
-        reference_index=reg.reference_index,
-        start_defocus_nm=float(defocus[0]),
-        defocus_nm=defocus,
-        astigmatism_nm=mag,
-        astigmatism_deg=ang,
-        shifts_px=reg.shifts_px,
-        sector_angles_deg=diag.sector_angles_deg,
-        sector_defocus_nm=diag.sector_defocus_nm,
-        trials_nm=diag.trials_nm,
-        agreement=diag.agreement,
-        seconds=time.perf_counter() - t0,
-        astigmatism_uncertainty_nm=math.nan,
-        astigmatism_determined=True,
-        method="crystal",
-    )
+    return _structure_result(
+        stack, optics, pix, diag, defocus, a1, reg.shifts_px, reg.reference_index, area, snr,
+        t0, astigmatism_uncertainty_nm=math.nan, astigmatism_determined=True, method="crystal",
+    )  # fmt: skip
 
 
 def _ctf_corrected_average(frames, optics, pix, defocus, shifts, area, snr) -> np.ndarray:
