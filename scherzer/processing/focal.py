@@ -158,6 +158,9 @@ class FocalParams:
     (a wider taper alone: no gain; clipping alone: worse, a step-scale trend).
     ``max_drift_px``: the first pass looks for each image's shift within this radius of the
     drift line extrapolated from the images registered before it (larger drifts: raise it).
+    ``small_field_delocalisation``: keep ``max_delocalisation`` on a non-periodic field
+    narrower than ``WIDE_TAPER_MIN_FIELD_PX`` (by default such a field drops it, see
+    :meth:`for_field`).
     ``max_delocalisation``: frequencies whose delocalisation |∇χ|/2π exceeds this fraction of
     the field in any image are not used (None: all).
     ``absolute``: "wave" (weak-phase relation on the restored wave), "phase_agreement"
@@ -213,6 +216,7 @@ class FocalParams:
     clip_spots: float = 1.5
     max_drift_px: float = 12.0
     max_delocalisation: float | None = 0.25
+    small_field_delocalisation: bool = False
     coarse_trials: int = 9
     tolerance_nm: float = 0.05
     tolerance_px: float = 0.01
@@ -243,7 +247,13 @@ class FocalParams:
         passes' defocus search Bragg spots clipped to ``WAVE_SPOT_CLIP`` × the radial mean
         and whitening ``WAVE_WHITEN``; a periodic field
         (synthetic data) 12 px, no clipping, no whitening (measured there: both cost accuracy
-        to noise). Crystal mode keeps 12 px (its passes use neither)."""
+        to noise). Crystal mode keeps 12 px (its passes use neither). A non-periodic field
+        narrower than ``WIDE_TAPER_MIN_FIELD_PX`` also drops ``max_delocalisation`` (unless
+        ``small_field_delocalisation``): there the limit leaves too little of the band
+        (measured on the simulator's 256² crystal edge, 500 e/Å², references 6 / 8, two
+        seeds: rel. defocus 0.79 / 1.24 and 0.87 / 1.58 nm → 0.36 / 0.61 and 0.47 / 0.83 nm,
+        drift 0.09–0.12 → 0.06–0.08 px; at 512² it is kept: dropping it cost 0.18 → 0.27 nm
+        at 100 e/Å²)."""
         wide = not self.crystal and edge_discontinuity(frames) > NONPERIODIC_EDGE_RATIO
         taper = self.taper_px
         if taper is None:
@@ -256,7 +266,16 @@ class FocalParams:
         whiten = self.whiten
         if whiten is None:
             whiten = WAVE_WHITEN if wide else 0.0
-        return replace(self, taper_px=int(taper), clip_spots_wave=float(clip), whiten=float(whiten))
+        deloc = self.max_delocalisation
+        if wide and min(frames.shape[-2:]) < WIDE_TAPER_MIN_FIELD_PX:
+            deloc = deloc if self.small_field_delocalisation else None
+        return replace(
+            self,
+            taper_px=int(taper),
+            clip_spots_wave=float(clip),
+            whiten=float(whiten),
+            max_delocalisation=deloc,
+        )
 
 
 @dataclass
