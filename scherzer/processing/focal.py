@@ -39,6 +39,16 @@ Method
    channelling picture: amplitude contrast allowed, in a fixed ratio to the phase contrast),
    A1 from rings of equal |g|.
 
+Non-periodic fields
+-------------------
+Real images (and the simulator's crops of a larger specimen) are not periodic: content moves
+in from outside the field as the delocalisation changes with defocus, and a crystal's strong
+Bragg spots, whose dynamical model is the least exact, dominate a plain cross-correlation.
+:meth:`FocalParams.for_field` detects such a field by its wrap-around edge jump
+(:func:`edge_discontinuity`) and then tapers a tenth of the field, clips and half-whitens the
+spots in the defocus search (shift and peak stay on the plain spectra), and on fields under
+384 px drops the delocalisation limit. Periodic (synthetic) fields keep the plain settings.
+
 Reference plane of the absolute defocus
 ---------------------------------------
 ``defocus_nm`` refers to the specimen's **exit surface**: the exit wave is defined there, the
