@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wait_for
 
 from scherzer.clients.client import DaemonError, LocalDaemon
 from scherzer.emd import read_stack, read_stacks
@@ -37,16 +38,6 @@ def daemon(tmp_path):
 def client(daemon):
     with daemon.client(timeout_s=5.0) as c:
         yield c
-
-
-def wait_for(predicate, timeout_s: float = 10.0, every_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError("condition not reached in time")
 
 
 def test_camera_job_runs_to_done_and_file_holds_the_frames(client):

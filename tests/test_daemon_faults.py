@@ -6,21 +6,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import wait_for
 
 from scherzer.clients.client import DaemonError, LocalDaemon
 from scherzer.emd import read_stack
 
 pytestmark = pytest.mark.timeout(90)
 PATTERN = {"kind": "pattern", "camera_shape": [32, 32], "speedup": 100.0}
-
-
-def wait_for(predicate, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def test_kill_9_mid_job_leaves_an_interrupted_job_and_a_readable_file(tmp_path):

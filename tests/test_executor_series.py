@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import wait_for
 
 from scherzer.clients.client import LocalDaemon
 from scherzer.emd import read_processing_summary, read_stack, read_stacks
@@ -19,15 +20,6 @@ from scherzer.emd import read_processing_summary, read_stack, read_stacks
 pytestmark = pytest.mark.timeout(120)
 PATTERN = {"kind": "pattern", "camera_shape": [32, 32], "speedup": 20.0}
 NO_PROCESSING = {"processing": []}
-
-
-def wait_for(predicate, timeout_s: float = 20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def focal_plan(n: int, **extra) -> dict:

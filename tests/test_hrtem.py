@@ -149,19 +149,21 @@ def test_ground_truth_drift_matches_measured_shift(drift_series):
         np.testing.assert_allclose(measure_shift_px(clean[0], clean[i]), truth[i], atol=0.02)
 
 
+CONTRACT_SERIES = {
+    "n": 5,
+    "start_nm": -100.0,
+    "step_nm": 8.0,
+    "step_error_fraction": 0.05,
+    "focal_drift_nm_per_frame": 0.5,
+    "a1_nm": 3.0,
+    "a1_deg": 20.0,
+    "size": 64,
+    "seed": 1,
+}
+
+
 def test_focal_series_contract(drift_series):
-    st = simulate_focal_series(
-        "amorphous_carbon",
-        n=5,
-        start_nm=-100.0,
-        step_nm=8.0,
-        step_error_fraction=0.05,
-        focal_drift_nm_per_frame=0.5,
-        a1_nm=3.0,
-        a1_deg=20.0,
-        size=64,
-        seed=1,
-    )
+    st = simulate_focal_series("amorphous_carbon", **CONTRACT_SERIES)
     assert isinstance(st, ImageStack) and st.frames.shape == (5, 64, 64)
     assert np.all(st.frames == np.round(st.frames))
     gt = st.ground_truth
@@ -181,18 +183,7 @@ def test_focal_series_contract(drift_series):
     assert ins["camera"]["gain_counts_per_e"] == CameraModel().gain_counts_per_e
     assert st.pixel_size_nm == (PIXEL_NM, PIXEL_NM)
     # same seed → same stack
-    again = simulate_focal_series(
-        "amorphous_carbon",
-        n=5,
-        start_nm=-100.0,
-        step_nm=8.0,
-        step_error_fraction=0.05,
-        focal_drift_nm_per_frame=0.5,
-        a1_nm=3.0,
-        a1_deg=20.0,
-        size=64,
-        seed=1,
-    )
+    again = simulate_focal_series("amorphous_carbon", **CONTRACT_SERIES)
     np.testing.assert_array_equal(st.frames, again.frames)
 
 

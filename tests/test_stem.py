@@ -337,21 +337,22 @@ def test_rotation_series_modes():
         rotation_series("diagonal", 3)
 
 
+RECORDS_SERIES = {
+    "n_frames": 4,
+    "rotation_mode": "orthogonal-sets",
+    "size": 48,
+    "pixel_nm": 0.02,
+    "dwell_us": 4.0,
+    "flyback_us": 40.0,
+    "signals": ("HAADF",),
+    "seed": 5,
+}
+
+
 def test_simulate_rotated_scan_records_and_truth():
     spec = lattice(3.905, 14, 38)
     v = (0.5, -0.3)
-    stacks = simulate_rotated_scan(
-        spec,
-        n_frames=4,
-        rotation_mode="orthogonal-sets",
-        size=48,
-        pixel_nm=0.02,
-        dwell_us=4.0,
-        flyback_us=40.0,
-        signals=("HAADF",),
-        drift_nm_per_s=v,
-        seed=5,
-    )
+    stacks = simulate_rotated_scan(spec, drift_nm_per_s=v, **RECORDS_SERIES)
     st = stacks["HAADF"]
     assert st.frames.shape == (4, 48, 48) and st.frames.dtype == np.float32
     np.testing.assert_array_equal(st.column("scan_rotation_deg"), [0, 90, 180, 270])
@@ -361,18 +362,7 @@ def test_simulate_rotated_scan_records_and_truth():
     np.testing.assert_allclose(gt["shifts_px"], np.outer(np.arange(4) * frame_s, v) / 0.02)
     assert gt["scan_affine_nm"].shape == (4, 2, 3)
     assert all(r.signal == "HAADF" and r.dwell_us == 4.0 for r in st.records)
-    again = simulate_rotated_scan(
-        spec,
-        n_frames=4,
-        rotation_mode="orthogonal-sets",
-        size=48,
-        pixel_nm=0.02,
-        dwell_us=4.0,
-        flyback_us=40.0,
-        signals=("HAADF",),
-        drift_nm_per_s=v,
-        seed=5,
-    )
+    again = simulate_rotated_scan(spec, drift_nm_per_s=v, **RECORDS_SERIES)
     np.testing.assert_array_equal(again["HAADF"].frames, st.frames)
 
 
