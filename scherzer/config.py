@@ -205,17 +205,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_toml(path: str | Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file raises ``error`` naming ``what``."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise error(f"{what} {p} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} {p} is not valid TOML: {exc}") from exc
+
+
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults < TOML ``path`` < ``SCHERZER_…`` environment; :class:`ConfigError` if invalid."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {p} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    raw: dict[str, Any] = {} if path is None else read_toml(path, ConfigError, "config file")
     raw = _merge(raw, _env_overrides(os.environ if env is None else env))
     try:
         return Settings.model_validate(raw)

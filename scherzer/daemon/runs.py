@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from scherzer.config import read_toml
 from scherzer.daemon.plans import ErrorPolicy
 
 __all__ = [
@@ -83,12 +83,7 @@ class RunsFile(BaseModel):
 def load_runs(path: str | Path) -> RunsFile:
     """Read and check a runs file (:class:`RunsError` says what is wrong and where)."""
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise RunsError(f"runs file {p} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise RunsError(f"{p} is not valid TOML: {exc}") from exc
+    raw = read_toml(p, RunsError, "runs file")
     try:
         return RunsFile.model_validate(raw)
     except ValidationError as exc:
