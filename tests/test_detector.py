@@ -157,3 +157,18 @@ def test_poisson_independent_of_thread_split():
     _in_row_blocks(_poisson, (lam, threaded), 12345)
     np.testing.assert_array_equal(serial, threaded)
     assert abs(serial.mean() - lam.mean()) < 0.1
+
+
+def test_shift_bound_matches_the_fisher_information_of_a_cosine():
+    """λ = λ0(1 + c cos 2πfx) with white noise of variance λ0 + (σ_r/g)² electrons² has
+    F_x = N λ0² c² (2πf)² / (2 (λ0 + (σ_r/g)²)); the bound along y (no structure) is infinite."""
+    cam = CameraModel(mtf_model="none", readout_noise_counts=3.0, gain_counts_per_e=2.0)
+    n, f, c, dose = 128, 8 / 128, 0.1, 4.0  # 0.1 nm pixels: 1 Å², so λ0 = 4 e/px
+    image = np.tile(1.0 + c * np.cos(2 * np.pi * f * np.arange(n)), (n, 1))
+    sigma_y, sigma_x = cam.shift_bound_px(image, dose, 0.1)
+    variance = dose + (3.0 / 2.0) ** 2
+    fisher = n * n * dose**2 * c**2 * (2 * np.pi * f) ** 2 / (2 * variance)
+    assert sigma_x == pytest.approx(1.0 / np.sqrt(fisher), rel=1e-6)
+    assert sigma_y == np.inf
+    blurred = CameraModel(readout_noise_counts=3.0, gain_counts_per_e=2.0)
+    assert blurred.shift_bound_px(image, dose, 0.1)[1] > sigma_x  # the MTF costs information

@@ -157,41 +157,61 @@ def test_simulated_stem_crystal_drifting_over_a_unit_cell(counts: float, limit_p
     assert rms <= limit_px, f"{counts} counts/px: RMS {rms:.4f} px"
 
 
+def hrtem_drift_series(specimen: str, e_per_px: float, seed: int = 3) -> ImageStack:
+    """10 HRTEM frames of 256² through the simulated CCD (gain 2, 2-count readout noise, MTF)
+    at 0.02 nm/px, drifting (1.3, −0.9) px per frame with 0.4 px jitter; ``e_per_px``
+    electrons per pixel (= 25 × dose in e/Å²)."""
+    from scherzer.simulators.hrtem import simulate_focal_series
+
+    return simulate_focal_series(
+        specimen, n=10, start_nm=-50.0, step_nm=0.0, dose_e_per_A2=e_per_px / 0.04, size=256,
+        drift_px_per_frame=(1.3, -0.9), drift_jitter_px=0.4, seed=seed,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("specimen", "e_per_px", "limit_px"),
-    [("crystal_edge", 1.0, 0.4), ("crystal_edge", 2.0, 0.25), ("crystal_edge", 10.0, 0.06),
-     ("crystal_edge", 100.0, 0.02),
+    [("crystal_edge", 1.0, 0.3), ("crystal_edge", 2.0, 0.12), ("crystal_edge", 10.0, 0.03),
+     ("crystal_edge", 100.0, 0.012),
      ("amorphous_carbon", 100.0, 0.06), ("au_particle_on_carbon", 10.0, 0.1)],
 )  # fmt: skip
 def test_simulated_hrtem_series_with_drift(specimen: str, e_per_px: float, limit_px: float) -> None:
-    """HRTEM frames through the simulated CCD (gain 2, 2-count readout noise, MTF) at
-    0.02 nm/px: ``e_per_px`` electrons per pixel (= 25 × dose in e/Å²)."""
-    from scherzer.simulators.hrtem import simulate_focal_series
-
-    stack = simulate_focal_series(
-        specimen, n=10, start_nm=-50.0, step_nm=0.0, dose_e_per_A2=e_per_px / 0.04, size=256,
-        drift_px_per_frame=(1.3, -0.9), drift_jitter_px=0.4, seed=3,
-    )  # fmt: skip
+    stack = hrtem_drift_series(specimen, e_per_px)
     rms, worst = stack_error(
         measure_shifts(stack.frames).shifts_px, stack.ground_truth["shifts_px"]
     )
     assert worst < 1.0 and rms <= limit_px, f"RMS {rms:.4f}, worst {worst:.3f} px"
 
 
-def test_simulated_hrtem_at_half_an_electron_per_pixel_has_no_unit_cell_jumps() -> None:
-    """At 0.5 e/px the simulated CCD's readout noise (1 e equivalent) exceeds the shot noise:
-    the steady-drift candidate keeps every frame on the right lattice site (SrTiO3 cell 19.5
-    px), though the precision (~0.8 px RMS) is short of the 0.2 px the issue asks for."""
-    from scherzer.simulators.hrtem import simulate_focal_series
+@pytest.mark.parametrize(("e_per_px", "factor"), [(2.0, 2.2), (10.0, 1.6), (100.0, 1.6)])
+def test_simulated_hrtem_precision_against_the_cramer_rao_bound(
+    e_per_px: float, factor: float
+) -> None:
+    """The issue's standard (≤ 0.04 px at 2 e/px, ≤ 0.012 at 10) lies below what the simulated
+    crystal edge and CCD allow: the Cramér–Rao bound on one frame's |shift| against a perfect
+    template is 0.050 px at 2 e/px and 0.018 at 10. Ours must stay within ``factor`` of it
+    (measured: 1.1–2.0× at 2 e/px over six seeds, 1.3× at 10, 1.4× at 100)."""
+    from scherzer.simulators.detector import CameraModel
 
-    stack = simulate_focal_series(
-        "crystal_edge", n=10, start_nm=-50.0, step_nm=0.0, dose_e_per_A2=0.5 / 0.04, size=256,
-        drift_px_per_frame=(1.3, -0.9), drift_jitter_px=0.4, seed=3,
-    )  # fmt: skip
+    stack = hrtem_drift_series("crystal_edge", e_per_px)
+    bound = np.hypot(*CameraModel().shift_bound_px(
+        stack.ground_truth["noiseless"][0], e_per_px / 0.04, 0.02
+    ))  # fmt: skip
+    rms, _ = stack_error(measure_shifts(stack.frames).shifts_px, stack.ground_truth["shifts_px"])
+    assert rms <= factor * bound, f"RMS {rms:.4f} px > {factor} × bound {bound:.4f} px"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_simulated_hrtem_at_half_an_electron_per_pixel_has_no_unit_cell_jumps(seed: int) -> None:
+    """At 0.5 e/px the simulated CCD's readout noise (1 e equivalent) exceeds the shot noise and
+    single pairs are noise: the steady-drift search over all pairs keeps every frame on the
+    right lattice site (SrTiO3 cell 19.5 px). The precision (0.54–0.68 px RMS over six seeds)
+    is short of the 0.2 px the issue asks for; the Cramér–Rao bound is 0.15 px."""
+    stack = hrtem_drift_series("crystal_edge", 0.5, seed)
     rms, worst = stack_error(
         measure_shifts(stack.frames).shifts_px, stack.ground_truth["shifts_px"]
     )
-    assert worst < 2.0 and rms < 1.0, f"RMS {rms:.3f}, worst {worst:.2f} px"
+    assert worst < 1.5 and rms < 0.8, f"RMS {rms:.3f}, worst {worst:.2f} px"
 
 
 def test_align_stack_applies_the_same_shifts_to_other_signals() -> None:
@@ -244,3 +264,86 @@ def test_bad_parameters_are_named() -> None:
         measure_shifts(frames, AlignParams(reference=7))
     with pytest.raises(AlignmentError, match="roi"):
         measure_shifts(frames, AlignParams(roi=(0, 0, 64, 64)))
+    with pytest.raises(AlignmentError, match="fine_window must be None or one of"):
+        measure_shifts(frames, AlignParams(fine_window="gauss"))
+    with pytest.raises(AlignmentError, match="tukey_alpha must be in"):
+        measure_shifts(frames, AlignParams(tukey_alpha=1.5))
+
+
+# --------------------------------------------------------------------------------------------
+# internals that the speed rests on: fused kernels and shortcuts against direct NumPy
+# --------------------------------------------------------------------------------------------
+def _random_spectra(n: int = 5, shape: tuple[int, int] = (48, 40)) -> np.ndarray:
+    rng = np.random.default_rng(4)
+    return sfft.rfft2(rng.normal(size=(n, *shape))).astype(np.complex64)
+
+
+def test_fused_leave_one_out_kernels_match_direct_numpy() -> None:
+    from scherzer.processing import registration as reg
+
+    spectra, shape = _random_spectra(), (48, 40)
+    n = len(spectra)
+    shifts = np.random.default_rng(5).normal(0.0, 2.0, (n, 2))
+    band = np.random.default_rng(6).random((48, 21)).astype(np.float32)
+    aligned = reg._shift_spectra(spectra, shifts, shape)
+    direct = aligned * np.conj(aligned.sum(axis=0) - aligned)
+    np.testing.assert_allclose(
+        reg._loo_cross(spectra, shifts, shape, 0.0, band), direct * band, rtol=2e-4, atol=1e-2
+    )
+    normalised = direct / np.sqrt(np.abs(direct)) * band
+    np.testing.assert_allclose(
+        reg._loo_cross(spectra, shifts, shape, 0.5, band), normalised, rtol=2e-4, atol=1e-3
+    )
+    sp = reg._Spectral(shape)
+    value, grad, hess = reg._fourier_moments(
+        direct * band / np.float32(n - 1), sp.ky, sp.kx, sp.weights, np.zeros((n, 2))
+    )
+    step, kernel_value = reg._loo_newton(spectra, shifts, AlignParams(), shape, band)
+    np.testing.assert_allclose(kernel_value, value, rtol=1e-4)
+    np.testing.assert_allclose(step, reg._newton_step(grad, hess), atol=1e-5)
+
+
+def test_pooled_pair_cross_is_the_sum_of_its_pairs() -> None:
+    from scherzer.processing.registration import _pair_cross
+
+    spectra = _random_spectra()
+    pairs = np.array([(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)])
+    single = _pair_cross(spectra, pairs, 0.5, None)
+    expected = spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]])
+    np.testing.assert_allclose(single, expected / np.sqrt(np.abs(expected)), rtol=1e-3)
+    pooled = _pair_cross(spectra, pairs, 0.5, None, groups=np.array([0, 0, 0, 1, 1]))
+    np.testing.assert_allclose(pooled[0], single[:3].sum(axis=0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(pooled[1], single[3:].sum(axis=0), rtol=1e-4, atol=1e-3)
+
+
+def test_global_peak_search_stays_inside_the_allowed_shift() -> None:
+    from scherzer.processing.registration import _integer_peaks, _shift_mask
+
+    maps = np.random.default_rng(7).normal(0.0, 0.01, (3, 64, 60))
+    maps[0, 5, 60 - 7] = 1.0  # lag (5, −7)
+    maps[1, 64 - 3, 2] = 1.0  # lag (−3, 2)
+    maps[1, 30, 30] = 5.0  # higher, but beyond the 16 px limit
+    maps[2, 0, 0] = 1.0
+    found = _integer_peaks(maps, _shift_mask((64, 60), 16.0), None, None)
+    np.testing.assert_array_equal(found, [[5, -7], [-3, 2], [0, 0]])
+
+
+def test_steady_drift_search_pools_all_pairs() -> None:
+    """At 0.5 e/px single pairs are noise; the pooled search still finds the drift rate."""
+    from scherzer.processing.registration import _low_snr_rate, _spectra
+
+    stack = hrtem_drift_series("crystal_edge", 0.5, seed=1)
+    params = AlignParams()
+    spectra, band = _spectra(stack.frames.astype(np.float32), params, params.window)
+    rate = _low_snr_rate(spectra, params, band, stack.frames.shape[1:])
+    true_rate = np.diff(stack.ground_truth["shifts_px"], axis=0).mean(axis=0)
+    assert np.linalg.norm(rate - true_rate) < 0.25, (rate, true_rate)
+
+
+def test_fine_stage_on_the_common_area_beats_the_whole_field(sto_image: np.ndarray) -> None:
+    """Measured (16 × 512², 10 e/px, three seeds): 0.0096 px RMS with a Hann window on the whole
+    field, 0.0048 px on the common area with a Tukey window."""
+    frames, truth = shifted_series(sto_image, 16, 512, 10.0, seed=12)
+    whole = stack_error(measure_shifts(frames, AlignParams(fine_window=None)).shifts_px, truth)
+    common = stack_error(measure_shifts(frames).shifts_px, truth)
+    assert common[0] < 0.8 * whole[0], (common, whole)

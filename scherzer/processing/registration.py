@@ -25,11 +25,20 @@ Method (in the manner of SmartAlign, with our own estimator)
 4. A weighted least-squares solution for all positions from all pair offsets, with iterative
    outlier rejection (robust scale from the median absolute residual), so a unit-cell jump in
    a pair does not survive.
-5. Refinement passes against the leave-one-out average of the aligned frames (in Fourier space),
-   until the largest update is below ``refine_tolerance_px``.
-6. Low-SNR mode: the cross-power of all pairs with equal separation is pooled (a steady drift
-   makes their offsets proportional to the separation), giving a drift rate that guides every
-   pair's peak search.
+5. A robust start: every frame matched to the leave-one-out average of the others (√(n−1) the
+   SNR of a pair). When the pairs disagree (low dose), a steady-drift candidate (cross-power
+   pooled over pairs of equal separation) and a global search from rest compete with the pair
+   solution; of the candidates that match the averages about as well as the best, the
+   smoothest trajectory wins (drift is smooth, lattice jumps are not).
+6. The fine stage, on the area every frame shares at the integer parts of the start
+   (``fine_window``, a Tukey window that tapers only the edges: a Hann window on the whole
+   field keeps Σw²/N = 14 % of a frame's pixels, this 71 %): spectra again, a weight
+   S/(S + N/(n−1)) measured from the roughly aligned frames (the Wiener factor of the
+   leave-one-out average), the pairs refined from the start and solved, then refinement passes
+   against the leave-one-out average until the largest update is below
+   ``refine_tolerance_px``. The leave-one-out moments are one fused numba kernel (no
+   cross-power array is stored).
+7. Low-SNR mode (``low_snr``): the pooled steady-drift rate guides every pair's first search.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage, signal
@@ -85,7 +95,10 @@ class AlignParams:
     ``roi``: (y0, x0, height, width) measured region (applied to the full field). ``reference``:
     "mean" or a frame index. ``output``: crop (common area) | expand (canvas filled with zeros) |
     expand-mean (canvas, average over valid observations with a count map). ``combine``: mean |
-    sum.
+    sum. ``snr_weighting``: weight the correlations by each frequency's signal fraction.
+    ``fine_window``: window for the final sub-pixel measurement, made on the area every frame
+    shares once the frames are roughly aligned (None: on the whole field with ``window``);
+    ``tukey_alpha``: the tapered fraction of each axis of a Tukey window.
     """
 
     alpha: float = 0.5
@@ -105,6 +118,8 @@ class AlignParams:
     combine: str = "mean"
     outlier_px: float = 1.0
     snr_weighting: bool = True
+    fine_window: str | None = "tukey"
+    tukey_alpha: float = 0.25
 
     def check(self, n_frames: int) -> None:
         """Raise AlignmentError naming every invalid setting."""
@@ -120,6 +135,12 @@ class AlignParams:
             problems.append(f"refine must be ≥ 0; got {self.refine}")
         if self.window not in WINDOWS:
             problems.append(f"window must be one of {WINDOWS}; got {self.window!r}")
+        if self.fine_window is not None and self.fine_window not in WINDOWS:
+            problems.append(
+                f"fine_window must be None or one of {WINDOWS}; got {self.fine_window!r}"
+            )
+        if not 0.0 <= self.tukey_alpha <= 1.0:
+            problems.append(f"tukey_alpha must be in [0, 1]; got {self.tukey_alpha}")
         if self.prefilter not in (None, "median3", "wiener5"):
             problems.append(
                 f"prefilter must be None, 'median3' or 'wiener5'; got {self.prefilter!r}"
@@ -225,14 +246,15 @@ def _crop_roi(frames: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.n
     return frames[:, y0 : y0 + h, x0 : x0 + w]
 
 
-def window_2d(shape: tuple[int, int], kind: str) -> np.ndarray:
-    """Separable apodisation window (float32): hann | hamming | tukey (α = 0.5) | none."""
+def window_2d(shape: tuple[int, int], kind: str, tukey_alpha: float = 0.25) -> np.ndarray:
+    """Separable apodisation window (float32): hann | hamming | tukey | none (``tukey_alpha``:
+    the tapered fraction of each axis)."""
     if kind == "none":
         return np.ones(shape, dtype=np.float32)
     make = {
         "hann": lambda n: signal.windows.hann(n, sym=False),
         "hamming": lambda n: signal.windows.hamming(n, sym=False),
-        "tukey": lambda n: signal.windows.tukey(n, 0.5, sym=False),
+        "tukey": lambda n: signal.windows.tukey(n, tukey_alpha, sym=False),
     }[kind]
     return np.outer(make(shape[0]), make(shape[1])).astype(np.float32)
 
@@ -247,7 +269,7 @@ def prepare(frames: np.ndarray, params: AlignParams) -> np.ndarray:
     f = f.astype(np.float32) - f.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(
         np.float32
     )
-    return f * window_2d(f.shape[1:], params.window)
+    return f * window_2d(f.shape[1:], params.window, params.tukey_alpha)
 
 
 @dataclass(frozen=True)
@@ -293,13 +315,43 @@ def snr_weight(spectra: np.ndarray) -> np.ndarray:
     signal power.
     """
     power = np.mean(spectra.real**2 + spectra.imag**2, axis=0)
+    noise = _noise_floor(power)
+    weight = np.clip(power - noise, 0.0, None) / np.maximum(power, 1e-30)
+    return weight.astype(np.float32)
+
+
+def _noise_floor(power: np.ndarray) -> float:
+    """Median of a (ny, nkx) power spectrum over |k| > 0.45 cycles/px (white-noise level)."""
     ny, nkx = power.shape
     ky = np.fft.fftfreq(ny)[:, None]
     kx = np.fft.rfftfreq(2 * (nkx - 1))[None, :]
     outer = np.hypot(ky, kx) > 0.45
-    noise = float(np.median(power[outer])) if outer.any() else 0.0
-    weight = np.clip(power - noise, 0.0, None) / np.maximum(power, 1e-30)
-    return weight.astype(np.float32)
+    return float(np.median(power[outer])) if outer.any() else 0.0
+
+
+def template_weight(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Per-frequency weight S/(S + N/(n−1)) for matching a frame to the average of the n−1
+    others, from frames already aligned to ``shifts`` (float32, rfft layout, maximum 1).
+
+    N(k): noise power, the scatter of the aligned spectra about their mean, smoothed over 9×9
+    frequencies (noise spectra are smooth). S(k): signal power |mean|² − N/n, smoothed likewise —
+    except where |mean|² exceeds 10 N/n (Bragg spots; noise alone gets there with probability
+    e⁻¹⁰), where the unsmoothed value is kept. The weight is the Wiener factor of the n−1-frame
+    average: single-frame weights S/(S + N) discard the many weak frequencies that the average
+    still resolves at low dose.
+    """
+    n = len(spectra)
+    aligned = _shift_spectra(spectra, shifts, shape)
+    mean = aligned.mean(axis=0)
+    scatter = (np.abs(aligned - mean) ** 2).sum(axis=0) / (n - 1)
+    modes = ("wrap", "nearest")
+    noise = ndimage.uniform_filter(scatter, 9, mode=modes)
+    power = np.abs(mean) ** 2
+    signal_power = np.clip(power - noise / n, 0.0, None)
+    smooth = ndimage.uniform_filter(signal_power, 9, mode=modes)
+    signal_power = np.where(power > 10.0 * noise / n, np.maximum(signal_power, smooth), smooth)
+    weight = signal_power / (signal_power + noise / (n - 1) + 1e-30)
+    return (weight / max(float(weight.max()), 1e-30)).astype(np.float32)
 
 
 def _rfft(frames: np.ndarray) -> np.ndarray:
@@ -307,6 +359,7 @@ def _rfft(frames: np.ndarray) -> np.ndarray:
 
 
 def _normalised(cross: np.ndarray, alpha: float) -> np.ndarray:
+    """``cross / |cross|^α`` with a small floor (relative to each map's largest magnitude)."""
     if alpha == 0:
         return cross
     mag = np.abs(cross)
@@ -316,6 +369,32 @@ def _normalised(cross: np.ndarray, alpha: float) -> np.ndarray:
     if alpha == 0.5:
         return cross / np.sqrt(mag)
     return cross / mag ** np.float32(alpha)
+
+
+def _pair_cross(
+    spectra: np.ndarray, pairs: np.ndarray, alpha: float, band: np.ndarray | None,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Normalised, band-weighted cross-power G_i·G_j* / |G_i·G_j*|^α of every pair (i, j) —
+    or, with ``groups`` (one integer per pair), the sum over the pairs of each group.
+
+    |G_i·G_j*|^α = |G_i|^α·|G_j|^α, so each frame is normalised (and one side weighted) once
+    and every pair costs a single complex product.
+    """
+    left = _normalised(spectra, alpha)
+    right = np.conj(left)
+    if band is not None:
+        left = left * band
+    if groups is None:
+        out = np.empty((len(pairs), *spectra.shape[1:]), dtype=np.complex64)
+        for p, (i, j) in enumerate(pairs):
+            np.multiply(left[i], right[j], out=out[p])
+        return out
+    out = np.zeros((int(groups.max()) + 1, *spectra.shape[1:]), dtype=np.complex64)
+    product = np.empty(spectra.shape[1:], dtype=np.complex64)
+    for g, (i, j) in zip(groups, pairs, strict=True):
+        out[g] += np.multiply(left[i], right[j], out=product)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +420,23 @@ def _shift_mask(shape: tuple[int, int], max_shift: float) -> np.ndarray:
     return (dy[:, None] ** 2 + dx[None, :] ** 2) <= max_shift**2
 
 
+def _lag_order(indices: np.ndarray, size: int) -> np.ndarray:
+    """fftfreq-ordered indices sorted by signed lag (negative lags first)."""
+    signed = np.where(indices > size // 2, indices - size, indices)
+    return indices[np.argsort(signed, kind="stable")]
+
+
+def _gather_block(arrays: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """arrays[:, rows][:, :, cols] by contiguous slices when the indices form runs."""
+
+    def runs(idx: np.ndarray) -> list[slice]:
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        return [slice(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, breaks)]
+
+    block = np.concatenate([arrays[:, r] for r in runs(rows)], axis=1)
+    return np.concatenate([block[:, :, c] for c in runs(cols)], axis=2)
+
+
 def _integer_peaks(
     maps: np.ndarray, mask: np.ndarray, predicted: np.ndarray | None, radius: np.ndarray | None
 ) -> np.ndarray:
@@ -353,15 +449,19 @@ def _integer_peaks(
     neighbours. Sub-pixel refinement then climbs to the local maximum."""
     m, ny, nx = maps.shape
     if predicted is None:
-        flat = np.where(mask[None], maps, -np.inf).reshape(m, -1)
-        top, floor = flat.max(axis=1), maps.reshape(m, -1).mean(axis=1)
+        floor = maps.reshape(m, -1).mean(axis=1)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        rows, cols = _lag_order(rows, ny), _lag_order(cols, nx)
+        inner = _gather_block(maps, rows, cols)  # the mask's bounding box only
+        flat = np.where(_gather_block(mask[None], rows, cols), inner, -np.inf).reshape(m, -1)
+        top = flat.max(axis=1)
         near_top = flat >= (floor + (1.0 - PEAK_TIE) * (top - floor))[:, None]
-        dy = np.fft.fftfreq(ny, 1.0 / ny)[:, None]
-        dx = np.fft.fftfreq(nx, 1.0 / nx)[None, :]
+        dy = np.where(rows > ny // 2, rows - ny, rows)[:, None]
+        dx = np.where(cols > nx // 2, cols - nx, cols)[None, :]
         lag2 = (dy * dy + dx * dx).reshape(-1)
         best = np.where(near_top, lag2[None], np.inf).argmin(axis=1)
-        iy, ix = np.unravel_index(best, (ny, nx))
-        lags = np.stack([iy, ix], axis=1)
+        iy, ix = np.unravel_index(best, (len(rows), len(cols)))
+        lags = np.stack([rows[iy], cols[ix]], axis=1)
     else:
         r = math.ceil(float(np.max(radius)))
         d = np.arange(-r, r + 1)
@@ -402,32 +502,40 @@ def _fourier_moments(
     return value, grad, h.astype(np.float64)
 
 
+def _newton_step(grad: np.ndarray, hess: np.ndarray) -> np.ndarray:
+    """Uphill steps (m, 2) towards the maxima: Newton where the surface is concave, a 0.25 px
+    gradient step elsewhere; every step clipped to 0.5 px."""
+    det = hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2
+    concave = (hess[:, 0, 0] < 0) & (det > 0)
+    inv = np.empty_like(hess)
+    inv[:, 0, 0], inv[:, 1, 1] = hess[:, 1, 1], hess[:, 0, 0]
+    inv[:, 0, 1] = inv[:, 1, 0] = -hess[:, 0, 1]
+    newton = -np.einsum("mab,mb->ma", inv, grad) / np.where(det == 0, 1.0, det)[:, None]
+    uphill = grad / (np.abs(grad).max(axis=1, keepdims=True) + 1e-30) * 0.25
+    step = np.where(concave[:, None], newton, uphill)
+    norm = np.linalg.norm(step, axis=1, keepdims=True)
+    return np.where(norm > 0.5, step * 0.5 / np.maximum(norm, 1e-30), step)
+
+
 def refine_peaks(
     spectra: np.ndarray, shape: tuple[int, int], start: np.ndarray, iterations: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel maxima of the band-limited correlations whose spectra are given (rfft half).
 
     Newton steps from ``start`` (m, 2) on the exact Fourier series (uphill gradient steps where
-    the surface is not concave), each clipped to 0.5 px. Returns (shifts, values).
+    the surface is not concave), each clipped to 0.5 px. Returns (shifts, values); once the
+    steps are below 1e-4 px the value before the last step is returned (it differs by the
+    square of the step).
     """
     sp = _Spectral(shape)
     ky, kx, w = sp.ky, sp.kx, sp.weights
     r = start.astype(np.float64).copy()
     for _ in range(iterations):
-        _, grad, hess = _fourier_moments(spectra, ky, kx, w, r)
-        det = hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2
-        concave = (hess[:, 0, 0] < 0) & (det > 0)
-        inv = np.empty_like(hess)
-        inv[:, 0, 0], inv[:, 1, 1] = hess[:, 1, 1], hess[:, 0, 0]
-        inv[:, 0, 1] = inv[:, 1, 0] = -hess[:, 0, 1]
-        newton = -np.einsum("mab,mb->ma", inv, grad) / np.where(det == 0, 1.0, det)[:, None]
-        uphill = grad / (np.abs(grad).max(axis=1, keepdims=True) + 1e-30) * 0.25
-        step = np.where(concave[:, None], newton, uphill)
-        norm = np.linalg.norm(step, axis=1, keepdims=True)
-        step = np.where(norm > 0.5, step * 0.5 / np.maximum(norm, 1e-30), step)
+        value, grad, hess = _fourier_moments(spectra, ky, kx, w, r)
+        step = _newton_step(grad, hess)
         r += step
         if np.max(np.abs(step)) < 1e-4:
-            break
+            return r, value
     value, _, _ = _fourier_moments(spectra, ky, kx, w, r)
     return r, value
 
@@ -515,28 +623,50 @@ def _weighted(cross: np.ndarray, alpha: float, band: np.ndarray | None) -> np.nd
     return out.copy() if out is cross else out
 
 
-def _pair_spectra(
-    spectra: np.ndarray, pairs: np.ndarray, alpha: float, band: np.ndarray | None
-) -> np.ndarray:
-    return _weighted(spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]]), alpha, band)
+RATE_GAPS = 8  # largest frame separation pooled by the steady-drift search
+RATE_STEP_PX = 0.25  # grid step of the steady-drift search, px per frame
 
 
 def _low_snr_rate(
-    spectra: np.ndarray, pairs: np.ndarray, params: AlignParams, mask: np.ndarray,
-    band: np.ndarray | None, shape: tuple[int, int],
-) -> np.ndarray:  # fmt: skip
-    """Drift per frame from cross-power pooled over pairs of equal separation (steady drift)."""
-    gaps = pairs[:, 1] - pairs[:, 0]
-    found, weights = [], []
-    for g in np.unique(gaps):
-        sel = pairs[gaps == g]
-        pooled = _pair_spectra(spectra, sel, params.alpha, band).sum(axis=0, keepdims=True)
-        corr = sfft.irfft2(pooled, s=shape, workers=fft_workers())
-        start = _integer_peaks(corr, mask, None, None)
-        peak, _ = refine_peaks(pooled, shape, start)
-        found.append(peak[0] / -g)  # d_ij = s_i − s_j = (i − j)·v
-        weights.append(len(sel) * g * g)
-    return np.average(np.array(found), axis=0, weights=np.array(weights, dtype=float))
+    spectra: np.ndarray, params: AlignParams, band: np.ndarray | None, shape: tuple[int, int]
+) -> np.ndarray:
+    """Drift per frame v (px) under a steady drift, from all pairs up to ``RATE_GAPS`` apart.
+
+    Under steady drift pair (i, j) is offset by d_ij = (i − j)·v, so the cross-correlations
+    of all pairs, pooled by separation g into maps P_g, add up coherently only at the true
+    drift: v maximises S(v) = Σ_g P_g(−g·v). S is searched on a grid of ``RATE_STEP_PX`` over
+    |g_max·v| within the allowed shift (the smallest |v| among near-equal maxima, as for
+    single peaks), then refined by Newton steps on the exact Fourier series of every P_g.
+    """
+    n = len(spectra)
+    g_max = min(n - 1, RATE_GAPS)
+    pairs = np.array([(i, i + g) for g in range(1, g_max + 1) for i in range(n - g)])
+    pooled = _pair_cross(spectra, pairs, params.alpha, band, groups=pairs[:, 1] - pairs[:, 0] - 1)
+    maps = sfft.irfft2(pooled, s=shape, workers=fft_workers())
+    scale = -np.arange(1, g_max + 1, dtype=float)  # P_g peaks at d = −g·v
+    reach = (params.max_shift_px or 0.25 * min(shape)) / g_max
+    steps = np.arange(-reach, reach + RATE_STEP_PX / 2, RATE_STEP_PX)
+    vy, vx = np.meshgrid(steps, steps, indexing="ij")
+    inside = vy**2 + vx**2 <= reach**2
+    total = np.zeros(vy.shape)
+    for g_map, g in zip(maps, scale, strict=True):
+        coords = np.stack([(g * vy) % shape[0], (g * vx) % shape[1]])
+        total += ndimage.map_coordinates(g_map, coords, order=1, mode="grid-wrap")
+    total = np.where(inside, total, -np.inf)
+    top, floor = total[inside].max(), total[inside].mean()
+    near = total >= floor + (1.0 - PEAK_TIE) * (top - floor)
+    best = np.unravel_index(np.where(near, vy**2 + vx**2, np.inf).argmin(), total.shape)
+    v = np.array([vy[best], vx[best]])
+    sp = _Spectral(shape)
+    for _ in range(4):
+        _, grad, hess = _fourier_moments(pooled, sp.ky, sp.kx, sp.weights, scale[:, None] * v)
+        total_grad = (scale[:, None] * grad).sum(axis=0, keepdims=True)
+        total_hess = (scale[:, None, None] ** 2 * hess).sum(axis=0, keepdims=True)
+        step = _newton_step(total_grad, total_hess)[0]
+        v = v + np.clip(step, -RATE_STEP_PX, RATE_STEP_PX)
+        if np.abs(step).max() < 1e-3:
+            break
+    return v
 
 
 def _measure_pairs(
@@ -554,17 +684,19 @@ def _measure_pairs(
     max_shift = params.max_shift_px or 0.25 * min(shape)
     mask = _shift_mask(shape, max_shift)
     gaps = pairs[:, 1] - pairs[:, 0]
-    cross = spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]])
     if positions is not None:  # already sub-pixel: refine from the prediction directly
         starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
     else:
-        maps = sfft.irfft2(_weighted(cross, params.alpha, band), s=shape, workers=fft_workers())
+        coarse = _pair_cross(spectra, pairs, params.alpha, band)
+        maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
+        del coarse
         if rate is not None:
             predicted = -gaps[:, None] * rate[None, :]
             starts = _integer_peaks(maps, mask, predicted, 3.0 + 0.5 * gaps.astype(float))
         else:
             starts = _guided_peaks(maps, mask, pairs, len(spectra))
-    offsets, values = refine_peaks(_weighted(cross, params.alpha_fine, band), shape, starts)
+    fine = _pair_cross(spectra, pairs, params.alpha_fine, band)
+    offsets, values = refine_peaks(fine, shape, starts)
     energy = _peak_energy(spectra, sp.weights, params.alpha_fine)
     heights = values / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     return offsets, heights
@@ -596,40 +728,161 @@ def _shift_spectra(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, in
     return spectra * ramp_y[:, :, None] * ramp_x[:, None, :]
 
 
-def _loo_cross(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Raw cross-power of every aligned frame with the leave-one-out average of the others."""
-    aligned = _shift_spectra(spectra, shifts, shape)
-    total = aligned.sum(axis=0)
-    template = (total[None] - aligned) / np.float32(len(spectra) - 1)
-    return aligned * np.conj(template)
+@numba.njit(parallel=True, cache=True)
+def _aligned_total(spectra, ramp_y, ramp_x):  # pragma: no cover - numba
+    """Σ_i G_i·ramp_y[i]·ramp_x[i]: the spectrum of the sum of the aligned frames."""
+    n, ny, nkx = spectra.shape
+    total = np.zeros((ny, nkx), dtype=np.complex64)
+    for y in numba.prange(ny):
+        for i in range(n):
+            ry = ramp_y[i, y]
+            for x in range(nkx):
+                total[y, x] += spectra[i, y, x] * ry * ramp_x[i, x]
+    return total
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def _loo_cross_power(spectra, ramp_y, ramp_x, total, weight, alpha, out):  # pragma: no cover
+    """out[i] = w·c_i / |c_i|^α with c_i = a_i·(total − a_i)*, a_i the aligned frame i."""
+    n, ny, nkx = spectra.shape
+    for i in numba.prange(n):
+        for y in range(ny):
+            ry = ramp_y[i, y]
+            for x in range(nkx):
+                a = spectra[i, y, x] * ry * ramp_x[i, x]
+                c = a * np.conj(total[y, x] - a)
+                if alpha == 0.5:
+                    c = c / np.sqrt(abs(c) + np.float32(1e-30))
+                elif alpha == 1.0:
+                    c = c / (abs(c) + np.float32(1e-30))
+                elif alpha > 0.0:
+                    c = c / (abs(c) + np.float32(1e-30)) ** alpha
+                out[i, y, x] = c * weight[y, x]
+
+
+def _ramps(shifts: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Separable phase ramps exp(2πi k·s) (complex64) that move each frame by −s."""
+    sp = _Spectral(shape)
+    ramp_y = np.exp(2j * np.pi * sp.ky[None, :] * shifts[:, 0:1]).astype(np.complex64)
+    ramp_x = np.exp(2j * np.pi * sp.kx[None, :] * shifts[:, 1:2]).astype(np.complex64)
+    return ramp_y, ramp_x
+
+
+def _full_weight(shape: tuple[int, int], band: np.ndarray | None, hermitian: bool) -> np.ndarray:
+    """``band`` as a contiguous float32 (ny, nkx) array, times the Hermitian column weights."""
+    sp = _Spectral(shape)
+    w = sp.weights[None, :] if hermitian else np.float32(1.0)
+    w = w * (np.float32(1.0) if band is None else band)
+    return np.ascontiguousarray(np.broadcast_to(w, (shape[0], shape[1] // 2 + 1)), np.float32)
+
+
+def _loo_cross(
+    spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int], alpha: float,
+    band: np.ndarray | None,
+) -> np.ndarray:  # fmt: skip
+    """Cross-power of every aligned frame with the sum of the others, normalised by |·|^α and
+    weighted by ``band`` (one fused pass; the peak is where the leave-one-out average's is)."""
+    ramp_y, ramp_x = _ramps(shifts, shape)
+    total = _aligned_total(spectra, ramp_y, ramp_x)
+    out = np.empty_like(spectra)
+    weight = _full_weight(shape, band, hermitian=False)
+    _loo_cross_power(spectra, ramp_y, ramp_x, total, weight, np.float32(alpha), out)
+    return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def _loo_moment_sums(spectra, ramp_y, ramp_x, total, weight, ky, kx, out):  # pragma: no cover
+    """Raw moment sums of every aligned frame's cross-power with the sum of the others.
+
+    a_i = G_i·ramp_y[i]·ramp_x[i] (frame i moved by −s_i), t_i = total − a_i and
+    c_i = w·a_i·t_i*; ``out[i]`` = Σ (Re c, k_y Im c, k_x Im c, k_y² Re c, k_y k_x Re c,
+    k_x² Re c) in float64. No cross-power array is stored.
+    """
+    n, ny, nkx = spectra.shape
+    for i in numba.prange(n):
+        v = gy = gx = hyy = hyx = hxx = 0.0
+        for y in range(ny):
+            ry = ramp_y[i, y]
+            fy = ky[y]
+            sv = sgx = shx = shxx = 0.0
+            sgy = 0.0
+            for x in range(nkx):
+                a = spectra[i, y, x] * ry * ramp_x[i, x]
+                c = a * np.conj(total[y, x] - a) * weight[y, x]
+                re, im = c.real, c.imag
+                fx = kx[x]
+                sv += re
+                sgy += im
+                sgx += fx * im
+                shx += fx * re
+                shxx += fx * fx * re
+            v += sv
+            gy += fy * sgy
+            gx += sgx
+            hyy += fy * fy * sv
+            hyx += fy * shx
+            hxx += shxx
+        out[i, 0], out[i, 1], out[i, 2] = v, gy, gx
+        out[i, 3], out[i, 4], out[i, 5] = hyy, hyx, hxx
+
+
+def _loo_newton(
+    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
+    band: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One Newton step for every frame against the leave-one-out average of the others, both
+    at the current ``shifts``. Returns (steps (n, 2), correlation values at the current shifts).
+    """
+    n = len(spectra)
+    sp = _Spectral(shape)
+    if params.alpha_fine != 0:
+        cross = _loo_cross(spectra, shifts, shape, params.alpha_fine, band) / np.float32(n - 1)
+        value, grad, hess = _fourier_moments(cross, sp.ky, sp.kx, sp.weights, np.zeros((n, 2)))
+        return _newton_step(grad, hess), value
+    ramp_y, ramp_x = _ramps(shifts, shape)
+    total = _aligned_total(spectra, ramp_y, ramp_x)
+    weight = _full_weight(shape, band, hermitian=True)
+    sums = np.empty((n, 6))
+    _loo_moment_sums(spectra, ramp_y, ramp_x, total, weight, sp.ky, sp.kx, sums)
+    sums /= n - 1
+    two_pi = 2.0 * np.pi
+    grad = -two_pi * sums[:, 1:3]
+    hess = -(two_pi**2) * sums[:, [3, 4, 4, 5]].reshape(n, 2, 2)
+    return _newton_step(grad, hess), sums[:, 0]
 
 
 def _template_passes(
     spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
-    band: np.ndarray | None, search_px: float | None = None, passes: int = 3,
+    band: np.ndarray | None, search_px: float | None = None, passes: int = 8,
 ) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Match every frame to the leave-one-out average (an integer search at α over the whole
-    allowed range, or — with ``search_px`` — Newton steps from the current position alone, then
-    refined at α_fine); the average of n−1 frames has √(n−1) the SNR of one, which keeps the
-    integer peak right where single pairs are too noisy. Returns (shifts, mean normalised peak
-    height)."""
+    """Match every frame to the leave-one-out average of the others: each pass rebuilds the
+    averages and takes one Newton step at α_fine for every frame. Without ``search_px`` the
+    first three passes begin with an integer search at α over the whole allowed range (frames
+    jump to their best integer lag); with it, steps that would leave ``search_px`` of the start
+    are refused. The average of n−1 frames has √(n−1) the SNR of one, which keeps the integer
+    peak right where single pairs are too noisy. Passes stop when every step is below
+    ``refine_tolerance_px``. Returns (shifts, normalised peak height of every frame)."""
     mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
     energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
-    score = -np.inf
-    for _ in range(passes):
-        cross = _loo_cross(spectra, shifts, shape)
-        if search_px is None:
-            coarse = _weighted(cross, params.alpha, band)
+    origin = shifts.copy()
+    score = np.full(len(spectra), -np.inf)
+    searching = search_px is None
+    for k in range(passes):
+        jumped = False
+        if searching and k < 3:
+            coarse = _loo_cross(spectra, shifts, shape, params.alpha, band)
             maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
             start = _integer_peaks(maps, mask, None, None)
-        else:
-            start = np.zeros((len(spectra), 2))
-        delta, values = refine_peaks(_weighted(cross, params.alpha_fine, band), shape, start)
-        if search_px is not None:
-            delta = np.where(np.abs(delta) <= search_px, delta, 0.0)
+            jumped = searching = bool(np.any(start != 0))
+            shifts = shifts + start
+        delta, values = _loo_newton(spectra, shifts, params, shape, band)
         shifts = shifts + delta
-        score = float(np.mean(values / np.sqrt(energy * energy.mean())))
-        if np.abs(delta).max() < params.refine_tolerance_px:
+        if search_px is not None:
+            far = np.linalg.norm(shifts - origin, axis=1) > search_px
+            shifts[far] -= delta[far]
+            delta[far] = 0.0
+        score = values / np.sqrt(energy * energy.mean())
+        if not jumped and np.abs(delta).max() < params.refine_tolerance_px:
             break
     return shifts - shifts.mean(axis=0), score
 
@@ -641,14 +894,23 @@ def _refine_against_average(
     shape: tuple[int, int],
     band: np.ndarray | None,
 ) -> tuple[np.ndarray, list[float]]:
-    """Passes against the leave-one-out average until updates < ``refine_tolerance_px``."""
+    """Passes against the leave-one-out average until updates < ``refine_tolerance_px``.
+
+    A pass is up to four Newton steps for every frame, each against the average rebuilt at the
+    new shifts; a frame that a pass would move by 1 px or more keeps its place (a refinement
+    never jumps). Returns (shifts, largest update of each pass)."""
     updates: list[float] = []
     for _ in range(params.refine):
-        cross = _weighted(_loo_cross(spectra, shifts, shape), params.alpha_fine, band)
-        delta, _ = refine_peaks(cross, shape, np.zeros((len(spectra), 2)))
-        delta = np.where(np.abs(delta) < 1.0, delta, 0.0)  # a refinement never jumps
-        shifts = shifts + delta
-        updates.append(float(np.abs(delta).max()))
+        before = shifts
+        for _ in range(4):  # Newton steps, each against the average rebuilt at the new shifts
+            delta, _ = _loo_newton(spectra, shifts, params, shape, band)
+            shifts = shifts + delta
+            if np.abs(delta).max() < params.refine_tolerance_px:
+                break
+        moved = shifts - before
+        far = np.abs(moved).max(axis=1) >= 1.0  # a refinement never jumps
+        shifts[far] = before[far]
+        updates.append(float(np.abs(np.where(far[:, None], 0.0, moved)).max()))
         if updates[-1] < params.refine_tolerance_px:
             break
     return shifts, updates
@@ -677,26 +939,73 @@ def _robust_start(
     leave-one-out average: its pairs carry the continuity between neighbours that settles a
     crystal's lattice ambiguity. When they do not (noise-dominated pairs), two more candidates
     compete: a steady drift fitted to cross-power pooled over all pairs of equal separation
-    (improved locally), and a global search from no shift at all. The candidates whose frames
-    match the average of the others about as well as the best (within ``TEMPLATE_TIE``) are
-    equally likely; of those the smoothest trajectory wins (drift is smooth, lattice jumps are
-    not).
+    (improved locally), and a global search from no shift at all. Each candidate's scores (how
+    well its frames match the average of the others) are marked down by what noise alone
+    gains a search of its breadth (:func:`_score_noise`); the candidates that then score about
+    as well as the best are equally likely, and of those the smoothest trajectory wins (drift
+    is smooth, lattice jumps are not).
     """
-    local, local_score = _template_passes(spectra, pair_positions, params, shape, band, 2.0)
+    local_px = 2.0
+    local = _template_passes(spectra, pair_positions, params, shape, band, local_px)
     if consistent >= 0.7:
-        return local
+        return local[0]
     n = len(spectra)
     mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
-    rate = _low_snr_rate(spectra, pairs, params, mask, band, shape)
+    rate = _low_snr_rate(spectra, params, band, shape)
     steady = np.arange(n)[:, None] * rate[None, :]
-    candidates = [
-        (local, local_score),
-        _template_passes(spectra, steady - steady.mean(axis=0), params, shape, band, 2.0),
-        _template_passes(spectra, np.zeros_like(pair_positions), params, shape, band),
-    ]
-    best = max(score for _, score in candidates)
-    near = [c for c in candidates if c[1] >= best - TEMPLATE_TIE * abs(best)]
-    return min(near, key=lambda c: _roughness(c[0]))[0]
+    searched = [
+        (local, math.pi * local_px**2),
+        (_template_passes(spectra, steady - steady.mean(axis=0), params, shape, band, local_px),
+         math.pi * local_px**2),
+        (_template_passes(spectra, np.zeros_like(pair_positions), params, shape, band),
+         float(mask.sum())),
+    ]  # fmt: skip
+    candidates = []
+    for (shifts, score), area_px2 in searched:
+        noise = _score_noise(spectra, shifts, shape, band, params.alpha_fine)
+        candidates.append((shifts, score - noise * math.sqrt(2.0 * math.log(max(area_px2, 1.0)))))
+    return _most_plausible(candidates)
+
+
+def _score_noise(
+    spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int], band: np.ndarray | None,
+    alpha_fine: float,
+) -> np.ndarray:  # fmt: skip
+    """Standard deviation, per frame, of the normalised template score that noise alone gives.
+
+    Var Σ_k w Re[A_i T_i*] ≈ ½ N Σ_k w² (|T|² + |G_i|²/(n−1)) with N the white-noise power,
+    T the mean of the aligned frames and G_i frame i. A frame that searched M lags for its
+    best place gains about σ·√(2 ln M) from noise alone: candidates found by wider searches
+    are marked down by that much before they are compared.
+    """
+    n = len(spectra)
+    sp = _Spectral(shape)
+    power = spectra.real**2 + spectra.imag**2
+    noise = _noise_floor(power.mean(axis=0))
+    w2 = _full_weight(shape, band, hermitian=True) ** 2
+    ramp_y, ramp_x = _ramps(shifts, shape)
+    template = _aligned_total(spectra, ramp_y, ramp_x) / np.float32(n)
+    t_term = float(np.sum(w2 * (template.real**2 + template.imag**2)))
+    g_term = np.einsum("nyx,yx->n", power, w2) / max(n - 1, 1)
+    energy = _peak_energy(spectra, sp.weights, alpha_fine)
+    return np.sqrt(0.5 * noise * (t_term + g_term)) / np.sqrt(energy * energy.mean())
+
+
+def _most_plausible(candidates: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Of (shifts, per-frame template scores) candidates, the smoothest trajectory among those
+    whose scores are not clearly below the best: a mean deficit within ``TEMPLATE_TIE`` of the
+    best mean, or within two standard errors of the frame-by-frame differences. Frames that
+    search freely fit the noise of the others' average a little, so a small score advantage
+    over a smooth trajectory is no evidence at low dose."""
+    means = [float(np.mean(score)) for _, score in candidates]
+    top = candidates[int(np.argmax(means))][1]
+    near = []
+    for shifts, score in candidates:
+        deficit = top - score
+        error = 2.0 * float(np.std(deficit)) / math.sqrt(len(deficit))
+        if float(np.mean(deficit)) <= max(TEMPLATE_TIE * abs(float(np.mean(top))), error):
+            near.append(shifts)
+    return min(near, key=_roughness)
 
 
 def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentResult:
@@ -719,25 +1028,31 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
     p.check(n)
     measured = _crop_roi(arr, p.roi)
     shape = measured.shape[1:]
-    spectra = _rfft(prepare(measured, p))
-    band = _Spectral(shape).bandpass(p.bandpass)
-    if p.snr_weighting:
-        weight = snr_weight(spectra)
-        band = weight if band is None else band * weight
+    spectra, band = _spectra(measured, p, p.window)
     pairs = np.asarray(pair_graph(n, p), dtype=int)
     rate = None
     if p.low_snr and n > 2:
-        max_shift = p.max_shift_px or 0.25 * min(shape)
-        rate = _low_snr_rate(spectra, pairs, p, _shift_mask(shape, max_shift), band, shape)
+        rate = _low_snr_rate(spectra, p, band, shape)
     offsets, heights = _measure_pairs(spectra, pairs, p, shape, rate, band)
     positions, keep = _solve(n, pairs, offsets, heights, p)
     if n > 2:
         residual = np.linalg.norm(offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), 1)
         consistent = float(np.mean(residual <= max(p.outlier_px, 0.5)))
-        template = _robust_start(spectra, positions, consistent, p, shape, band, pairs)
-        offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, band, template)
-        positions, keep = _solve(n, pairs, offsets, heights, p)
+        positions = _robust_start(spectra, positions, consistent, p, shape, band, pairs)
+    whole = np.zeros_like(positions, dtype=int)
+    if p.fine_window is not None:
+        whole, common = _common_crop(measured, positions)
+        shape = common.shape[1:]
+        spectra, band = _spectra(common, p, p.fine_window)
+        if p.snr_weighting and n > 2:
+            band = template_weight(spectra, positions - whole, shape)
+            if p.bandpass is not None:
+                band = band * _Spectral(shape).bandpass(p.bandpass)
+    offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, band, positions - whole)
+    positions, keep = _solve(n, pairs, offsets, heights, p)
     positions, updates = _refine_against_average(spectra, positions, p, shape, band)
+    positions = positions + whole
+    offsets = offsets + (whole[pairs[:, 0]] - whole[pairs[:, 1]])
     shifts = _gauge(positions, p.reference)
     pair_offsets = np.full((n, n, 2), np.nan)
     similarity = np.full((n, n), np.nan)
@@ -768,6 +1083,47 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
         rejected_pairs=[(int(i), int(j)) for (i, j), k in zip(pairs, keep, strict=True) if not k],
         refinement_updates_px=updates,
     )
+
+
+def _spectra(
+    frames: np.ndarray, params: AlignParams, window: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Spectra of the prepared frames and the correlation weight (band-pass × SNR weight)."""
+    spectra = _rfft(prepare(frames, replace(params, window=window)))
+    band = _Spectral(frames.shape[1:]).bandpass(params.bandpass)
+    if params.snr_weighting:
+        weight = snr_weight(spectra)
+        band = weight if band is None else band * weight
+    return spectra, band
+
+
+def _fast_length_below(n: int) -> int:
+    """The largest m ≤ n whose real FFT is fast (5-smooth)."""
+    m = n
+    while m > 8 and sfft.next_fast_len(m, real=True) != m:
+        m -= 1
+    return m
+
+
+def _common_crop(frames: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every frame cut to the area all frames share at the integer parts of ``shifts``.
+
+    Returns (integer offsets o_i, cropped frames); cropped frame i holds frame_i(r + lo + o_i),
+    so its content sits at s_i − o_i relative to the common crop. The crop is trimmed
+    symmetrically to a fast FFT length.
+    """
+    whole = np.rint(shifts).astype(int)
+    slices = []
+    for axis, size in enumerate(frames.shape[1:]):
+        lo = max(0, int(np.max(-whole[:, axis])))
+        hi = min(size, int(np.min(size - whole[:, axis])))
+        length = _fast_length_below(max(hi - lo, 8))
+        lo += (hi - lo - length) // 2
+        slices.append((lo, length))
+    (y0, h), (x0, w) = slices
+    cropped = np.stack([f[y0 + oy : y0 + oy + h, x0 + ox : x0 + ox + w]
+                        for f, (oy, ox) in zip(frames, whole, strict=True)])  # fmt: skip
+    return whole, cropped
 
 
 def _solve(

@@ -148,6 +148,33 @@ class CameraModel(BaseModel):
             return self.mtf_2d(shape, rfft)
         return self._spread(f).astype(np.float32)
 
+    def shift_bound_px(
+        self, intensity: np.ndarray, dose_e_per_A2: float, pixel_nm: float
+    ) -> tuple[float, float]:
+        """Cramér–Rao bound (standard deviation, read-out pixels) on the (dy, dx) shift of one
+        exposure of ``intensity`` (vacuum = 1) measured against its noise-free self.
+
+        Fisher information F_a = Σ_k (2π k_a)² |g·MTF(k)·Λ(k)|² / (N_px·NPS(k)), with Λ the DFT
+        of the expected electrons per read-out pixel, k in cycles/pixel and NPS the flat-field
+        noise power at the mean electron count (the Gaussian approximation of the Poisson and
+        readout noise). No estimator that compares a frame with a perfect template does
+        better; one that compares noisy frames does worse.
+        """
+        img = _check_image(intensity).astype(np.float64)
+        lam = np.maximum(img, 0.0) * self.electrons_per_pixel(dose_e_per_A2, pixel_nm)
+        b = self.binning
+        if b > 1:
+            ny, nx = (s // b * b for s in lam.shape)
+            lam = lam[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3))
+        shape = lam.shape
+        signal = np.fft.fft2(lam - lam.mean()) * self.mtf_2d(shape, rfft=False)
+        fy, fx = _nyquist_fractions(shape, rfft=False)
+        nps = self.nps(np.sqrt(fy**2 + fx**2), float(lam.mean())) * lam.size
+        density = np.abs(self.gain_counts_per_e * signal) ** 2 / np.maximum(nps, 1e-30)
+        ky, kx = fy / 2.0, fx / 2.0  # cycles per pixel
+        info = [float(np.sum((2.0 * np.pi * k) ** 2 * density)) for k in (ky, kx)]
+        return tuple(1.0 / math.sqrt(f) if f > 0 else math.inf for f in info)  # type: ignore[return-value]
+
     # ------------------------------------------------------------------ exposure
     def electrons_per_pixel(self, dose_e_per_A2: float, pixel_nm: float) -> float:
         """Mean electrons per physical pixel in vacuum: dose × (10·pixel_nm)²."""
