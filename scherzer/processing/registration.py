@@ -76,6 +76,11 @@ PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
 OUTPUTS = ("crop", "expand", "expand-mean")
 PEAK_TIE = 0.15  # relative height below the top within which correlation peaks count as equal
 TEMPLATE_TIE = 0.03  # relative template score within which alignment candidates count as equal
+# The pair solution alone is trusted when this fraction of pairs lies within CONSISTENT_PX of
+# it (coarse offsets are good to ~0.1 px; at 1 e/px on a crystal, pairs locked onto lattice-
+# equivalent peaks agree to within 1 px in 70–80 % of pairs but within 0.5 px in only 33–43 %).
+CONSISTENT_PX = 0.5
+CONSISTENT_FRACTION = 0.9
 
 
 class AlignmentError(ValueError):
@@ -678,15 +683,17 @@ def _measure_pairs(
     band: np.ndarray | None,
     positions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets (m, 2) and normalised peak heights (m,) of every pair. With ``positions`` (or a
-    drift ``rate``) each pair searches only near the offset they predict."""
+    """Offsets (m, 2) and normalised peak heights (m,) of every pair.
+
+    Without ``positions``: the coarse measurement — integer peaks of the NCF at α (each pair
+    searching near the offset a drift ``rate`` predicts, if given) and a parabola through each
+    peak and its neighbours (≈ 0.1 px; the start of everything that follows). With
+    ``positions``: Newton steps at α_fine from the offsets they predict (exact sub-pixel)."""
     sp = _Spectral(shape)
     max_shift = params.max_shift_px or 0.25 * min(shape)
     mask = _shift_mask(shape, max_shift)
     gaps = pairs[:, 1] - pairs[:, 0]
-    if positions is not None:  # already sub-pixel: refine from the prediction directly
-        starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
-    else:
+    if positions is None:
         coarse = _pair_cross(spectra, pairs, params.alpha, band)
         maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
         del coarse
@@ -695,11 +702,36 @@ def _measure_pairs(
             starts = _integer_peaks(maps, mask, predicted, 3.0 + 0.5 * gaps.astype(float))
         else:
             starts = _guided_peaks(maps, mask, pairs, len(spectra))
+        offsets, values = _parabolic_peaks(maps, starts)
+        energy = _peak_energy(spectra, sp.weights, params.alpha)
+        return offsets, values * maps[0].size / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
+    starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
     fine = _pair_cross(spectra, pairs, params.alpha_fine, band)
     offsets, values = refine_peaks(fine, shape, starts)
     energy = _peak_energy(spectra, sp.weights, params.alpha_fine)
     heights = values / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     return offsets, heights
+
+
+def _parabolic_peaks(maps: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel peaks (m, 2) from a parabola along each axis through the integer peak at
+    ``lags`` and its two neighbours (periodic maps), steps clipped to ±0.5 px; and the values
+    at the integer peaks."""
+    m, ny, nx = maps.shape
+    iy, ix = lags[:, 0].astype(int) % ny, lags[:, 1].astype(int) % nx
+    rows = np.arange(m)
+    centre = maps[rows, iy, ix]
+    out = lags.astype(np.float64).copy()
+    for axis, (before, after) in enumerate(
+        [(maps[rows, (iy - 1) % ny, ix], maps[rows, (iy + 1) % ny, ix]),
+         (maps[rows, iy, (ix - 1) % nx], maps[rows, iy, (ix + 1) % nx])]
+    ):  # fmt: skip
+        curvature = before - 2.0 * centre + after
+        step = np.where(
+            curvature < 0, 0.5 * (before - after) / np.where(curvature < 0, curvature, -1.0), 0.0
+        )
+        out[:, axis] += np.clip(step, -0.5, 0.5)
+    return out, centre.astype(np.float64)
 
 
 def _guided_peaks(maps: np.ndarray, mask: np.ndarray, pairs: np.ndarray, n: int) -> np.ndarray:
@@ -935,19 +967,19 @@ def _robust_start(
     """Positions to start the final measurement from.
 
     When the pairs agree with their joint solution (``consistent`` = fraction of pairs within
-    the outlier limit ≥ 0.7) the pair solution is kept and only improved locally against the
-    leave-one-out average: its pairs carry the continuity between neighbours that settles a
-    crystal's lattice ambiguity. When they do not (noise-dominated pairs), two more candidates
-    compete: a steady drift fitted to cross-power pooled over all pairs of equal separation
-    (improved locally), and a global search from no shift at all. Each candidate's scores (how
-    well its frames match the average of the others) are marked down by what noise alone
-    gains a search of its breadth (:func:`_score_noise`); the candidates that then score about
-    as well as the best are equally likely, and of those the smoothest trajectory wins (drift
-    is smooth, lattice jumps are not).
+    ``CONSISTENT_PX`` of it ≥ ``CONSISTENT_FRACTION``) the pair solution is kept and only
+    improved locally against the leave-one-out average: its pairs carry the continuity
+    between neighbours that settles a crystal's lattice ambiguity. When they do not
+    (noise-dominated pairs), two more candidates compete: a steady drift found by pooling all
+    pairs (:func:`_low_snr_rate`, improved locally) and a global search from no shift at all.
+    Each candidate's scores (how well its frames match the average of the others) are marked
+    down by what noise alone gains a search of its breadth (:func:`_score_noise`); the
+    candidates that then score about as well as the best are equally likely, and of those the
+    smoothest trajectory wins (drift is smooth, lattice jumps are not).
     """
     local_px = 2.0
     local = _template_passes(spectra, pair_positions, params, shape, band, local_px)
-    if consistent >= 0.7:
+    if consistent >= CONSISTENT_FRACTION:
         return local[0]
     n = len(spectra)
     mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
@@ -1036,8 +1068,10 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
     offsets, heights = _measure_pairs(spectra, pairs, p, shape, rate, band)
     positions, keep = _solve(n, pairs, offsets, heights, p)
     if n > 2:
-        residual = np.linalg.norm(offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), 1)
-        consistent = float(np.mean(residual <= max(p.outlier_px, 0.5)))
+        residual = np.linalg.norm(
+            offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), axis=1
+        )
+        consistent = float(np.mean(residual <= CONSISTENT_PX))
         positions = _robust_start(spectra, positions, consistent, p, shape, band, pairs)
     whole = np.zeros_like(positions, dtype=int)
     if p.fine_window is not None:
