@@ -81,6 +81,7 @@ TEMPLATE_TIE = 0.03  # relative template score within which alignment candidates
 # equivalent peaks agree to within 1 px in 70–80 % of pairs but within 0.5 px in only 33–43 %).
 CONSISTENT_PX = 0.5
 CONSISTENT_FRACTION = 0.9
+START_TOLERANCE_PX = 0.05  # template passes that only choose a start stop at this step size
 
 
 class AlignmentError(ValueError):
@@ -885,15 +886,16 @@ def _loo_newton(
 
 def _template_passes(
     spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
-    band: np.ndarray | None, search_px: float | None = None, passes: int = 8,
-) -> tuple[np.ndarray, float]:  # fmt: skip
+    band: np.ndarray | None, search_px: float | None = None, passes: int = 6,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Match every frame to the leave-one-out average of the others: each pass rebuilds the
     averages and takes one Newton step at α_fine for every frame. Without ``search_px`` the
     first three passes begin with an integer search at α over the whole allowed range (frames
     jump to their best integer lag); with it, steps that would leave ``search_px`` of the start
     are refused. The average of n−1 frames has √(n−1) the SNR of one, which keeps the integer
     peak right where single pairs are too noisy. Passes stop when every step is below
-    ``refine_tolerance_px``. Returns (shifts, normalised peak height of every frame)."""
+    ``START_TOLERANCE_PX`` (a start; the fine stage refines it). Returns (shifts, normalised
+    peak height of every frame)."""
     mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
     energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
     origin = shifts.copy()
@@ -914,7 +916,7 @@ def _template_passes(
             shifts[far] -= delta[far]
             delta[far] = 0.0
         score = values / np.sqrt(energy * energy.mean())
-        if not jumped and np.abs(delta).max() < params.refine_tolerance_px:
+        if not jumped and np.abs(delta).max() < START_TOLERANCE_PX:
             break
     return shifts - shifts.mean(axis=0), score
 
