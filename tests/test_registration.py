@@ -324,7 +324,7 @@ def test_global_peak_search_stays_inside_the_allowed_shift() -> None:
     maps[1, 64 - 3, 2] = 1.0  # lag (−3, 2)
     maps[1, 30, 30] = 5.0  # higher, but beyond the 16 px limit
     maps[2, 0, 0] = 1.0
-    found = _integer_peaks(maps, _shift_mask((64, 60), 16.0), None, None)
+    found = _integer_peaks(maps, _shift_mask((64, 60), 16.0))
     np.testing.assert_array_equal(found, [[5, -7], [-3, 2], [0, 0]])
 
 

@@ -82,6 +82,7 @@ TEMPLATE_TIE = 0.03  # relative template score within which alignment candidates
 CONSISTENT_PX = 0.5
 CONSISTENT_FRACTION = 0.9
 START_TOLERANCE_PX = 0.05  # template passes that only choose a start stop at this step size
+GLOBAL_PASSES = 2  # passes of the global search from rest that may move frames to any lag
 
 
 class AlignmentError(ValueError):
@@ -384,23 +385,29 @@ def _pair_cross(
     """Normalised, band-weighted cross-power G_i·G_j* / |G_i·G_j*|^α of every pair (i, j) —
     or, with ``groups`` (one integer per pair), the sum over the pairs of each group.
 
-    |G_i·G_j*|^α = |G_i|^α·|G_j|^α, so each frame is normalised (and one side weighted) once
-    and every pair costs a single complex product.
+    |G_i·G_j*|^α = |G_i|^α·|G_j|^α, so each frame is normalised once and every pair costs a
+    single complex product (one fused pass per frequency row).
     """
-    left = _normalised(spectra, alpha)
-    right = np.conj(left)
-    if band is not None:
-        left = left * band
-    if groups is None:
-        out = np.empty((len(pairs), *spectra.shape[1:]), dtype=np.complex64)
-        for p, (i, j) in enumerate(pairs):
-            np.multiply(left[i], right[j], out=out[p])
-        return out
-    out = np.zeros((int(groups.max()) + 1, *spectra.shape[1:]), dtype=np.complex64)
-    product = np.empty(spectra.shape[1:], dtype=np.complex64)
-    for g, (i, j) in zip(groups, pairs, strict=True):
-        out[g] += np.multiply(left[i], right[j], out=product)
+    normalised = np.ascontiguousarray(_normalised(spectra, alpha), dtype=np.complex64)
+    shape = spectra.shape[1:]
+    weight = np.ones(shape, np.float32) if band is None else np.ascontiguousarray(band, np.float32)
+    pairs = np.ascontiguousarray(pairs, dtype=np.int64)
+    target = np.arange(len(pairs)) if groups is None else np.asarray(groups)
+    target = np.ascontiguousarray(target, dtype=np.int64)
+    out = np.zeros((int(target.max()) + 1, *shape), dtype=np.complex64)
+    _pair_products(normalised, weight, pairs, target, out)
     return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def _pair_products(spectra, weight, pairs, target, out):  # pragma: no cover - numba
+    """out[target[p]] += w·G_i·G_j* for every pair p = (i, j); parallel over frequency rows."""
+    ny, nkx = spectra.shape[1], spectra.shape[2]
+    for y in numba.prange(ny):
+        for p in range(pairs.shape[0]):
+            i, j, g = pairs[p, 0], pairs[p, 1], target[p]
+            for x in range(nkx):
+                out[g, y, x] += spectra[i, y, x] * np.conj(spectra[j, y, x]) * weight[y, x]
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,47 +450,64 @@ def _gather_block(arrays: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.
     return np.concatenate([block[:, :, c] for c in runs(cols)], axis=2)
 
 
-def _integer_peaks(
-    maps: np.ndarray, mask: np.ndarray, predicted: np.ndarray | None, radius: np.ndarray | None
-) -> np.ndarray:
-    """Integer (dy, dx) of each map's maximum inside ``mask`` — or, with ``predicted``, inside
-    a window of ``radius`` around the predicted lag (gathered, not masked: cheap).
+def _integer_peaks(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Integer (dy, dx) of each map's maximum inside ``mask`` (only the mask's bounding box is
+    read).
 
-    In the global search, peaks within ``PEAK_TIE`` of the highest (above the map's mean) count
-    as equal and the smallest lag among them wins: a crystal's lattice-equivalent peaks differ
-    only by noise and the window's envelope, and frames in a series move little between
-    neighbours. Sub-pixel refinement then climbs to the local maximum."""
+    Peaks within ``PEAK_TIE`` of the highest (above the map's mean) count as equal and the
+    smallest lag among them wins: a crystal's lattice-equivalent peaks differ only by noise
+    and the window's envelope, and frames in a series move little between neighbours.
+    Sub-pixel refinement then climbs to the local maximum."""
     m, ny, nx = maps.shape
-    if predicted is None:
-        floor = maps.reshape(m, -1).mean(axis=1)
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        rows, cols = _lag_order(rows, ny), _lag_order(cols, nx)
-        inner = _gather_block(maps, rows, cols)  # the mask's bounding box only
-        flat = np.where(_gather_block(mask[None], rows, cols), inner, -np.inf).reshape(m, -1)
-        top = flat.max(axis=1)
-        near_top = flat >= (floor + (1.0 - PEAK_TIE) * (top - floor))[:, None]
-        dy = np.where(rows > ny // 2, rows - ny, rows)[:, None]
-        dx = np.where(cols > nx // 2, cols - nx, cols)[None, :]
-        lag2 = (dy * dy + dx * dx).reshape(-1)
-        best = np.where(near_top, lag2[None], np.inf).argmin(axis=1)
-        iy, ix = np.unravel_index(best, (len(rows), len(cols)))
-        lags = np.stack([rows[iy], cols[ix]], axis=1)
-    else:
-        r = math.ceil(float(np.max(radius)))
-        d = np.arange(-r, r + 1)
-        centre = np.rint(predicted).astype(int)
-        yy = centre[:, 0, None, None] + d[None, :, None]
-        xx = centre[:, 1, None, None] + d[None, None, :]
-        inside = (yy - predicted[:, 0, None, None]) ** 2 + (xx - predicted[:, 1, None, None]) ** 2
-        inside = inside <= radius[:, None, None] ** 2
-        vals = maps[np.arange(m)[:, None, None], yy % ny, xx % nx]
-        vals = np.where(inside & mask[yy % ny, xx % nx], vals, -np.inf)
-        best = vals.reshape(m, -1).argmax(axis=1)
-        by, bx = np.unravel_index(best, vals.shape[1:])
-        lags = np.stack([yy[np.arange(m), by, 0], xx[np.arange(m), 0, bx]], axis=1)
-    dy = np.where(lags[:, 0] % ny > ny // 2, lags[:, 0] % ny - ny, lags[:, 0] % ny)
-    dx = np.where(lags[:, 1] % nx > nx // 2, lags[:, 1] % nx - nx, lags[:, 1] % nx)
-    return np.stack([dy, dx], axis=1).astype(np.float64)
+    floor = maps.reshape(m, -1).mean(axis=1)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows, cols = _lag_order(rows, ny), _lag_order(cols, nx)
+    inner = _gather_block(maps, rows, cols)
+    flat = np.where(_gather_block(mask[None], rows, cols), inner, -np.inf).reshape(m, -1)
+    top = flat.max(axis=1)
+    near_top = flat >= (floor + (1.0 - PEAK_TIE) * (top - floor))[:, None]
+    dy = np.where(rows > ny // 2, rows - ny, rows)[:, None]
+    dx = np.where(cols > nx // 2, cols - nx, cols)[None, :]
+    lag2 = (dy * dy + dx * dx).reshape(-1)
+    best = np.where(near_top, lag2[None], np.inf).argmin(axis=1)
+    iy, ix = np.unravel_index(best, (len(rows), len(cols)))
+    return np.stack([dy[iy, 0], dx[0, ix]], axis=1).astype(np.float64)
+
+
+def _correlation_patches(
+    cross: np.ndarray, centres: np.ndarray, half: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """Values of the correlations F⁻¹[cross] (scaled as ``irfft2``) at the integer lags
+    centre + (−half … half)² of each pair: (m, 2·half + 1, 2·half + 1), by matrix-multiply DFT
+    (a few rows of the inverse transform instead of the whole map)."""
+    sp = _Spectral(shape)
+    d = np.arange(-half, half + 1)
+    ly = centres[:, 0:1] + d[None, :]  # (m, P)
+    lx = centres[:, 1:2] + d[None, :]
+    e_y = np.exp(2j * np.pi * ly[:, :, None] * sp.ky[None, None, :]).astype(np.complex64)
+    e_x = np.exp(2j * np.pi * sp.kx[None, :, None] * lx[:, None, :]) * sp.weights[None, :, None]
+    values = np.matmul(e_y, np.matmul(cross, e_x.astype(np.complex64)))
+    return values.real / np.float32(shape[0] * shape[1])
+
+
+def _peaks_near(
+    cross: np.ndarray, predicted: np.ndarray, radius: np.ndarray, mask: np.ndarray,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Sub-pixel peaks (parabola) and peak values of each correlation within ``radius`` of
+    the ``predicted`` lag (and inside ``mask``), from small patches of the correlation."""
+    centres = np.rint(predicted).astype(int)
+    half = math.ceil(float(np.max(radius))) + 1
+    patches = _correlation_patches(cross, centres, half, shape)
+    d = np.arange(-half, half + 1)
+    ly = centres[:, 0, None, None] + d[None, :, None]
+    lx = centres[:, 1, None, None] + d[None, None, :]
+    near = (ly - predicted[:, 0, None, None]) ** 2 + (lx - predicted[:, 1, None, None]) ** 2
+    allowed = (near <= radius[:, None, None] ** 2) & mask[ly % shape[0], lx % shape[1]]
+    best = np.where(allowed, patches, -np.inf).reshape(len(cross), -1).argmax(axis=1)
+    by, bx = np.unravel_index(best, patches.shape[1:])
+    offsets, values = _parabolic_peaks(patches, np.stack([by, bx], axis=1))
+    return offsets + centres - half, values
 
 
 def _fourier_moments(
@@ -540,7 +564,7 @@ def refine_peaks(
         value, grad, hess = _fourier_moments(spectra, ky, kx, w, r)
         step = _newton_step(grad, hess)
         r += step
-        if np.max(np.abs(step)) < 1e-4:
+        if np.max(np.abs(step)) < 1e-3:
             return r, value
     value, _, _ = _fourier_moments(spectra, ky, kx, w, r)
     return r, value
@@ -548,8 +572,10 @@ def refine_peaks(
 
 def _peak_energy(spectra: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
     """Σ w |F|^{2(1−α)} per frame: the Cauchy–Schwarz bound that normalises peak heights."""
-    mag2 = (spectra.real**2 + spectra.imag**2).astype(np.float32)
-    return np.einsum("nyx,x->n", mag2 ** np.float32(1.0 - alpha), w).astype(np.float64)
+    mag2 = np.abs(spectra) if alpha == 0.5 else spectra.real**2 + spectra.imag**2
+    if alpha not in (0.0, 0.5):
+        mag2 = mag2 ** np.float32(1.0 - alpha)
+    return np.einsum("nyx,x->n", mag2, w).astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,19 +719,12 @@ def _measure_pairs(
     sp = _Spectral(shape)
     max_shift = params.max_shift_px or 0.25 * min(shape)
     mask = _shift_mask(shape, max_shift)
-    gaps = pairs[:, 1] - pairs[:, 0]
     if positions is None:
         coarse = _pair_cross(spectra, pairs, params.alpha, band)
-        maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
-        del coarse
-        if rate is not None:
-            predicted = -gaps[:, None] * rate[None, :]
-            starts = _integer_peaks(maps, mask, predicted, 3.0 + 0.5 * gaps.astype(float))
-        else:
-            starts = _guided_peaks(maps, mask, pairs, len(spectra))
-        offsets, values = _parabolic_peaks(maps, starts)
+        offsets, values = _coarse_peaks(coarse, pairs, rate, mask, shape, len(spectra))
         energy = _peak_energy(spectra, sp.weights, params.alpha)
-        return offsets, values * maps[0].size / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
+        size = shape[0] * shape[1]
+        return offsets, values * size / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
     fine = _pair_cross(spectra, pairs, params.alpha_fine, band)
     offsets, values = refine_peaks(fine, shape, starts)
@@ -735,22 +754,30 @@ def _parabolic_peaks(maps: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np
     return out, centre.astype(np.float64)
 
 
-def _guided_peaks(maps: np.ndarray, mask: np.ndarray, pairs: np.ndarray, n: int) -> np.ndarray:
-    """Integer peaks: the closest pairs search the whole allowed range; farther pairs search
-    near the offset their closer pairs predict (a lattice-equivalent peak is never taken)."""
+def _coarse_peaks(
+    coarse: np.ndarray, pairs: np.ndarray, rate: np.ndarray | None, mask: np.ndarray,
+    shape: tuple[int, int], n: int,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Coarse offsets and peak values of every pair's NCF. The closest pairs search the whole
+    allowed range (whole maps); farther pairs search within 3 + g/2 px of the offset their
+    closer pairs predict, so a lattice-equivalent peak is never taken (patches only). With a
+    steady drift ``rate`` every pair searches near −g·rate."""
     gaps = pairs[:, 1] - pairs[:, 0]
-    starts = np.zeros((len(pairs), 2))
+    radius = 3.0 + 0.5 * gaps.astype(float)
+    if rate is not None:
+        return _peaks_near(coarse, -gaps[:, None] * rate[None, :], radius, mask, shape)
+    offsets, values = np.zeros((len(pairs), 2)), np.zeros(len(pairs))
     first = gaps == gaps.min()
-    starts[first] = _integer_peaks(maps[first], mask, None, None)
+    maps = sfft.irfft2(coarse[first], s=shape, workers=fft_workers())
+    offsets[first], values[first] = _parabolic_peaks(maps, _integer_peaks(maps, mask))
     if first.all():
-        return starts
-    positions, _ = solve_positions(n, [tuple(p) for p in pairs[first]], starts[first],
-                                   np.ones(first.sum()))  # fmt: skip
+        return offsets, values
+    chain = [tuple(p) for p in pairs[first]]
+    positions, _ = solve_positions(n, chain, offsets[first], np.ones(first.sum()))
     rest = ~first
     predicted = positions[pairs[rest, 0]] - positions[pairs[rest, 1]]
-    radius = 3.0 + 0.5 * gaps[rest].astype(float)
-    starts[rest] = _integer_peaks(maps[rest], mask, predicted, radius)
-    return starts
+    offsets[rest], values[rest] = _peaks_near(coarse[rest], predicted, radius[rest], mask, shape)
+    return offsets, values
 
 
 def _shift_spectra(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -886,27 +913,27 @@ def _loo_newton(
 
 def _template_passes(
     spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
-    band: np.ndarray | None, search_px: float | None = None, passes: int = 6,
+    band: np.ndarray | None, energy: np.ndarray, search_px: float | None = None,
+    passes: int = 6,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Match every frame to the leave-one-out average of the others: each pass rebuilds the
     averages and takes one Newton step at α_fine for every frame. Without ``search_px`` the
-    first three passes begin with an integer search at α over the whole allowed range (frames
-    jump to their best integer lag); with it, steps that would leave ``search_px`` of the start
-    are refused. The average of n−1 frames has √(n−1) the SNR of one, which keeps the integer
-    peak right where single pairs are too noisy. Passes stop when every step is below
-    ``START_TOLERANCE_PX`` (a start; the fine stage refines it). Returns (shifts, normalised
-    peak height of every frame)."""
+    first ``GLOBAL_PASSES`` passes begin with an integer search at α over the whole allowed
+    range (frames jump to their best integer lag); with it, steps that would leave
+    ``search_px`` of the start are refused. The average of n−1 frames has √(n−1) the SNR of
+    one, which keeps the integer peak right where single pairs are too noisy. Passes stop when
+    every step is below ``START_TOLERANCE_PX`` (a start; the fine stage refines it). Returns
+    (shifts, normalised peak height of every frame)."""
     mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
-    energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
     origin = shifts.copy()
     score = np.full(len(spectra), -np.inf)
     searching = search_px is None
     for k in range(passes):
         jumped = False
-        if searching and k < 3:
+        if searching and k < GLOBAL_PASSES:
             coarse = _loo_cross(spectra, shifts, shape, params.alpha, band)
             maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
-            start = _integer_peaks(maps, mask, None, None)
+            start = _integer_peaks(maps, mask)
             jumped = searching = bool(np.any(start != 0))
             shifts = shifts + start
         delta, values = _loo_newton(spectra, shifts, params, shape, band)
@@ -975,12 +1002,13 @@ def _robust_start(
     (noise-dominated pairs), two more candidates compete: a steady drift found by pooling all
     pairs (:func:`_low_snr_rate`, improved locally) and a global search from no shift at all.
     Each candidate's scores (how well its frames match the average of the others) are marked
-    down by what noise alone gains a search of its breadth (:func:`_score_noise`); the
+    down by what noise alone gains a search of its breadth (:class:`_ScoreNoise`); the
     candidates that then score about as well as the best are equally likely, and of those the
     smoothest trajectory wins (drift is smooth, lattice jumps are not).
     """
     local_px = 2.0
-    local = _template_passes(spectra, pair_positions, params, shape, band, local_px)
+    energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
+    local = _template_passes(spectra, pair_positions, params, shape, band, energy, local_px)
     if consistent >= CONSISTENT_FRACTION:
         return local[0]
     n = len(spectra)
@@ -989,40 +1017,46 @@ def _robust_start(
     steady = np.arange(n)[:, None] * rate[None, :]
     searched = [
         (local, math.pi * local_px**2),
-        (_template_passes(spectra, steady - steady.mean(axis=0), params, shape, band, local_px),
+        (_template_passes(spectra, steady - steady.mean(axis=0), params, shape, band, energy,
+                          local_px),
          math.pi * local_px**2),
-        (_template_passes(spectra, np.zeros_like(pair_positions), params, shape, band),
+        (_template_passes(spectra, np.zeros_like(pair_positions), params, shape, band, energy),
          float(mask.sum())),
     ]  # fmt: skip
     candidates = []
+    score_noise = _ScoreNoise(spectra, shape, band, energy)
     for (shifts, score), area_px2 in searched:
-        noise = _score_noise(spectra, shifts, shape, band, params.alpha_fine)
+        noise = score_noise(shifts)
         candidates.append((shifts, score - noise * math.sqrt(2.0 * math.log(max(area_px2, 1.0)))))
     return _most_plausible(candidates)
 
 
-def _score_noise(
-    spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int], band: np.ndarray | None,
-    alpha_fine: float,
-) -> np.ndarray:  # fmt: skip
+class _ScoreNoise:
     """Standard deviation, per frame, of the normalised template score that noise alone gives.
 
     Var Σ_k w Re[A_i T_i*] ≈ ½ N Σ_k w² (|T|² + |G_i|²/(n−1)) with N the white-noise power,
     T the mean of the aligned frames and G_i frame i. A frame that searched M lags for its
     best place gains about σ·√(2 ln M) from noise alone: candidates found by wider searches
-    are marked down by that much before they are compared.
+    are marked down by that much before they are compared. The shift-independent terms are
+    computed once; calling with shifts adds the template term.
     """
-    n = len(spectra)
-    sp = _Spectral(shape)
-    power = spectra.real**2 + spectra.imag**2
-    noise = _noise_floor(power.mean(axis=0))
-    w2 = _full_weight(shape, band, hermitian=True) ** 2
-    ramp_y, ramp_x = _ramps(shifts, shape)
-    template = _aligned_total(spectra, ramp_y, ramp_x) / np.float32(n)
-    t_term = float(np.sum(w2 * (template.real**2 + template.imag**2)))
-    g_term = np.einsum("nyx,yx->n", power, w2) / max(n - 1, 1)
-    energy = _peak_energy(spectra, sp.weights, alpha_fine)
-    return np.sqrt(0.5 * noise * (t_term + g_term)) / np.sqrt(energy * energy.mean())
+
+    def __init__(
+        self, spectra: np.ndarray, shape: tuple[int, int], band: np.ndarray | None,
+        energy: np.ndarray,
+    ) -> None:  # fmt: skip
+        power = spectra.real**2 + spectra.imag**2
+        self.spectra, self.shape = spectra, shape
+        self.noise = _noise_floor(power.mean(axis=0))
+        self.w2 = _full_weight(shape, band, hermitian=True) ** 2
+        self.g_term = np.einsum("nyx,yx->n", power, self.w2) / max(len(spectra) - 1, 1)
+        self.norm = np.sqrt(energy * energy.mean())
+
+    def __call__(self, shifts: np.ndarray) -> np.ndarray:
+        ramp_y, ramp_x = _ramps(shifts, self.shape)
+        template = _aligned_total(self.spectra, ramp_y, ramp_x) / np.float32(len(shifts))
+        t_term = float(np.sum(self.w2 * (template.real**2 + template.imag**2)))
+        return np.sqrt(0.5 * self.noise * (t_term + self.g_term)) / self.norm
 
 
 def _most_plausible(candidates: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -1079,11 +1113,11 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
     if p.fine_window is not None:
         whole, common = _common_crop(measured, positions)
         shape = common.shape[1:]
-        spectra, band = _spectra(common, p, p.fine_window)
-        if p.snr_weighting and n > 2:
-            band = template_weight(spectra, positions - whole, shape)
-            if p.bandpass is not None:
-                band = band * _Spectral(shape).bandpass(p.bandpass)
+        leave_one_out = p.snr_weighting and n > 2
+        spectra, band = _spectra(common, p, p.fine_window, snr=not leave_one_out)
+        if leave_one_out:
+            weight = template_weight(spectra, positions - whole, shape)
+            band = weight if band is None else band * weight
     offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, band, positions - whole)
     positions, keep = _solve(n, pairs, offsets, heights, p)
     positions, updates = _refine_against_average(spectra, positions, p, shape, band)
@@ -1122,12 +1156,13 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
 
 
 def _spectra(
-    frames: np.ndarray, params: AlignParams, window: str
+    frames: np.ndarray, params: AlignParams, window: str, snr: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Spectra of the prepared frames and the correlation weight (band-pass × SNR weight)."""
+    """Spectra of the prepared frames and the correlation weight (band-pass × SNR weight;
+    ``snr=False``: the band-pass alone)."""
     spectra = _rfft(prepare(frames, replace(params, window=window)))
     band = _Spectral(frames.shape[1:]).bandpass(params.bandpass)
-    if params.snr_weighting:
+    if params.snr_weighting and snr:
         weight = snr_weight(spectra)
         band = weight if band is None else band * weight
     return spectra, band
