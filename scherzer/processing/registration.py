@@ -1107,7 +1107,9 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
         residual = np.linalg.norm(
             offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), axis=1
         )
-        consistent = float(np.mean(residual <= CONSISTENT_PX))
+        # a tree (sequential or reference graph) fits its pairs exactly: no evidence either way
+        cycles = len(pairs) > n - 1
+        consistent = float(np.mean(residual <= CONSISTENT_PX)) if cycles else 0.0
         positions = _robust_start(spectra, positions, consistent, p, shape, band, pairs)
     whole = np.zeros_like(positions, dtype=int)
     if p.fine_window is not None:
