@@ -135,12 +135,12 @@ HAADF_COUNTS_PER_PA = 0.2425 / 8.01  # srtio3_001, 2 µs dwell: mean HAADF count
 
 
 @pytest.mark.parametrize(
-    ("counts", "limit_px"), [(0.5, 0.2), (2.0, 0.04), (10.0, 0.02), (100.0, 0.02)]
+    ("counts", "limit_px"), [(0.5, 0.2), (2.0, 0.04), (10.0, 0.012), (100.0, 0.012)]
 )
 def test_simulated_stem_crystal_drifting_over_a_unit_cell(counts: float, limit_px: float) -> None:
     """SrTiO3 [001] HAADF at 0.02 nm/px (19.5 px per cell), 4 px drift per frame, 25 px in all;
-    ``counts`` is the mean detected counts per pixel. The 10 and 100 count limits are 0.02 px:
-    at 128² the drift during each scan leaves ~0.012 px of systematic error (see the note)."""
+    ``counts`` is the mean detected counts per pixel; the issue's standard at every dose
+    (measured: 0.026, 0.016, 0.0073 and 0.0035 px RMS at 0.5, 2, 10 and 100 counts)."""
     from scherzer.simulators.stem import simulate_rotated_scan
 
     stacks = simulate_rotated_scan(
