@@ -26,15 +26,18 @@ Method (in the manner of SmartAlign, with our own estimator)
    outlier rejection (robust scale from the median absolute residual), so a unit-cell jump in
    a pair does not survive.
 5. A robust start: every frame matched to the leave-one-out average of the others (√(n−1) the
-   SNR of a pair). When the pairs disagree (low dose), a steady-drift candidate (cross-power
-   pooled over pairs of equal separation) and a global search from rest compete with the pair
-   solution; of the candidates that match the averages about as well as the best, the
+   SNR of a pair). When the pairs disagree (low dose) or cannot show agreement (a tree graph),
+   a steady-drift candidate (the correlations of all pairs up to 8 apart, summed along the
+   offsets a drift v predicts, maximised over v) and a global search from rest compete with
+   the pair solution; scores are marked down by what noise gains a search of each breadth,
+   and of the candidates that then match the averages about as well as the best, the
    smoothest trajectory wins (drift is smooth, lattice jumps are not).
 6. The fine stage, on the area every frame shares at the integer parts of the start
    (``fine_window``, a Tukey window that tapers only the edges: a Hann window on the whole
    field keeps Σw²/N = 14 % of a frame's pixels, this 71 %): spectra again, a weight
    S/(S + N/(n−1)) measured from the roughly aligned frames (the Wiener factor of the
-   leave-one-out average), the pairs refined from the start and solved, then refinement passes
+   leave-one-out average), every frame moved to the highest point of its correlation with the
+   others' average within 3 px, the pairs refined from there and solved, then refinement passes
    against the leave-one-out average until the largest update is below
    ``refine_tolerance_px``. The leave-one-out moments are one fused numba kernel (no
    cross-power array is stored).
@@ -948,6 +951,39 @@ def _template_passes(
     return shifts - shifts.mean(axis=0), score
 
 
+BASIN_PX = 3  # radius of the fine stage's search around the start, px
+
+
+def _basin_search(
+    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
+    band: np.ndarray | None, passes: int = 2,
+) -> np.ndarray:  # fmt: skip
+    """Move every frame to the highest point of its correlation with the leave-one-out average
+    (at α_fine, fine-stage weights) within ``BASIN_PX`` of where it is, then a parabola.
+
+    Newton steps climb the nearest hill; at low dose the surface near a start that is a pixel
+    off carries noise bumps, and the highest point nearby is the better basin."""
+    mask = _shift_mask(shape, BASIN_PX)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows, cols = _lag_order(rows, shape[0]), _lag_order(cols, shape[1])
+    disc = _gather_block(mask[None], rows, cols)[0]
+    for _ in range(passes):
+        cross = _loo_cross(spectra, shifts, shape, params.alpha_fine, band)
+        maps = sfft.irfft2(cross, s=shape, workers=fft_workers())
+        patches = _gather_block(maps, rows, cols)
+        best = np.where(disc[None], patches, -np.inf).reshape(len(maps), -1).argmax(axis=1)
+        by, bx = np.unravel_index(best, disc.shape)
+        centre = np.array([BASIN_PX, BASIN_PX])
+        inner = (np.abs(np.stack([by, bx], 1) - centre) < BASIN_PX).all(axis=1)
+        lags = np.stack([by, bx], axis=1).astype(float)
+        lags[inner], _ = _parabolic_peaks(patches[inner], lags[inner].astype(int))
+        moves = lags - centre
+        shifts = shifts + moves
+        if np.abs(moves).max() < 0.5:
+            break
+    return shifts
+
+
 def _refine_against_average(
     spectra: np.ndarray,
     shifts: np.ndarray,
@@ -1120,7 +1156,10 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
         if leave_one_out:
             weight = template_weight(spectra, positions - whole, shape)
             band = weight if band is None else band * weight
-    offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, band, positions - whole)
+    residual_shifts = positions - whole
+    if n > 2:
+        residual_shifts = _basin_search(spectra, residual_shifts, p, shape, band)
+    offsets, heights = _measure_pairs(spectra, pairs, p, shape, None, band, residual_shifts)
     positions, keep = _solve(n, pairs, offsets, heights, p)
     positions, updates = _refine_against_average(spectra, positions, p, shape, band)
     positions = positions + whole
