@@ -270,64 +270,6 @@ def test_bad_parameters_are_named() -> None:
         measure_shifts(frames, AlignParams(tukey_alpha=1.5))
 
 
-# --------------------------------------------------------------------------------------------
-# internals that the speed rests on: fused kernels and shortcuts against direct NumPy
-# --------------------------------------------------------------------------------------------
-def _random_spectra(n: int = 5, shape: tuple[int, int] = (48, 40)) -> np.ndarray:
-    rng = np.random.default_rng(4)
-    return sfft.rfft2(rng.normal(size=(n, *shape))).astype(np.complex64)
-
-
-def test_fused_leave_one_out_kernels_match_direct_numpy() -> None:
-    from scherzer.processing import registration as reg
-
-    spectra, shape = _random_spectra(), (48, 40)
-    n = len(spectra)
-    shifts = np.random.default_rng(5).normal(0.0, 2.0, (n, 2))
-    band = np.random.default_rng(6).random((48, 21)).astype(np.float32)
-    aligned = reg._shift_spectra(spectra, shifts, shape)
-    direct = aligned * np.conj(aligned.sum(axis=0) - aligned)
-    np.testing.assert_allclose(
-        reg._loo_cross(spectra, shifts, shape, 0.0, band), direct * band, rtol=2e-4, atol=1e-2
-    )
-    normalised = direct / np.sqrt(np.abs(direct)) * band
-    np.testing.assert_allclose(
-        reg._loo_cross(spectra, shifts, shape, 0.5, band), normalised, rtol=2e-4, atol=1e-3
-    )
-    sp = reg._Spectral(shape)
-    value, grad, hess = reg._fourier_moments(
-        direct * band / np.float32(n - 1), sp.ky, sp.kx, sp.weights, np.zeros((n, 2))
-    )
-    step, kernel_value = reg._loo_newton(spectra, shifts, AlignParams(), shape, band)
-    np.testing.assert_allclose(kernel_value, value, rtol=1e-4)
-    np.testing.assert_allclose(step, reg._newton_step(grad, hess), atol=1e-5)
-
-
-def test_pooled_pair_cross_is_the_sum_of_its_pairs() -> None:
-    from scherzer.processing.registration import _pair_cross
-
-    spectra = _random_spectra()
-    pairs = np.array([(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)])
-    single = _pair_cross(spectra, pairs, 0.5, None)
-    expected = spectra[pairs[:, 0]] * np.conj(spectra[pairs[:, 1]])
-    np.testing.assert_allclose(single, expected / np.sqrt(np.abs(expected)), rtol=1e-3)
-    pooled = _pair_cross(spectra, pairs, 0.5, None, groups=np.array([0, 0, 0, 1, 1]))
-    np.testing.assert_allclose(pooled[0], single[:3].sum(axis=0), rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(pooled[1], single[3:].sum(axis=0), rtol=1e-4, atol=1e-3)
-
-
-def test_global_peak_search_stays_inside_the_allowed_shift() -> None:
-    from scherzer.processing.registration import _integer_peaks, _shift_mask
-
-    maps = np.random.default_rng(7).normal(0.0, 0.01, (3, 64, 60))
-    maps[0, 5, 60 - 7] = 1.0  # lag (5, −7)
-    maps[1, 64 - 3, 2] = 1.0  # lag (−3, 2)
-    maps[1, 30, 30] = 5.0  # higher, but beyond the 16 px limit
-    maps[2, 0, 0] = 1.0
-    found = _integer_peaks(maps, _shift_mask((64, 60), 16.0))
-    np.testing.assert_array_equal(found, [[5, -7], [-3, 2], [0, 0]])
-
-
 def test_steady_drift_search_pools_all_pairs() -> None:
     """At 0.5 e/px single pairs are noise; the pooled search still finds the drift rate."""
     from scherzer.processing.registration import _low_snr_rate, _spectra

@@ -42,6 +42,9 @@ Method (in the manner of SmartAlign, with our own estimator)
    ``refine_tolerance_px``. The leave-one-out moments are one fused numba kernel (no
    cross-power array is stored).
 7. Low-SNR mode (``low_snr``): the pooled steady-drift rate guides every pair's first search.
+
+The spectral primitives (weights, cross-power, peak search, Newton steps, numba kernels) live in
+:mod:`scherzer.processing.correlation`; this module holds the method and its results.
 """
 
 from __future__ import annotations
@@ -53,13 +56,37 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage, signal
 from threadpoolctl import threadpool_limits
 
 from scherzer.optics import fft_workers
+from scherzer.processing.correlation import (
+    PEAK_TIE,
+    Spectral,
+    aligned_total,
+    fourier_moments,
+    full_weight,
+    gather_block,
+    integer_peaks,
+    lag_order,
+    loo_cross,
+    loo_newton,
+    newton_step,
+    noise_floor,
+    pair_cross,
+    parabolic_peaks,
+    peak_energy,
+    peaks_near,
+    phase_ramps,
+    refine_peaks,
+    rfft_frames,
+    shift_mask,
+    shift_spectra,
+    snr_weight,
+    template_weight,
+)
 from scherzer.stack import ImageStack
 
 __all__ = [
@@ -77,7 +104,6 @@ __all__ = [
 WINDOWS = ("hann", "hamming", "tukey", "none")
 PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
 OUTPUTS = ("crop", "expand", "expand-mean")
-PEAK_TIE = 0.15  # relative height below the top within which correlation peaks count as equal
 TEMPLATE_TIE = 0.03  # relative template score within which alignment candidates count as equal
 # The pair solution alone is trusted when this fraction of pairs lies within CONSISTENT_PX of
 # it (coarse offsets are good to ~0.1 px; at 1 e/px on a crystal, pairs locked onto lattice-
@@ -282,137 +308,6 @@ def prepare(frames: np.ndarray, params: AlignParams) -> np.ndarray:
     return f * window_2d(f.shape[1:], params.window, params.tukey_alpha)
 
 
-@dataclass(frozen=True)
-class _Spectral:
-    """rfft2 frequencies (cycles/px) and Hermitian weights of one frame shape."""
-
-    shape: tuple[int, int]
-
-    @property
-    def ky(self) -> np.ndarray:
-        return np.fft.fftfreq(self.shape[0]).astype(np.float32)
-
-    @property
-    def kx(self) -> np.ndarray:
-        return np.fft.rfftfreq(self.shape[1]).astype(np.float32)
-
-    @property
-    def weights(self) -> np.ndarray:
-        """2 for columns that stand for a conjugate pair, 1 for kx = 0 (and Nyquist)."""
-        w = np.full(self.shape[1] // 2 + 1, 2.0, dtype=np.float32)
-        w[0] = 1.0
-        if self.shape[1] % 2 == 0:
-            w[-1] = 1.0
-        return w
-
-    def bandpass(self, band: tuple[float, float] | None) -> np.ndarray | None:
-        """Butterworth band-pass (order 4) with edges as fractions of Nyquist."""
-        if band is None:
-            return None
-        k = np.hypot(self.ky[:, None], self.kx[None, :]) / 0.5
-        lo, hi = band
-        high = 1.0 / (1.0 + (k / max(hi, 1e-6)) ** 8)
-        low = 1.0 - 1.0 / (1.0 + (k / lo) ** 8) if lo > 0 else 1.0
-        return (high * low).astype(np.float32)
-
-
-def snr_weight(spectra: np.ndarray) -> np.ndarray:
-    """Per-frequency signal fraction max(P − N, 0)/P of a series (float32, rfft layout).
-
-    P is the power averaged over frames; N the noise floor, taken as the median power in the
-    outermost frequencies (|k| > 0.9 Nyquist), where little signal survives the optics and
-    the detector. Noise is independent between frames, signal is not, so P − N estimates the
-    signal power.
-    """
-    power = np.mean(spectra.real**2 + spectra.imag**2, axis=0)
-    noise = _noise_floor(power)
-    weight = np.clip(power - noise, 0.0, None) / np.maximum(power, 1e-30)
-    return weight.astype(np.float32)
-
-
-def _noise_floor(power: np.ndarray) -> float:
-    """Median of a (ny, nkx) power spectrum over |k| > 0.45 cycles/px (white-noise level)."""
-    ny, nkx = power.shape
-    ky = np.fft.fftfreq(ny)[:, None]
-    kx = np.fft.rfftfreq(2 * (nkx - 1))[None, :]
-    outer = np.hypot(ky, kx) > 0.45
-    return float(np.median(power[outer])) if outer.any() else 0.0
-
-
-def template_weight(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Per-frequency weight S/(S + N/(n−1)) for matching a frame to the average of the n−1
-    others, from frames already aligned to ``shifts`` (float32, rfft layout, maximum 1).
-
-    N(k): noise power, the scatter of the aligned spectra about their mean, smoothed over 9×9
-    frequencies (noise spectra are smooth). S(k): signal power |mean|² − N/n, smoothed likewise —
-    except where |mean|² exceeds 10 N/n (Bragg spots; noise alone gets there with probability
-    e⁻¹⁰), where the unsmoothed value is kept. The weight is the Wiener factor of the n−1-frame
-    average: single-frame weights S/(S + N) discard the many weak frequencies that the average
-    still resolves at low dose.
-    """
-    n = len(spectra)
-    aligned = _shift_spectra(spectra, shifts, shape)
-    mean = aligned.mean(axis=0)
-    scatter = (np.abs(aligned - mean) ** 2).sum(axis=0) / (n - 1)
-    modes = ("wrap", "nearest")
-    noise = ndimage.uniform_filter(scatter, 9, mode=modes)
-    power = np.abs(mean) ** 2
-    signal_power = np.clip(power - noise / n, 0.0, None)
-    smooth = ndimage.uniform_filter(signal_power, 9, mode=modes)
-    signal_power = np.where(power > 10.0 * noise / n, np.maximum(signal_power, smooth), smooth)
-    weight = signal_power / (signal_power + noise / (n - 1) + 1e-30)
-    return (weight / max(float(weight.max()), 1e-30)).astype(np.float32)
-
-
-def _rfft(frames: np.ndarray) -> np.ndarray:
-    return sfft.rfft2(frames, workers=fft_workers()).astype(np.complex64, copy=False)
-
-
-def _normalised(cross: np.ndarray, alpha: float) -> np.ndarray:
-    """``cross / |cross|^α`` with a small floor (relative to each map's largest magnitude)."""
-    if alpha == 0:
-        return cross
-    mag = np.abs(cross)
-    mag += np.float32(1e-6) * mag.max(axis=(-2, -1), keepdims=True) + np.float32(1e-30)
-    if alpha == 1:
-        return cross / mag
-    if alpha == 0.5:
-        return cross / np.sqrt(mag)
-    return cross / mag ** np.float32(alpha)
-
-
-def _pair_cross(
-    spectra: np.ndarray, pairs: np.ndarray, alpha: float, band: np.ndarray | None,
-    groups: np.ndarray | None = None,
-) -> np.ndarray:  # fmt: skip
-    """Normalised, band-weighted cross-power G_i·G_j* / |G_i·G_j*|^α of every pair (i, j) —
-    or, with ``groups`` (one integer per pair), the sum over the pairs of each group.
-
-    |G_i·G_j*|^α = |G_i|^α·|G_j|^α, so each frame is normalised once and every pair costs a
-    single complex product (one fused pass per frequency row).
-    """
-    normalised = np.ascontiguousarray(_normalised(spectra, alpha), dtype=np.complex64)
-    shape = spectra.shape[1:]
-    weight = np.ones(shape, np.float32) if band is None else np.ascontiguousarray(band, np.float32)
-    pairs = np.ascontiguousarray(pairs, dtype=np.int64)
-    target = np.arange(len(pairs)) if groups is None else np.asarray(groups)
-    target = np.ascontiguousarray(target, dtype=np.int64)
-    out = np.zeros((int(target.max()) + 1, *shape), dtype=np.complex64)
-    _pair_products(normalised, weight, pairs, target, out)
-    return out
-
-
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def _pair_products(spectra, weight, pairs, target, out):  # pragma: no cover - numba
-    """out[target[p]] += w·G_i·G_j* for every pair p = (i, j); parallel over frequency rows."""
-    ny, nkx = spectra.shape[1], spectra.shape[2]
-    for y in numba.prange(ny):
-        for p in range(pairs.shape[0]):
-            i, j, g = pairs[p, 0], pairs[p, 1], target[p]
-            for x in range(nkx):
-                out[g, y, x] += spectra[i, y, x] * np.conj(spectra[j, y, x]) * weight[y, x]
-
-
 # --------------------------------------------------------------------------------------------
 # pair graphs and peaks
 # --------------------------------------------------------------------------------------------
@@ -427,158 +322,6 @@ def pair_graph(n: int, params: AlignParams) -> list[tuple[int, int]]:
         return [(min(ref, j), max(ref, j)) for j in range(n) if j != ref]
     k = max(1, params.neighbours)
     return [(i, j) for i in range(n) for j in range(i + 1, min(n, i + k + 1))]
-
-
-def _shift_mask(shape: tuple[int, int], max_shift: float) -> np.ndarray:
-    """True at correlation lags (in fftfreq order) within ``max_shift`` of zero."""
-    dy = np.fft.fftfreq(shape[0], 1.0 / shape[0])
-    dx = np.fft.fftfreq(shape[1], 1.0 / shape[1])
-    return (dy[:, None] ** 2 + dx[None, :] ** 2) <= max_shift**2
-
-
-def _lag_order(indices: np.ndarray, size: int) -> np.ndarray:
-    """fftfreq-ordered indices sorted by signed lag (negative lags first)."""
-    signed = np.where(indices > size // 2, indices - size, indices)
-    return indices[np.argsort(signed, kind="stable")]
-
-
-def _gather_block(arrays: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """arrays[:, rows][:, :, cols] by contiguous slices when the indices form runs."""
-
-    def runs(idx: np.ndarray) -> list[slice]:
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        return [slice(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, breaks)]
-
-    block = np.concatenate([arrays[:, r] for r in runs(rows)], axis=1)
-    return np.concatenate([block[:, :, c] for c in runs(cols)], axis=2)
-
-
-def _integer_peaks(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Integer (dy, dx) of each map's maximum inside ``mask`` (only the mask's bounding box is
-    read).
-
-    Peaks within ``PEAK_TIE`` of the highest (above the map's mean) count as equal and the
-    smallest lag among them wins: a crystal's lattice-equivalent peaks differ only by noise
-    and the window's envelope, and frames in a series move little between neighbours.
-    Sub-pixel refinement then climbs to the local maximum."""
-    m, ny, nx = maps.shape
-    floor = maps.reshape(m, -1).mean(axis=1)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    rows, cols = _lag_order(rows, ny), _lag_order(cols, nx)
-    inner = _gather_block(maps, rows, cols)
-    flat = np.where(_gather_block(mask[None], rows, cols), inner, -np.inf).reshape(m, -1)
-    top = flat.max(axis=1)
-    near_top = flat >= (floor + (1.0 - PEAK_TIE) * (top - floor))[:, None]
-    dy = np.where(rows > ny // 2, rows - ny, rows)[:, None]
-    dx = np.where(cols > nx // 2, cols - nx, cols)[None, :]
-    lag2 = (dy * dy + dx * dx).reshape(-1)
-    best = np.where(near_top, lag2[None], np.inf).argmin(axis=1)
-    iy, ix = np.unravel_index(best, (len(rows), len(cols)))
-    return np.stack([dy[iy, 0], dx[0, ix]], axis=1).astype(np.float64)
-
-
-def _correlation_patches(
-    cross: np.ndarray, centres: np.ndarray, half: int, shape: tuple[int, int]
-) -> np.ndarray:
-    """Values of the correlations F⁻¹[cross] (scaled as ``irfft2``) at the integer lags
-    centre + (−half … half)² of each pair: (m, 2·half + 1, 2·half + 1), by matrix-multiply DFT
-    (a few rows of the inverse transform instead of the whole map)."""
-    sp = _Spectral(shape)
-    d = np.arange(-half, half + 1)
-    ly = centres[:, 0:1] + d[None, :]  # (m, P)
-    lx = centres[:, 1:2] + d[None, :]
-    e_y = np.exp(2j * np.pi * ly[:, :, None] * sp.ky[None, None, :]).astype(np.complex64)
-    e_x = np.exp(2j * np.pi * sp.kx[None, :, None] * lx[:, None, :]) * sp.weights[None, :, None]
-    values = np.matmul(e_y, np.matmul(cross, e_x.astype(np.complex64)))
-    return values.real / np.float32(shape[0] * shape[1])
-
-
-def _peaks_near(
-    cross: np.ndarray, predicted: np.ndarray, radius: np.ndarray, mask: np.ndarray,
-    shape: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Sub-pixel peaks (parabola) and peak values of each correlation within ``radius`` of
-    the ``predicted`` lag (and inside ``mask``), from small patches of the correlation."""
-    centres = np.rint(predicted).astype(int)
-    half = math.ceil(float(np.max(radius))) + 1
-    patches = _correlation_patches(cross, centres, half, shape)
-    d = np.arange(-half, half + 1)
-    ly = centres[:, 0, None, None] + d[None, :, None]
-    lx = centres[:, 1, None, None] + d[None, None, :]
-    near = (ly - predicted[:, 0, None, None]) ** 2 + (lx - predicted[:, 1, None, None]) ** 2
-    allowed = (near <= radius[:, None, None] ** 2) & mask[ly % shape[0], lx % shape[1]]
-    best = np.where(allowed, patches, -np.inf).reshape(len(cross), -1).argmax(axis=1)
-    by, bx = np.unravel_index(best, patches.shape[1:])
-    offsets, values = _parabolic_peaks(patches, np.stack([by, bx], axis=1))
-    return offsets + centres - half, values
-
-
-def _fourier_moments(
-    spectra: np.ndarray, ky: np.ndarray, kx: np.ndarray, w: np.ndarray, shifts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Value, gradient and Hessian of c(r) = Σ_k w Re[C(k) e^{2πi k·r}] at r = ``shifts``.
-
-    ``spectra`` (m, ny, nkx); the sums are separable, so each moment is a batched product
-    e_y(r)ᵀ C e_x(r) with e_y = exp(2πi k_y r_y) (times k_y or k_y²).
-    """
-    two_pi = 2.0 * np.pi
-    ey = np.exp(1j * two_pi * ky[None, :] * shifts[:, 0:1]).astype(np.complex64)  # (m, ny)
-    ex = (np.exp(1j * two_pi * kx[None, :] * shifts[:, 1:2]) * w[None, :]).astype(np.complex64)
-    left = np.stack([ey, ey * ky, ey * ky * ky], axis=1)  # (m, 3, ny)
-    rows = np.matmul(left, spectra)  # (m, 3, nkx): Σ_y e_y k_yᵖ C(k)
-    right = np.stack([ex, ex * kx, ex * kx * kx], axis=2)  # (m, nkx, 3)
-    s = np.matmul(rows, right)  # (m, 3, 3): Σ e_y e_x k_yᵖ k_xᵠ C(k)
-    value = s[:, 0, 0].real.astype(np.float64)
-    grad = -two_pi * np.stack([s[:, 1, 0].imag, s[:, 0, 1].imag], axis=1).astype(np.float64)
-    hyy, hyx, hxx = s[:, 2, 0].real, s[:, 1, 1].real, s[:, 0, 2].real
-    h = -(two_pi**2) * np.stack([np.stack([hyy, hyx], 1), np.stack([hyx, hxx], 1)], 1)
-    return value, grad, h.astype(np.float64)
-
-
-def _newton_step(grad: np.ndarray, hess: np.ndarray) -> np.ndarray:
-    """Uphill steps (m, 2) towards the maxima: Newton where the surface is concave, a 0.25 px
-    gradient step elsewhere; every step clipped to 0.5 px."""
-    det = hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2
-    concave = (hess[:, 0, 0] < 0) & (det > 0)
-    inv = np.empty_like(hess)
-    inv[:, 0, 0], inv[:, 1, 1] = hess[:, 1, 1], hess[:, 0, 0]
-    inv[:, 0, 1] = inv[:, 1, 0] = -hess[:, 0, 1]
-    newton = -np.einsum("mab,mb->ma", inv, grad) / np.where(det == 0, 1.0, det)[:, None]
-    uphill = grad / (np.abs(grad).max(axis=1, keepdims=True) + 1e-30) * 0.25
-    step = np.where(concave[:, None], newton, uphill)
-    norm = np.linalg.norm(step, axis=1, keepdims=True)
-    return np.where(norm > 0.5, step * 0.5 / np.maximum(norm, 1e-30), step)
-
-
-def refine_peaks(
-    spectra: np.ndarray, shape: tuple[int, int], start: np.ndarray, iterations: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-pixel maxima of the band-limited correlations whose spectra are given (rfft half).
-
-    Newton steps from ``start`` (m, 2) on the exact Fourier series (uphill gradient steps where
-    the surface is not concave), each clipped to 0.5 px. Returns (shifts, values); once the
-    steps are below 1e-4 px the value before the last step is returned (it differs by the
-    square of the step).
-    """
-    sp = _Spectral(shape)
-    ky, kx, w = sp.ky, sp.kx, sp.weights
-    r = start.astype(np.float64).copy()
-    for _ in range(iterations):
-        value, grad, hess = _fourier_moments(spectra, ky, kx, w, r)
-        step = _newton_step(grad, hess)
-        r += step
-        if np.max(np.abs(step)) < 1e-3:
-            return r, value
-    value, _, _ = _fourier_moments(spectra, ky, kx, w, r)
-    return r, value
-
-
-def _peak_energy(spectra: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
-    """Σ w |F|^{2(1−α)} per frame: the Cauchy–Schwarz bound that normalises peak heights."""
-    mag2 = np.abs(spectra) if alpha == 0.5 else spectra.real**2 + spectra.imag**2
-    if alpha not in (0.0, 0.5):
-        mag2 = mag2 ** np.float32(1.0 - alpha)
-    return np.einsum("nyx,x->n", mag2, w).astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,14 +393,6 @@ def _connected(n: int, pairs: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------------
 # measurement
 # --------------------------------------------------------------------------------------------
-def _weighted(cross: np.ndarray, alpha: float, band: np.ndarray | None) -> np.ndarray:
-    """The cross-power normalised by |·|^α and weighted by ``band`` (a new array)."""
-    out = _normalised(cross, alpha)
-    if band is not None:
-        return out * band
-    return out.copy() if out is cross else out
-
-
 RATE_GAPS = 8  # largest frame separation pooled by the steady-drift search
 RATE_STEP_PX = 0.25  # grid step of the steady-drift search, px per frame
 
@@ -676,7 +411,7 @@ def _low_snr_rate(
     n = len(spectra)
     g_max = min(n - 1, RATE_GAPS)
     pairs = np.array([(i, i + g) for g in range(1, g_max + 1) for i in range(n - g)])
-    pooled = _pair_cross(spectra, pairs, params.alpha, band, groups=pairs[:, 1] - pairs[:, 0] - 1)
+    pooled = pair_cross(spectra, pairs, params.alpha, band, groups=pairs[:, 1] - pairs[:, 0] - 1)
     maps = sfft.irfft2(pooled, s=shape, workers=fft_workers())
     scale = -np.arange(1, g_max + 1, dtype=float)  # P_g peaks at d = −g·v
     reach = (params.max_shift_px or 0.25 * min(shape)) / g_max
@@ -692,12 +427,12 @@ def _low_snr_rate(
     near = total >= floor + (1.0 - PEAK_TIE) * (top - floor)
     best = np.unravel_index(np.where(near, vy**2 + vx**2, np.inf).argmin(), total.shape)
     v = np.array([vy[best], vx[best]])
-    sp = _Spectral(shape)
+    sp = Spectral(shape)
     for _ in range(4):
-        _, grad, hess = _fourier_moments(pooled, sp.ky, sp.kx, sp.weights, scale[:, None] * v)
+        _, grad, hess = fourier_moments(pooled, sp.ky, sp.kx, sp.weights, scale[:, None] * v)
         total_grad = (scale[:, None] * grad).sum(axis=0, keepdims=True)
         total_hess = (scale[:, None, None] ** 2 * hess).sum(axis=0, keepdims=True)
-        step = _newton_step(total_grad, total_hess)[0]
+        step = newton_step(total_grad, total_hess)[0]
         v = v + np.clip(step, -RATE_STEP_PX, RATE_STEP_PX)
         if np.abs(step).max() < 1e-3:
             break
@@ -719,42 +454,21 @@ def _measure_pairs(
     searching near the offset a drift ``rate`` predicts, if given) and a parabola through each
     peak and its neighbours (≈ 0.1 px; the start of everything that follows). With
     ``positions``: Newton steps at α_fine from the offsets they predict (exact sub-pixel)."""
-    sp = _Spectral(shape)
+    sp = Spectral(shape)
     max_shift = params.max_shift_px or 0.25 * min(shape)
-    mask = _shift_mask(shape, max_shift)
+    mask = shift_mask(shape, max_shift)
     if positions is None:
-        coarse = _pair_cross(spectra, pairs, params.alpha, band)
+        coarse = pair_cross(spectra, pairs, params.alpha, band)
         offsets, values = _coarse_peaks(coarse, pairs, rate, mask, shape, len(spectra))
-        energy = _peak_energy(spectra, sp.weights, params.alpha)
+        energy = peak_energy(spectra, sp.weights, params.alpha)
         size = shape[0] * shape[1]
         return offsets, values * size / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
-    fine = _pair_cross(spectra, pairs, params.alpha_fine, band)
+    fine = pair_cross(spectra, pairs, params.alpha_fine, band)
     offsets, values = refine_peaks(fine, shape, starts)
-    energy = _peak_energy(spectra, sp.weights, params.alpha_fine)
+    energy = peak_energy(spectra, sp.weights, params.alpha_fine)
     heights = values / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     return offsets, heights
-
-
-def _parabolic_peaks(maps: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-pixel peaks (m, 2) from a parabola along each axis through the integer peak at
-    ``lags`` and its two neighbours (periodic maps), steps clipped to ±0.5 px; and the values
-    at the integer peaks."""
-    m, ny, nx = maps.shape
-    iy, ix = lags[:, 0].astype(int) % ny, lags[:, 1].astype(int) % nx
-    rows = np.arange(m)
-    centre = maps[rows, iy, ix]
-    out = lags.astype(np.float64).copy()
-    for axis, (before, after) in enumerate(
-        [(maps[rows, (iy - 1) % ny, ix], maps[rows, (iy + 1) % ny, ix]),
-         (maps[rows, iy, (ix - 1) % nx], maps[rows, iy, (ix + 1) % nx])]
-    ):  # fmt: skip
-        curvature = before - 2.0 * centre + after
-        step = np.where(
-            curvature < 0, 0.5 * (before - after) / np.where(curvature < 0, curvature, -1.0), 0.0
-        )
-        out[:, axis] += np.clip(step, -0.5, 0.5)
-    return out, centre.astype(np.float64)
 
 
 def _coarse_peaks(
@@ -768,150 +482,19 @@ def _coarse_peaks(
     gaps = pairs[:, 1] - pairs[:, 0]
     radius = 3.0 + 0.5 * gaps.astype(float)
     if rate is not None:
-        return _peaks_near(coarse, -gaps[:, None] * rate[None, :], radius, mask, shape)
+        return peaks_near(coarse, -gaps[:, None] * rate[None, :], radius, mask, shape)
     offsets, values = np.zeros((len(pairs), 2)), np.zeros(len(pairs))
     first = gaps == gaps.min()
     maps = sfft.irfft2(coarse[first], s=shape, workers=fft_workers())
-    offsets[first], values[first] = _parabolic_peaks(maps, _integer_peaks(maps, mask))
+    offsets[first], values[first] = parabolic_peaks(maps, integer_peaks(maps, mask))
     if first.all():
         return offsets, values
     chain = [tuple(p) for p in pairs[first]]
     positions, _ = solve_positions(n, chain, offsets[first], np.ones(first.sum()))
     rest = ~first
     predicted = positions[pairs[rest, 0]] - positions[pairs[rest, 1]]
-    offsets[rest], values[rest] = _peaks_near(coarse[rest], predicted, radius[rest], mask, shape)
+    offsets[rest], values[rest] = peaks_near(coarse[rest], predicted, radius[rest], mask, shape)
     return offsets, values
-
-
-def _shift_spectra(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Spectra of frames moved by −shifts (aligned): G · exp(+2πi k·s)."""
-    sp = _Spectral(shape)
-    ramp_y = np.exp(2j * np.pi * sp.ky[None, :] * shifts[:, 0:1]).astype(np.complex64)
-    ramp_x = np.exp(2j * np.pi * sp.kx[None, :] * shifts[:, 1:2]).astype(np.complex64)
-    return spectra * ramp_y[:, :, None] * ramp_x[:, None, :]
-
-
-@numba.njit(parallel=True, cache=True)
-def _aligned_total(spectra, ramp_y, ramp_x):  # pragma: no cover - numba
-    """Σ_i G_i·ramp_y[i]·ramp_x[i]: the spectrum of the sum of the aligned frames."""
-    n, ny, nkx = spectra.shape
-    total = np.zeros((ny, nkx), dtype=np.complex64)
-    for y in numba.prange(ny):
-        for i in range(n):
-            ry = ramp_y[i, y]
-            for x in range(nkx):
-                total[y, x] += spectra[i, y, x] * ry * ramp_x[i, x]
-    return total
-
-
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def _loo_cross_power(spectra, ramp_y, ramp_x, total, weight, alpha, out):  # pragma: no cover
-    """out[i] = w·c_i / |c_i|^α with c_i = a_i·(total − a_i)*, a_i the aligned frame i."""
-    n, ny, nkx = spectra.shape
-    for i in numba.prange(n):
-        for y in range(ny):
-            ry = ramp_y[i, y]
-            for x in range(nkx):
-                a = spectra[i, y, x] * ry * ramp_x[i, x]
-                c = a * np.conj(total[y, x] - a)
-                if alpha == 0.5:
-                    c = c / np.sqrt(abs(c) + np.float32(1e-30))
-                elif alpha == 1.0:
-                    c = c / (abs(c) + np.float32(1e-30))
-                elif alpha > 0.0:
-                    c = c / (abs(c) + np.float32(1e-30)) ** alpha
-                out[i, y, x] = c * weight[y, x]
-
-
-def _ramps(shifts: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Separable phase ramps exp(2πi k·s) (complex64) that move each frame by −s."""
-    sp = _Spectral(shape)
-    ramp_y = np.exp(2j * np.pi * sp.ky[None, :] * shifts[:, 0:1]).astype(np.complex64)
-    ramp_x = np.exp(2j * np.pi * sp.kx[None, :] * shifts[:, 1:2]).astype(np.complex64)
-    return ramp_y, ramp_x
-
-
-def _full_weight(shape: tuple[int, int], band: np.ndarray | None, hermitian: bool) -> np.ndarray:
-    """``band`` as a contiguous float32 (ny, nkx) array, times the Hermitian column weights."""
-    sp = _Spectral(shape)
-    w = sp.weights[None, :] if hermitian else np.float32(1.0)
-    w = w * (np.float32(1.0) if band is None else band)
-    return np.ascontiguousarray(np.broadcast_to(w, (shape[0], shape[1] // 2 + 1)), np.float32)
-
-
-def _loo_cross(
-    spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int], alpha: float,
-    band: np.ndarray | None,
-) -> np.ndarray:  # fmt: skip
-    """Cross-power of every aligned frame with the sum of the others, normalised by |·|^α and
-    weighted by ``band`` (one fused pass; the peak is where the leave-one-out average's is)."""
-    ramp_y, ramp_x = _ramps(shifts, shape)
-    total = _aligned_total(spectra, ramp_y, ramp_x)
-    out = np.empty_like(spectra)
-    weight = _full_weight(shape, band, hermitian=False)
-    _loo_cross_power(spectra, ramp_y, ramp_x, total, weight, np.float32(alpha), out)
-    return out
-
-
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def _loo_moment_sums(spectra, ramp_y, ramp_x, total, weight, ky, kx, out):  # pragma: no cover
-    """Raw moment sums of every aligned frame's cross-power with the sum of the others.
-
-    a_i = G_i·ramp_y[i]·ramp_x[i] (frame i moved by −s_i), t_i = total − a_i and
-    c_i = w·a_i·t_i*; ``out[i]`` = Σ (Re c, k_y Im c, k_x Im c, k_y² Re c, k_y k_x Re c,
-    k_x² Re c) in float64. No cross-power array is stored.
-    """
-    n, ny, nkx = spectra.shape
-    for i in numba.prange(n):
-        v = gy = gx = hyy = hyx = hxx = 0.0
-        for y in range(ny):
-            ry = ramp_y[i, y]
-            fy = ky[y]
-            sv = sgx = shx = shxx = 0.0
-            sgy = 0.0
-            for x in range(nkx):
-                a = spectra[i, y, x] * ry * ramp_x[i, x]
-                c = a * np.conj(total[y, x] - a) * weight[y, x]
-                re, im = c.real, c.imag
-                fx = kx[x]
-                sv += re
-                sgy += im
-                sgx += fx * im
-                shx += fx * re
-                shxx += fx * fx * re
-            v += sv
-            gy += fy * sgy
-            gx += sgx
-            hyy += fy * fy * sv
-            hyx += fy * shx
-            hxx += shxx
-        out[i, 0], out[i, 1], out[i, 2] = v, gy, gx
-        out[i, 3], out[i, 4], out[i, 5] = hyy, hyx, hxx
-
-
-def _loo_newton(
-    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
-    band: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One Newton step for every frame against the leave-one-out average of the others, both
-    at the current ``shifts``. Returns (steps (n, 2), correlation values at the current shifts).
-    """
-    n = len(spectra)
-    sp = _Spectral(shape)
-    if params.alpha_fine != 0:
-        cross = _loo_cross(spectra, shifts, shape, params.alpha_fine, band) / np.float32(n - 1)
-        value, grad, hess = _fourier_moments(cross, sp.ky, sp.kx, sp.weights, np.zeros((n, 2)))
-        return _newton_step(grad, hess), value
-    ramp_y, ramp_x = _ramps(shifts, shape)
-    total = _aligned_total(spectra, ramp_y, ramp_x)
-    weight = _full_weight(shape, band, hermitian=True)
-    sums = np.empty((n, 6))
-    _loo_moment_sums(spectra, ramp_y, ramp_x, total, weight, sp.ky, sp.kx, sums)
-    sums /= n - 1
-    two_pi = 2.0 * np.pi
-    grad = -two_pi * sums[:, 1:3]
-    hess = -(two_pi**2) * sums[:, [3, 4, 4, 5]].reshape(n, 2, 2)
-    return _newton_step(grad, hess), sums[:, 0]
 
 
 def _template_passes(
@@ -927,19 +510,19 @@ def _template_passes(
     one, which keeps the integer peak right where single pairs are too noisy. Passes stop when
     every step is below ``START_TOLERANCE_PX`` (a start; the fine stage refines it). Returns
     (shifts, normalised peak height of every frame)."""
-    mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
+    mask = shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
     origin = shifts.copy()
     score = np.full(len(spectra), -np.inf)
     searching = search_px is None
     for k in range(passes):
         jumped = False
         if searching and k < GLOBAL_PASSES:
-            coarse = _loo_cross(spectra, shifts, shape, params.alpha, band)
+            coarse = loo_cross(spectra, shifts, shape, params.alpha, band)
             maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
-            start = _integer_peaks(maps, mask)
+            start = integer_peaks(maps, mask)
             jumped = searching = bool(np.any(start != 0))
             shifts = shifts + start
-        delta, values = _loo_newton(spectra, shifts, params, shape, band)
+        delta, values = loo_newton(spectra, shifts, params.alpha_fine, shape, band)
         shifts = shifts + delta
         if search_px is not None:
             far = np.linalg.norm(shifts - origin, axis=1) > search_px
@@ -963,20 +546,20 @@ def _basin_search(
 
     Newton steps climb the nearest hill; at low dose the surface near a start that is a pixel
     off carries noise bumps, and the highest point nearby is the better basin."""
-    mask = _shift_mask(shape, BASIN_PX)
+    mask = shift_mask(shape, BASIN_PX)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    rows, cols = _lag_order(rows, shape[0]), _lag_order(cols, shape[1])
-    disc = _gather_block(mask[None], rows, cols)[0]
+    rows, cols = lag_order(rows, shape[0]), lag_order(cols, shape[1])
+    disc = gather_block(mask[None], rows, cols)[0]
     for _ in range(passes):
-        cross = _loo_cross(spectra, shifts, shape, params.alpha_fine, band)
+        cross = loo_cross(spectra, shifts, shape, params.alpha_fine, band)
         maps = sfft.irfft2(cross, s=shape, workers=fft_workers())
-        patches = _gather_block(maps, rows, cols)
+        patches = gather_block(maps, rows, cols)
         best = np.where(disc[None], patches, -np.inf).reshape(len(maps), -1).argmax(axis=1)
         by, bx = np.unravel_index(best, disc.shape)
         centre = np.array([BASIN_PX, BASIN_PX])
         inner = (np.abs(np.stack([by, bx], 1) - centre) < BASIN_PX).all(axis=1)
         lags = np.stack([by, bx], axis=1).astype(float)
-        lags[inner], _ = _parabolic_peaks(patches[inner], lags[inner].astype(int))
+        lags[inner], _ = parabolic_peaks(patches[inner], lags[inner].astype(int))
         moves = lags - centre
         shifts = shifts + moves
         if np.abs(moves).max() < 0.5:
@@ -1000,7 +583,7 @@ def _refine_against_average(
     for _ in range(params.refine):
         before = shifts
         for _ in range(4):  # Newton steps, each against the average rebuilt at the new shifts
-            delta, _ = _loo_newton(spectra, shifts, params, shape, band)
+            delta, _ = loo_newton(spectra, shifts, params.alpha_fine, shape, band)
             shifts = shifts + delta
             if np.abs(delta).max() < params.refine_tolerance_px:
                 break
@@ -1043,12 +626,12 @@ def _robust_start(
     smoothest trajectory wins (drift is smooth, lattice jumps are not).
     """
     local_px = 2.0
-    energy = _peak_energy(spectra, _Spectral(shape).weights, params.alpha_fine)
+    energy = peak_energy(spectra, Spectral(shape).weights, params.alpha_fine)
     local = _template_passes(spectra, pair_positions, params, shape, band, energy, local_px)
     if consistent >= CONSISTENT_FRACTION:
         return local[0]
     n = len(spectra)
-    mask = _shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
+    mask = shift_mask(shape, params.max_shift_px or 0.25 * min(shape))
     rate = _low_snr_rate(spectra, params, band, shape)
     steady = np.arange(n)[:, None] * rate[None, :]
     searched = [
@@ -1083,14 +666,14 @@ class _ScoreNoise:
     ) -> None:  # fmt: skip
         power = spectra.real**2 + spectra.imag**2
         self.spectra, self.shape = spectra, shape
-        self.noise = _noise_floor(power.mean(axis=0))
-        self.w2 = _full_weight(shape, band, hermitian=True) ** 2
+        self.noise = noise_floor(power.mean(axis=0))
+        self.w2 = full_weight(shape, band, hermitian=True) ** 2
         self.g_term = np.einsum("nyx,yx->n", power, self.w2) / max(len(spectra) - 1, 1)
         self.norm = np.sqrt(energy * energy.mean())
 
     def __call__(self, shifts: np.ndarray) -> np.ndarray:
-        ramp_y, ramp_x = _ramps(shifts, self.shape)
-        template = _aligned_total(self.spectra, ramp_y, ramp_x) / np.float32(len(shifts))
+        ramp_y, ramp_x = phase_ramps(shifts, self.shape)
+        template = aligned_total(self.spectra, ramp_y, ramp_x) / np.float32(len(shifts))
         t_term = float(np.sum(self.w2 * (template.real**2 + template.imag**2)))
         return np.sqrt(0.5 * self.noise * (t_term + self.g_term)) / self.norm
 
@@ -1201,8 +784,8 @@ def _spectra(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Spectra of the prepared frames and the correlation weight (band-pass × SNR weight;
     ``snr=False``: the band-pass alone)."""
-    spectra = _rfft(prepare(frames, replace(params, window=window)))
-    band = _Spectral(frames.shape[1:]).bandpass(params.bandpass)
+    spectra = rfft_frames(prepare(frames, replace(params, window=window)))
+    band = Spectral(frames.shape[1:]).bandpass(params.bandpass)
     if params.snr_weighting and snr:
         weight = snr_weight(spectra)
         band = weight if band is None else band * weight
@@ -1285,7 +868,7 @@ def apply_shifts(
         raise AlignmentError(f"output must be one of {OUTPUTS}; got {output!r}")
     if output == "crop":
         if method == "fourier":
-            moved = sfft.irfft2(_shift_spectra(_rfft(arr), s, arr.shape[1:]), s=arr.shape[1:],
+            moved = sfft.irfft2(shift_spectra(rfft_frames(arr), s, arr.shape[1:]), s=arr.shape[1:],
                                 workers=fft_workers()).astype(np.float32)  # fmt: skip
         elif method == "spline":
             moved = np.stack(
