@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -189,24 +190,18 @@ def _seconds(job: Any) -> float:
     return float((job.finished_s or 0.0) - (job.started_s or 0.0))
 
 
-def _focal_result(job: Any) -> dict[str, Any]:
+def _job_result(
+    job: Any, step: str, compare: Callable[[ImageStack, dict[str, Any]], dict[str, Any]],
+    stack_name: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A finished demo job's file, state and times, and its ``step`` result against the truth
+    (measured on the stack ``stack_name``; None: the first)."""
     out: dict[str, Any] = {"file": job.output_file, "state": job.state, "seconds": _seconds(job)}
     if job.state != "done":
         out["error"] = job.error.message if job.error else "?"
         return out
-    summary = emd.read_processing_summary(job.output_file, "focal_register")
-    out.update(focal_comparison(emd.read_stack(job.output_file), summary))
-    out["process_seconds"] = float(summary["seconds"])
-    return out
-
-
-def _scan_result(job: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"file": job.output_file, "state": job.state, "seconds": _seconds(job)}
-    if job.state != "done":
-        out["error"] = job.error.message if job.error else "?"
-        return out
-    summary = emd.read_processing_summary(job.output_file, "align")
-    out.update(scan_comparison(emd.read_stack(job.output_file, "HAADF"), summary))
+    summary = emd.read_processing_summary(job.output_file, step)
+    out.update(compare(emd.read_stack(job.output_file, stack_name), summary))
     out["process_seconds"] = float(summary["seconds"])
     return out
 
@@ -282,8 +277,8 @@ def run_demo(settings: DemoSettings = DemoSettings(), out: TextIO | None = None)
                 scan_job = client.submit(scan_plan)
                 focal_final = _wait(client, focal_job, "focal series", settings, out)
                 scan_final = _wait(client, scan_job, "rotated scan", settings, out)
-                focal = _focal_result(focal_final)
-                scan = _scan_result(scan_final)
+                focal = _job_result(focal_final, "focal_register", focal_comparison)
+                scan = _job_result(scan_final, "align", scan_comparison, "HAADF")
                 report = client.report(
                     [focal_final.job_id, scan_final.job_id], title="Scherzer demo", name="demo"
                 )

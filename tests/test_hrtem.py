@@ -23,15 +23,8 @@ def thin_carbon() -> Specimen:
 
 
 def optics() -> Optics:
-    return Optics(
-        voltage_kv=300.0,
-        cs_mm=0.6,
-        focal_spread_nm=2.8,
-        beam_divergence_mrad=0.15,
-        vibration_nm=0.01,
-        a1_nm=2.0,
-        a1_deg=30.0,
-    )
+    """The simulators' default 300 kV HRTEM with 2 nm of two-fold astigmatism at 30°."""
+    return default_hrtem_optics().with_(a1_nm=2.0, a1_deg=30.0)
 
 
 @pytest.mark.parametrize("coherence", ["quasi", "incoherent"])

@@ -307,7 +307,7 @@ def test_basin_search_moves_frames_to_the_highest_point_nearby(sto_image: np.nda
 
     frames, truth = shifted_series(sto_image, 8, 256, 2.0, seed=21)
     truth = truth - truth.mean(axis=0)
-    whole, common = _common_crop(frames.astype(np.float32), truth)
+    whole, common = _common_crop(frames.astype(np.float32), truth)  # type: ignore[misc]
     params = AlignParams()
     spectra, band = _spectra(common, params, "tukey")
     start = truth - whole
@@ -315,3 +315,18 @@ def test_basin_search_moves_frames_to_the_highest_point_nearby(sto_image: np.nda
     found = _basin_search(spectra, start, params, common.shape[1:], band)
     error = (found - found.mean(axis=0)) - (truth - whole - (truth - whole).mean(axis=0))
     assert np.abs(error).max() < 0.5, np.round(error, 2)
+
+
+@pytest.mark.parametrize(("offsets", "tolerance_px"), [([0, 26, 52], 0.05), ([0, 30, 60], 2.0)])
+def test_frames_that_barely_overlap(offsets: list[int], tolerance_px: float) -> None:
+    """64 px frames drifting 52 px share 12 px: the fine stage runs on that strip. Drifting
+    60 px they share 4 px — less than the 8 px a frame needs: the fine stage is skipped and the
+    whole-field estimate stands (it used to fail with a NumPy shape error)."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(np.random.default_rng(3).normal(size=(64, 200)), 1.5)
+    frames = np.stack([field[:, 80 - o : 144 - o] for o in offsets])
+    result = measure_shifts(frames, AlignParams(max_shift_px=62.0, pairs="all"))
+    measured = result.shifts_px - result.shifts_px[0]
+    np.testing.assert_allclose(measured[:, 1], offsets, atol=tolerance_px)
+    np.testing.assert_allclose(measured[:, 0], 0.0, atol=tolerance_px)

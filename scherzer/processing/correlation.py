@@ -165,10 +165,14 @@ def shift_mask(shape: tuple[int, int], max_shift: float) -> np.ndarray:
     return (dy[:, None] ** 2 + dx[None, :] ** 2) <= max_shift**2
 
 
+def signed_lag(indices: np.ndarray, size: int) -> np.ndarray:
+    """The lag an fftfreq-ordered index stands for (indices past size/2 are negative)."""
+    return np.where(indices > size // 2, indices - size, indices)
+
+
 def lag_order(indices: np.ndarray, size: int) -> np.ndarray:
     """fftfreq-ordered indices sorted by signed lag (negative lags first)."""
-    signed = np.where(indices > size // 2, indices - size, indices)
-    return indices[np.argsort(signed, kind="stable")]
+    return indices[np.argsort(signed_lag(indices, size), kind="stable")]
 
 
 def gather_block(arrays: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -198,8 +202,7 @@ def integer_peaks(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     flat = np.where(gather_block(mask[None], rows, cols), inner, -np.inf).reshape(m, -1)
     top = flat.max(axis=1)
     near_top = flat >= (floor + (1.0 - PEAK_TIE) * (top - floor))[:, None]
-    dy = np.where(rows > ny // 2, rows - ny, rows)[:, None]
-    dx = np.where(cols > nx // 2, cols - nx, cols)[None, :]
+    dy, dx = signed_lag(rows, ny)[:, None], signed_lag(cols, nx)[None, :]
     lag2 = (dy * dy + dx * dx).reshape(-1)
     best = np.where(near_top, lag2[None], np.inf).argmin(axis=1)
     iy, ix = np.unravel_index(best, (len(rows), len(cols)))
@@ -333,9 +336,7 @@ def parabolic_peaks(maps: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np.
 
 def shift_spectra(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Spectra of frames moved by −shifts (aligned): G · exp(+2πi k·s)."""
-    sp = Spectral(shape)
-    ramp_y = np.exp(2j * np.pi * sp.ky[None, :] * shifts[:, 0:1]).astype(np.complex64)
-    ramp_x = np.exp(2j * np.pi * sp.kx[None, :] * shifts[:, 1:2]).astype(np.complex64)
+    ramp_y, ramp_x = phase_ramps(shifts, shape)
     return spectra * ramp_y[:, :, None] * ramp_x[:, None, :]
 
 

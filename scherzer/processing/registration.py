@@ -731,8 +731,9 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
         consistent = float(np.mean(residual <= CONSISTENT_PX)) if cycles else 0.0
         positions = _robust_start(spectra, positions, consistent, p, shape, band, pairs)
     whole = np.zeros_like(positions, dtype=int)
-    if p.fine_window is not None:
-        whole, common = _common_crop(measured, positions)
+    cut = _common_crop(measured, positions) if p.fine_window is not None else None
+    if cut is not None:
+        whole, common = cut
         shape = common.shape[1:]
         leave_one_out = p.snr_weighting and n > 2
         spectra, band = _spectra(common, p, p.fine_window, snr=not leave_one_out)
@@ -800,21 +801,28 @@ def _fast_length_below(n: int) -> int:
     return m
 
 
-def _common_crop(frames: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every frame cut to the area all frames share at the integer parts of ``shifts``.
+MIN_COMMON_PX = 8  # the fine stage needs this much shared field along each axis (as frames do)
+
+
+def _common_crop(frames: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every frame cut to the area all frames share at the integer parts of ``shifts``
+    (:func:`_common_area`), or None when that is under ``MIN_COMMON_PX`` along an axis.
 
     Returns (integer offsets o_i, cropped frames); cropped frame i holds frame_i(r + lo + o_i),
     so its content sits at s_i − o_i relative to the common crop. The crop is trimmed
     symmetrically to a fast FFT length.
     """
     whole = np.rint(shifts).astype(int)
+    try:
+        area = _common_area(frames.shape[1:], whole.astype(float))
+    except AlignmentError:
+        return None
+    if min(a.stop - a.start for a in area) < MIN_COMMON_PX:
+        return None
     slices = []
-    for axis, size in enumerate(frames.shape[1:]):
-        lo = max(0, int(np.max(-whole[:, axis])))
-        hi = min(size, int(np.min(size - whole[:, axis])))
-        length = _fast_length_below(max(hi - lo, 8))
-        lo += (hi - lo - length) // 2
-        slices.append((lo, length))
+    for a in area:
+        length = _fast_length_below(a.stop - a.start)
+        slices.append((a.start + (a.stop - a.start - length) // 2, length))
     (y0, h), (x0, w) = slices
     cropped = np.stack([f[y0 + oy : y0 + oy + h, x0 + ox : x0 + ox + w]
                         for f, (oy, ox) in zip(frames, whole, strict=True)])  # fmt: skip

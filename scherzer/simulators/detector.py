@@ -162,10 +162,7 @@ class CameraModel(BaseModel):
         """
         img = _check_image(intensity).astype(np.float64)
         lam = np.maximum(img, 0.0) * self.electrons_per_pixel(dose_e_per_A2, pixel_nm)
-        b = self.binning
-        if b > 1:
-            ny, nx = (s // b * b for s in lam.shape)
-            lam = lam[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3))
+        lam = self._bin(lam)
         shape = lam.shape
         signal = np.fft.fft2(lam - lam.mean()) * self.mtf_2d(shape, rfft=False)
         fy, fx = _nyquist_fractions(shape, rfft=False)
@@ -174,6 +171,14 @@ class CameraModel(BaseModel):
         ky, kx = fy / 2.0, fx / 2.0  # cycles per pixel
         info = [float(np.sum((2.0 * np.pi * k) ** 2 * density)) for k in (ky, kx)]
         return tuple(1.0 / math.sqrt(f) if f > 0 else math.inf for f in info)  # type: ignore[return-value]
+
+    def _bin(self, lam: np.ndarray) -> np.ndarray:
+        """Sum ``binning`` × ``binning`` physical pixels into read-out pixels (edges dropped)."""
+        b = self.binning
+        if b == 1:
+            return lam
+        ny, nx = (s // b * b for s in lam.shape)
+        return lam[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3))
 
     # ------------------------------------------------------------------ exposure
     def electrons_per_pixel(self, dose_e_per_A2: float, pixel_nm: float) -> float:
@@ -201,10 +206,7 @@ class CameraModel(BaseModel):
             raise TypeError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
         lam = img * np.float32(self.electrons_per_pixel(dose_e_per_A2, pixel_nm))
         np.maximum(lam, 0.0, out=lam)
-        b = self.binning
-        if b > 1:
-            ny, nx = (s // b * b for s in lam.shape)
-            lam = lam[:ny, :nx].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3))
+        lam = self._bin(lam)
         seed = int(rng.integers(0, 2**63 - 1, dtype=np.int64))
         electrons = np.empty_like(lam)
         _in_row_blocks(_poisson, (lam, electrons), seed)
