@@ -1,0 +1,405 @@
+"""Image stacks in Scherzer's EMD 1.0 (Berkeley) files: the stack group layout, writing a whole
+stack (:func:`write_stack`) or one flushed frame at a time (:class:`StackWriter`), and reading
+stacks back (:func:`read_stack`, :func:`read_stacks`).
+
+Layout (``docs/file-format.md``): ``/data/<name>`` with ``emd_group_type=1``,
+``scherzer_kind="stack"``, ``pixel_size_nm=[y, x]``; ``data`` float32 (n, y, x) in C order
+(``dimK`` describes array axis K-1: frame index, y in nm, x in nm); a compound ``records`` table
+(``scherzer.stack.RECORD_DTYPE``, one row per frame); ``/microscope`` (instrument attributes,
+file-wide, merged); ``/metadata/<name>`` (attributes); ``/ground_truth/<name>/<key>`` (datasets).
+
+Crash safety: every append writes and flushes the frame, then writes and flushes its record, in
+SWMR mode. Readers trust the leading ``records`` rows whose ``index`` is not -1 (the fill value of
+unwritten rows), capped at the length of ``data``: a writer killed at any moment loses at most
+the frame it was writing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from scherzer.io.errors import EmdError
+from scherzer.io.hdf5 import (
+    check_name,
+    data_group,
+    init_root,
+    json_default,
+    new_file,
+    open_append,
+    open_ours,
+    read_attrs,
+    replace_group,
+    write_attrs,
+)
+from scherzer.stack import (
+    RECORD_DTYPE,
+    FrameRecord,
+    ImageStack,
+    records_from_array,
+    records_to_array,
+)
+
+__all__ = [
+    "StackWriter",
+    "complete_rows",
+    "read_stack",
+    "read_stacks",
+    "stack_names",
+    "write_dim",
+    "write_stack",
+]
+
+#: ``records.index`` of rows resized but never written (the dataset's fill value).
+UNWRITTEN_INDEX = -1
+#: HDF5 format versions that allow SWMR (single writer, multiple readers).
+SWMR_LIBVER = ("v110", "latest")
+#: Chunk length (rows) of the resizable frame-index and records datasets: small enough that a
+#: short series wastes little, large enough that long series do not fragment.
+ROW_CHUNK = 256
+
+
+def write_dim(group: h5py.Group, k: int, name: str, units: str, values: np.ndarray) -> None:
+    """EMD ``dim<k>`` (describing array axis k-1) with its ``name`` and ``units``."""
+    dim = group.create_dataset(f"dim{k}", data=values, maxshape=(None,) if k == 1 else None)
+    dim.attrs["name"] = name
+    dim.attrs["units"] = units
+
+
+def _records_fill() -> np.ndarray:
+    """The records' fill value: index -1, every float NaN."""
+    fill = np.zeros((), dtype=RECORD_DTYPE)
+    fill["index"] = UNWRITTEN_INDEX
+    for col in RECORD_DTYPE.names:
+        if RECORD_DTYPE[col].kind == "f":
+            fill[col] = np.nan
+    return fill
+
+
+def _create_stack_group(
+    f: h5py.File,
+    name: str,
+    frame_shape: tuple[int, int],
+    pixel_size_nm: tuple[float, float],
+    intensity_units: str = "counts",
+) -> h5py.Group:
+    """An empty, resizable EMD group for frames (n, y, x) with its records table."""
+    ny, nx = frame_shape
+    py, px = pixel_size_nm
+    g = replace_group(f.require_group("data"), name)
+    g.attrs["emd_group_type"] = 1
+    g.attrs["scherzer_kind"] = "stack"
+    g.attrs["pixel_size_nm"] = np.array([py, px], dtype=np.float64)
+    g.attrs["intensity_units"] = intensity_units
+    g.create_dataset(
+        "data", shape=(0, ny, nx), maxshape=(None, ny, nx), chunks=(1, ny, nx), dtype=np.float32
+    )
+    frame_dim = g.create_dataset(
+        "dim1", shape=(0,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype=np.int64
+    )
+    frame_dim.attrs["name"] = "frame"
+    frame_dim.attrs["units"] = ""
+    write_dim(g, 2, "y", "nm", np.arange(ny) * py)
+    write_dim(g, 3, "x", "nm", np.arange(nx) * px)
+    g.create_dataset(
+        "records",
+        shape=(0,),
+        maxshape=(None,),
+        chunks=(ROW_CHUNK,),
+        dtype=RECORD_DTYPE,
+        fillvalue=_records_fill(),
+    )
+    return g
+
+
+def _write_truth(f: h5py.File, name: str, truth: Mapping[str, Any]) -> None:
+    g = replace_group(f.require_group("ground_truth"), name)
+    for key, value in truth.items():
+        check_name(key, "ground-truth key")
+        if isinstance(value, str):
+            g.create_dataset(key, data=value, dtype=h5py.string_dtype())
+            continue
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc":
+            try:
+                g.create_dataset(key, data=json.dumps(value, default=json_default))
+            except TypeError as exc:
+                raise EmdError(f"ground truth {key!r} cannot be stored: {exc}") from exc
+            g[key].attrs["json"] = 1
+            continue
+        g.create_dataset(key, data=arr)
+
+
+def _read_truth(f: h5py.File, name: str) -> dict[str, Any]:
+    g = f.get(f"ground_truth/{name}")
+    if g is None:
+        return {}
+    out: dict[str, Any] = {}
+    for key, ds in g.items():
+        value = ds[()]
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        if ds.attrs.get("json", 0):
+            value = json.loads(value)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def _write_context(
+    f: h5py.File,
+    name: str,
+    instrument: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    truth: Mapping[str, Any] | None,
+) -> None:
+    """Instrument (file-wide, merged), per-stack metadata and ground truth."""
+    write_attrs(f.require_group("microscope"), dict(instrument or {}))
+    write_attrs(replace_group(f.require_group("metadata"), name), dict(metadata or {}))
+    _write_truth(f, name, dict(truth or {}))
+
+
+def _append_rows(
+    g: h5py.Group, frames: np.ndarray, table: np.ndarray, flush: Callable[[], None]
+) -> int:
+    """Append frames, then (after a flush) their records; returns frames now in the group."""
+    data, dim1, records = g["data"], g["dim1"], g["records"]
+    n0, k = data.shape[0], frames.shape[0]
+    data.resize(n0 + k, axis=0)
+    data[n0:] = frames
+    dim1.resize((n0 + k,))
+    dim1[n0:] = np.arange(n0, n0 + k)
+    flush()
+    records.resize((n0 + k,))
+    records[n0:] = table
+    flush()
+    return n0 + k
+
+
+def write_stack(path: str | Path, stack: ImageStack, name: str = "frames", mode: str = "w") -> None:
+    """Write one ImageStack as ``/data/<name>`` (mode "w" new file, "a" add to / replace in one).
+
+    Instrument goes to ``/microscope`` (merged with what is there), metadata to
+    ``/metadata/<name>``, ground truth to ``/ground_truth/<name>/<key>``.
+    """
+    check_name(name, "stack")
+    if not isinstance(stack, ImageStack):
+        raise EmdError(f"write_stack needs an ImageStack; got {type(stack).__name__}")
+    if mode == "w":
+        f = new_file(path)
+        init_root(f)
+    elif mode == "a":
+        f = open_append(path)
+    else:
+        raise EmdError(f"mode must be 'w' (new file) or 'a' (add to a file); got {mode!r}")
+    with f:
+        g = _create_stack_group(
+            f, name, stack.frame_shape, stack.pixel_size_nm, stack.intensity_units
+        )
+        _append_rows(g, stack.frames, records_to_array(stack.records), f.flush)
+        _write_context(f, name, stack.instrument, stack.metadata, stack.ground_truth)
+
+
+class StackWriter:
+    """Incremental, crash-safe writer for an acquisition (one or more signals).
+
+    Every :meth:`append` writes and flushes the frame, then its record; the file is in SWMR
+    mode, so readers may open it while it grows and a writer killed at any moment leaves a file
+    that :func:`read_stack` reads with every frame appended so far. All signal ``names`` are
+    created up front. Refuses to overwrite an existing file unless ``overwrite=True``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        pixel_size_nm: tuple[float, float],
+        frame_shape: tuple[int, int],
+        names: Sequence[str] = ("frames",),
+        instrument: dict | None = None,
+        metadata: dict | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.frame_shape = _check_frame_shape(frame_shape)
+        self.pixel_size_nm = _check_pixel_size(pixel_size_nm)
+        if isinstance(names, str) or not names:
+            raise EmdError(f"names must be a non-empty sequence of signal names; got {names!r}")
+        self.names = [check_name(n, "signal") for n in names]
+        if len(set(self.names)) != len(self.names):
+            raise EmdError(f"signal names must be unique; got {self.names}")
+        if self.path.exists() and not overwrite:
+            raise EmdError(f"{self.path} already exists; choose a new path or pass overwrite=True")
+        self._counts = dict.fromkeys(self.names, 0)
+        f = new_file(self.path, libver=SWMR_LIBVER)
+        try:
+            init_root(f)
+            for n in self.names:
+                _create_stack_group(f, n, self.frame_shape, self.pixel_size_nm)
+                _write_context(f, n, instrument, metadata, None)
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+        self._file: h5py.File | None = f
+
+    # --- writing -------------------------------------------------------------------------
+    def _f(self) -> h5py.File:
+        if self._file is None:
+            raise EmdError(f"StackWriter for {self.path} is closed")
+        return self._file
+
+    def append(self, frame: np.ndarray, record: FrameRecord, name: str = "frames") -> int:
+        """Write one frame (y, x) and its record to signal ``name``; returns frames written."""
+        f = self._f()
+        if name not in self._counts:
+            raise EmdError(f"unknown signal {name!r}; this writer was opened with {self.names}")
+        if not isinstance(record, FrameRecord):
+            raise EmdError(f"record must be a FrameRecord; got {type(record).__name__}")
+        if record.index == UNWRITTEN_INDEX:
+            raise EmdError("FrameRecord.index -1 is reserved for unwritten rows; use index >= 0")
+        arr = _check_frame(frame, self.frame_shape)
+        n = _append_rows(f["data"][name], arr[None], records_to_array([record]), f.flush)
+        self._counts[name] = n
+        return n
+
+    def set_ground_truth(self, truth: dict) -> None:
+        """Store ground truth for every signal (replaces earlier truth). Briefly leaves SWMR
+        mode, because HDF5 cannot create datasets while in it."""
+        f = self._f()
+        f.close()
+        self._file = None
+        f = h5py.File(self.path, "a", libver=SWMR_LIBVER)
+        try:
+            for n in self.names:
+                _write_truth(f, n, dict(truth))
+            f.flush()
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+
+    def counts(self) -> dict[str, int]:
+        """Frames written so far per signal."""
+        return dict(self._counts)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> StackWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _check_frame_shape(shape: Sequence[int]) -> tuple[int, int]:
+    try:
+        ny, nx = (int(v) for v in shape)
+    except (TypeError, ValueError) as exc:
+        raise EmdError(f"frame_shape must be two integers (y, x); got {shape!r}") from exc
+    if ny < 1 or nx < 1:
+        raise EmdError(f"frame_shape must be positive; got {shape!r}")
+    return ny, nx
+
+
+def _check_pixel_size(size: Sequence[float]) -> tuple[float, float]:
+    try:
+        py, px = (float(v) for v in size)
+    except (TypeError, ValueError) as exc:
+        raise EmdError(f"pixel_size_nm must be two numbers (y, x); got {size!r}") from exc
+    if not (math.isfinite(py) and math.isfinite(px) and py > 0 and px > 0):
+        raise EmdError(f"pixel_size_nm must be positive and finite; got {size!r}")
+    return py, px
+
+
+def _check_frame(frame: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    arr = np.asarray(frame)
+    if arr.dtype.kind not in "iuf":
+        raise EmdError(f"frames must be real numbers; got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise EmdError(f"frame shape {arr.shape} does not match the writer's {shape} (y, x)")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(out)):
+        raise EmdError("frame contains non-finite values (NaN/inf); refusing to write it")
+    return out
+
+
+# =============================================================================================
+# Reading
+# =============================================================================================
+
+
+def stack_names(f: h5py.File) -> list[str]:
+    """Names of the stack groups in ``/data``, in the order they were written."""
+    data = f.get("data")
+    if data is None:
+        return []
+    return [n for n, g in data.items() if g.attrs.get("scherzer_kind") == "stack"]
+
+
+def complete_rows(g: h5py.Group) -> int:
+    """Frames with a complete record: leading records whose index is not the fill value."""
+    index = g["records"].fields("index")[()]
+    bad = np.flatnonzero(index == UNWRITTEN_INDEX)
+    n = int(bad[0]) if bad.size else int(index.size)
+    return min(n, int(g["data"].shape[0]))
+
+
+def _read_stack_group(f: h5py.File, name: str) -> ImageStack:
+    g = data_group(f, name)
+    n = complete_rows(g)
+    if n == 0:
+        raise EmdError(f"stack {name!r} in {f.filename} holds no complete frames yet")
+    records = records_from_array(g["records"][:n])
+    instrument = read_attrs(f["microscope"]) if "microscope" in f else {}
+    md_group = f.get(f"metadata/{name}")
+    return ImageStack(
+        frames=g["data"][:n],
+        pixel_size_nm=tuple(float(v) for v in g.attrs["pixel_size_nm"]),
+        records=records,
+        instrument=instrument,
+        metadata=read_attrs(md_group) if md_group is not None else {},
+        ground_truth=_read_truth(f, name),
+        intensity_units=str(g.attrs.get("intensity_units", "counts")),
+    )
+
+
+def read_stack(path: str | Path, name: str | None = None) -> ImageStack:
+    """One stack of a Scherzer EMD file (``name`` None: the first one written)."""
+    with open_ours(path) as f:
+        names = stack_names(f)
+        if not names:
+            raise EmdError(f"{path} holds no image stacks (data groups: {sorted(f['data'])})")
+        if name is None:
+            name = names[0]
+        if name not in names:
+            raise EmdError(f"{path} has no stack {name!r}; stacks: {names}")
+        return _read_stack_group(f, name)
+
+
+def read_stacks(path: str | Path) -> dict[str, ImageStack]:
+    """Every stack of a Scherzer EMD file (stacks without complete frames are left out)."""
+    with open_ours(path) as f:
+        out = {}
+        for name in stack_names(f):
+            if complete_rows(f["data"][name]) > 0:
+                out[name] = _read_stack_group(f, name)
+        return out
