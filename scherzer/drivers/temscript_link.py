@@ -332,10 +332,10 @@ class TemscriptPart:
         self.name = name
 
     def _float(self, value: Any, what: str) -> float:
-        return as_float(value, what, self.name)
+        return as_float(value, f"{what} from {self.link.url}", self.name)
 
     def _pair(self, value: Any, what: str) -> tuple[float, float]:
-        return as_pair(value, what, self.name)
+        return as_pair(value, f"{what} from {self.link.url}", self.name)
 
     def _limit(self, message: str, **details: Any) -> LimitExceeded:
         return LimitExceeded(
