@@ -330,3 +330,52 @@ def test_frames_that_barely_overlap(offsets: list[int], tolerance_px: float) -> 
     measured = result.shifts_px - result.shifts_px[0]
     np.testing.assert_allclose(measured[:, 1], offsets, atol=tolerance_px)
     np.testing.assert_allclose(measured[:, 0], 0.0, atol=tolerance_px)
+
+
+# --- the real multi-frame STEM series and the candidate choice ---------------------------------
+def _cropped_with_shifts(frames: np.ndarray, shifts: np.ndarray, crop: int) -> np.ndarray:
+    """Every frame moved by a known (dy, dx): the sub-pixel part by a Fourier shift of the whole
+    frame, the integer part by where a ``crop``² window is cut (so nothing wraps into it)."""
+    margin = (frames.shape[1] - crop) // 2
+    ky = sfft.fftfreq(frames.shape[1])[:, None]
+    kx = sfft.fftfreq(frames.shape[2])[None, :]
+    out = []
+    for f, s in zip(frames, shifts, strict=True):
+        whole = np.round(s).astype(int)
+        frac = s - whole
+        moved = sfft.ifft2(sfft.fft2(f) * np.exp(-2j * np.pi * (ky * frac[0] + kx * frac[1])))
+        y0, x0 = margin - whole[0], margin - whole[1]
+        out.append(moved.real[y0 : y0 + crop, x0 : x0 + crop])
+    return np.stack(out).astype(np.float32)
+
+
+def test_real_stem_series_gives_back_added_shifts(testdata_dir: Path) -> None:
+    """The real 5-frame STEM series (TIA, 128², nanoparticles): known ±3 px sub-pixel shifts
+    added to its frames come back on top of the series' own trajectory (its optimum measured
+    on the unshifted crop), with no jumps, in every trial."""
+    frames = import_stack(testdata_dir / "rosettasciio/tia/03_Scanning Preview_1.ser").frames
+    frames = frames.astype(np.float64)
+    own = measure_shifts(_cropped_with_shifts(frames, np.zeros((5, 2)), 112)).shifts_px
+    for seed in range(6):
+        added = np.random.default_rng(seed).uniform(-3.0, 3.0, (5, 2))
+        measured = measure_shifts(_cropped_with_shifts(frames, added, 112)).shifts_px
+        rms, worst = stack_error(measured, own + added)
+        assert rms <= 0.05, f"seed {seed}: RMS {rms:.3f} px from the data's own optimum"
+        assert worst <= 0.1, f"seed {seed}: a frame is {worst:.3f} px off (a jump)"
+
+
+def test_a_prior_breaks_ties_but_never_overrides_a_better_fit() -> None:
+    """_most_plausible: the smoother trajectory wins only while its fit is as good within
+    noise; a fit clearly better than noise wins however rough its trajectory."""
+    from scherzer.processing.registration import _most_plausible
+
+    rough = np.array([[0.0, 0.0], [2.0, -1.0], [-1.0, 2.5], [1.5, 0.0], [0.0, -2.0]])
+    smooth = np.outer(np.arange(5.0), [0.5, 0.2])
+    noise = np.full(5, 0.002)
+    best = np.full(5, 0.44)
+    clearly_worse = best - np.array([0.009, 0.007, 0.008, 0.008, 0.008])  # ≈ 2 % lower
+    within_noise = best - np.array([0.001, -0.001, 0.0015, 0.0, 0.0005])
+    chosen = _most_plausible([(rough, best, noise), (smooth, clearly_worse, noise)])
+    assert chosen is rough
+    chosen = _most_plausible([(rough, best, noise), (smooth, within_noise, noise)])
+    assert chosen is smooth

@@ -30,8 +30,9 @@ Method (in the manner of SmartAlign, with our own estimator)
    a steady-drift candidate (the correlations of all pairs up to 8 apart, summed along the
    offsets a drift v predicts, maximised over v) and a global search from rest compete with
    the pair solution; scores are marked down by what noise gains a search of each breadth,
-   and of the candidates that then match the averages about as well as the best, the
-   smoothest trajectory wins (drift is smooth, lattice jumps are not).
+   and only among the candidates that match the averages as well as the best within noise
+   (``TIE_SIGMAS`` standard errors) does the smoothest trajectory win (drift is smooth, lattice
+   jumps are not): a prior breaks ties, it never overrides a clearly better fit.
 6. The fine stage, on the area every frame shares at the integer parts of the start
    (``fine_window``, a Tukey window that tapers only the edges: a Hann window on the whole
    field keeps Σw²/N = 14 % of a frame's pixels, this 71 %): spectra again, a weight
@@ -104,7 +105,12 @@ __all__ = [
 WINDOWS = ("hann", "hamming", "tukey", "none")
 PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
 OUTPUTS = ("crop", "expand", "expand-mean")
-TEMPLATE_TIE = 0.03  # relative template score within which alignment candidates count as equal
+# Candidates whose mean template score is below the best by less than this many standard errors
+# of the score difference (from the noise alone, :class:`_ScoreNoise`, or from the frame-by-frame
+# scatter of the difference, whichever is larger) fit equally well: only then may the smoothness
+# prior choose. Larger values let the prior override real (if small) differences in fit; smaller
+# values let noise decide between lattice-equivalent trajectories at low dose.
+TIE_SIGMAS = 2.0
 # The pair solution alone is trusted when this fraction of pairs lies within CONSISTENT_PX of
 # it (coarse offsets are good to ~0.1 px; at 1 e/px on a crystal, pairs locked onto lattice-
 # equivalent peaks agree to within 1 px in 70–80 % of pairs but within 0.5 px in only 33–43 %).
@@ -622,8 +628,9 @@ def _robust_start(
     pairs (:func:`_low_snr_rate`, improved locally) and a global search from no shift at all.
     Each candidate's scores (how well its frames match the average of the others) are marked
     down by what noise alone gains a search of its breadth (:class:`_ScoreNoise`); the
-    candidates that then score about as well as the best are equally likely, and of those the
-    smoothest trajectory wins (drift is smooth, lattice jumps are not).
+    candidates that then score as well as the best within noise are equally likely, and of
+    those the smoothest trajectory wins (drift is smooth, lattice jumps are not). A clearly
+    better fit always wins (:func:`_most_plausible`).
     """
     local_px = 2.0
     energy = peak_energy(spectra, Spectral(shape).weights, params.alpha_fine)
@@ -646,7 +653,8 @@ def _robust_start(
     score_noise = _ScoreNoise(spectra, shape, band, energy)
     for (shifts, score), area_px2 in searched:
         noise = score_noise(shifts)
-        candidates.append((shifts, score - noise * math.sqrt(2.0 * math.log(max(area_px2, 1.0)))))
+        marked = score - noise * math.sqrt(2.0 * math.log(max(area_px2, 1.0)))
+        candidates.append((shifts, marked, noise))
     return _most_plausible(candidates)
 
 
@@ -678,19 +686,25 @@ class _ScoreNoise:
         return np.sqrt(0.5 * self.noise * (t_term + self.g_term)) / self.norm
 
 
-def _most_plausible(candidates: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Of (shifts, per-frame template scores) candidates, the smoothest trajectory among those
-    whose scores are not clearly below the best: a mean deficit within ``TEMPLATE_TIE`` of the
-    best mean, or within two standard errors of the frame-by-frame differences. Frames that
-    search freely fit the noise of the others' average a little, so a small score advantage
-    over a smooth trajectory is no evidence at low dose."""
-    means = [float(np.mean(score)) for _, score in candidates]
-    top = candidates[int(np.argmax(means))][1]
+def _most_plausible(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Of (shifts, per-frame template scores, per-frame score noise σ) candidates, the
+    smoothest trajectory among those that fit as well as the best *within noise*: a mean
+    score deficit within ``TIE_SIGMAS`` standard errors of the difference — the larger of
+    what noise alone gives (σ of both candidates' scores, per frame, over √n) and the
+    frame-by-frame scatter of the deficits. At high dose σ is small and the better fit wins
+    however rough its trajectory (real drift changes between frames); at low dose frames that
+    search freely fit the noise of the others' average a little, so a small advantage over a
+    smooth trajectory is no evidence and the prior breaks the tie."""
+    means = [float(np.mean(score)) for _, score, _ in candidates]
+    best = int(np.argmax(means))
+    top, top_noise = candidates[best][1], candidates[best][2]
     near = []
-    for shifts, score in candidates:
+    for shifts, score, noise in candidates:
         deficit = top - score
-        error = 2.0 * float(np.std(deficit)) / math.sqrt(len(deficit))
-        if float(np.mean(deficit)) <= max(TEMPLATE_TIE * abs(float(np.mean(top))), error):
+        n = len(deficit)
+        from_noise = math.sqrt(float(np.mean(noise**2 + top_noise**2)) / n)
+        from_scatter = float(np.std(deficit)) / math.sqrt(n)
+        if float(np.mean(deficit)) <= TIE_SIGMAS * max(from_noise, from_scatter):
             near.append(shifts)
     return min(near, key=_roughness)
 
