@@ -17,13 +17,9 @@ import pytest
 import scipy.fft as sfft
 
 from scherzer.optics import FrequencyGrid, Optics, image_intensity
-from scherzer.processing.restoration import (
-    camera_curve_to_grid,
-    load_camera_curve,
-    parametric_mtf,
-    plot_wave,
-    restore_exit_wave,
-)
+from scherzer.processing.plots import plot_wave
+from scherzer.processing.restoration import restore_exit_wave
+from scherzer.processing.spectral import camera_curve_to_grid, load_camera_curve, parametric_mtf
 from scherzer.stack import FrameRecord, ImageStack
 
 DEFAULT_OPTICS = Optics(voltage_kv=300.0, cs_mm=0.6, focal_spread_nm=3.0, beam_divergence_mrad=0.1)

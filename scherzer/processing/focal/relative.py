@@ -1,0 +1,234 @@
+"""Relative defocus and drift of a series with amorphous material (the default strategy).
+
+One job: the passes that register every image of an amorphous (or amorphous + crystal) field
+— the first pass outward from the reference (:func:`first_pass`: the nearest neighbours
+matched to the reference through the weak-phase transfer, :func:`match_reference`; further
+images against their prediction from the images registered so far, :func:`match_wave`) and
+the later leave-one-out passes (:func:`wave_pass`) — and :class:`AmorphousStrategy`, which
+strings them together for :func:`~scherzer.processing.focal.register.register_focal_series`.
+
+Conventions: defocus in nm (C1 < 0 underfocus), shifts in px with frame_i(r) ≈ ref(r − s_i);
+the reference's shift is 0 after every pass (it defines the frame).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scherzer.processing.focal.absolute import ChiFit, fit_chi_weak_phase, wave_absolute
+from scherzer.processing.focal.problem import (
+    PassState,
+    Problem,
+    clip_spots,
+    clip_weight,
+    loo_waves,
+    refine_shifts,
+    whiten,
+)
+from scherzer.processing.focal.search import search_defocus_shift
+from scherzer.processing.focal.settings import MIN_IMAGES
+from scherzer.processing.spectral import quadratic_term, shift_phase, solve_series
+
+__all__ = ["AmorphousStrategy", "first_pass", "match_reference", "match_wave", "wave_pass"]
+
+FINE_RANGE_NM = 3.0  # ± defocus search of the passes after the first wide one (wider: slower,
+# and a far side maximum can win; narrower: a poor start is not recovered)
+WAVE_SHIFT_WINDOW_PX = 3.0  # the first wave pass searches shifts within this of the last
+PAIR_NOISE_FLOOR = 0.05  # match_reference: noise floor of s_r² + s_n², × the mean s_r²
+WAVE_CORRECTIONS = 1  # quadratic-term rounds of the waves fitted to find the absolute defocus
+
+
+def match_reference(prob: Problem, i: int, ref: int, d_abs, env_s, center, rng_nm, window):
+    """Image i against the reference alone through the weak-phase transfer s = 2 sin χ · E.
+
+    For a weak-phase object S_n s_r − S_r s_n is pure noise of variance ∝ s_r² + s_n², so the
+    pair's likelihood is maximal where L = E − 2C is least, with C = Re Σ S_n S_r* s_r s_n
+    e^{2πig·s} / (s_r² + s_n²) and E = Σ (|S_n|² s_r² + |S_r|² s_n²) / (s_r² + s_n²). (The ratio
+    C/(E/2) would favour Δ → 0, where the pair is simply two similar images.) The reported peak
+    is C/(E/2) ≤ 1, 1 for noise-free, consistent images.
+    """
+    p = prob.params
+    s_r = prob.ctf(np.array([d_abs[ref]]), env_s[ref])[0] * prob.mask[ref]
+    xi = clip_spots(whiten(prob.spectra[i], p.whiten_first), prob.band, p.clip_spots)
+    xr = clip_spots(whiten(prob.spectra[ref], p.whiten_first), prob.band, p.clip_spots)
+    base = xi * np.conj(xr) * s_r
+    pow_i, pow_r = np.abs(xi) ** 2, np.abs(xr) ** 2
+    eps = np.float32(PAIR_NOISE_FLOOR * np.mean(s_r * s_r))
+
+    e0 = 0.25 * float((pow_i + pow_r).sum())  # a fixed scale: the search maximises C − E/2
+
+    def energy(sn):
+        den = s_r[None] ** 2 + sn * sn + eps
+        return 0.5 * ((pow_i[None] * s_r[None] ** 2 + pow_r[None] * sn * sn) / den).sum(axis=1)
+
+    def z_of(trials):
+        sn = prob.ctf(trials, env_s[i]) * prob.mask[i]
+        den = s_r[None] ** 2 + sn * sn + eps
+        return (base[None] * sn / den).astype(np.complex64), np.full(len(trials), e0), energy(sn)
+
+    delta, s, _ = search_defocus_shift(
+        prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, None, window
+    )
+    z, _, half_e = z_of(np.array([delta]))
+    peak = prob.corr.refine(z[0], s, float(half_e[0]), 0)[1]  # C / (E/2), reported
+    return delta, s, peak
+
+
+def match_wave(prob: Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess, window=None):
+    """Image i against its prediction φ T + φ*(−g) T*(−g) + quadratic term, over Δ and shift.
+
+    Δ and shift are searched on spectra whitened by ``FocalParams.whiten``; the shift is then
+    refined at that Δ with ``whiten_shift`` (see :class:`FocalParams`)."""
+    p = prob.params
+    phi_neg = prob.band.conj_neg(phi)
+
+    def z_maker(exponent: float, clip: float = 0.0):
+        w = clip_weight(prob.spectra[i], prob.band, clip)
+        spec_w = whiten(prob.spectra[i] * w, exponent)
+        spec_norm = float(np.linalg.norm(spec_w))
+
+        def z_of(trials):
+            tt = prob.bt.transfer(trials, env_s_i)
+            lin = (phi * tt + phi_neg * prob.band.conj_neg(tt)) * prob.camera
+            y = whiten((lin + quad_i) * (prob.mask[i] * w), exponent)
+            norm = spec_norm * np.linalg.norm(y, axis=1)
+            return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
+
+        return z_of
+
+    search_z = z_maker(p.whiten, p.clip_spots_wave)
+    delta, s, peak = search_defocus_shift(
+        prob.corr, search_z, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess, window
+    )
+    if p.whiten_shift != p.whiten or p.clip_spots_wave:  # shift and peak on the plain spectra
+        z, norm = z_maker(p.whiten_shift)(np.array([delta]))
+        s, peak = prob.corr.refine(z[0], s, float(norm[0]), 6)
+    return delta, s, peak
+
+
+def first_pass(prob: Problem, ref: int, nominal: np.ndarray, used: np.ndarray, rng_nm: float):
+    """Progressive registration outward from the reference.
+
+    The nearest neighbours are matched to the reference through the weak-phase transfer; every
+    further image (nearest first) against its prediction from the wave restored from the (≥ 3)
+    images registered so far, its defocus searched around the line fitted to them and its
+    shift within ``max_drift_px`` of their drift line.
+    """
+    n = len(nominal)
+    d_abs = nominal.copy()
+    shifts = np.zeros((n, 2))
+    peaks = np.ones(n)
+    env_s = prob.bt.spatial(nominal)
+    done = [ref]
+    order = sorted((i for i in range(n) if i != ref), key=lambda i: (abs(i - ref), i))
+    for i in order:
+        center = predict_defocus(nominal, d_abs, i, ref, np.array(done))
+        window = (predict_shift(shifts, i, np.array(done)), prob.params.max_drift_px)
+        if len(done) < MIN_IMAGES or abs(i - ref) <= 1:  # two images restore no wave
+            delta, s, h = match_reference(prob, i, ref, d_abs, env_s, center, rng_nm, window)
+        else:
+            idx = np.array(sorted(done))
+            aligned = prob.spectra[idx] * shift_phase(prob.band, shifts[idx])
+            t = prob.bt.transfer(d_abs[idx], env_s[idx])
+            sol = solve_series(
+                aligned, t, prob.band, camera=prob.camera, corrections=1,
+                prior_scale=prob.params.prior_scale, mask=prob.mask[idx],
+            )  # fmt: skip
+            t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
+            quad_i = quadratic_term(prob.band, sol.phi, t_i, prob.camera)[0]
+            delta, s, h = match_wave(
+                prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None, window
+            )
+        d_abs[i], shifts[i], peaks[i] = delta, s, h
+        if used[i] and h >= prob.flag_level:
+            done.append(i)
+        elif used[i] and len(done) < MIN_IMAGES:  # low dose: keep going with what there is
+            done.append(i)
+    return d_abs, shifts, peaks
+
+
+def predict_shift(shifts: np.ndarray, i: int, done: np.ndarray) -> np.ndarray:
+    """Shift of image i extrapolated along the images done so far (a straight drift line)."""
+    if done.size < 2:
+        return shifts[done].mean(axis=0)
+    coef = np.polyfit(done.astype(np.float64), shifts[done], 1)
+    return coef[0] * i + coef[1]
+
+
+def predict_defocus(nominal, d_abs, i, ref, done) -> float:
+    """Defocus of image i predicted from the images done so far (a fitted step)."""
+    if done.size < 2:
+        return float(d_abs[ref] + nominal[i] - nominal[ref])
+    slope, icpt = np.polyfit(nominal[done], d_abs[done], 1)
+    return float(slope * nominal[i] + icpt)
+
+
+def wave_pass(prob: Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=False):
+    """One leave-one-out pass: each image against its prediction from the others.
+
+    ``wide``: shifts searched by FFT over the whole field instead of refined from the last.
+    """
+    n = len(d_abs)
+    env_s = prob.bt.spatial(d_abs)
+    _, sol, quad, loo = loo_waves(prob, d_abs, shifts, used, prob.params.prior_scale, env_s)
+    new_d, new_s, new_p = d_abs.copy(), shifts.copy(), peaks.copy()
+    index = np.arange(n, dtype=np.float64)
+    for i in range(n):
+        center = d_abs[i]
+        if wide:  # centre on the line through the other images (recovers a wrong start)
+            others = used & (index != i)
+            k, c = np.polyfit(index[others], d_abs[others], 1)
+            center = float(k * i + c) if abs(k * i + c - d_abs[i]) > rng_nm / 2 else center
+        # the reference is searched widely: if the others agree among themselves but sit a
+        # lattice (or contrast-reversal) translation away from it, the gauge moves to them
+        radius = prob.params.max_drift_px if i == ref else WAVE_SHIFT_WINDOW_PX
+        window = (shifts[i], radius) if wide else None
+        new_d[i], new_s[i], new_p[i] = match_wave(
+            prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i], window
+        )
+    new_s -= new_s[ref]  # the reference defines the frame (its own fit sets the gauge)
+    return new_d, new_s, new_p, sol.phi
+
+
+class AmorphousStrategy:
+    """A field with amorphous material (:class:`~.problem.Strategy`): relative defocus searched
+    per image, the absolute defocus and A1 from the weak-phase relation of the restored wave
+    (:func:`~.absolute.fit_chi_weak_phase`)."""
+
+    def first_pass(self, prob: Problem, ref: int, nominal, used, range_nm: float):
+        return first_pass(prob, ref, nominal, used, range_nm)
+
+    def later_pass(self, prob: Problem, ref: int, nominal, state: PassState, used, range_nm):
+        # the first wave pass searches as widely as the first pass (FFT shifts, ±range) so
+        # that an image the reference-based start got wrong is recovered
+        wide = state.passes == 0
+        new_d, new_s, new_p, _ = wave_pass(
+            prob, ref, state.d_abs, state.shifts, state.peaks, used,
+            range_nm if wide else FINE_RANGE_NM, wide,
+        )  # fmt: skip
+        return new_d, new_s, new_p
+
+    def flag_level(self, prob: Problem, peaks, used) -> float:
+        return prob.flag_level
+
+    def absolute(self, prob: Problem, d_abs, shifts, ok, basis, range_nm: float) -> ChiFit:
+        return wave_absolute(
+            prob, d_abs, shifts, ok, basis, range_nm, WAVE_CORRECTIONS, fit_chi_weak_phase
+        )
+
+    def finish(self, prob: Problem, ref: int, d_abs, shifts, peaks, used):
+        """The shifts refined once more against a restoration-prior prediction
+        (``shift_prior_scale``); the absolute defocus moved from the film's mid-plane to its
+        exit surface when ``thickness_nm`` is known (module doc of the package)."""
+        p = prob.params
+        if p.shift_prior_scale is not None:
+            ok = used & (peaks >= self.flag_level(prob, peaks, used))
+            ok[ref] = True
+            if ok.sum() >= MIN_IMAGES:
+                shifts, _ = refine_shifts(prob, ref, d_abs, shifts, ok, p.shift_prior_scale)
+        if p.thickness_nm is not None and p.absolute == "wave":
+            d_abs = d_abs - 0.5 * float(p.thickness_nm)  # mid-plane → exit surface
+        return d_abs, shifts
+
+    def shifts_of_flagged(self, shifts, used, flagged):
+        return shifts

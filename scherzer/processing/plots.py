@@ -1,0 +1,105 @@
+"""Every PNG the processing engines make, and the one helper that writes them.
+
+One job: turn results into figures. Engines return numbers; callers (the pipeline, the CLI,
+the demo) ask for plots here. Figures are made with matplotlib's non-interactive Agg backend
+(no display needed) and always closed after saving (:func:`save_figure`), so long-running
+daemons do not accumulate open figures.
+
+Conventions: image index on the x axis; defocus in nm (C1 < 0 underfocus), drift in px
+(``shifts_px[i] = (dy, dx)``, ARCHITECTURE.md), phase in rad.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from scherzer.processing.focal import FocalRegistration
+
+__all__ = ["plot_registration", "plot_wave", "pyplot", "save_figure"]
+
+PNG_DPI = 100  # resolution of every saved PNG: legible labels at a few tens of kB per plot
+SUSPECT_PEAK = 0.01  # the focal peak-height plot's marked level (peaks below it are suspect)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = PNG_DPI, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` (PNG; parent folders created) and close it. ``tight``: trim
+    the figure to its content (bbox_inches="tight") after laying it out. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)
+    finally:
+        pyplot().close(fig)
+    return path
+
+
+def plot_wave(wave: np.ndarray, out_dir: str | Path, name: str = "exit_wave") -> list[Path]:
+    """Phase and amplitude of ``wave`` as PNGs in ``out_dir`` (created); returns the paths."""
+    plt = pyplot()
+    out = Path(out_dir)
+    paths = []
+    for label, img in (("phase", np.angle(wave)), ("amplitude", np.abs(wave))):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        im = ax.imshow(img, cmap="gray")
+        ax.set_title(f"{name}: {label}" + (" (rad)" if label == "phase" else ""))
+        ax.set_axis_off()
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        paths.append(save_figure(fig, out / f"{name}_{label}.png"))
+    return paths
+
+
+def plot_registration(result: FocalRegistration, out_dir: str | Path) -> list[Path]:
+    """PNGs in ``out_dir`` of a focal-series registration (the three plots users read): fitted
+    focus vs index with a line fit and its residuals, peak heights (suspect ones red), drift
+    y/x vs index. Returns the paths."""
+    plt = pyplot()
+    out = Path(out_dir)
+    idx = np.arange(len(result.defocus_nm))
+    u = result.used
+
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(6, 6), sharex=True, height_ratios=(3, 1))
+    ax.plot(idx, result.nominal_defocus_nm, "x", color="0.6", label="nominal")
+    ax.plot(idx[u], result.defocus_nm[u], "o", label="fitted")
+    ax.plot(idx[~u], result.defocus_nm[~u], "o", mfc="none", color="r", label="not used")
+    if u.sum() >= 2:
+        k, c = np.polyfit(idx[u], result.defocus_nm[u], 1)
+        ax.plot(idx, k * idx + c, "-", lw=1, label=f"line: step {k:.2f} nm")
+        axr.plot(idx, result.defocus_nm - (k * idx + c), "o-")
+    ax.set_ylabel("defocus C1 (nm)")
+    ax.legend(fontsize=8)
+    axr.axhline(0, color="0.5", lw=0.5)
+    axr.set_ylabel("residual (nm)")
+    axr.set_xlabel("image index")
+    paths = [save_figure(fig, out / "focus_vs_index.png", tight=False)]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(idx, result.peak_heights, color=np.where(result.flagged, "r", "C0"))
+    ax.axhline(SUSPECT_PEAK, color="r", ls="--", lw=0.8, label=f"{SUSPECT_PEAK} (suspect below)")
+    ax.set_xlabel("image index")
+    ax.set_ylabel("correlation peak")
+    ax.legend(fontsize=8)
+    paths.append(save_figure(fig, out / "peak_heights.png", tight=False))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(idx, result.shifts_px[:, 1], "o-", label="x")
+    ax.plot(idx, result.shifts_px[:, 0], "s-", label="y")
+    ax.set_xlabel("image index")
+    ax.set_ylabel("drift (px)")
+    ax.legend(fontsize=8)
+    paths.append(save_figure(fig, out / "drift.png", tight=False))
+    return paths
