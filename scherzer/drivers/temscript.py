@@ -35,10 +35,13 @@ gives the same once per job.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import structlog
 
 from scherzer.drivers.base import DeviceError, DeviceTimeout
 from scherzer.drivers.temscript_acquire import TemscriptCamera, TemscriptScanGenerator
@@ -60,8 +63,12 @@ __all__ = [
     "TemscriptLens",
     "TemscriptScanGenerator",
     "TemscriptSettings",
+    "open_bench",
     "open_temscript",
+    "settings_from_devices",
 ]
+
+log = structlog.get_logger("scherzer.temscript")
 
 
 class TemscriptLens(TemscriptPart):
@@ -293,3 +300,66 @@ def open_temscript(settings: TemscriptSettings, *, check: bool = True) -> Temscr
         scan=TemscriptScanGenerator(link, settings, lens),
         settings=settings,
     )
+
+
+#: TemscriptSettings field → the ``[devices]`` setting it is read from (when present there).
+DEVICE_SETTING_NAMES = {
+    "url": "temscript_url",
+    "read_only": "read_only",
+    "timeout_s": "temscript_timeout_s",
+    "acquire_margin_s": "temscript_acquire_margin_s",
+    "camera": "temscript_camera",
+    "defocus_nm_per_unit": "temscript_defocus_nm_per_unit",
+    "defocus_offset_nm": "temscript_defocus_offset_nm",
+    "stigmator_nm_per_unit": "temscript_stigmator_nm_per_unit",
+    "pixel_size_nm": "temscript_pixel_size_nm",
+    "settle_s": "temscript_settle_s",
+    "stem_full_size_px": "temscript_stem_full_size_px",
+    "stem_field_nm_times_mag": "temscript_stem_field_nm_times_mag",
+}
+
+
+def settings_from_devices(dev: Any) -> TemscriptSettings:
+    """TemscriptSettings from the typed ``[devices]`` settings: each field of
+    :data:`DEVICE_SETTING_NAMES` the section declares; the rest keep their defaults.
+    ``temscript_defocus_limits_nm`` (lo, hi), when declared, sets the lens's defocus limits."""
+    values = {
+        field_name: getattr(dev, setting)
+        for field_name, setting in DEVICE_SETTING_NAMES.items()
+        if getattr(dev, setting, None) is not None
+    }
+    limits = getattr(dev, "temscript_defocus_limits_nm", None)
+    if limits is not None:
+        values["limits"] = dataclasses.replace(
+            TemscriptSettings().limits, defocus_nm=tuple(float(v) for v in limits)
+        )
+    return TemscriptSettings(**values)
+
+
+def open_bench(dev: Any) -> Any:
+    """The driver-registry factory for ``devices.kind = "temscript"`` (a ``Bench``).
+
+    The server is asked what it is at start; if it cannot be reached the daemon still starts
+    (the instrument record says why, the camera shape falls back to ``devices.camera_shape``)
+    and the first device call reports the error — jobs fail with it until the server is back.
+    """
+    from scherzer.drivers.instruments import Instruments
+    from scherzer.drivers.registry import Bench
+
+    settings = settings_from_devices(dev)
+    ins = open_temscript(settings, check=False)
+    try:
+        instrument = ins.describe_instrument()
+        shape = ins.camera.shape
+    except DeviceError as exc:
+        log.warning("temscript server not available at start", url=settings.url, error=str(exc))
+        instrument = {"url": settings.url, "read_only": settings.read_only, "error": str(exc)}
+        shape = tuple(getattr(dev, "camera_shape", (2048, 2048)))
+    instruments = Instruments(
+        camera=ins.camera,
+        scan=ins.scan,
+        camera_shape=(int(shape[0]), int(shape[1])),
+        wait_s=time.sleep,
+        instrument=instrument,
+    )
+    return Bench(instruments, lambda: ins.lens, None, [ins.close])
