@@ -22,7 +22,13 @@ def _config_knows_temscript() -> bool:
     from scherzer.config import DeviceSettings
 
     try:
-        DeviceSettings(kind="temscript", temscript_url="http://127.0.0.1:8080", read_only=False)
+        DeviceSettings(
+            kind="temscript",
+            temscript_url="http://127.0.0.1:8080",
+            read_only=False,
+            temscript_timeout_s=5.0,
+            temscript_stigmator_nm_per_unit=100.0,
+        )
     except Exception:
         return False
     return True
@@ -32,7 +38,7 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(
         not _config_knows_temscript(),
-        reason="config.py does not declare devices.kind='temscript', temscript_url, read_only",
+        reason="config.py does not declare devices.kind='temscript' and its fields yet",
     ),
 ]
 
@@ -63,7 +69,12 @@ REQUESTED = [-80.0, -60.0, -40.0, -20.0, 0.0]
 
 def temscript_daemon(tmp_path, url: str, **devices) -> LocalDaemon:
     config = {
-        "devices": {"kind": "temscript", "temscript_url": url, **devices},
+        "devices": {
+            "kind": "temscript",
+            "temscript_url": url,
+            "temscript_stigmator_nm_per_unit": 100.0,  # lens_get reports the stigmator in nm
+            **devices,
+        },
         "server": {"heartbeat_s": 0.2},
     }
     return LocalDaemon(config, tmp_path)
