@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from scherzer.validation import format_validation_error
+
 __all__ = [
     "ClientKey",
     "ConfigError",
@@ -223,10 +225,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from exc
+        raise ConfigError(f"invalid settings: {format_validation_error(exc)}") from exc
 
 
 def _toml_value(v: Any) -> str:

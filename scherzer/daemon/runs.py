@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scherzer.config import read_toml
 from scherzer.daemon.plans import ErrorPolicy
+from scherzer.validation import format_validation_error
 
 __all__ = [
     "Preflight",
@@ -87,10 +88,7 @@ def load_runs(path: str | Path) -> RunsFile:
     try:
         return RunsFile.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise RunsError(f"{p}: {problems}") from exc
+        raise RunsError(f"{p}: {format_validation_error(exc)}") from exc
 
 
 def expand_runs(runs: RunsFile) -> list[dict[str, Any]]:

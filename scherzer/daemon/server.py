@@ -17,11 +17,8 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import structlog
 import zmq
 from pydantic import BaseModel, ValidationError
@@ -29,19 +26,19 @@ from pydantic import BaseModel, ValidationError
 import scherzer
 from scherzer.config import Settings
 from scherzer.daemon import protocol as P
+from scherzer.daemon.calls import Call, Deferred, Handler, Reply, error_fields, id_of
+from scherzer.daemon.device_handlers import DeviceHandlers
 from scherzer.daemon.events import EventBus, Mailbox, OutgoingReply
-from scherzer.daemon.executor import (
-    Executor,
-    FrameCache,
-    Instruments,
-    count_frames_on_disk,
-    open_instruments,
-)
+from scherzer.daemon.executor import Executor, open_instruments
+from scherzer.daemon.files import count_frames_on_disk
+from scherzer.daemon.frames import FrameCache
 from scherzer.daemon.jobs import JobStore
 from scherzer.daemon.logging import configure_logging
 from scherzer.daemon.plans import parse_plan, plan_to_json
 from scherzer.daemon.security import LOCAL_USER, Identity, ServerKeys, ZapHandler
 from scherzer.drivers.base import DeviceError
+from scherzer.drivers.instruments import Instruments
+from scherzer.validation import validation_problems
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -49,37 +46,7 @@ log = structlog.get_logger("scherzer.daemon")
 ErrorCode = P.ErrorCode
 
 
-@dataclass
-class Reply:
-    """A handler's immediate answer: a result model and arrays sent as binary frames."""
-
-    result: BaseModel
-    arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)
-
-
-class Deferred:
-    """A handler that will answer later (from another thread) through :meth:`Call.finish`."""
-
-
-@dataclass
-class Call:
-    """One request in flight: who sent it and how to answer."""
-
-    envelope: list[bytes]
-    request_id: str | None
-    method: str
-    identity: Identity
-
-    @property
-    def log(self) -> Any:
-        """A logger bound to this client, method and request (built only when used)."""
-        return log.bind(client=self.identity.user, method=self.method, request=self.request_id)
-
-
-Handler = Callable[[Call, Any], "Reply | Deferred"]
-
-
-class Daemon:
+class Daemon(DeviceHandlers):
     """One daemon instance; :meth:`run` serves until stopped and returns the exit code."""
 
     def __init__(self, settings: Settings, instruments: Instruments | None = None) -> None:
@@ -283,7 +250,7 @@ class Daemon:
             raw = body[0].bytes
             self._check_size(len(raw), len(body))
             obj = P.decode_json(raw)
-            request_id = _id_of(obj)
+            request_id = id_of(obj)
             req, spec, params = self._decode(obj, len(body))
             request_id = req.id
             call = Call(envelope, req.id, req.method, who)
@@ -388,7 +355,7 @@ class Daemon:
         if error is None and reply is not None:
             frames = self._reply_frames(call.envelope, call.request_id, reply)
         else:
-            code, message, details = _error_fields(error)
+            code, message, details = error_fields(error)
             if code == ErrorCode.INTERNAL:
                 call.log.error("device call failed", exc_info=error)
             head = P.encode_json(P.error_reply(call.request_id, code, message, details))
@@ -520,8 +487,7 @@ class Daemon:
         try:
             plan = parse_plan(p.plan)
         except ValidationError as exc:
-            problems = [f"{'.'.join(d['loc'])}: {d['msg']}" for d in P.validation_details(exc)]
-            return Reply(P.PlanValidateResult(valid=False, problems=problems))
+            return Reply(P.PlanValidateResult(valid=False, problems=validation_problems(exc)))
         problems = self._check_plan(plan)
         est = self._estimate(plan)
         return Reply(
@@ -551,126 +517,6 @@ class Daemon:
 
         threading.Thread(target=run, name="report", daemon=True).start()
         return Deferred()
-
-    # --- handlers: devices (run on the executor thread) ------------------------------------
-    def _device(self, call: Call, fn: Callable[[Instruments], Reply], *, changes: bool) -> Deferred:
-        def done(result: Reply | None, error: BaseException | None) -> None:
-            if changes and error is None:
-                self.devices_counter += 1
-            self.finish(call, result, error)
-
-        self.executor.call_device(fn, done)
-        return Deferred()
-
-    def _lens_get(self, call: Call, _: P.Empty) -> Deferred:
-        return self._device(call, lambda ins: Reply(_lens_state(ins)), changes=False)
-
-    def _lens_set(self, call: Call, p: P.LensSetParams) -> Deferred:
-        def run(ins: Instruments) -> Reply:
-            lens = _need(ins.lens, "lens")
-            if p.defocus_nm is not None:
-                lens.set_defocus_nm(p.defocus_nm)
-            if p.stigmator_nm is not None or p.stigmator_deg is not None:
-                m0, a0 = lens.get_stigmator()
-                lens.set_stigmator(
-                    m0 if p.stigmator_nm is None else p.stigmator_nm,
-                    a0 if p.stigmator_deg is None else p.stigmator_deg,
-                )
-            if p.beam_tilt_mrad is not None:
-                lens.set_beam_tilt_mrad(*p.beam_tilt_mrad)
-            if p.wait_settled:
-                lens.wait_settled(self.settings.devices.settle_timeout_s)
-            call.log.info("lens set", **p.model_dump(exclude_none=True))
-            return Reply(_lens_state(ins))
-
-        return self._device(call, run, changes=True)
-
-    def _camera_acquire(self, call: Call, p: P.CameraAcquireParams) -> Deferred:
-        if p.exposure_s > self.settings.limits.max_exposure_s:
-            raise P.ProtocolError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"exposure_s {p.exposure_s} > limit {self.settings.limits.max_exposure_s}",
-            )
-
-        def run(ins: Instruments) -> Reply:
-            f = _need(ins.camera, "camera").acquire(p.exposure_s, p.binning, p.region)
-            info = self.frames.put(f.image, f.record, f.pixel_size_nm)
-            return self._frames_reply([(info, f.image)], p.return_data)
-
-        return self._device(call, run, changes=True)
-
-    def _scan_acquire(self, call: Call, p: P.ScanAcquireParams) -> Deferred:
-        from scherzer.drivers.base import ScanSettings
-
-        lo, hi = self.settings.limits.dwell_us
-        if not lo <= p.dwell_us <= hi or max(p.size_px) > self.settings.limits.max_scan_px:
-            raise P.ProtocolError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"dwell_us must be in [{lo}, {hi}] and size_px at most "
-                f"{self.settings.limits.max_scan_px}",
-            )
-        settings = ScanSettings(
-            size_px=p.size_px,
-            pixel_nm=p.pixel_nm,
-            dwell_us=p.dwell_us,
-            flyback_us=p.flyback_us,
-            rotation_deg=p.rotation_deg,
-            signals=tuple(p.signals),
-        )
-
-        def run(ins: Instruments) -> Reply:
-            scan = _need(ins.scan, "scan generator")
-            scan.configure(settings)
-            f = scan.acquire()
-            pairs = [
-                (self.frames.put(img, f.records[name], f.pixel_size_nm), img)
-                for name, img in f.images.items()
-            ]
-            return self._frames_reply(pairs, p.return_data)
-
-        return self._device(call, run, changes=True)
-
-    def _frames_reply(self, pairs: list[tuple[P.FrameInfo, np.ndarray]], data: bool) -> Reply:
-        infos = [info for info, _ in pairs]
-        arrays = [(i.signal, np.ascontiguousarray(img, dtype=np.float32)) for i, img in pairs]
-        return Reply(P.AcquireResult(frames=infos), arrays if data else [])
-
-    def _frame_get(self, call: Call, p: P.FrameGetParams) -> Reply:
-        image, info = self.frames.get(p.frame_id)
-        return Reply(P.AcquireResult(frames=[info]), [(info.signal, image)])
-
-
-def _need(device: Any, what: str) -> Any:
-    if device is None:
-        raise DeviceError(f"no {what} is configured in this daemon (see [devices] in the config)")
-    return device
-
-
-def _lens_state(ins: Instruments) -> P.LensState:
-    lens = _need(ins.lens, "lens")
-    m, a = lens.get_stigmator()
-    return P.LensState(
-        defocus_nm=lens.get_defocus_nm(),
-        stigmator_nm=m,
-        stigmator_deg=a,
-        beam_tilt_mrad=lens.get_beam_tilt_mrad(),
-    )
-
-
-def _error_fields(error: BaseException | None) -> tuple[ErrorCode, str, Any]:
-    if isinstance(error, P.ProtocolError):
-        return error.code, error.message, error.details
-    if isinstance(error, DeviceError):
-        return ErrorCode.of_device(error.code), str(error), error.details or None
-    if isinstance(error, ValueError):
-        return ErrorCode.INVALID_PARAMS, str(error), None
-    return ErrorCode.INTERNAL, f"internal error: {error}", None
-
-
-def _id_of(obj: Any) -> str | None:
-    """The request id if ``obj`` is a JSON object with a usable string id (for error replies)."""
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) and 0 < len(rid) <= P.MAX_ID_CHARS else None
 
 
 def _free_disk_bytes(path: Any) -> int:

@@ -1,0 +1,98 @@
+"""Processing after acquisition: a job's pipeline steps in their own thread.
+
+:class:`ProcessingWorker` runs :func:`run_processing` on a job that is ``acquired`` (so the next
+job's acquisition can start): ``processing`` → ``done``, or ``failed`` with the reason (the frames
+stay). Results go into the job's file, plots into its folder
+(:func:`~scherzer.daemon.files.job_folder`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from scherzer.daemon.files import job_folder
+from scherzer.daemon.jobs import JobStore
+from scherzer.daemon.plans import BasePlan, FocalSeries
+from scherzer.daemon.protocol import ErrorBody, ErrorCode, JobInfo
+from scherzer.emd import read_stacks
+
+__all__ = ["ProcessingWorker", "Publish", "processing_steps", "run_processing"]
+
+log = structlog.get_logger("scherzer.executor")
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+def processing_steps(plan: BasePlan) -> list[str | dict[str, Any]]:
+    """The plan's pipeline steps with plan-level choices filled in (focal reference image)."""
+    steps: list[str | dict[str, Any]] = []
+    for step in plan.processing:
+        spec = {"step": step} if isinstance(step, str) else dict(step)
+        if (
+            isinstance(plan, FocalSeries)
+            and spec["step"] == "focal_register"
+            and plan.reference_index is not None
+        ):
+            spec.setdefault("reference", plan.reference_index)
+        steps.append(spec if len(spec) > 1 else spec["step"])
+    return steps
+
+
+def run_processing(plan: BasePlan, path: str | Path) -> dict[str, Any]:
+    """Run the plan's steps on the job file's stacks; results into the file, plots into the
+    job's folder. Returns the pipeline's JSON summary."""
+    from scherzer.emd import store_pipeline_result
+    from scherzer.processing.pipeline import run_pipeline
+
+    stacks = read_stacks(path)
+    ordered = {s: stacks[s] for s in plan.signals() if s in stacks}
+    if not ordered:
+        raise ValueError(f"{path} holds none of the plan's signals {list(plan.signals())}")
+    folder = job_folder(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = run_pipeline(ordered, processing_steps(plan), plot_dir=folder)
+    store_pipeline_result(path, result)
+    return result.summary()
+
+
+class ProcessingWorker:
+    """Runs a job's processing steps in its own thread, then marks the job done or failed."""
+
+    def __init__(
+        self, store: JobStore, publish: Publish, runner: Callable | None = run_processing
+    ) -> None:
+        self._store = store
+        self._publish = publish
+        self._runner = runner
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="processing")
+
+    def submit(self, job: JobInfo, plan: BasePlan, path: Path, note: ErrorBody | None) -> None:
+        self._pool.submit(self._run, job, plan, path, note)
+
+    def _run(self, job: JobInfo, plan: BasePlan, path: Path, note: ErrorBody | None) -> None:
+        jlog = log.bind(job=job.job_id, client=job.submitter)
+        info = self._store.set_state(job.job_id, "processing")
+        self._publish("job", {"job": info.model_dump(mode="json")})
+        try:
+            if self._runner is None:
+                raise RuntimeError(f"no processing runner for steps {plan.processing}")
+            self._runner(plan, path)
+            info = self._store.set_state(job.job_id, "done", error=note)
+            jlog.info("processing done", steps=[str(s) for s in plan.processing])
+        except Exception as exc:
+            jlog.exception("processing failed")
+            err = ErrorBody(
+                code=ErrorCode.PROCESSING_FAILED,
+                message=f"processing failed ({type(exc).__name__}): {exc}; the frames are on disk",
+                details={"steps": [str(s) for s in plan.processing]},
+            )
+            info = self._store.set_state(job.job_id, "failed", error=err)
+        self._publish("job", {"job": info.model_dump(mode="json")})
+
+    def shutdown(self) -> None:
+        """Finish the running step list; jobs still waiting stay ``acquired`` (→ interrupted)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
