@@ -189,15 +189,7 @@ def restore_exit_wave(
     py, px = (pixel_nm, pixel_nm) if np.isscalar(pixel_nm) else tuple(pixel_nm)
     opt = optics.with_(a1_nm=float(astigmatism[0]), a1_deg=float(astigmatism[1]))
     fu = frames[u]
-    if p.area is not None:
-        data = crop_area(aligned_frames(fu, s[u]), p.area)
-        taper = AREA_TAPER_PX if p.taper_px is None else p.taper_px
-        spectra_full = frame_spectra(data, taper)
-        s_used = np.zeros((fu.shape[0], 2))
-    else:
-        data = None
-        spectra_full = frame_spectra(fu, p.taper_px or 0)
-        s_used = s[u]
+    data, spectra_full, s_used = _area_spectra(fu, s[u], p)
     grid = FrequencyGrid(spectra_full.shape[-2:], (float(py), float(px)))
     cam, nps_grid = _camera_factor(opt, grid, mtf, nps)
     band = information_band(opt, grid, d[u], cam)
@@ -225,6 +217,17 @@ def restore_exit_wave(
         wave=wave, defocus_nm=d, used=u, noise_sigma=sig, seconds=time.perf_counter() - t0,
         params=record, loss_history=losses,
     )  # fmt: skip
+
+
+def _area_spectra(fu: np.ndarray, s_u: np.ndarray, p: RestoreParams):
+    """(data, spectra, shifts still to apply) of the used frames: for an area the frames are
+    aligned first, cropped and tapered (data = the crop, shifts 0); else the full periodic
+    frames' spectra (data None, shifts ``s_u``)."""
+    if p.area is not None:
+        data = crop_area(aligned_frames(fu, s_u), p.area)
+        taper = AREA_TAPER_PX if p.taper_px is None else p.taper_px
+        return data, frame_spectra(data, taper), np.zeros((fu.shape[0], 2))
+    return None, frame_spectra(fu, p.taper_px or 0), s_u
 
 
 def _restore_params(params: RestoreParams | None, keywords: dict[str, Any]) -> RestoreParams:
@@ -306,6 +309,29 @@ def _best_step(coef: np.ndarray) -> float:
     return float(real[np.argmin(vals)])
 
 
+def _prior_terms(rho: np.ndarray, psi: np.ndarray, d: np.ndarray) -> tuple[float, float, float]:
+    """Coefficients (t⁰, t¹, t²) of Σ ρ |ψ̂ + t d|² along the direction d."""
+    return (
+        float(np.sum(rho * np.abs(psi) ** 2)),
+        float(2.0 * np.sum(rho * (np.conj(psi) * d).real)),
+        float(np.sum(rho * np.abs(d) ** 2)),
+    )
+
+
+def _quartic(w: np.ndarray, r: np.ndarray, a1: np.ndarray, a2: np.ndarray) -> np.ndarray:
+    """Coefficients (t⁰ … t⁴) of Σ w (r + t a1 + t² a2)², the data loss along a direction."""
+    return np.array(
+        [
+            np.sum(w * r * r),
+            2 * np.sum(w * r * a1),
+            np.sum(w * (a1 * a1 + 2 * r * a2)),
+            2 * np.sum(w * a1 * a2),
+            np.sum(w * a2 * a2),
+        ],
+        dtype=np.float64,
+    )
+
+
 def refine_nonlinear(
     wave: np.ndarray,
     images: np.ndarray,
@@ -338,17 +364,9 @@ def refine_nonlinear(
     u = sfft.ifft2(psi[None] * t, workers=workers)
     d_prev = g_prev = None
     losses: list[float] = []
-
-    def prior_terms(d: np.ndarray) -> tuple[float, float, float]:
-        return (
-            float(np.sum(rho * np.abs(psi) ** 2)),
-            float(2.0 * np.sum(rho * (np.conj(psi) * d).real)),
-            float(np.sum(rho * np.abs(d) ** 2)),
-        )
-
     for _ in range(iterations):
         r = _apply_camera(np.abs(u) ** 2, cam_r, shape) - images
-        losses.append(float(np.sum(w * r * r)) + prior_terms(psi * 0)[0])
+        losses.append(float(np.sum(w * r * r)) + _prior_terms(rho, psi, psi * 0)[0])
         back = _apply_camera((2.0 / npix) * w * r, cam_r, shape) * u
         grad = np.sum(np.conj(t) * sfft.fft2(back, workers=workers, overwrite_x=True), axis=0)
         grad = grad + rho * psi
@@ -360,23 +378,14 @@ def refine_nonlinear(
         v = sfft.ifft2(d[None] * t, workers=workers)
         a1 = _apply_camera(2.0 * (u.real * v.real + u.imag * v.imag), cam_r, shape)
         a2 = _apply_camera(np.abs(v) ** 2, cam_r, shape)
-        coef = np.array(
-            [
-                np.sum(w * r * r),
-                2 * np.sum(w * r * a1),
-                np.sum(w * (a1 * a1 + 2 * r * a2)),
-                2 * np.sum(w * a1 * a2),
-                np.sum(w * a2 * a2),
-            ],
-            dtype=np.float64,
-        )
-        coef[:3] += prior_terms(d)
+        coef = _quartic(w, r, a1, a2)
+        coef[:3] += _prior_terms(rho, psi, d)
         step = _best_step(coef)
         psi = psi + np.complex64(step) * d
         u = u + np.complex64(step) * v
         d_prev, g_prev = d, grad
     r = _apply_camera(np.abs(u) ** 2, cam_r, shape) - images
-    losses.append(float(np.sum(w * r * r)) + prior_terms(psi * 0)[0])
+    losses.append(float(np.sum(w * r * r)) + _prior_terms(rho, psi, psi * 0)[0])
     out = sfft.ifft2(psi, workers=workers).astype(np.complex64)
     return out, losses
 

@@ -99,17 +99,15 @@ class ChiFit:
 ChiFitter = Callable[..., ChiFit]
 
 
-def _pair_objective(phi, basis, band, noise_cov12, free_phase: bool):
+def _pair_terms(phi, basis, band, noise_cov12):
     """q = −p/|p|^½ on one of each (g, −g) pair (p = φ(g)φ(−g) minus its noise part), the
-    basis there, and the phase objective (one free phase for all when ``free_phase``)."""
+    basis there, and the pair selection ``half``."""
     half = (band.gy > 0) | ((band.gy == 0) & (band.gx > 0))  # p(g) = p(−g): one of each pair
     p = phi[half].astype(np.complex128) * phi[band.neg][half]
     if noise_cov12 is not None:
         p = p - noise_cov12[half]
     q = -p / np.maximum(np.abs(p), 1e-30) ** 0.5
-    basis = basis[:, half]
-    groups = np.zeros(q.size, np.int64) if free_phase else None
-    return q, basis, half, phase_objective(q, basis, groups)
+    return q, basis[:, half], half
 
 
 def _defocus_start(q, basis, range_nm: float, j_and_grad, score) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +137,8 @@ def fit_chi_weak_phase(
     q = −p/|p|^½, p = φ(g)φ(−g) minus its noise part ``noise_cov12`` (see
     :func:`~scherzer.processing.spectral.pair_noise_covariance`), over C1 (± ``range_nm``) and
     A1 (module doc)."""
-    q, basis, _, j_and_grad = _pair_objective(phi, basis, band, noise_cov12, False)
+    q, basis, _ = _pair_terms(phi, basis, band, noise_cov12)
+    j_and_grad = phase_objective(q, basis, None)  # arg p = π: no free phase
     _, x = _defocus_start(q, basis, range_nm, j_and_grad, lambda e: e.real.sum())
     if not fit_astigmatism:
         return ChiFit(float(x[0]), np.zeros(2))
@@ -163,7 +162,8 @@ def fit_chi_free_phase(
     arg p), then the defocus with A1 fixed; when the rings cannot fix both A1 components
     (:func:`ring_conditioning` below ``RING_MIN_CONDITIONING``, e.g. a rectangular lattice with
     few equivalent reflections) the joint free-phase fit is used."""
-    q, basis, half, j_and_grad = _pair_objective(phi, basis, band, noise_cov12, True)
+    q, basis, half = _pair_terms(phi, basis, band, noise_cov12)
+    j_and_grad = phase_objective(q, basis, np.zeros(q.size, np.int64))  # one free phase: 2 arg c
     x0, x = _defocus_start(q, basis, range_nm, j_and_grad, lambda e: abs(e.sum()))
     if not fit_astigmatism:
         return ChiFit(float(x[0]), np.zeros(2))

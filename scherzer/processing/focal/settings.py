@@ -100,16 +100,17 @@ class FocalParams:
     complex c (the channelling picture of a thin crystal at its exit surface: amplitude and
     phase contrast in a fixed ratio) instead of a weak-phase object, with 3 rounds of the
     quadratic-term correction in the restoration, on the band all images keep (see
-    :func:`fit_defocus_astigmatism_wave`). Images with almost no lattice contrast are flagged
-    (:func:`_flag_level`) and get the drift line's shift. Not automatic: a crystal edge under
-    amorphous film has as much power in its spots as a crystal-only field, so choose it.
+    :func:`~.absolute.fit_chi_free_phase`). Images with almost no lattice contrast are
+    flagged (:meth:`~.crystal.CrystalStrategy.flag_level`) and get the drift line's shift.
+    Not automatic: a crystal edge under amorphous film has as much power in its spots as a
+    crystal-only field, so choose it.
     ``per_image_delocalisation`` (None: automatic, see :meth:`resolved`): the
     ``max_delocalisation`` limit leaves a frequency out only for the images that delocalise it
     beyond the limit, and the band keeps frequencies that ≥ ``DELOC_MIN_FRACTION`` of the
     images keep (False: out for all images, the band of the worst image).
     ``prior_scale`` (None: automatic): the Wiener prior of the waves that predict images
     during registration is this many times weaker than the restoration's (see
-    :func:`scherzer.processing.restoration.solve_series`; 1 = the restoration's).
+    :func:`scherzer.processing.spectral.solve_series`; 1 = the restoration's).
     ``shift_prior_scale`` (None: off): after the passes, every shift is refined once more
     (Newton, at the fitted defocus, noise-weighted by the camera NPS when given) against a
     leave-one-out prediction with the restoration's Wiener prior × this — less noisy than the

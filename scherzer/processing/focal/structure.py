@@ -53,8 +53,10 @@ class StructureParams:
     ± ``DEFAULT_START_HALF_RANGE_NM``, or around Scherzer if none). ``n_sectors``: azimuth
     sectors of the A1 fit. ``fit_astigmatism``: fit A1. ``area``: (y0, x0, h, w) px
     registered and averaged. ``wiener_snr``: the average's Wiener constant 1/snr.
-    ``crystal``: a crystal-only field of a thick or strongly scattering crystal (drift, step
-    scale, start defocus and A1 from the crystal registration).
+    ``crystal``: a crystal-only field of a thick or strongly scattering crystal, whose
+    amplitude contrast breaks the weak-phase agreement: drift, one step scale, the start
+    defocus (exit surface) and A1 come from :func:`register_focal_series` with
+    ``FocalParams(crystal=True)``.
     """
 
     __pydantic_config__ = pydantic.ConfigDict(extra="forbid")
@@ -105,22 +107,16 @@ def structure_image(
 ) -> StructureImageResult:
     """QFocus-like structure image: start defocus from Fourier-phase agreement, A1 by sectors.
 
-    Defocus of image i = start + i·``step_nm``. ``params``: :class:`StructureParams` (or, the
-    older form, its fields as keywords — not both). ``start_range_nm`` = (lo, hi) searched (default:
-    the recorded nominal start ± 20 nm, or around Scherzer if none). Drift is measured first by
-    :func:`register_focal_series` (no absolute step; ``shifts_px`` skips that). The image is
-    the CTF-corrected average Σ S_n s_n / (Σ s_n² + 1/snr) in the reference image's frame:
-    the projected potential's sign, atoms bright.
-
-    A1 by sectors is reported with ``astigmatism_uncertainty_nm`` (1σ per Cartesian component,
-    :func:`fit_sectors`); when too few sectors carry signal ``astigmatism_determined`` is False
-    and A1 is 0 (not fitted) rather than invented.
-
-    ``crystal`` (a crystal-only field of a thick or strongly scattering crystal, whose
-    amplitude contrast breaks the weak-phase agreement): drift, one step scale, the start
-    defocus (exit surface) and A1 come from :func:`register_focal_series` with
-    ``FocalParams(crystal=True)`` (``method`` = "crystal"); the sector arrays are then the
-    weak-phase agreement evaluated around that start, for inspection only.
+    Defocus of image i = start + i·``step_nm``; ``params``: :class:`StructureParams` (or its
+    fields as keywords — not both). Drift is measured first by :func:`register_focal_series`
+    (``shifts_px`` skips that). The image is the CTF-corrected average Σ S_n s_n /
+    (Σ s_n² + 1/snr) in the reference image's frame: the projected potential's sign, atoms
+    bright. A1 by sectors is reported with ``astigmatism_uncertainty_nm`` (1σ per Cartesian
+    component, :func:`fit_sectors`); when too few sectors carry signal
+    ``astigmatism_determined`` is False and A1 is 0 rather than invented. With ``crystal``
+    (``method`` = "crystal") drift, one step scale, the start defocus (exit surface) and A1
+    come from the crystal registration; the sector arrays are then the weak-phase agreement
+    around that start, for inspection only.
     """
     t0 = time.perf_counter()
     kw = {"start_range_nm": start_range_nm, "n_sectors": n_sectors, "area": area,
@@ -133,12 +129,7 @@ def structure_image(
     if not (math.isfinite(step_nm) and step_nm != 0):
         raise ValueError(f"step_nm must be a non-zero number; got {step_nm}")
     pix = float(pixel_nm if pixel_nm is not None else stack.pixel_size_nm[1])
-    range_nm = sp.start_range_nm
-    if range_nm is None:
-        rec = stack.column("defocus_nominal_nm")
-        c = float(rec[0]) if np.isfinite(rec[0]) else optics.scherzer_defocus_nm() - step_nm * n / 2
-        range_nm = (c - DEFAULT_START_HALF_RANGE_NM, c + DEFAULT_START_HALF_RANGE_NM)
-    lo, hi = sorted(float(v) for v in range_nm)
+    lo, hi = _start_range(stack, optics, step_nm, sp.start_range_nm)
     center, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
     rel = step_nm * np.arange(n, dtype=np.float64)
     if sp.crystal:
@@ -168,6 +159,18 @@ def structure_image(
         sp.wiener_snr, t0, astigmatism_uncertainty_nm=fit.astigmatism_uncertainty_nm,
         astigmatism_determined=fit.astigmatism_determined or not sp.fit_astigmatism,
     )  # fmt: skip
+
+
+def _start_range(stack, optics, step_nm: float, given) -> tuple[float, float]:
+    """(lo, hi) nm of the start defocus search: ``given``, else the recorded nominal start
+    ± ``DEFAULT_START_HALF_RANGE_NM`` (around Scherzer when none is recorded)."""
+    if given is None:
+        n = stack.n_frames
+        rec = stack.column("defocus_nominal_nm")
+        c = float(rec[0]) if np.isfinite(rec[0]) else optics.scherzer_defocus_nm() - step_nm * n / 2
+        given = (c - DEFAULT_START_HALF_RANGE_NM, c + DEFAULT_START_HALF_RANGE_NM)
+    lo, hi = sorted(float(v) for v in given)
+    return lo, hi
 
 
 def _structure_params(params: StructureParams | None, keywords: dict) -> StructureParams:
