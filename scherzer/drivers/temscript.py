@@ -255,7 +255,8 @@ class TemscriptInstruments:
     settings: TemscriptSettings
 
     def describe_instrument(self) -> dict[str, Any]:
-        """Family, id, version, voltage, cameras, detectors and the calibrations in use."""
+        """Family, id, version, voltage, cameras, detectors, the calibrations in use and
+        ``optics`` (the voltage and whatever of Cs, focal spread, divergence the settings give)."""
         raw = self.link.read(
             "describing the instrument",
             lambda m: {
@@ -267,18 +268,21 @@ class TemscriptInstruments:
             },
         )
         cfg = self.settings
-        return (
-            raw
-            | self.camera.instrument_state()
-            | {
-                "url": cfg.url,
-                "read_only": cfg.read_only,
-                "defocus_nm_per_unit": cfg.defocus_nm_per_unit,
-                "defocus_offset_nm": cfg.defocus_offset_nm,
-                "stigmator_nm_per_unit": cfg.stigmator_nm_per_unit,
-                "pixel_size_nm_calibration": cfg.pixel_size_nm,
-            }
-        )
+        state = self.camera.instrument_state()
+        optics = {"voltage_kv": state["voltage_kv"]} | {
+            key: getattr(cfg, key)
+            for key in ("cs_mm", "focal_spread_nm", "beam_divergence_mrad")
+            if getattr(cfg, key) is not None
+        }
+        calibrations = {
+            "url": cfg.url,
+            "read_only": cfg.read_only,
+            "defocus_nm_per_unit": cfg.defocus_nm_per_unit,
+            "defocus_offset_nm": cfg.defocus_offset_nm,
+            "stigmator_nm_per_unit": cfg.stigmator_nm_per_unit,
+            "pixel_size_nm_calibration": cfg.pixel_size_nm,
+        }
+        return raw | state | calibrations | {"optics": optics}
 
     def close(self) -> None:
         self.link.close()
@@ -316,6 +320,9 @@ DEVICE_SETTING_NAMES = {
     "settle_s": "temscript_settle_s",
     "stem_full_size_px": "temscript_stem_full_size_px",
     "stem_field_nm_times_mag": "temscript_stem_field_nm_times_mag",
+    "cs_mm": "temscript_cs_mm",
+    "focal_spread_nm": "temscript_focal_spread_nm",
+    "beam_divergence_mrad": "temscript_beam_divergence_mrad",
 }
 
 

@@ -285,7 +285,10 @@ class TemscriptSettings:
     the server lists. ``stem_full_size_px``: scan size at image_size FULL and binning 1.
     ``stem_field_nm_times_mag``: STEM field of view (nm) × STEM magnification; when set, the scan
     generator sets the magnification for the requested pixel size, otherwise the requested pixel
-    size is recorded as given.
+    size is recorded as given. ``cs_mm``, ``focal_spread_nm`` (standard deviation) and
+    ``beam_divergence_mrad`` (1/e semi-angle): the optics TEM Scripting does not report; when
+    given they are recorded in every job file's ``instrument["optics"]`` beside the voltage, so
+    focal-series processing needs no overrides.
     """
 
     url: str = "http://127.0.0.1:8080"
@@ -305,6 +308,9 @@ class TemscriptSettings:
     pixel_size_nm: float | None = None
     stem_full_size_px: int = 2048
     stem_field_nm_times_mag: float | None = None
+    cs_mm: float | None = None
+    focal_spread_nm: float | None = None
+    beam_divergence_mrad: float | None = None
     name: str = "temscript"
 
     def __post_init__(self) -> None:

@@ -18,10 +18,13 @@ What the simulated instrument reports, in temscript's units:
   (x, y) = |A1|·(cos 2φ, sin 2φ); beam tilt (x, y) in radians; image shift (x, y) in metres
   (stored, not simulated);
 * one camera :data:`CAMERA_NAME` whose detector pixel is chosen so that detector pixel /
-  :data:`MAGNIFICATION` equals the simulated camera pixel; images float32 counts;
+  :data:`MAGNIFICATION` equals the simulated camera pixel; images float32 counts, with the
+  camera's dark offset removed under image correction DEFAULT (as the instrument's dark
+  reference does), raw under UNPROCESSED;
 * STEM detectors HAADF, ABF, BF acquired together; full scan :data:`STEM_FULL_SIZE_PX`² at
-  binning 1; pixel size = :data:`STEM_FIELD_NM_TIMES_MAG` / (STEM magnification · scan width);
-  flyback :data:`FLYBACK_US`; scan rotation in radians.
+  binning 1 (only the frame asked for is simulated); pixel size =
+  :data:`STEM_FIELD_NM_TIMES_MAG` / (STEM magnification · scan width); flyback
+  :data:`FLYBACK_US`; scan rotation in radians.
 
 Time: each acquisition first lets the lens settle on the simulated clock (the drivers' own
 ``settle_s`` is a real-time wait), then advances the clock by the exposure or frame time and
@@ -34,6 +37,7 @@ import ipaddress
 import math
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -60,10 +64,13 @@ CAMERA_NAME = "SimCamera"
 MAGNIFICATION = 500_000.0
 #: nm of two-fold astigmatism A1 per logical stigmator unit.
 STIGMATOR_NM_PER_UNIT = 100.0
-#: Full STEM scan (px) at image size FULL and binning 1; small so simulated scans stay quick.
-STEM_FULL_SIZE_PX = 512
+#: Full STEM scan (px) at image size FULL and binning 1 (the drivers' default); only the frame
+#: asked for is simulated (e.g. QUARTER at binning 8 = 64²).
+STEM_FULL_SIZE_PX = 2048
 #: STEM field of view (nm) × STEM magnification: 10.24 nm at 1e6 (0.02 nm pixels at 512²).
 STEM_FIELD_NM_TIMES_MAG = 10.24e6
+#: Acquisitions whose ground truth is kept (:attr:`SimulatedTemscriptMicroscope.truths`).
+TRUTHS_KEPT = 10_000
 #: Flyback per scan line (µs); not settable through temscript.
 FLYBACK_US = 200.0
 _SIZE_FRACTION = {"FULL": 1, "HALF": 2, "QUARTER": 4}
@@ -87,8 +94,11 @@ class SimulatedTemscriptMicroscope(_null_base()):  # type: ignore[misc]
         self.speedup = float(speedup)
         self._lock = threading.RLock()
         self._ccd_param["binning"] = 1
-        self._stem_magnification = STEM_FIELD_NM_TIMES_MAG / (0.02 * STEM_FULL_SIZE_PX)
+        self._stem_magnification = STEM_FIELD_NM_TIMES_MAG / (0.02 * 512)
         self._mode = "TEM"
+        #: Ground truth of every acquisition (simulator dicts: defocus_nm, shift_px, optics, …),
+        #: oldest first; tests compare what travelled over HTTP with it.
+        self.truths: deque[dict[str, Any]] = deque(maxlen=TRUTHS_KEPT)
 
     # --- identity ------------------------------------------------------------------------
     def get_family(self) -> str:
@@ -207,9 +217,21 @@ class SimulatedTemscriptMicroscope(_null_base()):  # type: ignore[misc]
         h, w = ny // frac, nx // frac
         region = ((ny - h) // 2, (nx - w) // 2, h, w)
         exposure_s = float(p["exposure(s)"])
-        image, _, _ = self.scope.acquire_image(exposure_s, binning=int(p["binning"]), region=region)
+        binning = int(p["binning"])
+        image, _, truth = self.scope.acquire_image(exposure_s, binning=binning, region=region)
+        self.truths.append(truth)
+        if getattr(p["correction"], "name", str(p["correction"])) == "DEFAULT":
+            image = image - np.float32(self._offset_counts() * binning**2)
         time.sleep(exposure_s / self.speedup)
         return np.ascontiguousarray(image, dtype=np.float32)
+
+    def _offset_counts(self) -> float:
+        """The simulated camera's dark offset per unbinned pixel (what DEFAULT correction
+        removes, as a TFS camera subtracts its dark reference)."""
+        from scherzer.simulators.detector import CameraModel
+
+        camera = self.scope.camera if self.scope.camera is not None else CameraModel()
+        return float(camera.offset_counts)
 
     def _scan_frame(self, signals: tuple[str, ...]) -> dict[str, np.ndarray]:
         p = self._stem_acq_param
@@ -223,7 +245,8 @@ class SimulatedTemscriptMicroscope(_null_base()):  # type: ignore[misc]
             rotation_deg=math.degrees(self._stem_rotation),
             signals=signals,
         )
-        images, _, _ = self.scope.acquire_scan(settings)
+        images, _, truth = self.scope.acquire_scan(settings)
+        self.truths.append(truth)
         time.sleep(n * (n * settings.dwell_us + FLYBACK_US) * 1e-6 / self.speedup)
         return {s: np.ascontiguousarray(images[s], dtype=np.float32) for s in signals}
 
