@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import wait_for
 from test_temscript import free_port, start_null_server, stop
@@ -28,6 +29,10 @@ def _config_knows_temscript() -> bool:
             read_only=False,
             temscript_timeout_s=5.0,
             temscript_stigmator_nm_per_unit=100.0,
+            temscript_stem_field_nm_times_mag=1e7,
+            temscript_cs_mm=0.6,
+            temscript_focal_spread_nm=2.8,
+            temscript_beam_divergence_mrad=0.15,
         )
     except Exception:
         return False
@@ -62,8 +67,16 @@ print("ready", flush=True)
 server.serve_forever()
 """
 
-FOCAL = {"kind": "focal_series", "n_images": 5, "start_nm": -80.0, "step_nm": 20.0,
-         "exposure_s": 0.01, "binning": 8, "processing": [], "name": "tfs"}  # fmt: skip
+FOCAL = {
+    "kind": "focal_series",
+    "n_images": 5,
+    "start_nm": -80.0,
+    "step_nm": 20.0,
+    "exposure_s": 0.01,
+    "binning": 8,
+    "processing": [],
+    "name": "tfs",
+}
 REQUESTED = [-80.0, -60.0, -40.0, -20.0, 0.0]
 
 
@@ -146,3 +159,98 @@ def test_read_only_daemon_acquires_but_refuses_the_focal_series(tmp_path):
                 wait_for(lambda: client.lens_get().defocus_nm == 0.0)  # nothing changed
     finally:
         stop(server)
+
+
+# --- physics through the HTTP path: the simulated microscope behind temscript's server -------
+SIM_OPTICS = {"cs_mm": 0.6, "focal_spread_nm": 2.8, "beam_divergence_mrad": 0.15}
+
+
+def sim_daemon(tmp_path, url: str) -> LocalDaemon:
+    from scherzer.drivers.temscript_sim import STEM_FIELD_NM_TIMES_MAG, STIGMATOR_NM_PER_UNIT
+
+    devices = {
+        "temscript_stigmator_nm_per_unit": STIGMATOR_NM_PER_UNIT,
+        "temscript_stem_field_nm_times_mag": STEM_FIELD_NM_TIMES_MAG,
+        **{f"temscript_{k}": v for k, v in SIM_OPTICS.items()},
+    }
+    return temscript_daemon(tmp_path, url, **devices)
+
+
+def test_crystal_edge_focal_series_through_temscript_sim_restores(tmp_path):
+    from scherzer.drivers.temscript_sim import start_simulated
+    from scherzer.emd import read_processing_summary, read_result
+    from scherzer.simulators.microscope import DriftModel, VirtualMicroscope
+
+    drift = DriftModel(velocity_nm_per_s=(0.01, -0.006), seed=2)
+    scope = VirtualMicroscope("crystal_edge", camera_shape=(512, 512), seed=1, drift=drift)
+    with start_simulated(scope=scope, speedup=1000.0) as server:
+        with sim_daemon(tmp_path, server.url) as daemon, daemon.client(timeout_s=30) as client:
+            client.lens_set(defocus_nm=-7.0)
+            server.microscope.truths.clear()
+            plan = {
+                "kind": "focal_series",
+                "n_images": 11,
+                "start_nm": -100.0,
+                "step_nm": 10.0,
+                "exposure_s": 0.5,
+                "name": "edge",
+            }
+            job = client.wait(client.submit(plan).job_id, timeout_s=110)
+            assert job.state == "done", job.error
+            assert client.lens_get().defocus_nm == -7.0
+        truths = list(server.microscope.truths)
+    assert len(truths) == 11
+    true_c1 = np.array([t["defocus_nm"] for t in truths])
+    true_shift = np.array([t["shift_px"] for t in truths])
+    stack = read_stack(job.output_file)
+    assert stack.column("defocus_readback_nm").tolist() == (-100.0 + 10.0 * np.arange(11)).tolist()
+    assert stack.instrument["optics"]["voltage_kv"] == 300.0
+    reg = read_processing_summary(job.output_file, "focal_register")
+    ref = reg["reference_index"]
+    rel_err = np.asarray(reg["relative_defocus_nm"]) - (true_c1 - true_c1[ref])
+    drift_err = np.asarray(reg["shifts_px"]) - (true_shift - true_shift[ref])
+    rms_nm = float(np.sqrt(np.mean(rel_err**2)))
+    rms_px = float(np.sqrt(np.mean(np.sum(drift_err**2, axis=1))))
+    print(
+        f"temscript-sim focal series: relative defocus RMS {rms_nm:.3f} nm, drift {rms_px:.3f} px"
+    )
+    assert np.max(np.abs(rel_err)) <= 0.5, rel_err
+    assert read_result(job.output_file, "exit_wave").dtype == np.complex64
+
+
+def test_rotated_scan_series_through_temscript_sim_aligns(tmp_path):
+    from scherzer.drivers.temscript_sim import start_simulated
+    from scherzer.emd import read_processing_summary
+    from scherzer.simulators.microscope import DriftModel, VirtualMicroscope
+
+    drift = DriftModel(velocity_nm_per_s=(0.3, -0.2), seed=3)
+    scope = VirtualMicroscope(
+        "srtio3_001",
+        camera_shape=(64, 64),
+        seed=2,
+        drift=drift,
+        probe_current_pA=400.0,
+        scan_jitter_px=0.0,
+    )
+    with start_simulated(scope=scope, speedup=1000.0) as server:
+        with sim_daemon(tmp_path, server.url) as daemon, daemon.client(timeout_s=30) as client:
+            server.microscope.truths.clear()
+            plan = {
+                "kind": "rotated_scan",
+                "n_frames": 8,
+                "size_px": [64, 64],
+                "dwell_us": 2.0,
+                "pixel_nm": 0.04,
+                "rotation_mode": "orthogonal-sets",
+                "signals": ["HAADF", "ABF"],
+            }
+            job = client.wait(client.submit(plan).job_id, timeout_s=110)
+            assert job.state == "done", job.error
+        truths = list(server.microscope.truths)
+    haadf = read_stack(job.output_file, "HAADF")
+    assert haadf.column("scan_rotation_deg").tolist() == [0, 90, 180, 270] * 2
+    truth = np.array([t["shift_px"] for t in truths])  # specimen axes = stored axes at base 0°
+    shifts = np.asarray(read_processing_summary(job.output_file, "align")["shifts_px"])
+    err = (shifts - shifts.mean(0)) - (truth - truth.mean(0))
+    print(f"temscript-sim rotated scan: alignment RMS {np.sqrt(np.mean(np.sum(err**2, 1))):.3f} px")
+    assert np.sqrt(np.mean(np.sum(err**2, 1))) <= 0.3, err
