@@ -125,3 +125,16 @@ def test_out_of_limit_defocus_is_refused_by_the_driver_and_by_the_served_lens(se
 def test_the_server_binds_loopback_only_unless_allowed():
     with pytest.raises(ValueError, match="authentication"):
         start_simulated("0.0.0.0", 0, scope=scope())
+
+
+def test_scan_settings_start_as_the_instruments_and_restoring_them_puts_it_back(served):
+    server, ins = served
+    before = ins.scan.settings  # read from the instrument: nothing configured yet
+    assert before is not None and before.rotation_deg == 0.0 and before.size_px == (2048, 2048)
+    magnification = server.microscope.get_stem_magnification()
+    ins.scan.configure(ScanSettings(size_px=(64, 64), pixel_nm=0.05, rotation_deg=90.0))
+    assert server.microscope.get_stem_rotation() == pytest.approx(math.pi / 2)
+    assert server.microscope.get_stem_magnification() != magnification
+    ins.scan.configure(before)  # what the daemon does after a plan
+    assert server.microscope.get_stem_rotation() == pytest.approx(0.0, abs=1e-12)
+    assert server.microscope.get_stem_magnification() == pytest.approx(magnification)

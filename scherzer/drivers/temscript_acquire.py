@@ -229,10 +229,61 @@ class TemscriptScanGenerator(_Acquirer):
         self, link: TemscriptLink, settings: TemscriptSettings, lens: TemscriptLens | None = None
     ) -> None:
         super().__init__(link, settings, f"{settings.name}-scan", lens)
-        self.settings = ScanSettings()
-        self._pixel_nm = self.settings.pixel_nm
-        self._dwell_us = self.settings.dwell_us
+        self._settings: ScanSettings | None = None
+        self._configured = False
+        self._pixel_nm = ScanSettings().pixel_nm
+        self._dwell_us = ScanSettings().dwell_us
         self._abort = threading.Event()
+
+    @property
+    def settings(self) -> ScanSettings | None:
+        """The settings in force: the last configured, else what the instrument has now (None
+        when it cannot tell: no STEM detectors, no answer). The daemon restores these after a
+        plan, so a plan never leaves the instrument at settings it did not have."""
+        if self._settings is None:
+            self._settings = self._read_settings()
+        return self._settings
+
+    def _read_settings(self) -> ScanSettings | None:
+        try:
+            known = self.detectors()
+            got = self.link.read(
+                "reading STEM parameters", lambda m: m.get_stem_acquisition_param()
+            )
+            rotation_rad = self._float(
+                self.link.read("reading scan rotation", lambda m: m.get_stem_rotation()),
+                "scan rotation",
+            )
+            n = self.cfg.stem_full_size_px // (
+                dict(IMAGE_SIZES)[str(got["image_size"])] * int(got["binning"])
+            )
+            pixel_nm = ScanSettings().pixel_nm
+            if self.cfg.stem_field_nm_times_mag is not None:
+                pixel_nm = self.cfg.stem_field_nm_times_mag / (self._magnification() * n)
+            dwell_us = self._float(got["dwell_time(s)"], "dwell") * US_PER_S
+        except (DeviceError, KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+        if not known or n < 1:
+            return None
+        signal = "HAADF" if "HAADF" in known else next(iter(known))
+        return ScanSettings(
+            size_px=(n, n),
+            pixel_nm=pixel_nm,
+            dwell_us=dwell_us,
+            rotation_deg=math.degrees(rotation_rad),
+            signals=(signal,),
+        )
+
+    def _stem_params(self) -> Any:
+        return self.link.read("reading STEM parameters", lambda m: m.get_stem_acquisition_param())
+
+    def _rotation_rad(self) -> float:
+        reply = self.link.read("reading scan rotation", lambda m: m.get_stem_rotation())
+        return self._float(reply, "scan rotation")
+
+    def _magnification(self) -> float:
+        reply = self.link.read("reading STEM magnification", lambda m: m.get_stem_magnification())
+        return self._float(reply, "STEM magnification")
 
     def detectors(self) -> dict[str, Any]:
         found = self.link.read("listing STEM detectors", lambda m: m.get_stem_detectors())
@@ -259,26 +310,7 @@ class TemscriptScanGenerator(_Acquirer):
             raise self._limit(f"no STEM detector {missing}; the server has {sorted(known)}")
         size, binning = self._size(tuple(settings.size_px))
         self._set_rotation(settings.rotation_deg)
-        if self.cfg.stem_field_nm_times_mag is not None:
-            mag = self.cfg.stem_field_nm_times_mag / (settings.pixel_nm * settings.size_px[1])
-            current = self._float(
-                self.link.read("reading STEM magnification", lambda m: m.get_stem_magnification()),
-                "STEM magnification",
-            )
-            if not math.isclose(current, mag, rel_tol=1e-9):
-                self.link.change(
-                    f"setting STEM magnification to {mag:g}",
-                    lambda m: m.set_stem_magnification(mag),
-                )
-                current = self._float(
-                    self.link.read(
-                        "reading STEM magnification", lambda m: m.get_stem_magnification()
-                    ),
-                    "magnification",
-                )
-            self._pixel_nm = self.cfg.stem_field_nm_times_mag / (current * settings.size_px[1])
-        else:
-            self._pixel_nm = settings.pixel_nm
+        self._pixel_nm = self._set_pixel(settings)
         params = {
             "image_size": size,
             "binning": binning,
@@ -287,16 +319,31 @@ class TemscriptScanGenerator(_Acquirer):
         self.link.read(
             "setting STEM acquisition parameters", lambda m: m.set_stem_acquisition_param(params)
         )
-        got = self.link.read("reading STEM parameters", lambda m: m.get_stem_acquisition_param())
+        got = self._stem_params()
         dwell_s = got.get("dwell_time(s)") if isinstance(got, dict) else None
         self._dwell_us = self._float(dwell_s, "dwell read-back") * US_PER_S
-        self.settings = settings
+        self._settings = settings
+        self._configured = True
+
+    def _set_pixel(self, settings: ScanSettings) -> float:
+        """The pixel size (nm) the scan will have: with a field calibration, the STEM
+        magnification is set for the requested size and the read-back decides; else as asked."""
+        field = self.cfg.stem_field_nm_times_mag
+        if field is None:
+            return settings.pixel_nm
+        width = settings.size_px[1]
+        want = field / (settings.pixel_nm * width)
+        current = self._magnification()
+        if not math.isclose(current, want, rel_tol=1e-9):
+            self.link.change(
+                f"setting STEM magnification to {want:g}",
+                lambda m: m.set_stem_magnification(want),
+            )
+            current = self._magnification()
+        return field / (current * width)
 
     def _set_rotation(self, rotation_deg: float) -> None:
-        now = self._float(
-            self.link.read("reading scan rotation", lambda m: m.get_stem_rotation()),
-            "scan rotation",
-        )
+        now = self._rotation_rad()
         want = math.radians(rotation_deg)
         if math.isclose(now, want, abs_tol=1e-9):
             return
@@ -305,12 +352,23 @@ class TemscriptScanGenerator(_Acquirer):
         )
 
     def frame_time_s(self) -> float:
-        ny, nx = self.settings.size_px
-        return ny * (nx * self._dwell_us + self.settings.flyback_us) / US_PER_S
+        s = self._settings or ScanSettings()
+        ny, nx = s.size_px
+        return ny * (nx * self._dwell_us + s.flyback_us) / US_PER_S
 
     def acquire(self) -> ScanFrame:
+        if not self._configured:
+            current = self.settings
+            if current is None:
+                raise DeviceError(
+                    f"{self.name}: configure the scan first (the instrument's "
+                    "STEM settings cannot be read)",
+                    device=self.name,
+                )
+            self.configure(current)
         self._abort.clear()
-        s = self.settings
+        s = self._settings
+        assert s is not None
         state = self.instrument_state()
         t0 = self._now_s()
         images = self.link.read(
