@@ -1,0 +1,105 @@
+"""What the frames alone cannot tell: the global position, orientation and shape of the result.
+
+Registration against a reference built from the frames only measures frames *relative* to each
+other: a global affine map G applied to every frame (in common coordinates) fits as well. The
+scan fixes it. Along the fast axis a frame is nearly undistorted (a line takes W·dwell, a frame
+H lines): each frame's fast-axis column of its linear map must be the nominal one. Orthogonal
+scans (fast axes in two directions) pin G completely. A single scan direction leaves the slow
+axis free; there the drift *between* frames predicts the slow axis of each frame: a pixel
+sampled the reference at p + u(p) with u = −d(t) + const (d the specimen drift), so the slope
+of the frame centres' positions with time, s = −d′ (px per line), is the slow-axis column's
+departure from nominal (∂u/∂r = s) and s/W that of the fast axis. The mean frame sits at 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scherzer.processing.scan_distortion.model import FrameModel, vec_to_common, vec_to_scan
+
+__all__ = ["fix_gauge", "rotation_matrix"]
+
+CONDITION_LIMIT = 0.05  # smallest/largest eigenvalue below which fast axes alone do not pin G
+
+
+def rotation_matrix(k: int) -> np.ndarray:
+    """L with common = L · scan for displacement vectors (k quarter turns)."""
+    cols = [vec_to_common(np.float64(1.0), np.float64(0.0), k),
+            vec_to_common(np.float64(0.0), np.float64(1.0), k)]  # fmt: skip
+    return np.array([[cols[0][0], cols[1][0]], [cols[0][1], cols[1][1]]])
+
+
+def _linear(a: np.ndarray) -> np.ndarray:
+    """Scan-coordinate linear part I + A of an affine row (a0..a5)."""
+    return np.array([[1.0 + a[1], a[2]], [a[4], 1.0 + a[5]]])
+
+
+def drift_slopes(model: FrameModel, turns: list[int], lines_per_frame: float) -> np.ndarray:
+    """d(centre position)/d(time) in common px per scan line, per frame (n, 2)."""
+    centres = np.array(
+        [vec_to_common(model.affine[i, 0], model.affine[i, 3], k) for i, k in enumerate(turns)]
+    )
+    if len(centres) < 2:
+        return np.zeros_like(centres)
+    times = np.arange(len(centres)) * lines_per_frame
+    return np.gradient(centres, times, axis=0)
+
+
+def fix_gauge(
+    model: FrameModel, turns: list[int], active: np.ndarray, lines_per_frame: float,
+    nx: int, linear: bool = True,
+) -> None:  # fmt: skip
+    """Apply in place the global map that makes the active frames' mean sit at 0 and (with
+    ``linear``) their fast axes nominal (and, for one scan direction, the slow axes follow
+    the drift between frames)."""
+    idx = np.flatnonzero(active)
+    if linear and len(idx) >= 1:
+        g = _global_linear(model, turns, idx, lines_per_frame, nx)
+        for i, k in enumerate(turns):
+            rot = rotation_matrix(k)
+            gs = rot.T @ g @ rot  # the global map seen in frame i's scan coordinates
+            lin = gs @ _linear(model.affine[i])
+            off = gs @ model.affine[i, [0, 3]]
+            model.affine[i] = [off[0], lin[0, 0] - 1, lin[0, 1], off[1], lin[1, 0], lin[1, 1] - 1]
+            model.rows[i] = model.rows[i] @ gs.T
+            if model.field is not None:
+                f = model.field[i]
+                model.field[i] = np.einsum("ab,byx->ayx", gs, f).astype(np.float32)
+    means = []
+    for i in idx:
+        my = model.affine[i, 0] + model.rows[i, :, 0].mean()
+        mx = model.affine[i, 3] + model.rows[i, :, 1].mean()
+        if model.field is not None:
+            my += float(model.field[i, 0].mean())
+            mx += float(model.field[i, 1].mean())
+        means.append(vec_to_common(my, mx, turns[i]))
+    ty, tx = np.mean(np.asarray(means), axis=0)
+    for i, k in enumerate(turns):
+        sy, sx = vec_to_scan(ty, tx, k)
+        model.affine[i, 0] -= sy
+        model.affine[i, 3] -= sx
+
+
+def _global_linear(model, turns, idx, lines_per_frame, nx) -> np.ndarray:
+    """G (2×2, common coordinates) by least squares: G·(fast column) = nominal for every
+    frame; with one scan direction also G·(slow column) = nominal + drift slope."""
+    xs, ys = [], []
+    slopes = drift_slopes(model, turns, lines_per_frame)
+    for i in idx:
+        rot = rotation_matrix(turns[i])
+        lin = rot @ _linear(model.affine[i])
+        # drift during a line moves the fast axis by slope/W per pixel (tiny, but exact)
+        xs.append(lin[:, 1])
+        ys.append(rot[:, 1] + slopes[i] / nx)
+    x, y = np.array(xs).T, np.array(ys).T
+    normal = x @ x.T
+    eig = np.linalg.eigvalsh(normal)
+    if eig[0] < CONDITION_LIMIT * eig[-1]:
+        for i in idx:
+            rot = rotation_matrix(turns[i])
+            lin = rot @ _linear(model.affine[i])
+            xs.append(lin[:, 0])
+            ys.append(rot[:, 0] + slopes[i])
+        x, y = np.array(xs).T, np.array(ys).T
+        normal = x @ x.T
+    return y @ x.T @ np.linalg.inv(normal)

@@ -1,0 +1,103 @@
+"""Settings of the scan-distortion engine: one typed object, :class:`NonrigidParams`.
+
+Validated by ``pydantic.TypeAdapter(NonrigidParams)`` (unknown keys are rejected) at the edge
+(CLI, plan, API); :meth:`NonrigidParams.check` names every invalid value for the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from pydantic import ConfigDict
+
+__all__ = ["MODES", "NonrigidParams", "ScanDistortionError"]
+
+MODES = ("row-locked", "row-fitting", "unconstrained")
+
+
+class ScanDistortionError(ValueError):
+    """The frames or settings cannot be corrected; the message says what is wrong."""
+
+
+@dataclass
+class NonrigidParams:
+    """Non-rigid (scan-distortion) registration settings.
+
+    Registration: ``affine_cycles`` (6 parameters per frame in scan coordinates),
+    ``nonlinear_cycles`` in ``mode`` row-locked (one displacement per scan row) | row-fitting
+    (plus a rotation per row) | unconstrained (a smooth 2-D field); ``smoothing_px`` the
+    Gaussian σ (px) of the window the fields are measured over (rows along the slow axis, or
+    both axes when unconstrained): wider keeps a crystal's periodicity out of the fields,
+    narrower follows faster distortions; ``row_jitter`` adds an unsmoothed fast-axis offset per
+    row (line jitter) in the row modes. ``reference``: "mean" (all other frames), "index" (frame
+    ``reference_index``) or "local" (the ``local_neighbours`` nearest frames on either side, for
+    in-situ series). ``convergence_px``: mean |update| reached at the last cycle (the tolerance
+    is lowered geometrically over the cycles); ``acceleration``: over-relaxation of every
+    cycle's update, reduced by 10 % by itself whenever the updates grow. ``max_field_px``: a frame
+    whose field exceeds this is flagged (diverged). ``frame_gap_lines``: scan lines' time between
+    the last row of a frame and the first of the next (0: back to back).
+
+    Preparation (recorded in the result): ``trim_px`` (top, bottom, left, right), ``reverse``,
+    ``transpose``, ``offset`` (None | "min" | a number subtracted), ``normalise`` (divide by the
+    series mean), ``resample`` (×0.25–4, before registration), ``row_median`` (equalise every
+    row's median to the frame's).
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    affine_cycles: int = 2
+    nonlinear_cycles: int = 4
+    mode: Literal["row-locked", "row-fitting", "unconstrained"] = "row-locked"
+    smoothing_px: float = 8.0
+    row_jitter: bool = False
+    reference: Literal["mean", "index", "local"] = "mean"
+    reference_index: int = 0
+    local_neighbours: int = 2
+    convergence_px: float = 1e-4
+    acceleration: float = 1.0
+    max_field_px: float = 50.0
+    frame_gap_lines: float = 0.0
+    rigid_start: bool = True
+    trim_px: tuple[int, int, int, int] = (0, 0, 0, 0)
+    reverse: bool = False
+    transpose: bool = False
+    offset: float | Literal["min"] | None = None
+    normalise: bool = False
+    resample: float = 1.0
+    row_median: bool = False
+
+    def check(self, n_frames: int) -> None:
+        """Raise :class:`ScanDistortionError` naming every invalid setting."""
+        problems = []
+        for name in ("affine_cycles", "nonlinear_cycles"):
+            if not 0 <= getattr(self, name) <= 100:
+                problems.append(f"{name} must be in 0..100; got {getattr(self, name)}")
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}; got {self.mode!r}")
+        if not 0.0 <= self.smoothing_px <= 1000.0:
+            problems.append(f"smoothing_px must be in [0, 1000]; got {self.smoothing_px}")
+        if self.reference not in ("mean", "index", "local"):
+            problems.append(f"reference must be mean | index | local; got {self.reference!r}")
+        if self.reference == "index" and not 0 <= self.reference_index < n_frames:
+            problems.append(f"reference_index {self.reference_index} not in 0..{n_frames - 1}")
+        if self.local_neighbours < 1:
+            problems.append(f"local_neighbours must be ≥ 1; got {self.local_neighbours}")
+        if not 0.0 < self.convergence_px < 1.0:
+            problems.append(f"convergence_px must be in (0, 1); got {self.convergence_px}")
+        if not 1.0 <= self.acceleration <= 20.0:
+            problems.append(f"acceleration must be in [1, 20]; got {self.acceleration}")
+        if not 0.25 <= self.resample <= 4.0:
+            problems.append(f"resample must be in [0.25, 4]; got {self.resample}")
+        if any(t < 0 for t in self.trim_px) or len(self.trim_px) != 4:
+            problems.append(f"trim_px must be 4 values ≥ 0; got {self.trim_px}")
+        if self.max_field_px <= 0:
+            problems.append(f"max_field_px must be > 0; got {self.max_field_px}")
+        if self.frame_gap_lines < 0:
+            problems.append(f"frame_gap_lines must be ≥ 0; got {self.frame_gap_lines}")
+        if problems:
+            raise ScanDistortionError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings."""
+        return asdict(self)
