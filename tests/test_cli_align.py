@@ -38,7 +38,8 @@ def test_align_prints_the_documented_json_and_writes_file_and_plots(
     code, result = run(["align", str(path), "--out", str(out), "--json", "--plot", str(plots)],
                        capsys)  # fmt: skip
     assert code == 0
-    assert set(result) == {"shifts_px", "peak_heights", "reference", "flagged", "seconds"}
+    assert set(result) == {"shifts_px", "peak_heights", "reference", "flagged", "seconds", "wall_s"}
+    assert 0 < result["seconds"] <= result["wall_s"]
     shifts = np.asarray(result["shifts_px"])
     assert shifts.shape == (8, 2) and result["reference"] == "mean" and result["seconds"] > 0
     error = np.linalg.norm((shifts - shifts.mean(0)) - (truth - truth.mean(0)), axis=1)

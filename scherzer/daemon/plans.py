@@ -39,6 +39,8 @@ from pydantic import (
 
 from scherzer.config import PlanLimits
 from scherzer.drivers.base import ScanSettings
+from scherzer.processing.steps import STEP_NAMES, parse_step
+from scherzer.settings import instrument_field
 
 __all__ = [
     "PLAN_MODELS",
@@ -63,19 +65,26 @@ __all__ = [
 ]
 
 
-def _pipeline_steps() -> tuple[str, ...]:
-    from scherzer.processing.pipeline import STEPS
-
-    return tuple(STEPS)
-
-
 #: Processing step names known to the pipeline (each plan kind allows a subset).
-PROCESSING_STEPS: tuple[str, ...] = _pipeline_steps()
+PROCESSING_STEPS: tuple[str, ...] = STEP_NAMES
 
 BYTES_PER_PIXEL = 4  # float32 frames on disk
 ELEMENTARY_CHARGE_C = 1.602176634e-19
 
 ProcessingStep = str | dict[str, Any]
+
+
+def _curve_name_only(name: str) -> Any:
+    """At plan validation a camera curve is a name in the daemon's calibrations directory,
+    resolved when the processing runs; here only its form is checked."""
+    import numpy as np
+
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(
+            f"a camera curve is the name of a file in the daemon's calibrations directory, "
+            f"not a path; got {name!r}"
+        )
+    return np.ones(2)
 
 
 @dataclass(frozen=True)
@@ -208,6 +217,8 @@ class BasePlan(BaseModel):
                 f"unknown processing steps {unknown} for {self.kind_name()}; "
                 f"available: {list(allowed)}"
             )
+        for step in self.processing:  # typed settings: unknown or ill-typed ones fail here
+            parse_step(step, load_curve=_curve_name_only)
         return self
 
     @classmethod
@@ -443,8 +454,8 @@ class FocalSeries(_CameraFields, BasePlan):
 
     kind: Literal["focal_series"] = "focal_series"
     n_images: int = Field(11, ge=2, le=1000)
-    start_nm: float = -100.0
-    step_nm: float = 10.0
+    start_nm: float = instrument_field("start_nm", -100.0)
+    step_nm: float = instrument_field("step_nm", 10.0)
     defocus_list_nm: list[float] | None = Field(
         None, description="explicit focus values (replaces n_images/start_nm/step_nm)"
     )

@@ -1,12 +1,12 @@
-"""Named processing steps over ImageStacks, shared by the daemon and the CLI.
+"""Named processing steps over ImageStacks, shared by the daemon, the CLI and the Python API.
 
-A pipeline is a list of step names (optionally with parameters) run in order on the stacks of one
-acquisition: ``{"HAADF": stack, "ABF": stack}`` for a scan series (the first signal is the one
-measured on), ``{"frames": stack}`` for a focal series. Each step reads what earlier steps left
-in the :class:`PipelineContext` and adds :class:`StepOutput` s: stacks, arrays and tables to
-store, a JSON summary and the parameters used. Steps are pure numerics; the only files they
-touch are PNG plots in ``plot_dir`` when one is given. Storing the outputs in an EMD file is
-:func:`scherzer.emd.store_pipeline_result`.
+A pipeline is a list of typed steps (:mod:`scherzer.processing.steps`: settings built and
+validated once at the edge) run in order on the stacks of one acquisition: ``{"HAADF": stack,
+"ABF": stack}`` for a scan series (the first signal is the one measured on), ``{"frames": stack}``
+for a focal series. Each step reads what earlier steps left in the :class:`PipelineContext` and
+adds :class:`StepOutput` s: stacks, arrays and tables to store, a JSON summary and the settings
+used. Steps are pure numerics; the only files they touch are PNG plots in ``plot_dir`` when one is
+given. Storing the outputs in a file is :func:`scherzer.emd.store_pipeline_result`.
 
 Steps
 -----
@@ -34,6 +34,16 @@ from typing import Any
 
 import numpy as np
 
+from scherzer.processing.steps import (
+    AlignStep,
+    CameraCurves,
+    FocalRegisterStep,
+    RestoreStep,
+    Step,
+    StructureImageStep,
+    parse_steps,
+    step_to_json,
+)
 from scherzer.stack import ImageStack
 
 __all__ = [
@@ -93,17 +103,7 @@ class PipelineResult:
         raise KeyError(f"step {step!r} did not run")
 
 
-StepFunction = Callable[[PipelineContext, dict[str, Any]], StepOutput]
-
-
-def _known_fields(cls: type, params: Mapping[str, Any], step: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - names)
-    if unknown:
-        raise PipelineError(
-            f"step {step!r}: unknown parameter(s) {unknown}; known: {sorted(names)}"
-        )
-    return dict(params)
+StepFunction = Callable[[PipelineContext, Any], StepOutput]
 
 
 def _plot_dir(ctx: PipelineContext) -> Path | None:
@@ -149,16 +149,14 @@ def _alignment_table(result: Any) -> np.ndarray:
     return table
 
 
-def step_align(ctx: PipelineContext, params: dict[str, Any]) -> StepOutput:
-    """Rigid alignment; parameters are :class:`~scherzer.processing.registration.AlignParams`
-    fields plus ``signal`` (the signal to measure on; default the first)."""
-    from scherzer.processing.registration import AlignParams, align_stack, plot_alignment
+def step_align(ctx: PipelineContext, step: AlignStep) -> StepOutput:
+    """Rigid alignment measured on ``step.signal`` (default the first) and applied to all."""
+    from scherzer.processing.registration import align_stack, plot_alignment
 
-    params = dict(params)
-    signal = params.pop("signal", None) or next(iter(ctx.stacks))
+    signal = step.signal or next(iter(ctx.stacks))
     if signal not in ctx.stacks:
         raise PipelineError(f"align: no signal {signal!r}; have {sorted(ctx.stacks)}")
-    align_params = AlignParams(**_known_fields(AlignParams, params, "align"))
+    align_params = step.settings
     stacks = {name: _rotated_back(s) for name, s in ctx.stacks.items()}
     others = [s for name, s in stacks.items() if name != signal]
     result, aligned = align_stack(stacks[signal], align_params, others=others)
@@ -182,69 +180,37 @@ def step_align(ctx: PipelineContext, params: dict[str, Any]) -> StepOutput:
 
 
 # --- focal series --------------------------------------------------------------------------------
-_INSTRUMENT_OVERRIDES = (
-    "voltage_kv",
-    "cs_mm",
-    "focal_spread_nm",
-    "beam_divergence_mrad",
-    "pixel_nm",
-    "start_nm",
-    "step_nm",
-)
-
-
-def _split_overrides(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    overrides = {k: params.pop(k) for k in _INSTRUMENT_OVERRIDES if params.get(k) is not None}
-    for k in _INSTRUMENT_OVERRIDES:
-        params.pop(k, None)
-    return overrides, params
-
-
-def _instrument(ctx: PipelineContext, overrides: dict[str, Any]) -> tuple[Any, float, np.ndarray]:
+def _instrument(ctx: PipelineContext, instrument: Any) -> tuple[Any, float, np.ndarray]:
+    """(optics, pixel_nm, nominal defocus) of the primary stack with the step's overrides; one
+    evaluation per distinct set of overrides."""
     from scherzer.processing.focal import instrument_from_stack
 
-    key = ("instrument", tuple(sorted(overrides.items())))
+    given = instrument.given()
+    key = ("instrument", tuple(sorted(given.items())))
     if key not in ctx.results:
-        ctx.results[key] = instrument_from_stack(ctx.primary, **overrides)
+        ctx.results[key] = instrument_from_stack(ctx.primary, **given)
     return ctx.results[key]
 
 
-def _camera_curves(params: dict[str, Any]) -> tuple[Any, Any]:
-    from scherzer.processing.restoration import load_camera_curve
+def step_focal_register(ctx: PipelineContext, step: FocalRegisterStep) -> StepOutput:
+    """Focal-series registration with the step's FocalParams, instrument overrides and camera."""
+    from scherzer.processing.focal import plot_registration, register_focal_series
 
-    curves = []
-    for name in ("mtf", "nps"):
-        value = params.pop(name, None)
-        if isinstance(value, str | Path):
-            value = load_camera_curve(value)
-        curves.append(value)
-    return curves[0], curves[1]
-
-
-def step_focal_register(ctx: PipelineContext, params: dict[str, Any]) -> StepOutput:
-    """Focal-series registration; parameters are :class:`FocalParams` fields plus instrument
-    overrides (``voltage_kv``, ``cs_mm``, ``focal_spread_nm``, ``beam_divergence_mrad``,
-    ``pixel_nm``, ``start_nm``, ``step_nm``) and ``mtf``/``nps`` (arrays or file paths)."""
-    from scherzer.processing.focal import FocalParams, plot_registration, register_focal_series
-
-    overrides, rest = _split_overrides(dict(params))
-    mtf, nps = _camera_curves(rest)
-    focal_params = FocalParams(**_known_fields(FocalParams, rest, "focal_register"))
-    optics, pixel_nm, nominal = _instrument(ctx, overrides)
+    optics, pixel_nm, nominal = _instrument(ctx, step.instrument)
     reg = register_focal_series(
         ctx.primary,
         optics,
-        focal_params,
+        step.settings,
         nominal_defocus_nm=nominal,
         pixel_nm=pixel_nm,
-        mtf=mtf,
-        nps=nps,
+        mtf=step.camera.mtf,
+        nps=step.camera.nps,
     )
     ctx.results["focal_register"] = reg
-    ctx.results["camera_curves"] = (mtf, nps)
+    ctx.results["camera_curves"] = step.camera
     out = StepOutput(
         step="focal_register",
-        params={**overrides, **dataclasses.asdict(focal_params)},
+        params=step_to_json(step),
         summary={**reg.to_json(), "flagged": [int(i) for i in np.nonzero(reg.flagged)[0]]},
         tables={"focal_registration": reg.table()},
     )
@@ -254,34 +220,25 @@ def step_focal_register(ctx: PipelineContext, params: dict[str, Any]) -> StepOut
     return out
 
 
-def step_restore(ctx: PipelineContext, params: dict[str, Any]) -> StepOutput:
-    """Exit-wave restoration; parameters: ``iterations``, ``area``, ``exclude``, ``mtf``, ``nps``,
-    ``dose_weights`` and the instrument overrides (registration runs first if needed)."""
-    from scherzer.processing.focal import intensity_frames
-    from scherzer.processing.restoration import plot_wave, restore_exit_wave
+def step_restore(ctx: PipelineContext, step: RestoreStep) -> StepOutput:
+    """Exit-wave restoration (registration runs first, with ``step.register``, if needed)."""
+    from scherzer.processing.focal import FocalParams, intensity_frames
+    from scherzer.processing.plots import plot_wave
+    from scherzer.processing.restoration import restore_exit_wave
 
-    params = dict(params)
-    overrides, rest = _split_overrides(params)
     if "focal_register" not in ctx.results:
-        reg_params = {k: rest[k] for k in ("exclude", "area") if k in rest}
-        for k in ("mtf", "nps"):
-            if k in rest:
-                reg_params[k] = rest[k]
-        step_focal_register(ctx, {**overrides, **reg_params})
+        register = step.register if step.register is not None else FocalParams()
+        step_focal_register(ctx, FocalRegisterStep(register, step.instrument, step.camera))
     reg = ctx.results["focal_register"]
-    mtf, nps = _camera_curves(rest)
-    if mtf is None and nps is None:
-        mtf, nps = ctx.results.get("camera_curves", (None, None))
-    optics, pixel_nm, _ = _instrument(ctx, overrides)
+    camera = step.camera if step.camera.given() else ctx.results.get("camera_curves")
+    camera = camera or CameraCurves()
+    optics, pixel_nm, _ = _instrument(ctx, step.instrument)
+    settings = step.settings
     used = np.asarray(reg.used, dtype=bool).copy()
-    for i in rest.pop("exclude", ()) or ():
+    for i in settings.exclude:
         if not 0 <= int(i) < len(used):
             raise PipelineError(f"restore: exclude index {i} out of range 0..{len(used) - 1}")
         used[int(i)] = False
-    allowed = {"iterations", "area", "dose_weights"}
-    unknown = sorted(set(rest) - allowed)
-    if unknown:
-        raise PipelineError(f"restore: unknown parameter(s) {unknown}; known: {sorted(allowed)}")
     res = restore_exit_wave(
         intensity_frames(ctx.primary),
         optics,
@@ -289,17 +246,18 @@ def step_restore(ctx: PipelineContext, params: dict[str, Any]) -> StepOutput:
         reg.defocus_nm,
         reg.shifts_px,
         used=used,
-        mtf=mtf,
-        nps=nps,
-        dose_weights=rest.get("dose_weights"),
-        area=rest.get("area"),
-        iterations=int(rest.get("iterations", 0) or 0),
+        mtf=camera.mtf,
+        nps=camera.nps,
+        dose_weights=settings.dose_weights,
+        area=settings.area,
+        iterations=settings.iterations,
         astigmatism=(reg.astigmatism_nm, reg.astigmatism_deg),
     )
     ctx.results["restore"] = res
+    params = {k: v for k, v in step_to_json(step).items() if k != "dose_weights"}
     out = StepOutput(
         step="restore",
-        params={**overrides, **{k: v for k, v in rest.items() if k != "dose_weights"}},
+        params=params,
         summary={
             "reference_index": int(reg.reference_index),
             "images_used": int(np.count_nonzero(used)),
@@ -314,21 +272,23 @@ def step_restore(ctx: PipelineContext, params: dict[str, Any]) -> StepOutput:
     return out
 
 
-def step_structure_image(ctx: PipelineContext, params: dict[str, Any]) -> StepOutput:
+def step_structure_image(ctx: PipelineContext, step: StructureImageStep) -> StepOutput:
     """CTF-corrected structure image (fixed step; automatic start defocus)."""
     from scherzer.processing.focal import structure_image
 
-    overrides, rest = _split_overrides(dict(params))
-    optics, pixel_nm, nominal = _instrument(ctx, overrides)
+    optics, pixel_nm, nominal = _instrument(ctx, step.instrument)
     steps = np.diff(nominal)
-    step_nm = overrides.get("step_nm", float(np.median(steps)) if len(steps) else None)
+    step_nm = step.instrument.given().get("step_nm")
+    if step_nm is None and len(steps):
+        step_nm = float(np.median(steps))
     if not step_nm:
         raise PipelineError("structure_image needs a fixed focus step (step_nm)")
-    res = structure_image(ctx.primary, optics, float(step_nm), pixel_nm=pixel_nm, **rest)
+    settings = dataclasses.asdict(step.settings)
+    res = structure_image(ctx.primary, optics, float(step_nm), pixel_nm=pixel_nm, **settings)
     ctx.results["structure_image"] = res
     return StepOutput(
         step="structure_image",
-        params={**overrides, "step_nm": float(step_nm), **rest},
+        params={**step_to_json(step), "step_nm": float(step_nm)},
         summary={
             "start_defocus_nm": float(res.start_defocus_nm),
             "astigmatism_nm": float(res.astigmatism_nm),
@@ -340,7 +300,8 @@ def step_structure_image(ctx: PipelineContext, params: dict[str, Any]) -> StepOu
     )
 
 
-#: The dispatch table of named steps (no step is ever looked up by reflection).
+#: The dispatch table of named steps (no step is ever looked up by reflection); kept equal to
+#: :data:`scherzer.processing.steps.STEP_NAMES` by a test.
 STEPS: dict[str, StepFunction] = {
     "align": step_align,
     "focal_register": step_focal_register,
@@ -349,41 +310,30 @@ STEPS: dict[str, StepFunction] = {
 }
 
 
-def _normalise_steps(steps: Sequence[str | Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for s in steps:
-        if isinstance(s, str):
-            name, params = s, {}
-        elif isinstance(s, Mapping) and isinstance(s.get("step"), str):
-            name, params = s["step"], {k: v for k, v in s.items() if k != "step"}
-        else:
-            raise PipelineError(f"a step is a name or a mapping with 'step'; got {s!r}")
-        if name not in STEPS:
-            raise PipelineError(f"unknown processing step {name!r}; known: {sorted(STEPS)}")
-        out.append((name, params))
-    return out
-
-
 def run_pipeline(
     stacks: Mapping[str, ImageStack] | ImageStack,
-    steps: Sequence[str | Mapping[str, Any]],
+    steps: Sequence[Step | str | Mapping[str, Any]],
     *,
     plot_dir: str | Path | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PipelineResult:
-    """Run ``steps`` in order. ``progress(step, i, n)`` is called before each step."""
+    """Run ``steps`` in order (typed steps; names or flat mappings are parsed by
+    :func:`~scherzer.processing.steps.parse_step` first, with no file access).
+    ``progress(step, i, n)`` is called before each step."""
     if isinstance(stacks, ImageStack):
         stacks = {stacks.signal or "frames": stacks}
     if not stacks:
         raise PipelineError("no stacks to process")
-    plan = _normalise_steps(steps)
+    plan = parse_steps(steps)
     ctx = PipelineContext(dict(stacks), Path(plot_dir) if plot_dir else None)
     outputs = []
-    for i, (name, params) in enumerate(plan):
+    for i, step in enumerate(plan):
         if progress is not None:
-            progress(name, i, len(plan))
+            progress(step.name, i, len(plan))
         t0 = time.perf_counter()
-        out = STEPS[name](ctx, params)
+        out = STEPS[step.name](ctx, step)
         out.seconds = time.perf_counter() - t0
         outputs.append(out)
+    if progress is not None:
+        progress("done", len(plan), len(plan))
     return PipelineResult(outputs)

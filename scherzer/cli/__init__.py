@@ -1,0 +1,148 @@
+"""The ``scherzer`` command: thin — parses, builds settings, calls, prints.
+
+Every subcommand is registered by a small ``add_<name>(subparsers)`` function listed in
+:data:`COMMANDS`; to add one write such a function (in the module of its kind: daemon_cmds,
+plan_cmds, offline, …) that sets ``func`` (``args -> (exit_code, result_dict, text)``) and add it
+to the list. Every command accepts ``--json`` (exactly one JSON object on stdout, errors included)
+and ``--help``. Every error is one ``error: …`` line on stderr and exit code 2; a closed pipe
+(``scherzer info X | head``) ends quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from scherzer.cli.common import Outcome
+from scherzer.cli.daemon_cmds import (
+    add_cancel,
+    add_daemon,
+    add_jobs,
+    add_keys,
+    add_pause,
+    add_resume,
+    add_status,
+    add_wait,
+)
+from scherzer.cli.offline import add_align, add_demo, add_info, add_restore, add_simulate
+from scherzer.cli.plan_cmds import add_focal_series, add_rotated_scan, add_submit, add_time_series
+
+__all__ = ["COMMANDS", "Outcome", "build_parser", "main"]
+
+#: Exit code of every usage or input error.
+EXIT_BAD_INPUT = 2
+
+#: Subcommand registrars, in help order. Add new commands here.
+COMMANDS: list[Callable[[Any], None]] = [
+    add_daemon,
+    add_status,
+    add_jobs,
+    add_cancel,
+    add_pause,
+    add_resume,
+    add_wait,
+    add_focal_series,
+    add_rotated_scan,
+    add_time_series,
+    add_submit,
+    add_keys,
+    add_simulate,
+    add_align,
+    add_restore,
+    add_info,
+    add_demo,
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with ``--json``-aware errors: one JSON object on stdout when ``--json`` is among
+    the arguments, else argparse's usage line and ``error: …`` on stderr; exit 2 either way."""
+
+    json_requested = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_requested:
+            _print_json({"error": {"code": "bad_input", "message": message}})
+            sys.exit(EXIT_BAD_INPUT)
+        super().error(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from scherzer import __version__
+
+    parser = _Parser(
+        prog="scherzer",
+        description="Scherzer: TEM/STEM control daemon, simulators, processing.",
+    )
+    parser.add_argument("--version", action="version", version=f"scherzer {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def _print_json(result: dict[str, Any]) -> None:
+    print(json.dumps(result, default=str))
+
+
+def _emit(args: argparse.Namespace, code: int, result: dict[str, Any], text: str) -> int:
+    if getattr(args, "json", False):
+        _print_json(result)
+    elif text:
+        print(text)
+    return code
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None) -> int:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    if getattr(args, "json", False):
+        _print_json({"error": error})
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    from scherzer.clients.client import DaemonError
+    from scherzer.config import ConfigError
+    from scherzer.drivers.base import DeviceError
+
+    try:
+        code, result, text = args.func(args)
+    except DaemonError as exc:
+        return _fail(args, exc.code, str(exc), exc.details)
+    except (ConfigError, OSError, ValueError, DeviceError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
+        return _fail(args, getattr(exc, "code", "bad_input"), str(exc))
+    return _emit(args, code, result, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _Parser.json_requested = "--json" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (exit 2, already reported) and --help (exit 0)
+        return int(exc.code or 0)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # the reader went away (``scherzer info X | head``): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Commands that run or talk to the daemon: ``daemon``, ``status``, ``jobs``, ``cancel``,
+``pause``, ``resume``, ``wait``, ``keys``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from scherzer.cli.common import (
+    Command,
+    JobProgress,
+    Outcome,
+    client,
+    client_options,
+    job_line,
+    output_options,
+    positive_float,
+    positive_int,
+    progress_enabled,
+)
+
+__all__ = [
+    "add_cancel",
+    "add_daemon",
+    "add_jobs",
+    "add_keys",
+    "add_pause",
+    "add_resume",
+    "add_status",
+    "add_wait",
+]
+
+
+def _run_daemon(args: argparse.Namespace) -> Outcome:
+    from scherzer.config import load_settings
+    from scherzer.daemon.server import run_daemon
+
+    settings = load_settings(args.config)
+    code = run_daemon(settings)
+    return code, {"exit_code": code}, "daemon stopped"
+
+
+def add_daemon(sub: Any) -> None:
+    p = sub.add_parser(
+        "daemon",
+        help="run the daemon (simulated instruments by default)",
+        parents=[output_options()],
+        description="Run the Scherzer daemon until SIGTERM/SIGINT (stops at a frame boundary).",
+    )
+    p.add_argument("--config", default=None, help="TOML settings file (env SCHERZER_… overrides)")
+    p.set_defaults(func=_run_daemon, long_running=True)
+
+
+def _status(args: argparse.Namespace) -> Outcome:
+    with client(args) as c:
+        s = c.status()
+    text = (
+        f"scherzer {s.version} (protocol {s.protocol})  state {s.state}"
+        f"{'  queue PAUSED' if s.queue_paused else ''}\n"
+        f"current job: {s.current_job if s.current_job is not None else '-'}  queued: {s.queued}"
+        f"  you: {s.user} ({s.role})\ndevices: "
+        + ", ".join(f"{k}={v}" for k, v in s.devices.items())
+    )
+    return 0, s.model_dump(mode="json"), text
+
+
+def _connected(sub: Any, name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help_text, parents=[output_options(), client_options()], **kwargs
+    )
+
+
+def add_status(sub: Any) -> None:
+    _connected(sub, "status", "daemon state").set_defaults(func=_status)
+
+
+def _jobs(args: argparse.Namespace) -> Outcome:
+    with client(args) as c:
+        if args.history:
+            jobs, paused = c.history(limit=args.limit), None
+        else:
+            q = c.queue()
+            jobs, paused = q.jobs, q.paused
+            active = c.status().current_job
+            if active is not None:
+                jobs = [c.job(active), *jobs]
+    lines = [job_line(j) for j in jobs] or ["(no jobs)"]
+    if paused:
+        lines.insert(0, "queue PAUSED")
+    result = {"jobs": [j.model_dump(mode="json") for j in jobs], "paused": paused}
+    return 0, result, "\n".join(lines)
+
+
+def add_jobs(sub: Any) -> None:
+    p = _connected(sub, "jobs", "the running job and the queue (or --history)")
+    p.add_argument("--history", action="store_true", help="all jobs, newest first")
+    p.add_argument("--limit", type=positive_int, default=50,
+                   help="with --history: how many (default 50)")  # fmt: skip
+    p.set_defaults(func=_jobs)
+
+
+def _cancel(args: argparse.Namespace) -> Outcome:
+    with client(args) as c:
+        job = c.cancel(args.job_id)
+    note = " (stops at the next frame boundary)" if job.state not in ("cancelled",) else ""
+    return 0, {"job": job.model_dump(mode="json")}, job_line(job) + note
+
+
+def add_cancel(sub: Any) -> None:
+    p = _connected(sub, "cancel", "cancel a job")
+    p.add_argument("job_id", type=positive_int, help="the job number")
+    p.set_defaults(func=_cancel)
+
+
+def _queue_switch(pause: bool) -> Command:
+    def run(args: argparse.Namespace) -> Outcome:
+        with client(args) as c:
+            paused = c.pause() if pause else c.resume()
+        return 0, {"paused": paused}, "queue paused" if paused else "queue running"
+
+    return run
+
+
+def add_pause(sub: Any) -> None:
+    p = _connected(
+        sub, "pause", "hold the queue; the running job pauses at its next frame boundary"
+    )
+    p.set_defaults(func=_queue_switch(True))
+
+
+def add_resume(sub: Any) -> None:
+    _connected(sub, "resume", "resume the queue").set_defaults(func=_queue_switch(False))
+
+
+def _wait(args: argparse.Namespace) -> Outcome:
+    bar = JobProgress(progress_enabled(args))
+    with client(args) as c:
+        job = c.wait(args.job_id, timeout_s=args.wait_timeout, on_event=bar)
+    bar.done()
+    code = 0 if job.state == "done" else 1
+    return code, {"job": job.model_dump(mode="json")}, job_line(job)
+
+
+def add_wait(sub: Any) -> None:
+    p = _connected(sub, "wait", "wait until a job is finished (exit 0 if done, 1 otherwise)")
+    p.add_argument("job_id", type=positive_int, help="the job number")
+    p.add_argument("--wait-timeout", type=positive_float, default=None,
+                   help="give up after this many seconds (default: no limit)")  # fmt: skip
+    p.set_defaults(func=_wait)
+
+
+def _keys_new(args: argparse.Namespace) -> Outcome:
+    from scherzer.daemon.security import new_keypair
+
+    public, secret = new_keypair(args.name, args.dir)
+    key = public.read_text().split('public-key = "')[1].split('"')[0]
+    text = (
+        f"public key: {public}\nsecret key: {secret} (keep it private)\n"
+        f'allow it in the daemon config:\n[[security.clients]]\nname = "{args.name}"\n'
+        f'role = "operator"  # or "observer"\npublic_key = "{key}"'
+    )
+    return (
+        0,
+        {"public_key_file": str(public), "secret_key_file": str(secret), "public_key": key},
+        text,
+    )
+
+
+def add_keys(sub: Any) -> None:
+    p = sub.add_parser("keys", help="CURVE key pairs", parents=[output_options()])
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="{new}")
+    n = ksub.add_parser(
+        "new", help="make a key pair NAME.key / NAME.key_secret", parents=[output_options()]
+    )
+    n.add_argument("name", help="who the key is for (e.g. alice, server)")
+    n.add_argument("--dir", default="~/.scherzer/keys", help="directory (default ~/.scherzer/keys)")
+    n.set_defaults(func=_keys_new)

@@ -1,0 +1,368 @@
+"""Offline commands on files: ``simulate``, ``align``, ``restore``, ``info``, ``demo``.
+
+Each builds its typed processing steps (:mod:`scherzer.processing.steps`) from the parsed options —
+instrument flags come from the one declaration in :mod:`scherzer.settings` — and runs the same
+pipeline the daemon runs. Camera curve files (``--mtf``/``--nps``) are read here, at the edge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scherzer.cli.common import (
+    Outcome,
+    box,
+    float_pair,
+    int_list,
+    non_negative_int,
+    output_options,
+    positive_float,
+    positive_int,
+    progress_enabled,
+    step_progress,
+)
+from scherzer.settings import OPTICS_SETTINGS, add_instrument_arguments, overrides_from_args
+
+__all__ = ["add_align", "add_demo", "add_info", "add_restore", "add_simulate"]
+
+#: Defaults of ``simulate focal-series`` for the geometry settings it always needs.
+SIMULATE_FOCAL_DEFAULTS = {"pixel_nm": 0.02, "start_nm": -100.0, "step_nm": 10.0}
+
+
+# --- simulate -----------------------------------------------------------------------------------
+def _simulate_focal(args: argparse.Namespace) -> Outcome:
+    from scherzer import emd
+    from scherzer.simulators.hrtem import default_hrtem_optics, simulate_focal_series
+
+    given = {k: v for k, v in overrides_from_args(args).given().items() if k in OPTICS_SETTINGS}
+    optics = default_hrtem_optics().with_(**given)
+    stack = simulate_focal_series(
+        args.specimen,
+        n=args.n,
+        start_nm=args.start_nm,
+        step_nm=args.step_nm,
+        step_error_fraction=args.step_error,
+        optics=optics,
+        a1_nm=args.a1_nm,
+        a1_deg=args.a1_deg,
+        dose_e_per_A2=args.dose,
+        drift_px_per_frame=args.drift_px,
+        size=args.size,
+        pixel_nm=args.pixel_nm,
+        seed=args.seed,
+    )
+    emd.write_stack(args.out, stack, name="frames")
+    result = {"out": str(args.out), "frames": stack.n_frames, "shape": list(stack.frame_shape)}
+    return 0, result, f"wrote {stack.n_frames} frames {stack.frame_shape} to {args.out}"
+
+
+def _simulate_scan(args: argparse.Namespace) -> Outcome:
+    from scherzer import emd
+    from scherzer.simulators.stem import simulate_rotated_scan
+
+    signals = tuple(s.strip() for s in args.signals.split(",") if s.strip())
+    stacks = simulate_rotated_scan(
+        args.specimen,
+        n_frames=args.n,
+        rotation_mode=args.rotation_mode,
+        base_rotation_deg=args.base_rotation_deg,
+        size=args.size,
+        pixel_nm=args.pixel_nm,
+        dwell_us=args.dwell_us,
+        flyback_us=args.flyback_us,
+        signals=signals,
+        drift_nm_per_s=args.drift_nm_per_s,
+        seed=args.seed,
+    )
+    for i, (name, stack) in enumerate(stacks.items()):
+        emd.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
+    first = next(iter(stacks.values()))
+    result = {"out": str(args.out), "signals": list(stacks), "frames": first.n_frames}
+    return 0, result, f"wrote {first.n_frames} frames of {', '.join(stacks)} to {args.out}"
+
+
+def _add_common_simulation(p: argparse.ArgumentParser, specimen: str, n: int, what: str) -> None:
+    p.add_argument("--specimen", default=specimen, help=f"specimen name (default {specimen})")
+    p.add_argument("--n", type=positive_int, default=n, help=f"number of {what} (default {n})")
+    p.add_argument("--size", type=positive_int, default=256,
+                   help="frame size in pixels (default 256)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
+
+
+def _add_simulate_focal(ssub: Any) -> None:
+    f = ssub.add_parser(
+        "focal-series", help="HRTEM focal series with ground truth", parents=[output_options()]
+    )
+    _add_common_simulation(f, "crystal_edge", 11, "images")
+    add_instrument_arguments(f, defaults=SIMULATE_FOCAL_DEFAULTS)
+    f.add_argument("--step-error", type=float, default=0.0,
+                   help="true step = (1+e)·nominal (default 0)")  # fmt: skip
+    f.add_argument("--a1-nm", type=float, default=0.0, help="two-fold astigmatism (nm, default 0)")
+    f.add_argument("--a1-deg", type=float, default=0.0, help="its azimuth (deg, default 0)")
+    f.add_argument("--dose", type=positive_float, default=500.0,
+                   help="dose per image (e/Å², default 500)")  # fmt: skip
+    f.add_argument("--drift-px", type=float_pair, default=(0.7, -0.4),
+                   help="drift per frame dy,dx (px, default 0.7,-0.4)")  # fmt: skip
+    f.set_defaults(func=_simulate_focal)
+
+
+def _add_simulate_scan(ssub: Any) -> None:
+    r = ssub.add_parser(
+        "rotated-scan",
+        help="STEM rotated-scan series with ground truth",
+        parents=[output_options()],
+    )
+    _add_common_simulation(r, "srtio3_001", 8, "frames")
+    r.add_argument(
+        "--rotation-mode", default="orthogonal-pairs",
+        choices=["none", "orthogonal-pairs", "orthogonal-sets"],
+        help="scan rotation between frames (default orthogonal-pairs)",
+    )  # fmt: skip
+    r.add_argument("--base-rotation-deg", type=float, default=0.0,
+                   help="scan rotation of frame 0 (deg, default 0)")  # fmt: skip
+    r.add_argument("--dwell-us", type=positive_float, default=2.0,
+                   help="pixel dwell time (µs, default 2)")  # fmt: skip
+    r.add_argument("--flyback-us", type=float, default=100.0,
+                   help="line flyback time (µs, default 100)")  # fmt: skip
+    r.add_argument("--signals", default="HAADF,ABF", help="detectors (default HAADF,ABF)")
+    r.add_argument("--drift-nm-per-s", type=float_pair, default=(0.05, -0.03),
+                   help="specimen drift dy,dx (nm/s, default 0.05,-0.03)")  # fmt: skip
+    add_instrument_arguments(r, ["pixel_nm"], defaults={"pixel_nm": 0.02})
+    r.set_defaults(func=_simulate_scan)
+
+
+def add_simulate(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate", help="simulate a series offline into a file", parents=[output_options()]
+    )
+    ssub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    _add_simulate_focal(ssub)
+    _add_simulate_scan(ssub)
+
+
+# --- align / restore ----------------------------------------------------------------------------
+def _named_stacks(path: Path, signal: str | None) -> dict[str, Any]:
+    from scherzer import emd
+
+    named: dict[str, Any] = {}
+    for i, s in enumerate(emd.import_stacks(path)):
+        named[s.signal if s.signal and s.signal not in named else f"signal{i}"] = s
+    if signal is not None:
+        if signal not in named:
+            raise ValueError(f"no signal {signal!r} in {path}; have {sorted(named)}")
+        named = {signal: named[signal], **{k: v for k, v in named.items() if k != signal}}
+    return named
+
+
+def _process(args: argparse.Namespace, steps: list[Any], signal: str | None = None) -> Outcome:
+    """Import FILE, run the pipeline, write OUT (input frames + results). ``seconds`` in the
+    result is the processing time; ``wall_s`` also counts reading and writing the files."""
+    from scherzer import emd
+    from scherzer.processing.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    named = _named_stacks(args.file, signal)
+    with step_progress(progress_enabled(args), args.command) as progress:
+        result = run_pipeline(named, steps, plot_dir=args.plot, progress=progress)
+    for i, (name, stack) in enumerate(named.items()):
+        emd.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
+    emd.store_pipeline_result(args.out, result)
+    seconds = sum(o.seconds for o in result.outputs)
+    summary = {"seconds": seconds, "wall_s": time.perf_counter() - t0, **result.summary()}
+    return 0, summary, f"wrote {args.out}"
+
+
+def _align(args: argparse.Namespace) -> Outcome:
+    from scherzer.processing.registration import AlignParams
+    from scherzer.processing.steps import AlignStep, build_settings
+
+    reference: Any = args.reference if args.reference == "mean" else int(args.reference)
+    values = {
+        "alpha": args.alpha,
+        "neighbours": args.neighbours,
+        "refine": args.refine,
+        "roi": args.roi,
+        "reference": reference,
+        "output": "expand" if args.expand else "crop",
+    }
+    step = AlignStep(build_settings(AlignParams, values, "align"), args.signal)
+    code, result, text = _process(args, [step], args.signal)
+    a = result["align"]
+    out = {k: a[k] for k in ("shifts_px", "peak_heights", "reference", "flagged")}
+    out.update(seconds=result["seconds"], wall_s=result["wall_s"])
+    pairs = zip(a["shifts_px"], a["peak_heights"], strict=True)
+    lines = [
+        f"frame {i:3d}: dy {s[0]:+8.3f}  dx {s[1]:+8.3f} px  peak {p:.3f}"
+        for i, (s, p) in enumerate(pairs)
+    ]
+    return code, out, "\n".join([*lines, text])
+
+
+def _reference(text: str) -> str:
+    if text != "mean" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'mean' or a frame index, got {text!r}")
+    return text
+
+
+def add_align(sub: Any) -> None:
+    p = sub.add_parser(
+        "align", help="rigid alignment of any readable stack", parents=[output_options()]
+    )
+    p.add_argument("file", type=Path, help="the stack to align (any readable format)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="0 cross, 0.5 mutual, 1 phase correlation (default 0.5)")  # fmt: skip
+    p.add_argument("--neighbours", type=positive_int, default=4,
+                   help="neighbours each frame is measured against (default 4)")  # fmt: skip
+    p.add_argument("--refine", type=non_negative_int, default=2,
+                   help="refinement passes against the average (default 2)")  # fmt: skip
+    p.add_argument("--roi", type=box, default=None,
+                   help="measured region y0,x0,height,width px (default: whole field)")  # fmt: skip
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--crop", action="store_true", help="crop to the common area (default)")
+    g.add_argument("--expand", action="store_true", help="expanded canvas")
+    p.add_argument("--reference", type=_reference, default="mean",
+                   help="'mean' or a frame index (default mean)")  # fmt: skip
+    p.add_argument("--signal", default=None,
+                   help="signal to measure on (multi-signal files; default the first)")  # fmt: skip
+    p.add_argument("--plot", type=Path, default=None, help="directory for PNG plots")
+    p.set_defaults(func=_align)
+
+
+def _restore_steps(args: argparse.Namespace) -> list[Any]:
+    from scherzer.processing.spectral import load_camera_curve
+    from scherzer.processing.steps import parse_step
+
+    instrument = overrides_from_args(args).given()
+    register: dict[str, Any] = {"step": "focal_register", **instrument}
+    options = {"reference": args.reference, "thickness_nm": args.thickness_nm,
+               "exclude": args.exclude, "area": args.area}  # fmt: skip
+    register.update({k: v for k, v in options.items() if v is not None})
+    if args.crystal:
+        register["crystal"] = True
+    for k in ("mtf", "nps"):
+        if getattr(args, k) is not None:
+            register[k] = str(getattr(args, k))
+    restore: dict[str, Any] = {"step": "restore", **instrument, "iterations": args.iterations}
+    if args.area:
+        restore["area"] = args.area
+    return [parse_step(s, load_camera_curve) for s in (register, restore)]
+
+
+def _restore(args: argparse.Namespace) -> Outcome:
+    code, result, text = _process(args, _restore_steps(args))
+    reg = result["focal_register"]
+    keys = ("reference_index", "defocus_nm", "relative_defocus_nm", "shifts_px",
+            "peak_heights", "astigmatism_nm", "astigmatism_deg")  # fmt: skip
+    out = {k: reg[k] for k in keys}
+    out.update(seconds=result["seconds"], wall_s=result["wall_s"])
+    lines = [
+        f"image {i:3d}: c1 {d:8.2f} nm, drift ({s[0]:+.2f}, {s[1]:+.2f}) px, peak {p:.3f}"
+        for i, (d, s, p) in enumerate(
+            zip(reg["defocus_nm"], reg["shifts_px"], reg["peak_heights"], strict=True)
+        )
+    ]
+    lines.append(f"A1 {reg['astigmatism_nm']:.2f} nm at {reg['astigmatism_deg']:.1f}°")
+    return code, out, "\n".join([*lines, text])
+
+
+def add_restore(sub: Any) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="focal-series registration + exit-wave restoration",
+        parents=[output_options()],
+    )
+    p.add_argument("file", type=Path, help="the focal series (any readable format)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
+    p.add_argument("--reference", type=non_negative_int, default=None,
+                   help="reference image index (default: automatic)")  # fmt: skip
+    p.add_argument("--exclude", type=int_list, default=None,
+                   help="image indices to leave out, e.g. 3,7")  # fmt: skip
+    p.add_argument("--area", type=box, default=None,
+                   help="y0,x0,height,width restored region (default: whole field)")  # fmt: skip
+    p.add_argument("--mtf", type=Path, default=None, help="camera MTF file (.npy or text)")
+    p.add_argument("--nps", type=Path, default=None, help="camera NPS file (.npy or text)")
+    p.add_argument("--iterations", type=non_negative_int, default=0,
+                   help="non-linear refinement steps (default 0)")  # fmt: skip
+    p.add_argument("--crystal", action="store_true", help="crystal-only field (no amorphous area)")
+    p.add_argument(
+        "--thickness-nm", type=positive_float, default=None,
+        help="specimen thickness (nm): absolute defocus then refers to the exit surface",
+    )  # fmt: skip
+    p.add_argument("--plot", type=Path, default=None, help="directory for PNG plots")
+    g = p.add_argument_group("instrument (when the file does not record it)")
+    add_instrument_arguments(g)
+    p.set_defaults(func=_restore)
+
+
+# --- info / demo --------------------------------------------------------------------------------
+def _info_text(value: Any, indent: str = "") -> str:
+    """A YAML-like rendering of :func:`describe`'s summary for people (``--json`` for programs)."""
+    lines: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item and not _is_flat_list(item):
+                lines.append(f"{indent}{key}:")
+                lines.append(_info_text(item, indent + "  "))
+            else:
+                lines.append(f"{indent}{key}: {item}")
+    elif isinstance(value, list):
+        for item in value:
+            body = _info_text(item, indent + "  ").lstrip()
+            lines.append(f"{indent}- {body}")
+    else:
+        lines.append(f"{indent}{value}")
+    return "\n".join(lines)
+
+
+def _is_flat_list(value: Any) -> bool:
+    return isinstance(value, list) and not any(isinstance(v, dict | list) for v in value)
+
+
+def _info(args: argparse.Namespace) -> Outcome:
+    from scherzer import emd
+
+    summary = emd.describe(args.file)
+    return 0, summary, _info_text(summary)
+
+
+def add_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="what a file holds", parents=[output_options()])
+    p.add_argument("file", type=Path, help="any readable file")
+    p.set_defaults(func=_info)
+
+
+def _demo(args: argparse.Namespace) -> Outcome:
+    from scherzer.demo import DemoSettings, run_demo
+
+    sizes = {"focal_size_px": args.size, "scan_size_px": args.size} if args.size else {}
+    settings = DemoSettings(
+        out_dir=args.out,
+        **sizes,
+        focal_images=args.images,
+        scan_frames=args.frames,
+        speedup=args.speedup,
+    )
+    summary = run_demo(settings, out=sys.stderr if args.json else sys.stdout)
+    return (0 if summary["ok"] else 1), summary, ""
+
+
+def add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job on the built-in simulators", parents=[output_options()]
+    )
+    p.add_argument("--out", type=Path, default=Path("scherzer-demo"),
+                   help="output directory (default scherzer-demo)")  # fmt: skip
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="image size in pixels (default 512 focal, 256 scan)")  # fmt: skip
+    p.add_argument("--images", type=positive_int, default=11,
+                   help="focal-series images (default 11)")  # fmt: skip
+    p.add_argument("--frames", type=positive_int, default=8, help="scan frames (default 8)")
+    p.add_argument("--speedup", type=positive_float, default=20.0,
+                   help="simulated time runs this many times faster (default 20)")  # fmt: skip
+    p.set_defaults(func=_demo)

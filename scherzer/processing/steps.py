@@ -1,0 +1,245 @@
+"""Typed settings of the pipeline's processing steps, built once at the edge.
+
+A processing step reaches Scherzer in one of three ways: a CLI command (``scherzer align
+--alpha 0.5``), a plan's ``processing`` list (JSON or TOML: ``"align"`` or ``{"step": "restore",
+"iterations": 3, "cs_mm": 1.2}``) or the Python API. Each edge calls :func:`parse_step` (or builds
+the dataclasses below directly); the pipeline and the engines only ever see these typed objects.
+An unknown, ill-typed or out-of-range setting fails here with :class:`StepSettingsError` naming
+the step and the setting.
+
+The flat wire form of a step is its name plus keys from three groups: the instrument settings
+declared in :mod:`scherzer.settings` (``voltage_kv`` … ``step_nm``), the camera curves ``mtf`` /
+``nps`` (arrays, or names resolved to arrays by the edge's ``load_curve``), and the fields of the
+engine's settings dataclass (:class:`~scherzer.processing.registration.AlignParams`,
+:class:`~scherzer.processing.focal.FocalParams`) or of the step itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from pydantic import TypeAdapter, ValidationError
+
+from scherzer.settings import INSTRUMENT_SETTINGS, InstrumentOverrides
+from scherzer.validation import format_validation_error
+
+__all__ = [
+    "STEP_NAMES",
+    "AlignStep",
+    "CameraCurves",
+    "FocalRegisterStep",
+    "RestoreStep",
+    "Step",
+    "StepSettingsError",
+    "StructureImageStep",
+    "build_settings",
+    "parse_step",
+    "parse_steps",
+    "step_to_json",
+]
+
+T = TypeVar("T")
+CurveLoader = Callable[[str], np.ndarray]
+_INSTRUMENT_KEYS = frozenset(s.name for s in INSTRUMENT_SETTINGS)
+_CURVE_KEYS = ("mtf", "nps")
+
+
+class StepSettingsError(ValueError):
+    """A processing step's settings are unknown, ill-typed or out of range (the message says
+    which)."""
+
+
+def build_settings(cls: type[T], values: Mapping[str, Any], what: str) -> T:
+    """Validate ``values`` into the settings dataclass ``cls``: unknown keys are refused by name,
+    types converted and checked by pydantic (lists become tuples where the field is a tuple)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise StepSettingsError(f"{what}: unknown setting(s) {unknown}; known: {sorted(names)}")
+    try:
+        return TypeAdapter(cls).validate_python(dict(values))
+    except ValidationError as exc:
+        raise StepSettingsError(f"{what}: {format_validation_error(exc)}") from None
+
+
+@dataclass(frozen=True)
+class CameraCurves:
+    """Camera MTF and NPS as arrays (1-D radial profiles to Nyquist or 2-D grids); None = ideal
+    camera / white noise. Files are read at the edge, never by the pipeline."""
+
+    mtf: np.ndarray | None = None
+    nps: np.ndarray | None = None
+
+    def given(self) -> bool:
+        return self.mtf is not None or self.nps is not None
+
+
+@dataclass(frozen=True)
+class AlignStep:
+    """Rigid alignment measured on ``signal`` (None = the first) and applied to every signal."""
+
+    settings: Any  # registration.AlignParams
+    signal: str | None = None
+    name = "align"
+
+
+@dataclass(frozen=True)
+class FocalRegisterStep:
+    """Focal-series registration (per-image defocus and drift, absolute defocus and A1)."""
+
+    settings: Any  # focal.FocalParams
+    instrument: Any = field(default_factory=InstrumentOverrides)
+    camera: CameraCurves = field(default_factory=CameraCurves)
+    name = "focal_register"
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    """Exit-wave restoration: ``iterations`` of non-linear refinement after the linear Wiener
+    solution, ``area`` (y0, x0, h, w) px restored (None = the whole field), ``exclude`` image
+    indices left out (besides those registration flagged), ``dose_weights`` relative noise
+    weights per image (None = equal)."""
+
+    iterations: int = 0
+    area: tuple[int, int, int, int] | None = None
+    exclude: tuple[int, ...] = ()
+    dose_weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RestoreStep:
+    """Exit-wave restoration; registration with ``register`` runs first if it has not run."""
+
+    settings: RestoreSettings = field(default_factory=RestoreSettings)
+    instrument: Any = field(default_factory=InstrumentOverrides)
+    camera: CameraCurves = field(default_factory=CameraCurves)
+    register: Any = None  # focal.FocalParams for the registration run on demand
+    name = "restore"
+
+
+@dataclass(frozen=True)
+class StructureSettings:
+    """CTF-corrected structure image (see :func:`scherzer.processing.focal.structure_image`)."""
+
+    start_range_nm: tuple[float, float] | None = None
+    n_sectors: int = 6
+    fit_astigmatism: bool = True
+    area: tuple[int, int, int, int] | None = None
+    wiener_snr: float = 10.0
+    crystal: bool = False
+
+
+@dataclass(frozen=True)
+class StructureImageStep:
+    settings: StructureSettings = field(default_factory=StructureSettings)
+    instrument: Any = field(default_factory=InstrumentOverrides)
+    name = "structure_image"
+
+
+Step = AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep
+
+#: The step names the pipeline knows, in the order users usually run them.
+STEP_NAMES: tuple[str, ...] = ("align", "focal_register", "restore", "structure_image")
+
+
+def _split(params: dict[str, Any], step: str, load_curve: CurveLoader | None) -> tuple[Any, ...]:
+    """Pop the instrument settings and camera curves out of a flat step mapping."""
+    try:
+        instrument = InstrumentOverrides(
+            **{k: params.pop(k) for k in list(params) if k in _INSTRUMENT_KEYS}
+        )
+    except ValidationError as exc:
+        raise StepSettingsError(f"{step}: {format_validation_error(exc)}") from None
+    curves = {}
+    for key in _CURVE_KEYS:
+        value = params.pop(key, None)
+        if isinstance(value, str):
+            if load_curve is None:
+                raise StepSettingsError(
+                    f"{step}: {key} names a file ({value!r}); files are read at the edge "
+                    "(the CLI, or the daemon's calibrations directory)"
+                )
+            value = load_curve(value)
+        curves[key] = None if value is None else np.asarray(value, dtype=np.float64)
+    return instrument, CameraCurves(**curves)
+
+
+def _align(params: dict[str, Any], load_curve: CurveLoader | None) -> AlignStep:
+    from scherzer.processing.registration import AlignParams
+
+    signal = params.pop("signal", None)
+    if signal is not None and not isinstance(signal, str):
+        raise StepSettingsError(f"align: signal must be a signal name; got {signal!r}")
+    return AlignStep(build_settings(AlignParams, params, "align"), signal)
+
+
+def _focal_register(params: dict[str, Any], load_curve: CurveLoader | None) -> FocalRegisterStep:
+    from scherzer.processing.focal import FocalParams
+
+    instrument, camera = _split(params, "focal_register", load_curve)
+    return FocalRegisterStep(
+        build_settings(FocalParams, params, "focal_register"), instrument, camera
+    )
+
+
+def _restore(params: dict[str, Any], load_curve: CurveLoader | None) -> RestoreStep:
+    from scherzer.processing.focal import FocalParams
+
+    instrument, camera = _split(params, "restore", load_curve)
+    settings = build_settings(RestoreSettings, params, "restore")
+    register = FocalParams(exclude=settings.exclude, area=settings.area)
+    return RestoreStep(settings, instrument, camera, register)
+
+
+def _structure(params: dict[str, Any], load_curve: CurveLoader | None) -> StructureImageStep:
+    instrument, camera = _split(params, "structure_image", load_curve)
+    if camera.given():
+        raise StepSettingsError("structure_image: takes no mtf/nps")
+    return StructureImageStep(
+        build_settings(StructureSettings, params, "structure_image"), instrument
+    )
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any], CurveLoader | None], Step]] = {
+    "align": _align,
+    "focal_register": _focal_register,
+    "restore": _restore,
+    "structure_image": _structure,
+}
+
+
+def parse_step(spec: str | Mapping[str, Any] | Step, load_curve: CurveLoader | None = None) -> Step:
+    """A typed step from its wire form (a name, or a mapping with ``step`` and flat settings);
+    typed steps pass through. ``load_curve`` turns an ``mtf``/``nps`` name into an array."""
+    if isinstance(spec, AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep):
+        return spec
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif isinstance(spec, Mapping) and isinstance(spec.get("step"), str):
+        name, params = spec["step"], {k: v for k, v in spec.items() if k != "step"}
+    else:
+        raise StepSettingsError(f"a step is a name or a mapping with 'step'; got {spec!r}")
+    if name not in _PARSERS:
+        raise StepSettingsError(f"unknown processing step {name!r}; known: {list(STEP_NAMES)}")
+    return _PARSERS[name](dict(params), load_curve)
+
+
+def parse_steps(specs: Any, load_curve: CurveLoader | None = None) -> list[Step]:
+    """:func:`parse_step` over a list."""
+    return [parse_step(s, load_curve) for s in specs]
+
+
+def step_to_json(step: Step) -> dict[str, Any]:
+    """The settings a step ran with, JSON-able (stored beside its results)."""
+    out: dict[str, Any] = {}
+    instrument = getattr(step, "instrument", None)
+    if instrument is not None:
+        out.update(instrument.given())
+    out.update(dataclasses.asdict(step.settings))
+    if isinstance(step, AlignStep) and step.signal is not None:
+        out["signal"] = step.signal
+    return out
