@@ -239,22 +239,22 @@ def step_restore(ctx: PipelineContext, step: RestoreStep) -> StepOutput:
         if not 0 <= int(i) < len(used):
             raise PipelineError(f"restore: exclude index {i} out of range 0..{len(used) - 1}")
         used[int(i)] = False
+    weights = None if step.dose_weights is None else np.asarray(step.dose_weights)
     res = restore_exit_wave(
         intensity_frames(ctx.primary),
         optics,
         pixel_nm,
         reg.defocus_nm,
         reg.shifts_px,
+        settings,
         used=used,
         mtf=camera.mtf,
         nps=camera.nps,
-        dose_weights=settings.dose_weights,
-        area=settings.area,
-        iterations=settings.iterations,
+        dose_weights=weights,
         astigmatism=(reg.astigmatism_nm, reg.astigmatism_deg),
     )
     ctx.results["restore"] = res
-    params = {k: v for k, v in step_to_json(step).items() if k != "dose_weights"}
+    params = step_to_json(step)
     out = StepOutput(
         step="restore",
         params=params,
@@ -283,8 +283,7 @@ def step_structure_image(ctx: PipelineContext, step: StructureImageStep) -> Step
         step_nm = float(np.median(steps))
     if not step_nm:
         raise PipelineError("structure_image needs a fixed focus step (step_nm)")
-    settings = dataclasses.asdict(step.settings)
-    res = structure_image(ctx.primary, optics, float(step_nm), pixel_nm=pixel_nm, **settings)
+    res = structure_image(ctx.primary, optics, float(step_nm), step.settings, pixel_nm=pixel_nm)
     ctx.results["structure_image"] = res
     return StepOutput(
         step="structure_image",

@@ -98,23 +98,13 @@ class FocalRegisterStep:
 
 
 @dataclass(frozen=True)
-class RestoreSettings:
-    """Exit-wave restoration: ``iterations`` of non-linear refinement after the linear Wiener
-    solution, ``area`` (y0, x0, h, w) px restored (None = the whole field), ``exclude`` image
-    indices left out (besides those registration flagged), ``dose_weights`` relative noise
-    weights per image (None = equal)."""
-
-    iterations: int = 0
-    area: tuple[int, int, int, int] | None = None
-    exclude: tuple[int, ...] = ()
-    dose_weights: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
 class RestoreStep:
-    """Exit-wave restoration; registration with ``register`` runs first if it has not run."""
+    """Exit-wave restoration with ``settings`` (restoration.RestoreParams); registration with
+    ``register`` (focal.FocalParams) runs first if it has not run. ``dose_weights``: relative
+    noise weights per image (None = equal)."""
 
-    settings: RestoreSettings = field(default_factory=RestoreSettings)
+    settings: Any  # restoration.RestoreParams
+    dose_weights: tuple[float, ...] | None = None
     instrument: Any = field(default_factory=InstrumentOverrides)
     camera: CameraCurves = field(default_factory=CameraCurves)
     register: Any = None  # focal.FocalParams for the registration run on demand
@@ -122,20 +112,10 @@ class RestoreStep:
 
 
 @dataclass(frozen=True)
-class StructureSettings:
-    """CTF-corrected structure image (see :func:`scherzer.processing.focal.structure_image`)."""
-
-    start_range_nm: tuple[float, float] | None = None
-    n_sectors: int = 6
-    fit_astigmatism: bool = True
-    area: tuple[int, int, int, int] | None = None
-    wiener_snr: float = 10.0
-    crystal: bool = False
-
-
-@dataclass(frozen=True)
 class StructureImageStep:
-    settings: StructureSettings = field(default_factory=StructureSettings)
+    """CTF-corrected structure image of a fixed-step series."""
+
+    settings: Any  # focal.StructureParams
     instrument: Any = field(default_factory=InstrumentOverrides)
     name = "structure_image"
 
@@ -188,20 +168,27 @@ def _focal_register(params: dict[str, Any], load_curve: CurveLoader | None) -> F
 
 def _restore(params: dict[str, Any], load_curve: CurveLoader | None) -> RestoreStep:
     from scherzer.processing.focal import FocalParams
+    from scherzer.processing.restoration import RestoreParams
 
     instrument, camera = _split(params, "restore", load_curve)
-    settings = build_settings(RestoreSettings, params, "restore")
+    weights = params.pop("dose_weights", None)
+    try:
+        weights = None if weights is None else tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise StepSettingsError(f"restore: dose_weights must be numbers; got {weights!r}") from None
+    settings = build_settings(RestoreParams, params, "restore")
     register = FocalParams(exclude=settings.exclude, area=settings.area)
-    return RestoreStep(settings, instrument, camera, register)
+    return RestoreStep(settings, weights, instrument, camera, register)
 
 
 def _structure(params: dict[str, Any], load_curve: CurveLoader | None) -> StructureImageStep:
     instrument, camera = _split(params, "structure_image", load_curve)
     if camera.given():
         raise StepSettingsError("structure_image: takes no mtf/nps")
-    return StructureImageStep(
-        build_settings(StructureSettings, params, "structure_image"), instrument
-    )
+    from scherzer.processing.focal import StructureParams
+
+    settings = build_settings(StructureParams, params, "structure_image")
+    return StructureImageStep(settings, instrument)
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any], CurveLoader | None], Step]] = {
