@@ -14,6 +14,7 @@ Conventions: defocus in nm, C1 < 0 underfocus; frame indices from 0; pixel size 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,9 +30,12 @@ __all__ = [
     "choose_reference",
     "instrument_from_stack",
     "intensity_frames",
+    "reference_candidates",
     "used_mask",
 ]
 
+NEAR_SCHERZER_STEPS = 2.5  # reference candidates: interior images this many steps from Scherzer
+# (more: more pair matches to choose among, some far from the best phase contrast)
 _OPTICS_KEYS = ("voltage_kv", "cs_mm", "focal_spread_nm", "beam_divergence_mrad")
 
 
@@ -132,19 +136,47 @@ def used_mask(n: int, exclude: Sequence[int], reference: int) -> np.ndarray:
     return used
 
 
+def reference_candidates(
+    nominal: np.ndarray, optics: Optics, exclude: Sequence[int] = ()
+) -> np.ndarray:
+    """Interior frames (never the first or last) fit to be the reference by their nominal
+    defocus, nearest first: the interior image nearest Scherzer defocus
+    (:meth:`~scherzer.optics.Optics.scherzer_defocus_nm`) and any other within
+    ``NEAR_SCHERZER_STEPS`` steps of Scherzer; never one so close to focus that it has no
+    phase contrast (within one step of 0 nm; Cs ≈ 0 puts Scherzer at 0 nm) nor an excluded
+    one. A first or last reference
+    carries its own defocus error into every relative defocus with nothing on its other side
+    to average it out."""
+    n = len(nominal)
+    step = float(np.median(np.abs(np.diff(nominal))))
+    dist = np.abs(nominal - optics.scherzer_defocus_nm())
+    interior = np.zeros(n, bool)
+    interior[1 : n - 1] = True
+    interior[[int(i) for i in exclude if 0 <= int(i) < n]] = False
+    ok = interior & (np.abs(nominal) >= step)
+    if not ok.any():
+        ok = interior if interior.any() else np.ones(n, bool)
+    dist = np.where(ok, dist, np.inf)
+    reach = NEAR_SCHERZER_STEPS * step
+    near = np.flatnonzero((dist <= reach) | (np.arange(n) == int(np.argmin(dist))))
+    return near[np.argsort(dist[near], kind="stable")]
+
+
 def choose_reference(nominal: np.ndarray, optics: Optics, reference: int | None) -> int:
-    """The reference frame: ``reference`` if given (range-checked), else the image nearest
-    Scherzer defocus that is not within one step of focus."""
+    """The reference frame: ``reference`` if given (range-checked; the first or last only
+    with a warning), else the nearest-Scherzer interior candidate
+    (:func:`reference_candidates`; the registration may prefer another candidate by its
+    correlation peak)."""
     n = len(nominal)
     if reference is None:
-        # nearest Scherzer, but never an image so close to focus that it has no phase contrast
-        # (Cs ≈ 0 puts Scherzer at 0 nm)
-        step = float(np.median(np.abs(np.diff(nominal))))
-        dist = np.abs(nominal - optics.scherzer_defocus_nm())
-        dist = np.where(np.abs(nominal) < step, np.inf, dist)
-        if np.all(np.isinf(dist)):
-            dist = np.abs(nominal - optics.scherzer_defocus_nm())
-        return int(np.argmin(dist))
+        return int(reference_candidates(nominal, optics)[0])
     if not 0 <= int(reference) < n:
         raise ValueError(f"reference frame {reference} out of range 0..{n - 1}")
+    if int(reference) in (0, n - 1):
+        warnings.warn(
+            f"reference frame {reference} is the first or last of the series: its own defocus "
+            "error shifts every relative defocus (an interior image is chosen by default)",
+            UserWarning,
+            stacklevel=3,
+        )
     return int(reference)

@@ -28,10 +28,12 @@ from scherzer.processing.focal.inputs import (
     check_nominal_defocus,
     choose_reference,
     intensity_frames,
+    reference_candidates,
     used_mask,
 )
+from scherzer.processing.focal.joint import joint_defocus
 from scherzer.processing.focal.problem import PassState, Problem, Strategy
-from scherzer.processing.focal.relative import AmorphousStrategy
+from scherzer.processing.focal.relative import AmorphousStrategy, reference_by_peak
 from scherzer.processing.focal.settings import MIN_IMAGES, FocalParams
 from scherzer.processing.restoration import RestorationResult, RestoreParams, restore_exit_wave
 from scherzer.stack import ImageStack
@@ -137,7 +139,8 @@ def register_focal_series(
     )
     pix = float(pixel_nm if pixel_nm is not None else stack.pixel_size_nm[1])
     ref = choose_reference(nominal, optics, p.reference)
-    used = used_mask(n, p.exclude, ref)
+    candidates = reference_candidates(nominal, optics, p.exclude)
+    used = used_mask(n, p.exclude, ref if p.reference is not None else int(candidates[0]))
     if p.absolute not in ("wave", "phase_agreement", "none"):
         raise ValueError(f"absolute must be 'wave', 'phase_agreement' or 'none'; got {p.absolute}")
     steps = np.abs(np.diff(nominal))
@@ -145,11 +148,17 @@ def register_focal_series(
         SEARCH_RANGE_STEP_FRACTION * float(np.median(steps)) + SEARCH_RANGE_MARGIN_NM
     )
     prob = Problem(intensity_frames(stack), optics, pix, nominal, p, mtf, nps)
+    if p.reference is None:  # the interior candidate near Scherzer whose neighbours match best
+        ref = int(candidates[0])
+        if len(candidates) > 1:
+            ref, _ = reference_by_peak(prob, candidates, nominal, used, rng_nm)
     run = _Run(prob, choose_strategy(p), ref, nominal, used, rng_nm)
     a1_c = run.rounds(optics)
     d_abs, shifts = run.strategy.finish(prob, ref, run.d_abs, run.shifts, run.peaks, used)
     flagged = run.peaks < run.flag_level()
     flagged[ref] = False
+    d_abs, joint = joint_defocus(d_abs, nominal, run.peaks, used & ~flagged, p.focus_line_sigma_nm)
+    run.history.append({"joint": joint})
     shifts = run.strategy.shifts_of_flagged(shifts, used, flagged)
     mag, ang = polar_a1(a1_c)
     return FocalRegistration(

@@ -29,7 +29,14 @@ from scherzer.processing.focal.search import search_defocus_shift
 from scherzer.processing.focal.settings import MIN_IMAGES
 from scherzer.processing.spectral import quadratic_term, shift_phase, solve_series
 
-__all__ = ["AmorphousStrategy", "first_pass", "match_reference", "match_wave", "wave_pass"]
+__all__ = [
+    "AmorphousStrategy",
+    "first_pass",
+    "match_reference",
+    "match_wave",
+    "reference_by_peak",
+    "wave_pass",
+]
 
 FINE_RANGE_NM = 3.0  # ± defocus search of the passes after the first wide one (wider: slower,
 # and a far side maximum can win; narrower: a poor start is not recovered)
@@ -104,6 +111,26 @@ def match_wave(prob: Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_gue
         z, norm = z_maker(p.whiten_shift)(np.array([delta]))
         s, peak = prob.corr.refine(z[0], s, float(norm[0]), 6)
     return delta, s, peak
+
+
+def reference_by_peak(
+    prob: Problem, candidates: np.ndarray, nominal: np.ndarray, used: np.ndarray, rng_nm: float
+) -> tuple[int, np.ndarray]:
+    """The candidate whose used neighbours (±1) match it best: the mean correlation peak of
+    each neighbour against it through the weak-phase transfer (:func:`match_reference`, drift
+    within ``max_drift_px``). Returns (the chosen frame, the mean peak of every candidate)."""
+    n = len(nominal)
+    env_s = prob.bt.spatial(nominal)
+    window = (np.zeros(2), prob.params.max_drift_px)
+    scores = np.zeros(len(candidates))
+    for k, c in enumerate(candidates):
+        peaks = [
+            match_reference(prob, j, c, nominal, env_s, nominal[j], rng_nm, window)[2]
+            for j in (c - 1, c + 1)
+            if 0 <= j < n and used[j]
+        ]
+        scores[k] = float(np.mean(peaks)) if peaks else -np.inf
+    return int(candidates[int(np.argmax(scores))]), scores
 
 
 def first_pass(prob: Problem, ref: int, nominal: np.ndarray, used: np.ndarray, rng_nm: float):

@@ -37,6 +37,9 @@ WAVE_WHITEN = 0.5  # automatic whiten of a non-periodic field
 # weak for amorphous fields (a strong prior biases the fitted defocus: 0.44 → 0.05 nm RMS at
 # 100 e/Å²), the restoration's own for a crystal's few spots (1e4: 0.053 instead of 0.039 px
 # drift on SrTiO3)
+FOCUS_LINE_SIGMA_NM = 0.3  # default σ_p of the joint solution (.joint): the true focus's
+# scatter about a line (lens hysteresis, uneven settling); smaller pulls noisy estimates
+# harder onto the line, larger trusts each image
 AMORPHOUS_PRIOR_SCALE = 1e4
 CRYSTAL_PRIOR_SCALE = 1.0
 
@@ -123,6 +126,10 @@ class FocalParams:
     mid-plane of an amorphous film, t/2 upstream — so with ``thickness_nm`` its estimate is moved
     by t/2 to the exit surface (without it, the mid-plane is reported: within t/2 of the exit
     surface). The crystal criterion locates the exit surface itself (no shift applied).
+    ``focus_line_sigma_nm``: the linear-drift prior of the joint relative-defocus solution
+    (:func:`~.joint.joint_defocus`): the expected scatter of the true focus about a straight
+    line in the nominal defocus; estimates scattering more than that are pulled towards the
+    line in proportion to their noise (None: off, each image's own estimate).
     """
 
     __pydantic_config__ = pydantic.ConfigDict(extra="forbid")
@@ -154,6 +161,7 @@ class FocalParams:
     prior_scale: float | None = None
     per_image_delocalisation: bool | None = None
     shift_prior_scale: float | None = 1.0
+    focus_line_sigma_nm: float | None = FOCUS_LINE_SIGMA_NM
 
     def resolved(self) -> FocalParams:
         """A copy with the automatic (None) settings filled in: ``per_image_delocalisation``
