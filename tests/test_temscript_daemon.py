@@ -256,3 +256,43 @@ def test_rotated_scan_series_through_temscript_sim_aligns(tmp_path):
     err = (shifts - shifts.mean(0)) - (truth - truth.mean(0))
     print(f"temscript-sim rotated scan: alignment RMS {np.sqrt(np.mean(np.sum(err**2, 1))):.3f} px")
     assert np.sqrt(np.mean(np.sum(err**2, 1))) <= 0.3, err
+
+
+# --- the registry factory -----------------------------------------------------------------
+def test_devices_settings_reach_the_driver_settings():
+    from scherzer.config import DeviceSettings
+    from scherzer.drivers.temscript import TemscriptSettings, settings_from_devices
+
+    dev = DeviceSettings(
+        kind="temscript",
+        temscript_url="http://10.0.0.5:8080",
+        read_only=True,
+        temscript_defocus_limits_nm=(-300.0, 300.0),
+        temscript_cs_mm=1.2,
+    )
+    got = settings_from_devices(dev)
+    assert got.url == "http://10.0.0.5:8080" and got.read_only is True and got.cs_mm == 1.2
+    assert got.limits.defocus_nm == (-300.0, 300.0)
+    default = TemscriptSettings()
+    assert got.timeout_s == default.timeout_s  # not given: the driver's default
+    assert got.defocus_nm_per_unit == default.defocus_nm_per_unit
+
+
+def test_the_registry_builds_the_bench_even_when_the_server_is_down():
+    from scherzer.config import DeviceSettings
+    from scherzer.drivers.base import DeviceDisconnected
+    from scherzer.drivers.registry import open_instruments
+
+    url = f"http://127.0.0.1:{free_port()}"
+    ins = open_instruments(DeviceSettings(kind="temscript", temscript_url=url))
+    try:
+        assert "refused" in ins.instrument["error"]
+        assert ins.describe() == {
+            "camera": "temscript-camera",
+            "scan": "temscript-scan",
+            "lens": "temscript-lens",
+        }
+        with pytest.raises(DeviceDisconnected):
+            ins.lens.get_defocus_nm()
+    finally:
+        ins.close()
