@@ -17,21 +17,28 @@ import numpy as np
 
 from scherzer.io.axes import dims_axes
 from scherzer.io.emd import complete_rows
-from scherzer.io.errors import existing_file
 from scherzer.io.hdf5 import RESERVED_ATTRS, attr_str, jsonable, open_read, read_attrs
-from scherzer.io.imports import FORMAT_NAMES, import_signals, sniff, why_not_image
+from scherzer.io.imports import (
+    FORMAT_NAMES,
+    existing_input,
+    import_signals,
+    sniff,
+    why_not_image,
+)
 
 __all__ = ["describe"]
 
 
-def describe(path: str | Path) -> dict:
-    """A JSON-serialisable summary of what a file holds (for ``scherzer info FILE``)."""
-    p = existing_file(path)
+def describe(path: str | Path, *, max_bytes: int | None = None) -> dict:
+    """A JSON-serialisable summary of what a file holds (for ``scherzer info FILE``). Our files
+    are described without reading frames; others are imported within the read budget
+    ``max_bytes`` (None = a fraction of the available memory)."""
+    p = existing_input(path)
     fmt = sniff(p)
     if fmt == "scherzer":
         return _describe_ours(p)
     signals = []
-    for s in import_signals(p):
+    for s in import_signals(p, max_bytes=max_bytes):
         signals.append(
             {
                 "name": s.name,

@@ -8,15 +8,21 @@ Layout (``docs/file-format.md``): ``/data/<name>`` with ``emd_group_type=1``,
 (``scherzer.stack.RECORD_DTYPE``, one row per frame); ``/microscope`` (instrument attributes,
 file-wide, merged); ``/metadata/<name>`` (attributes); ``/ground_truth/<name>/<key>`` (datasets).
 
+Every stack also gets a HyperSpy view, ``/Experiments/<name>`` (:mod:`scherzer.io.hspy`), whose
+``data`` is a hard link to the same frames, so ``hs.load`` opens the file as a Signal2D stack.
+
 Crash safety: every append writes and flushes the frame, then writes and flushes its record, in
 SWMR mode. Readers trust the leading ``records`` rows whose ``index`` is not -1 (the fill value of
 unwritten rows), capped at the length of ``data``: a writer killed at any moment loses at most
-the frame it was writing.
+the frame it was writing. :func:`finalize_stacks` (run when a writer closes, and by
+:func:`scherzer.io.swmr.repair`) trims rows past the complete ones and sets the HyperSpy frame
+counts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +31,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from scherzer.io import hspy
+from scherzer.io.budget import ReadBudget
 from scherzer.io.errors import EmdError
 from scherzer.io.hdf5 import (
     check_name,
@@ -49,6 +57,7 @@ from scherzer.stack import (
 __all__ = [
     "StackWriter",
     "complete_rows",
+    "finalize_stacks",
     "read_stack",
     "read_stacks",
     "stack_names",
@@ -63,6 +72,8 @@ SWMR_LIBVER = ("v110", "latest")
 #: Chunk length (rows) of the resizable frame-index and records datasets: small enough that a
 #: short series wastes little, large enough that long series do not fragment.
 ROW_CHUNK = 256
+
+_log = logging.getLogger(__name__)
 
 
 def write_dim(group: h5py.Group, k: int, name: str, units: str, values: np.ndarray) -> None:
@@ -92,6 +103,7 @@ def _create_stack_group(
     """An empty, resizable EMD group for frames (n, y, x) with its records table."""
     ny, nx = frame_shape
     py, px = pixel_size_nm
+    hspy.remove_view(f, name)
     g = replace_group(f.require_group("data"), name)
     g.attrs["emd_group_type"] = 1
     g.attrs["scherzer_kind"] = "stack"
@@ -160,10 +172,20 @@ def _write_context(
     metadata: Mapping[str, Any] | None,
     truth: Mapping[str, Any] | None,
 ) -> None:
-    """Instrument (file-wide, merged), per-stack metadata and ground truth."""
+    """Instrument (file-wide, merged), per-stack metadata, ground truth, and the stack's
+    HyperSpy view (with the instrument as merged so far)."""
     write_attrs(f.require_group("microscope"), dict(instrument or {}))
     write_attrs(replace_group(f.require_group("metadata"), name), dict(metadata or {}))
     _write_truth(f, name, dict(truth or {}))
+    g = f["data"][name]
+    hspy.add_stack_view(
+        f,
+        name,
+        g,
+        instrument=read_attrs(f["microscope"]),
+        metadata=dict(metadata or {}),
+        intensity_units=str(g.attrs.get("intensity_units", "counts")),
+    )
 
 
 def _append_rows(
@@ -292,10 +314,19 @@ class StackWriter:
         return dict(self._counts)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            self._file.close()
-            self._file = None
+        """Close the file, then reopen it briefly outside SWMR mode to set the HyperSpy frame
+        counts (:func:`finalize_stacks`). If another process holds the file then, the frames
+        are safe and the counts are left for :func:`scherzer.io.swmr.repair`."""
+        if self._file is None:
+            return
+        self._file.flush()
+        self._file.close()
+        self._file = None
+        try:
+            with h5py.File(self.path, "a", libver=SWMR_LIBVER) as f:
+                finalize_stacks(f)
+        except OSError as exc:
+            _log.warning("could not set the HyperSpy frame counts of %s: %s", self.path, exc)
 
     def __enter__(self) -> StackWriter:
         return self
@@ -363,11 +394,26 @@ def complete_rows(g: h5py.Group) -> int:
     return min(n, int(g["data"].shape[0]))
 
 
-def _read_stack_group(f: h5py.File, name: str) -> ImageStack:
+def finalize_stacks(f: h5py.File) -> None:
+    """Trim every stack to its complete frames (data, frame index and records beyond the last
+    complete record are the frame a killed writer was writing) and update its HyperSpy view."""
+    instrument = read_attrs(f["microscope"]) if "microscope" in f else {}
+    for name in stack_names(f):
+        g = f["data"][name]
+        n = complete_rows(g)
+        for key in ("data", "dim1", "records"):
+            if g[key].shape[0] > n:
+                g[key].resize(n, axis=0)
+        hspy.update_stack_view(f, name, instrument)
+
+
+def _read_stack_group(f: h5py.File, name: str, budget: ReadBudget) -> ImageStack:
     g = data_group(f, name)
     n = complete_rows(g)
     if n == 0:
         raise EmdError(f"stack {name!r} in {f.filename} holds no complete frames yet")
+    data = g["data"]
+    budget.take((n, *data.shape[1:]), data.dtype, f"stack {name!r} in {f.filename}")
     records = records_from_array(g["records"][:n])
     instrument = read_attrs(f["microscope"]) if "microscope" in f else {}
     md_group = f.get(f"metadata/{name}")
@@ -382,8 +428,12 @@ def _read_stack_group(f: h5py.File, name: str) -> ImageStack:
     )
 
 
-def read_stack(path: str | Path, name: str | None = None) -> ImageStack:
-    """One stack of a Scherzer EMD file (``name`` None: the first one written)."""
+def read_stack(
+    path: str | Path, name: str | None = None, *, max_bytes: int | None = None
+) -> ImageStack:
+    """One stack of a Scherzer EMD file (``name`` None: the first one written). ``max_bytes``:
+    the read budget (:mod:`scherzer.io.budget`; None = a fraction of the available memory)."""
+    budget = ReadBudget.of(max_bytes)
     with open_ours(path) as f:
         names = stack_names(f)
         if not names:
@@ -392,14 +442,16 @@ def read_stack(path: str | Path, name: str | None = None) -> ImageStack:
             name = names[0]
         if name not in names:
             raise EmdError(f"{path} has no stack {name!r}; stacks: {names}")
-        return _read_stack_group(f, name)
+        return _read_stack_group(f, name, budget)
 
 
-def read_stacks(path: str | Path) -> dict[str, ImageStack]:
-    """Every stack of a Scherzer EMD file (stacks without complete frames are left out)."""
+def read_stacks(path: str | Path, *, max_bytes: int | None = None) -> dict[str, ImageStack]:
+    """Every stack of a Scherzer EMD file (stacks without complete frames are left out), within
+    one read budget ``max_bytes`` for all of them (None = a fraction of the available memory)."""
+    budget = ReadBudget.of(max_bytes)
     with open_ours(path) as f:
         out = {}
         for name in stack_names(f):
             if complete_rows(f["data"][name]) > 0:
-                out[name] = _read_stack_group(f, name)
+                out[name] = _read_stack_group(f, name, budget)
         return out

@@ -24,7 +24,7 @@ import numpy as np
 
 from scherzer import __version__
 from scherzer.io.errors import EmdError, existing_file
-from scherzer.io.swmr import clear_write_flags
+from scherzer.io.superblock import clear_write_flags
 
 __all__ = [
     "FORMAT_VERSION",
@@ -148,7 +148,7 @@ def new_file(path: str | Path, **kwargs: Any) -> h5py.File:
 def open_read(path: str | Path) -> h5py.File:
     """Open an HDF5 file read-only. Files being written (or left by a killed SWMR writer) are
     opened in SWMR-read mode; a stale "open for writing" flag that a killed non-SWMR writer left
-    is cleared when no process holds the file (see :func:`scherzer.io.swmr.repair`)."""
+    is cleared when no process holds the file (see :mod:`scherzer.io.superblock`)."""
     p = existing_file(path)
     if not h5py.is_hdf5(p):
         raise EmdError(f"{p} is not an HDF5 file (no HDF5 signature); cannot read it as EMD")

@@ -3,11 +3,18 @@ by content (:func:`sniff`), every signal as stored (:func:`import_signals`), and
 as ImageStacks (:func:`import_stack`, :func:`import_stacks`).
 
 Formats: Scherzer EMD (this package), Berkeley EMD (h5py; data as stored, ``dimK`` for axis K-1;
-other layouts through rosettasciio), Velox EMD, HyperSpy ``.hspy``/``.hdf5``, DM3/DM4 and TIA
-``.emi``/``.ser`` (rosettasciio), TIFF (rosettasciio, plus ImageJ's length unit from tifffile),
-``.npy`` (uncalibrated, no pickles). Signals keep the navigation (frame) axis first; lengths are
-converted to nm (:mod:`scherzer.io.axes`). An ImageStack's frames are (n, y, x): a stack whose
-axes are named (x, y), as HyperSpy writes Berkeley EMD, is transposed back to (y, x).
+other layouts through rosettasciio), Velox EMD, HyperSpy ``.hspy``/``.hdf5`` and ``.zspy``
+(a zarr folder or zip), DM3/DM4 and TIA ``.emi``/``.ser`` (rosettasciio), TIFF (rosettasciio,
+plus ImageJ's length unit from tifffile), ``.npy`` (uncalibrated, no pickles). Signals keep the
+navigation (frame) axis first; lengths are converted to nm (:mod:`scherzer.io.axes`).
+
+Orientation: an ImageStack's frames are (n, y, x). Berkeley EMD written by HyperSpy/rosettasciio
+(data under ``/signals/<title>``, two-value ``dimK`` vectors) is stored transposed — a
+(n, y, x) signal as (x, y, n) — and is transposed back whole; a stack whose last two axes are
+named (x, y) is transposed back to (y, x).
+
+Memory: every reader checks the declared shapes against a read budget before it allocates
+(:mod:`scherzer.io.budget`); rosettasciio formats are opened lazily for that check.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import h5py
 import numpy as np
 
 from scherzer.io.axes import Axis, axis_in_nm, dims_axes
+from scherzer.io.budget import ReadBudget
 from scherzer.io.emd import complete_rows, read_stack, read_stacks, stack_names
 from scherzer.io.errors import EmdError, existing_file
 from scherzer.io.hdf5 import is_ours, jsonable, open_ours, open_read, read_attrs
@@ -31,6 +39,7 @@ from scherzer.stack import FrameRecord, ImageStack, StackError
 __all__ = [
     "FORMAT_NAMES",
     "ImportedSignal",
+    "existing_input",
     "import_signals",
     "import_stack",
     "import_stacks",
@@ -42,6 +51,12 @@ __all__ = [
 _NPY_MAGIC = b"\x93NUMPY"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, LE/BE
 _DM_MAGICS = (b"\x00\x00\x00\x03", b"\x00\x00\x00\x04")  # DM3 / DM4 version word
+_ZIP_MAGIC = b"PK\x03\x04"
+_ZSPY_SUFFIX = ".zspy"
+#: Parent group of the signals rosettasciio's (HyperSpy's) Berkeley EMD writer stores transposed.
+_RSCIIO_EMD_PARENT = "signals"
+#: rosettasciio writes each ``dimK`` as [offset, offset + scale] whatever the axis length.
+_RSCIIO_DIM_VALUES = 2
 _SNIFF_BYTES = 8
 #: Longest signal name a FrameRecord holds (its ``signal`` column is S32).
 _RECORD_SIGNAL_CHARS = 32
@@ -54,6 +69,7 @@ FORMAT_NAMES = {
     "velox": "velox-emd",
     "berkeley": "berkeley-emd",
     "hspy": "hyperspy",
+    "zspy": "hyperspy-zspy",
     "dm": "digitalmicrograph",
     "tia": "tia",
     "tiff": "tiff",
@@ -92,13 +108,25 @@ def _sniff_hdf5(path: Path) -> str:
     )
 
 
+def existing_input(path: str | Path) -> Path:
+    """``path`` if it names an existing file, or a HyperSpy ``.zspy`` folder (zarr)."""
+    p = Path(path)
+    if p.is_dir() and p.suffix.lower() == _ZSPY_SUFFIX:
+        return p
+    return existing_file(p)
+
+
 def sniff(path: Path) -> str:
-    """The file's format from its content (and, for TIA, its name)."""
+    """The file's format from its content (and, for TIA and zspy, its name)."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return "zspy"  # existing_input admits no other folder
     with open(path, "rb") as fh:
         head = fh.read(_SNIFF_BYTES)
     if h5py.is_hdf5(path):
         return _sniff_hdf5(path)
-    suffix = path.suffix.lower()
+    if head.startswith(_ZIP_MAGIC) and suffix == _ZSPY_SUFFIX:
+        return "zspy"
     if head.startswith(_NPY_MAGIC):
         return "npy"
     if head[:4] in _TIFF_MAGICS:
@@ -109,25 +137,29 @@ def sniff(path: Path) -> str:
         return "tia"
     raise EmdError(
         f"unrecognised file format for {path} (first bytes {head!r}); readable: Scherzer/"
-        "Berkeley/Velox EMD, HyperSpy .hspy/.hdf5, DM3/DM4, TIA .emi/.ser, TIFF, .npy"
+        "Berkeley/Velox EMD, HyperSpy .hspy/.hdf5/.zspy, DM3/DM4, TIA .emi/.ser, TIFF, .npy"
     )
 
 
-def import_signals(path: str | Path) -> list[ImportedSignal]:
-    """Every signal of any readable file: data as stored (frame axis first), axes in nm."""
-    p = existing_file(path)
+def import_signals(path: str | Path, *, max_bytes: int | None = None) -> list[ImportedSignal]:
+    """Every signal of any readable file: data as stored (frame axis first), axes in nm.
+    ``max_bytes``: the read budget for all signals together (None = a fraction of the
+    available memory); a file declaring more raises MemoryBudgetError before allocating."""
+    p = existing_input(path)
+    budget = ReadBudget.of(max_bytes)
     fmt = sniff(p)
     readers = {
         "scherzer": _signals_ours,
         "berkeley": _signals_berkeley,
         "velox": _signals_rsciio,
         "hspy": _signals_rsciio,
+        "zspy": _signals_rsciio,
         "dm": _signals_rsciio,
         "tia": _signals_rsciio,
         "tiff": _signals_tiff,
         "npy": _signals_npy,
     }
-    signals = readers[fmt](p, fmt)
+    signals = readers[fmt](p, fmt, budget)
     if not signals:
         hint = ""
         if fmt == "tia" and p.suffix.lower() == ".emi":
@@ -136,16 +168,16 @@ def import_signals(path: str | Path) -> list[ImportedSignal]:
     return signals
 
 
-def _signals_ours(path: Path, fmt: str) -> list[ImportedSignal]:
+def _signals_ours(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSignal]:
     out = []
     with open_read(path) as f:
         instrument = read_attrs(f["microscope"]) if "microscope" in f else {}
         for name, g in f["data"].items():
-            if g.attrs.get("scherzer_kind") == "stack":
-                n = complete_rows(g)
-                data = g["data"][:n]
-            else:
-                data = g["data"][()]
+            ds = g["data"]
+            stack = g.attrs.get("scherzer_kind") == "stack"
+            shape = (complete_rows(g), *ds.shape[1:]) if stack else ds.shape
+            budget.take(shape, ds.dtype, f"{name!r} in {path}")
+            data = ds[: shape[0]] if stack else ds[()]
             md = {k: instrument[k] for k in ("voltage_kv", "magnification") if k in instrument}
             md["kind"] = str(g.attrs.get("scherzer_kind", ""))
             out.append(ImportedSignal(data, name, dims_axes(g, data.ndim), md, "scherzer-emd"))
@@ -168,41 +200,89 @@ def _emd_groups(f: h5py.File) -> list[tuple[str, h5py.Group]]:
     return found
 
 
-def _signals_berkeley(path: Path, fmt: str) -> list[ImportedSignal]:
+def _written_by_rsciio(name: str, g: h5py.Group, ndim: int) -> bool:
+    """Whether an EMD group is rosettasciio's (HyperSpy's) layout, stored transposed: it sits
+    at ``/signals/<title>`` and every ``dimK`` holds just [offset, offset + scale]."""
+    parent = name.rsplit("/", 1)[0] if "/" in name else ""
+    if parent != _RSCIIO_EMD_PARENT or ndim == 0:
+        return False
+    dims = [g.get(f"dim{k + 1}") for k in range(ndim)]
+    return all(isinstance(d, h5py.Dataset) and d.size == _RSCIIO_DIM_VALUES for d in dims)
+
+
+def _signals_berkeley(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSignal]:
     """Berkeley EMD (ncempy, py4DSTEM, HyperSpy): every ``emd_group_type`` group's ``data``,
-    in stored (C) order with dim1 describing axis 0. Other layouts go through rosettasciio."""
+    in stored (C) order with dim1 describing axis 0 — except rosettasciio's transposed layout,
+    which is transposed back. Other layouts go through rosettasciio."""
     with open_read(path) as f:
         found = _emd_groups(f)
         if not found:
-            return _signals_rsciio(path, fmt)
+            return _signals_rsciio(path, fmt, budget)
         om = {grp: read_attrs(f[grp]) for grp in ("microscope", "sample", "user") if grp in f}
         out = []
         for name, g in found:
-            data = g["data"][()]
+            ds = g["data"]
+            budget.take(ds.shape, ds.dtype, f"{name!r} in {path}")
+            data, axes = ds[()], dims_axes(g, ds.ndim)
+            if _written_by_rsciio(name, g, ds.ndim):
+                data, axes = np.ascontiguousarray(data.T), axes[::-1]
             md = instrument_metadata(om, None, "berkeley")
-            md["title"] = name.rsplit("/", 1)[-1]
-            out.append(
-                ImportedSignal(
-                    data, name.rsplit("/", 1)[-1], dims_axes(g, data.ndim), md, "berkeley-emd"
-                )
-            )
+            title = name.rsplit("/", 1)[-1]
+            md["title"] = title
+            out.append(ImportedSignal(data, title, axes, md, "berkeley-emd"))
     return out
 
 
-def _signals_rsciio(path: Path, fmt: str) -> list[ImportedSignal]:
+def _rsciio_reader(fmt: str) -> Any:
+    if fmt == "zspy":
+        from rsciio import zspy
+
+        return zspy
     from rsciio import digitalmicrograph, emd, hspy, tia
 
-    reader = {
-        "velox": emd,
-        "berkeley": emd,
-        "hspy": hspy,
-        "dm": digitalmicrograph,
-        "tia": tia,
-    }[fmt]
+    readers = {"velox": emd, "berkeley": emd, "hspy": hspy, "dm": digitalmicrograph, "tia": tia}
+    return readers[fmt]
+
+
+def _materialise(dicts: list[dict], path: Path, budget: ReadBudget) -> None:
+    """Replace each lazily read ``data`` by an array, after checking all against the budget."""
+    for i, d in enumerate(dicts):
+        data = d["data"]
+        budget.take(data.shape, data.dtype, f"signal {i} of {path}")
+    for d in dicts:
+        data = d["data"]
+        d["data"] = np.asarray(data.compute() if hasattr(data, "compute") else data)
+
+
+def _read_checked(reader: Any, path: Path, budget: ReadBudget) -> list[dict]:
+    """rosettasciio dicts with arrays, read lazily so the shapes are checked first. Where lazy
+    reading is not supported (DM RGBA images), the file is read eagerly if its size on disk
+    fits the budget (those formats are uncompressed) and then checked."""
+    try:
+        dicts = reader.file_reader(str(path), lazy=True)
+    except ValueError as lazy_error:
+        if "lazy" not in str(lazy_error).lower():
+            raise
+        budget.take((_disk_bytes(path),), np.uint8, f"{path} (read whole: no lazy reading)")
+        dicts = reader.file_reader(str(path))
+    _materialise(dicts, path, budget)
+    return dicts
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _signals_rsciio(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSignal]:
+    reader = _rsciio_reader(fmt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dicts = reader.file_reader(str(path))
+            dicts = _read_checked(reader, path, budget)
+        except EmdError:
+            raise
         except Exception as exc:
             raise EmdError(f"cannot read {path} as {fmt}: {type(exc).__name__}: {exc}") from exc
     return [_from_rsciio(d, fmt, i, _stem(path)) for i, d in enumerate(dicts)]
@@ -214,14 +294,16 @@ def _stem(path: Path) -> str:
     return stem[:-2] if path.suffix.lower() == ".ser" and stem.endswith("_1") else stem
 
 
-def _signals_tiff(path: Path, fmt: str) -> list[ImportedSignal]:
+def _signals_tiff(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSignal]:
     import tifffile
     from rsciio import tiff
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dicts = tiff.file_reader(str(path))
+            dicts = _read_checked(tiff, path, budget)
+        except EmdError:
+            raise
         except Exception as exc:
             raise EmdError(f"cannot read {path} as TIFF: {type(exc).__name__}: {exc}") from exc
         with tifffile.TiffFile(path) as tf:
@@ -236,7 +318,19 @@ def _signals_tiff(path: Path, fmt: str) -> list[ImportedSignal]:
     return out
 
 
-def _signals_npy(path: Path, fmt: str) -> list[ImportedSignal]:
+def _signals_npy(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSignal]:
+    try:
+        with open(path, "rb") as fh:  # the header first: shape and dtype, no data
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(fh)
+    except ValueError as exc:
+        raise EmdError(f"cannot read {path} as .npy: {exc}") from exc
+    budget.take(shape, dtype, f"{path}")
     try:
         data = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -340,35 +434,40 @@ def _select(signals: list[ImportedSignal], signal: str | int | None, path: Path)
     raise EmdError(f"{path} has no signal {signal!r}; it holds {names}")
 
 
-def import_stack(path: str | Path, signal: str | int | None = None) -> ImageStack:
+def import_stack(
+    path: str | Path, signal: str | int | None = None, *, max_bytes: int | None = None
+) -> ImageStack:
     """An image (stack) of any readable file as an ImageStack (frames first, pixel size in nm).
 
     ``signal`` picks by name (case-insensitive) or index into :func:`import_signals`; None takes
-    the first image signal (line profiles and other non-images skipped).
+    the first image signal (line profiles and other non-images skipped). ``max_bytes``: the read
+    budget (None = a fraction of the available memory).
     """
-    p = existing_file(path)
+    p = existing_input(path)
     if sniff(p) == "scherzer":
-        return _import_ours(p, signal)
-    sig = _select(import_signals(p), signal, p)
+        return _import_ours(p, signal, max_bytes)
+    sig = _select(import_signals(p, max_bytes=max_bytes), signal, p)
     return _signal_to_stack(sig, p)
 
 
-def _import_ours(path: Path, signal: str | int | None) -> ImageStack:
+def _import_ours(path: Path, signal: str | int | None, max_bytes: int | None) -> ImageStack:
     if isinstance(signal, (int, np.integer)) and not isinstance(signal, bool):
         with open_ours(path) as f:
             names = stack_names(f)
         if not -len(names) <= signal < len(names):
             raise EmdError(f"stack index {signal} out of range; {path} holds stacks {names}")
         signal = names[int(signal)]
-    return read_stack(path, signal)
+    return read_stack(path, signal, max_bytes=max_bytes)
 
 
-def import_stacks(path: str | Path) -> list[ImageStack]:
-    """Every image signal of a file as ImageStacks (non-images skipped)."""
-    p = existing_file(path)
+def import_stacks(path: str | Path, *, max_bytes: int | None = None) -> list[ImageStack]:
+    """Every image signal of a file as ImageStacks (non-images skipped), within one read
+    budget ``max_bytes`` (None = a fraction of the available memory)."""
+    p = existing_input(path)
     if sniff(p) == "scherzer":
-        return list(read_stacks(p).values())
-    return [_signal_to_stack(s, p) for s in import_signals(p) if why_not_image(s) is None]
+        return list(read_stacks(p, max_bytes=max_bytes).values())
+    signals = import_signals(p, max_bytes=max_bytes)
+    return [_signal_to_stack(s, p) for s in signals if why_not_image(s) is None]
 
 
 def _frames_yx(data: np.ndarray, axes: list[Axis], notes: list[str]) -> tuple[np.ndarray, list]:

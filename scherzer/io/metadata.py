@@ -117,7 +117,7 @@ def hyperspy_metadata(metadata: Mapping) -> dict[str, Any]:
         "voltage_kv": (as_float(tem.get("beam_energy")), 1.0),
         "magnification": (as_float(tem.get("magnification")), 1.0),
         "dwell_us": (as_float(tem.get("dwell_time")), _S_TO_US),
-        "exposure_s": (as_float(camera.get("exposure")), 1.0),
+        "exposure_s": (as_float(camera.get("exposure", tem.get("exposure"))), 1.0),
     }
     out: dict[str, Any] = {k: v * f for k, (v, f) in found.items() if v is not None}
     for key in ("microscope", "acquisition_mode"):

@@ -4,8 +4,11 @@ per-image tables (``/tables/<name>``), processing records (``/processing/<step>`
 
 Results are EMD 1.0 groups (``emd_group_type=1``, ``scherzer_kind="result"``): ``data`` in any
 real dtype as given, complex always as complex64, ``dim1..dimN`` describing axes 0..N-1 in C
-order. Tables are 1-D structured datasets; numpy unicode columns (not storable in HDF5) are
-written as UTF-8 bytes and listed, with their widths, in the JSON attribute ``unicode_columns``.
+order, and a HyperSpy view ``/Experiments/<name>`` (:mod:`scherzer.io.hspy`; the last two axes
+are its signal axes, so an exit wave opens as a ComplexSignal2D with its pixel size).
+
+Tables are 1-D structured datasets; numpy unicode columns (not storable in HDF5) are written as
+UTF-8 bytes and listed, with their widths, in the JSON attribute ``unicode_columns``.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
-from scherzer.io.emd import write_dim, write_stack
+from scherzer.io import hspy
+from scherzer.io.budget import ReadBudget
+from scherzer.io.emd import stack_names, write_dim, write_stack
 from scherzer.io.errors import EmdError
 from scherzer.io.hdf5 import (
     RESERVED_ATTRS,
@@ -46,6 +52,11 @@ __all__ = [
 #: Bytes per character of numpy's ``U`` dtype (UCS-4), and the UTF-8 bytes reserved per character.
 _UCS4_BYTES = 4
 _UTF8_MAX_BYTES = 4
+#: Pipeline images on the pixel grid of the file's first stack when the step gives no dims.
+IMAGE_RESULTS = ("exit_wave", "structure_image")
+#: ``average_<signal>``: the average of stack ``<signal>``, on its pixel grid.
+AVERAGE_PREFIX = "average_"
+_IMAGE_SIGNAL_NDIM = 2
 
 
 def write_result(
@@ -73,6 +84,7 @@ def write_result(
     if clash:
         raise EmdError(f"attrs use reserved names {sorted(clash)}")
     with open_append(path) as f:
+        hspy.remove_view(f, name)
         g = replace_group(f.require_group("data"), name)
         g.attrs["emd_group_type"] = 1
         g.attrs["scherzer_kind"] = "result"
@@ -80,6 +92,17 @@ def write_result(
         for k, (dname, units, values) in enumerate(dim_list, start=1):
             write_dim(g, k, dname, units, values)
         write_attrs(g, user_attrs)
+        axes = [_axis_of(dname, units, values) for dname, units, values in dim_list]
+        instrument = read_attrs(f["microscope"]) if "microscope" in f else {}
+        hspy.add_result_view(f, name, g, axes=axes, attrs=user_attrs, instrument=instrument)
+
+
+def _axis_of(name: str, units: str, values: np.ndarray) -> tuple[str, float, float, str]:
+    """(name, scale, offset, units) of a dim vector (its first step and first value)."""
+    numeric = values.dtype.kind in "iuf" and values.size > 0
+    offset = float(values[0]) if numeric else 0.0
+    scale = float(values[1] - values[0]) if numeric and values.size > 1 else 1.0
+    return (name, scale, offset, units)
 
 
 def _result_dims(
@@ -105,10 +128,14 @@ def _result_dims(
     return out
 
 
-def read_result(path: str | Path, name: str) -> np.ndarray:
-    """The array of ``/data/<name>`` (a result, or a stack's raw frames)."""
+def read_result(path: str | Path, name: str, *, max_bytes: int | None = None) -> np.ndarray:
+    """The array of ``/data/<name>`` (a result, or a stack's raw frames), within the read
+    budget ``max_bytes`` (None = a fraction of the available memory)."""
+    budget = ReadBudget.of(max_bytes)
     with open_ours(path) as f:
-        return data_group(f, name)["data"][()]
+        ds = data_group(f, name)["data"]
+        budget.take(ds.shape, ds.dtype, f"result {name!r} in {path}")
+        return ds[()]
 
 
 def write_table(path: str | Path, name: str, table: np.ndarray) -> None:
@@ -146,13 +173,15 @@ def _table_for_hdf5(arr: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
     return out, unicode_cols
 
 
-def read_table(path: str | Path, name: str) -> np.ndarray:
-    """Inverse of :func:`write_table`."""
+def read_table(path: str | Path, name: str, *, max_bytes: int | None = None) -> np.ndarray:
+    """Inverse of :func:`write_table` (within the read budget ``max_bytes``)."""
+    budget = ReadBudget.of(max_bytes)
     with open_ours(path) as f:
         ds = f.get(f"tables/{name}")
         if ds is None:
             have = sorted(f["tables"].keys()) if "tables" in f else []
             raise EmdError(f"{path} has no table {name!r}; tables: {have or 'none'}")
+        budget.take(ds.shape, ds.dtype, f"table {name!r} in {path}")
         arr = ds[()]
         unicode_cols = json.loads(ds.attrs.get("unicode_columns", "{}"))
     if not unicode_cols:
@@ -193,14 +222,17 @@ def store_pipeline_result(path: str | Path, result: Any) -> None:
     arrays to ``/data/<name>`` (write_result, complex as complex64), tables to
     ``/tables/<name>``, and the parameters to ``/processing/<step>`` with the step's JSON
     summary and run time in the reserved attributes ``scherzer_summary``/``scherzer_seconds``
-    (see :func:`read_processing_summary`).
+    (see :func:`read_processing_summary`). Images without ``dims`` (``average_<signal>``,
+    ``exit_wave``, ``structure_image``) get y/x in nm from the stack they were made from when
+    their shape is its frame shape (:func:`_image_dims`).
     """
     for out in result.outputs:
         dims = getattr(out, "dims", None) or {}
         for name, stack in out.stacks.items():
             write_stack(path, stack, name=name, mode="a")
         for name, array in out.arrays.items():
-            write_result(path, name, array, dims=dims.get(name), attrs={"step": out.step})
+            given = dims.get(name) or _image_dims(path, name, np.shape(array))
+            write_result(path, name, array, dims=given, attrs={"step": out.step})
         for name, table in out.tables.items():
             write_table(path, name, table)
         write_processing(path, out.step, dict(out.params))
@@ -208,6 +240,34 @@ def store_pipeline_result(path: str | Path, result: Any) -> None:
             g = f["processing"][out.step]
             g.attrs["scherzer_summary"] = json.dumps(jsonable(out.summary), allow_nan=False)
             g.attrs["scherzer_seconds"] = float(getattr(out, "seconds", math.nan))
+
+
+def _source_stack(f: h5py.File, name: str) -> h5py.Group | None:
+    """The stack group a pipeline image was made from (see :func:`store_pipeline_result`)."""
+    stacks = stack_names(f)
+    if name.startswith(AVERAGE_PREFIX):
+        source = name[len(AVERAGE_PREFIX) :]
+        candidates = [f"aligned_{source}", source]
+    elif name in IMAGE_RESULTS:
+        candidates = stacks[:1]
+    else:
+        return None
+    found = [c for c in candidates if c in stacks]
+    return f["data"][found[0]] if found else None
+
+
+def _image_dims(
+    path: str | Path, name: str, shape: tuple[int, ...]
+) -> list[tuple[str, str, np.ndarray]] | None:
+    """y/x dims in nm for a 2-D pipeline image on its source stack's pixel grid, else None."""
+    if len(shape) != _IMAGE_SIGNAL_NDIM or not Path(path).exists():
+        return None
+    with open_ours(path) as f:
+        g = _source_stack(f, name)
+        if g is None or tuple(g["data"].shape[1:]) != tuple(shape):
+            return None
+        py, px = (float(v) for v in g.attrs["pixel_size_nm"])
+    return [("y", "nm", np.arange(shape[0]) * py), ("x", "nm", np.arange(shape[1]) * px)]
 
 
 def read_processing_summary(path: str | Path, step: str) -> dict:

@@ -1,12 +1,13 @@
-"""Repair of HDF5 files left by a killed writer: clearing the superblock's "open for writing"
-flags, as ``h5clear -s`` does, so every HDF5 reader (plain h5py, rosettasciio, HyperSpy) opens them.
+"""The HDF5 superblock's "open for writing" flags: clearing them as ``h5clear -s`` does, so every
+HDF5 reader (plain h5py, rosettasciio, HyperSpy) opens a file a killed writer left.
 
 A writer (SWMR or not) sets status flags in the superblock (versions 2 and 3, which
 ``libver=("v110", "latest")`` files use) and clears them on close; a writer killed with SIGKILL
 leaves them set, and HDF5 then refuses to open the file except in SWMR-read mode. Clearing means
 zeroing the flags byte and recomputing the superblock's lookup3 checksum. It is done only when no
-process holds an HDF5 lock on the file; a live SWMR writer holds no lock, so :func:`repair` (which
-also clears SWMR flags) must be called only when no writer is running.
+process holds an HDF5 lock on the file; a live SWMR writer holds no lock, so
+:func:`scherzer.io.swmr.repair` (which also clears SWMR flags) must be called only when no writer
+is running. This module reads and writes raw bytes only; it imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ import fcntl
 import os
 from pathlib import Path
 
-import h5py
-
-from scherzer.io.errors import EmdError, existing_file
-
-__all__ = ["clear_write_flags", "repair"]
+__all__ = ["clear_write_flags", "lookup3"]
 
 # --- HDF5 superblock (v2/v3) layout: signature, version, offset size, length size, flags, then
 # four addresses (base, superblock extension, end of file, root object header), then a checksum.
@@ -115,16 +112,3 @@ def clear_write_flags(path: Path, *, allow_swmr: bool) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
-
-
-def repair(path: str | Path) -> bool:
-    """Make a file left by a killed writer openable by every HDF5 reader (rosettasciio, h5py
-    without SWMR) by clearing its "open for writing" flags, as ``h5clear -s`` does.
-
-    Call it only when no StackWriter is writing the file (a live SWMR writer holds no lock
-    that could be checked). Returns True if flags were cleared, False if there were none.
-    """
-    p = existing_file(path)
-    if not h5py.is_hdf5(p):
-        raise EmdError(f"{p} is not an HDF5 file; nothing to repair")
-    return clear_write_flags(p, allow_swmr=True)
