@@ -300,7 +300,7 @@ class TemscriptSettings:
     defocus_nm_per_unit: float = NM_PER_M
     defocus_offset_nm: float = 0.0
     readback_tolerance_nm: float = 0.01
-    readback_tolerance_mrad: float = 1e-6
+    readback_tolerance_mrad: float = 1e-3
     stigmator_nm_per_unit: float | None = None
     stigmator_angle_offset_deg: float = 0.0
     settle_s: float = 0.0
