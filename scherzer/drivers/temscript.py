@@ -24,13 +24,18 @@ other instruments) with ``defocus_offset_nm`` (Scherzer's C1 when the instrument
 Scherzer's are (y, x). Read-backs are rounded to 1e-6 nm (float noise of the m ↔ nm conversion).
 
 Read-only mode (``read_only=True``): reads and acquisitions work, every optics change (defocus,
-stigmator, beam tilt, image shift, scan rotation) raises :class:`ReadOnlyRefused` before it is
-sent. A set to the value already there is accepted without a call (plans restore what they read).
+stigmator, beam tilt, image shift, scan rotation, STEM magnification) raises
+:class:`ReadOnlyRefused` before it is sent. A set to the value already there is accepted without
+a call (plans restore what they read).
 
 Per frame the instrument parameters read at acquisition (voltage, mode, magnification or camera
 length, pixel size and its source) travel in ``frame.truth["instrument"]`` (they are what the
 instrument reported, not simulator truth) and :meth:`TemscriptInstruments.describe_instrument`
 gives the same once per job.
+
+The daemon builds the devices through the driver registry (``devices.kind = "temscript"``):
+:func:`open_bench` takes the typed ``[devices]`` settings, :func:`settings_from_devices` maps
+its ``temscript_*`` fields (and ``read_only``) onto :class:`TemscriptSettings`.
 """
 
 from __future__ import annotations
