@@ -7,6 +7,7 @@ beam tilt and drift act exactly as in the built-in simulator.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -138,3 +139,18 @@ def test_scan_settings_start_as_the_instruments_and_restoring_them_puts_it_back(
     ins.scan.configure(before)  # what the daemon does after a plan
     assert server.microscope.get_stem_rotation() == pytest.approx(0.0, abs=1e-12)
     assert server.microscope.get_stem_magnification() == pytest.approx(magnification)
+
+
+def test_read_only_scans_at_the_instruments_settings_but_refuses_rotation_and_field(served):
+    from scherzer.drivers.temscript import ReadOnlyRefused
+
+    server, _ = served
+    ro = open_temscript(sim_temscript_settings(server.url, read_only=True))
+    current = ro.scan.settings
+    for change in ({"rotation_deg": 30.0}, {"pixel_nm": current.pixel_nm * 2}):
+        with pytest.raises(ReadOnlyRefused):
+            ro.scan.configure(dataclasses.replace(current, size_px=(64, 64), **change))
+    assert server.microscope.get_stem_rotation() == 0.0
+    small = dataclasses.replace(current, size_px=(64, 64), pixel_nm=current.pixel_nm * 32)
+    ro.scan.configure(small)  # same field of view and rotation: nothing changes on the column
+    assert ro.scan.acquire().images["HAADF"].shape == (64, 64)
