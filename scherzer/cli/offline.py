@@ -236,22 +236,20 @@ def add_align(sub: Any) -> None:
 
 def _restore_steps(args: argparse.Namespace) -> list[Any]:
     from scherzer.processing.spectral import load_camera_curve
-    from scherzer.processing.steps import parse_step
+    from scherzer.processing.steps import restore_steps
 
-    instrument = overrides_from_args(args).given()
-    register: dict[str, Any] = {"step": "focal_register", **instrument}
-    options = {"reference": args.reference, "thickness_nm": args.thickness_nm,
-               "exclude": args.exclude, "area": args.area}  # fmt: skip
-    register.update({k: v for k, v in options.items() if v is not None})
-    if args.crystal:
-        register["crystal"] = True
-    for k in ("mtf", "nps"):
-        if getattr(args, k) is not None:
-            register[k] = str(getattr(args, k))
-    restore: dict[str, Any] = {"step": "restore", **instrument, "iterations": args.iterations}
-    if args.area:
-        restore["area"] = args.area
-    return [parse_step(s, load_camera_curve) for s in (register, restore)]
+    values = {
+        **overrides_from_args(args).given(),
+        "reference": args.reference,
+        "thickness_nm": args.thickness_nm,
+        "exclude": args.exclude,
+        "area": args.area,
+        "crystal": True if args.crystal else None,
+        "iterations": args.iterations,
+        "mtf": None if args.mtf is None else str(args.mtf),
+        "nps": None if args.nps is None else str(args.nps),
+    }
+    return restore_steps(values, load_camera_curve)
 
 
 def _restore(args: argparse.Namespace) -> Outcome:

@@ -39,6 +39,7 @@ __all__ = [
     "build_settings",
     "parse_step",
     "parse_steps",
+    "restore_steps",
     "step_to_json",
 ]
 
@@ -218,6 +219,33 @@ def parse_step(spec: str | Mapping[str, Any] | Step, load_curve: CurveLoader | N
 def parse_steps(specs: Any, load_curve: CurveLoader | None = None) -> list[Step]:
     """:func:`parse_step` over a list."""
     return [parse_step(s, load_curve) for s in specs]
+
+
+#: Keys of :func:`restore_steps` that both the registration and the restoration take.
+_SHARED_RESTORE_KEYS = ("area", "exclude")
+#: Keys that only the restoration takes (the rest of :class:`RestoreParams`, and dose weights).
+_RESTORE_ONLY_KEYS = ("iterations", "corrections", "taper_px", "dose_weights")
+
+
+def restore_steps(
+    values: Mapping[str, Any], load_curve: CurveLoader | None = None
+) -> list[FocalRegisterStep | RestoreStep]:
+    """Registration + restoration from one flat set of settings, as ``scherzer restore`` and
+    :func:`scherzer.restore` take them: instrument settings and ``mtf``/``nps`` go to both steps,
+    ``area``/``exclude`` to both, ``iterations``/``corrections``/``taper_px``/``dose_weights``
+    to the restoration, everything else to :class:`~scherzer.processing.focal.FocalParams`."""
+    values = {k: v for k, v in values.items() if v is not None}
+    common = {k: v for k, v in values.items() if k in _INSTRUMENT_KEYS or k in _CURVE_KEYS}
+    shared = {k: values[k] for k in _SHARED_RESTORE_KEYS if k in values}
+    only = {k: values[k] for k in _RESTORE_ONLY_KEYS if k in values}
+    rest = {k: v for k, v in values.items() if k not in {*common, *shared, *only}}
+    register = parse_step({"step": "focal_register", **common, **shared, **rest}, load_curve)
+    restore = parse_step({"step": "restore", **shared, **only}, load_curve)
+    assert isinstance(register, FocalRegisterStep) and isinstance(restore, RestoreStep)
+    restore = dataclasses.replace(
+        restore, instrument=register.instrument, camera=register.camera, register=register.settings
+    )
+    return [register, restore]
 
 
 def step_to_json(step: Step) -> dict[str, Any]:
