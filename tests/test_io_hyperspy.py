@@ -156,6 +156,37 @@ def test_stackwriter_file_opens_in_hyperspy_with_every_frame(tmp_path: Path) -> 
     assert signals["BF"].metadata.Acquisition_instrument.TEM.Detector.name == "BF"
 
 
+def test_align_output_opens_in_hyperspy_in_the_right_orientation(tmp_path: Path, capsys) -> None:
+    """``scherzer align`` on a drifting, non-square series with a bright block near the top
+    right: in HyperSpy the aligned stack and its average keep the block there (a transposition
+    could not fit it: the frames are 40 px high and the block sits at x ≈ 60)."""
+    from scipy.ndimage import gaussian_filter
+
+    from scherzer.cli import main
+
+    rng = np.random.default_rng(3)
+    scene = gaussian_filter(rng.normal(size=(56, 88)), 2.0) * 40.0 + 100.0
+    scene[12:16, 64:70] += 300.0  # rows 12-15, columns 64-69
+    frames = np.stack([scene[k : k + 48, 2 * k : 2 * k + 80] for k in range(4)]).astype(np.float32)
+    source, out = tmp_path / "series.hspy", tmp_path / "aligned.hspy"
+    sio.write_stack(source, ImageStack(frames, pixel_size_nm=PIXEL_NM), name="HAADF")
+    assert main(["align", str(source), "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    signals = by_title(load(out))
+    (aligned,) = [s for t, s in signals.items() if t.startswith("aligned_")]
+    (average,) = [s for t, s in signals.items() if t.startswith("average_")]
+    assert type(aligned).__name__ == "Signal2D" and aligned.axes_manager.navigation_shape == (4,)
+    for s in (aligned, average):
+        x, y = s.axes_manager.signal_axes
+        assert (x.scale, y.scale) == (PIXEL_NM[1], PIXEL_NM[0])
+        assert s.axes_manager.signal_shape == (s.data.shape[-1], s.data.shape[-2])
+    title = aligned.metadata.General.title
+    np.testing.assert_array_equal(aligned.data, sio.read_stack(out, title).frames)
+    iy, ix = np.unravel_index(np.argmax(average.data), average.data.shape)
+    assert average.isig[int(ix), int(iy)].data[()] == average.data.max()
+    assert 4 <= iy <= 16 and 54 <= ix <= 70, (iy, ix)  # the block, near the top right
+
+
 # --- our .emd in rosettasciio and ncempy ---------------------------------------------------------
 
 
