@@ -25,7 +25,7 @@ from scherzer.processing.registration import (
     rotate_to_common,
 )
 from scherzer.processing.scan_distortion.apply import apply_fields
-from scherzer.processing.scan_distortion.gauge import drift_slopes, fix_gauge
+from scherzer.processing.scan_distortion.gauge import drift_slopes, fix_gauge, fix_row_gauge
 from scherzer.processing.scan_distortion.kernels import spline_coefficients
 from scherzer.processing.scan_distortion.model import (
     FrameModel,
@@ -81,6 +81,8 @@ def _initial_model(shifts, turns, shape, params, lines_per_frame) -> FrameModel:
     model = FrameModel.zeros(n, shape, params.mode == "unconstrained" and params.nonlinear_cycles)
     for i, k in enumerate(turns):
         model.affine[i, 0], model.affine[i, 3] = vec_to_scan(-shifts[i, 0], -shifts[i, 1], k)
+    if not params.drift_gauge:
+        return model  # no drift prior: every frame starts unsheared
     slopes = drift_slopes(model, turns, lines_per_frame)
     for i, k in enumerate(turns):
         sy, sx = vec_to_scan(slopes[i, 0], slopes[i, 1], k)
@@ -156,6 +158,20 @@ class _Engine:
         return float(np.mean(updates)) if updates else 0.0
 
 
+def _loo_factor(engine: _Engine) -> float:
+    """Step scale that makes a cycle against leave-one-out references exact: a frame i off by
+    e_i (Σ e = 0 over the m frames of its reference set and itself) measures e_i − mean of the
+    others = e_i·m/(m−1); scaling by (m−1)/m moves it by e_i (without it every cycle leaves
+    −1/(m−1) of the error, alternating in sign). A fixed reference frame needs no scale."""
+    p = engine.p
+    if p.reference == "index":
+        return 1.0
+    m = int(engine.active.sum())
+    if p.reference == "local":
+        m = min(m, 2 * p.local_neighbours + 1)
+    return (m - 1) / m if m > 1 else 1.0
+
+
 def _tolerances(cycles: int, target_px: float) -> list[float]:
     if cycles <= 1:
         return [target_px] * cycles
@@ -189,12 +205,13 @@ def _run_cycles(
         for c, tol in enumerate(_tolerances(cycles, p.convergence_px)):
             old = model.copy()
             update = engine.cycle(model, stage, tol)
-            model = model.blend(old, accel)
+            model = model.blend(old, accel * _loo_factor(engine))
             _check_frames(engine, model, start)
             if engine.active.sum() < 2:
                 raise ScanDistortionError("fewer than 2 frames could be registered")
             if p.reference != "index":
-                fix_gauge(model, engine.turns, engine.active, lines_per_frame, engine.shape[1])
+                fix_gauge(model, engine.turns, engine.active, lines_per_frame, engine.shape[1],
+                          drift=p.drift_gauge)  # fmt: skip
             history.append({"stage": stage, "cycle": c, "mean_update_px": round(update, 6),
                             "acceleration": round(accel, 3), "tolerance_px": tol})  # fmt: skip
             if update > previous:
@@ -202,6 +219,8 @@ def _run_cycles(
             previous = update
             if update < p.convergence_px:
                 break
+    if p.drift_gauge and p.nonlinear_cycles and p.reference != "index":
+        fix_row_gauge(model, engine.turns, engine.active, lines_per_frame)
     return model, history
 
 

@@ -17,9 +17,10 @@ import numpy as np
 
 from scherzer.processing.scan_distortion.model import FrameModel, vec_to_common, vec_to_scan
 
-__all__ = ["fix_gauge", "rotation_matrix"]
+__all__ = ["drift_slopes", "fix_gauge", "fix_row_gauge", "rotation_matrix"]
 
 CONDITION_LIMIT = 0.05  # smallest/largest eigenvalue below which fast axes alone do not pin G
+DRIFT_DEGREE = 3  # polynomial degree in time of the drift the row gauge follows (3: jerk)
 
 
 def rotation_matrix(k: int) -> np.ndarray:
@@ -47,14 +48,14 @@ def drift_slopes(model: FrameModel, turns: list[int], lines_per_frame: float) ->
 
 def fix_gauge(
     model: FrameModel, turns: list[int], active: np.ndarray, lines_per_frame: float,
-    nx: int, linear: bool = True,
+    nx: int, linear: bool = True, drift: bool = True,
 ) -> None:  # fmt: skip
     """Apply in place the global map that makes the active frames' mean sit at 0 and (with
     ``linear``) their fast axes nominal (and, for one scan direction, the slow axes follow
     the drift between frames)."""
     idx = np.flatnonzero(active)
     if linear and len(idx) >= 1:
-        g = _global_linear(model, turns, idx, lines_per_frame, nx)
+        g = _global_linear(model, turns, idx, lines_per_frame, nx, drift)
         for i, k in enumerate(turns):
             rot = rotation_matrix(k)
             gs = rot.T @ g @ rot  # the global map seen in frame i's scan coordinates
@@ -80,26 +81,57 @@ def fix_gauge(
         model.affine[i, 3] -= sx
 
 
-def _global_linear(model, turns, idx, lines_per_frame, nx) -> np.ndarray:
+def _global_linear(model, turns, idx, lines_per_frame, nx, drift) -> np.ndarray:
     """G (2×2, common coordinates) by least squares: G·(fast column) = nominal for every
-    frame; with one scan direction also G·(slow column) = nominal + drift slope."""
+    frame; with one scan direction also G·(slow column) = nominal + drift slope (``drift``)
+    or = the frames' mean slow column (no drift prior: the mean slow axis stays as measured)."""
     xs, ys = [], []
     slopes = drift_slopes(model, turns, lines_per_frame)
     for i in idx:
         rot = rotation_matrix(turns[i])
         lin = rot @ _linear(model.affine[i])
-        # drift during a line moves the fast axis by slope/W per pixel (tiny, but exact)
+        # nominal: drift during a line (slope/W per pixel, ~1e-4) is below what frames measure
         xs.append(lin[:, 1])
-        ys.append(rot[:, 1] + slopes[i] / nx)
+        ys.append(rot[:, 1])
     x, y = np.array(xs).T, np.array(ys).T
     normal = x @ x.T
     eig = np.linalg.eigvalsh(normal)
     if eig[0] < CONDITION_LIMIT * eig[-1]:
-        for i in idx:
-            rot = rotation_matrix(turns[i])
-            lin = rot @ _linear(model.affine[i])
-            xs.append(lin[:, 0])
-            ys.append(rot[:, 0] + slopes[i])
+        slow = [rotation_matrix(turns[i]) @ _linear(model.affine[i])[:, 0] for i in idx]
+        for i, col in zip(idx, slow, strict=True):
+            xs.append(col)
+            target = rotation_matrix(turns[i])[:, 0] + slopes[i]
+            ys.append(target if drift else np.mean(slow, axis=0))
         x, y = np.array(xs).T, np.array(ys).T
         normal = x @ x.T
     return y @ x.T @ np.linalg.inv(normal)
+
+
+def fix_row_gauge(
+    model: FrameModel, turns: list[int], active: np.ndarray, lines_per_frame: float
+) -> None:
+    """One scan direction: give the frames' common row function the shape the drift between
+    frames predicts. Each frame's row function E_i(r) (slow-axis position at the line centre)
+    is −d(t_i + r) up to a function g(r) common to all frames, which relative registration
+    cannot see. A polynomial p(t) of ``DRIFT_DEGREE`` fitted to the frames' departures from
+    their mean, E_i − Ē = p(t_i + r) − mean_j p(t_j + r), gives g: every frame's rows get
+    mean_j p(t_j + r) − Ē(r). No-op for mixed scan directions (they pin g themselves)."""
+    idx = np.flatnonzero(active)
+    if len(set(turns)) != 1 or len(idx) < 3:
+        return
+    ny = model.rows.shape[1]
+    rr = np.arange(ny) - (ny - 1) / 2.0
+    rows = (
+        model.affine[idx][:, [0, 3]][:, None, :]
+        + rr[None, :, None] * model.affine[idx][:, [1, 4]][:, None, :]
+        + model.rows[idx]
+    )  # (m, ny, 2)
+    span = (idx.max() + 1) * lines_per_frame
+    times = (idx[:, None] * lines_per_frame + np.arange(ny)[None, :]) / span  # (m, ny)
+    basis = np.stack([times**k for k in range(1, DRIFT_DEGREE + 1)], axis=-1)  # (m, ny, K)
+    a = (basis - basis.mean(axis=0)).reshape(-1, DRIFT_DEGREE)
+    b = (rows - rows.mean(axis=0)).reshape(-1, 2)
+    coef, *_ = np.linalg.lstsq(a, b, rcond=None)
+    correction = basis.mean(axis=0) @ coef - rows.mean(axis=0)  # (ny, 2)
+    correction -= correction.mean(axis=0)
+    model.rows += correction[None]

@@ -36,7 +36,10 @@ class NonrigidParams:
     is lowered geometrically over the cycles); ``acceleration``: over-relaxation of every
     cycle's update, reduced by 10 % by itself whenever the updates grow. ``max_field_px``: a frame
     whose field exceeds this is flagged (diverged). ``frame_gap_lines``: scan lines' time between
-    the last row of a frame and the first of the next (0: back to back).
+    the last row of a frame and the first of the next (0: back to back). ``drift_gauge``: with
+    one scan direction the series' mean slow axis (which relative registration cannot see)
+    follows the drift between frames (their positions against time); False leaves it as
+    measured (the mean frame's shape).
 
     Preparation (recorded in the result): ``trim_px`` (top, bottom, left, right), ``reverse``,
     ``transpose``, ``offset`` (None | "min" | a number subtracted), ``normalise`` (divide by the
@@ -58,6 +61,7 @@ class NonrigidParams:
     acceleration: float = 1.0
     max_field_px: float = 50.0
     frame_gap_lines: float = 0.0
+    drift_gauge: bool = True
     rigid_start: bool = True
     trim_px: tuple[int, int, int, int] = (0, 0, 0, 0)
     reverse: bool = False
