@@ -392,3 +392,19 @@ def test_bad_urls_are_refused():
     for url in ("https://127.0.0.1:8080", "ftp://x", "http://127.0.0.1:8080/path"):
         with pytest.raises(ValueError):
             open_temscript(TemscriptSettings(url=url), check=False)
+
+
+# --- in-process microscopes (no server) ---------------------------------------------------
+def test_null_in_process_runs_the_same_drivers():
+    ins = open_temscript(TemscriptSettings(url="null"))
+    ins.lens.set_defocus_nm(-42.5)
+    assert ins.lens.get_defocus_nm() == -42.5
+    assert ins.camera.acquire(0.001, binning=8).record.defocus_readback_nm == -42.5
+    with pytest.raises(ReadOnlyRefused):
+        open_temscript(TemscriptSettings(url="null", read_only=True)).lens.set_defocus_nm(-1.0)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="COM exists on Windows")
+def test_local_com_off_windows_is_a_clear_disconnected_error():
+    with pytest.raises(DeviceDisconnected, match="microscope PC"):
+        open_temscript(TemscriptSettings(url="local"))

@@ -23,6 +23,10 @@ module wraps that client so every call
   a change while read-only                        ReadOnlyRefused (limit_exceeded)
   ==============================================  ===========================================
 
+Two URLs need no server: ``local`` opens temscript's COM microscope in this process (Windows,
+on the microscope PC itself) and ``null`` its NullMicroscope (dry runs); their calls have no
+transport, so no timeout, and any exception the microscope raises is a DeviceError.
+
 After any failure the connection is dropped and the next call opens a new one, so a server that
 comes back is used again without restarting anything.
 
@@ -70,6 +74,9 @@ JSON_MIME = "application/json"
 MIN_SERVER_MAJOR = 2
 #: Default TCP port of ``temscript-server``.
 DEFAULT_PORT = 8080
+#: URLs that mean "no server, in this process": temscript's COM microscope (Windows, on the
+#: microscope PC itself) or its NullMicroscope (dry runs). No timeout applies to these calls.
+IN_PROCESS = {"local": "Microscope", "null": "NullMicroscope"}
 #: Unit conversions at the temscript boundary (temscript: m, rad, s, µm for detector pixels).
 NM_PER_M = 1e9
 MRAD_PER_RAD = 1e3
@@ -136,6 +143,25 @@ def _remote_class() -> type:
     return JsonRemoteMicroscope
 
 
+def _in_process_client(url: str) -> Any:
+    """temscript's own microscope object for ``local`` (COM) or ``null``."""
+    try:
+        import temscript
+    except ImportError as exc:
+        raise DeviceError(
+            "devices.kind = 'temscript' needs the temscript package: pip install 'scherzer[tfs]'"
+        ) from exc
+    try:
+        return getattr(temscript, IN_PROCESS[url])()
+    except Exception as exc:  # no COM (not Windows) or no TEM Scripting installed
+        raise DeviceDisconnected(
+            f"temscript: cannot open the {url!r} microscope in this process ({exc}); 'local' "
+            "works only on the microscope PC — elsewhere run temscript-server there and give its "
+            "http:// URL",
+            details={"url": url},
+        ) from exc
+
+
 class TemscriptLink:
     """One temscript server: ``read`` and ``change`` run a call on its client under the rules
     of the module docstring. ``read_only`` refuses every ``change`` before anything is sent."""
@@ -146,11 +172,16 @@ class TemscriptLink:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0; got {timeout_s}")
         self.url = url
-        self.host, self.port = parse_temscript_url(url)
+        self.in_process = url in IN_PROCESS
         self.timeout_s = float(timeout_s)
         self.read_only = bool(read_only)
         self.name = name
-        self._client = _remote_class()(self.host, self.port, self.timeout_s)
+        if self.in_process:
+            self.host, self.port = url, 0
+            self._client = _in_process_client(url)
+        else:
+            self.host, self.port = parse_temscript_url(url)
+            self._client = _remote_class()(self.host, self.port, self.timeout_s)
         self._lock = threading.Lock()
 
     def check_server(self) -> str:
@@ -182,12 +213,14 @@ class TemscriptLink:
 
     def close(self) -> None:
         with self._lock:
-            self._client.drop()
+            if not self.in_process:
+                self._client.drop()
 
     def _call(self, what: str, fn: Callable[[Any], T], timeout_s: float | None) -> T:
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         with self._lock:
-            self._client.timeout = timeout
+            if not self.in_process:
+                self._client.timeout = timeout
             try:
                 return fn(self._client)
             except DeviceError:
@@ -195,11 +228,18 @@ class TemscriptLink:
             except Exception as exc:
                 raise self._device_error(exc, what, timeout) from exc
             finally:
-                self._client.timeout = self.timeout_s
+                if not self.in_process:
+                    self._client.timeout = self.timeout_s
 
     def _device_error(self, exc: Exception, what: str, timeout_s: float) -> DeviceError:
         where = f"{self.name}: {what} at {self.url}"
         info = {"url": self.url, "error": f"{type(exc).__name__}: {exc}"}
+        if self.in_process:  # no transport: whatever the microscope raised
+            return DeviceError(
+                f"{where}: the microscope refused or failed ({type(exc).__name__}: {exc})",
+                device=self.name,
+                details=info,
+            )
         if isinstance(exc, TimeoutError):
             return DeviceTimeout(
                 f"{where}: no answer within {timeout_s:g} s; check the server is running and "
