@@ -106,7 +106,8 @@ def test_written_stack_opens_in_hyperspy_in_the_right_orientation(tmp_path: Path
 
 def test_exit_wave_and_average_open_calibrated(tmp_path: Path) -> None:
     """Pipeline results without dims take their source stack's pixel grid; the exit wave is a
-    ComplexSignal2D whose pixel size and beam energy read back exactly."""
+    ComplexSignal2D whose pixel size and beam energy read back exactly; averages and displacement
+    fields are Signal2D."""
     stack = asymmetric_stack()
     path = tmp_path / "job.hspy"
     sio.write_stack(path, stack)
@@ -118,6 +119,8 @@ def test_exit_wave_and_average_open_calibrated(tmp_path: Path) -> None:
                                 "similarity": np.eye(3, dtype=np.float32)}),
         SimpleNamespace(step="restore", params={}, summary={}, stacks={}, tables={},
                         arrays={"exit_wave": wave}),
+        SimpleNamespace(step="nonrigid", params={}, summary={}, stacks={}, tables={},
+                        arrays={"fields_frames": np.zeros((3, 2, NY, NX), np.float32)}),
     ]  # fmt: skip
     sio.store_pipeline_result(path, SimpleNamespace(outputs=outputs))
     signals = by_title(load(path))
@@ -132,6 +135,10 @@ def test_exit_wave_and_average_open_calibrated(tmp_path: Path) -> None:
     assert avg.isig[MARK_YX[1], MARK_YX[0]].data[()] == pytest.approx(1001.0)
     assert [a.scale for a in avg.axes_manager.signal_axes] == [PIXEL_NM[1], PIXEL_NM[0]]
     assert signals["similarity"].axes_manager.signal_axes[0].units != "nm"  # not an image
+    fields = signals["fields_frames"]  # displacement fields (frame, dy/dx, y, x)
+    assert type(fields).__name__ == "Signal2D"
+    assert fields.axes_manager.navigation_shape == (2, 3)
+    assert [a.scale for a in fields.axes_manager.signal_axes] == [PIXEL_NM[1], PIXEL_NM[0]]
     np.testing.assert_array_equal(sio.read_result(path, "exit_wave"), wave)  # EMD side intact
 
 

@@ -54,8 +54,9 @@ _UCS4_BYTES = 4
 _UTF8_MAX_BYTES = 4
 #: Pipeline images on the pixel grid of the file's first stack when the step gives no dims.
 IMAGE_RESULTS = ("exit_wave", "structure_image")
-#: ``average_<signal>``: the average of stack ``<signal>``, on its pixel grid.
-AVERAGE_PREFIX = "average_"
+#: ``<prefix><signal>``: made from stack ``<signal>`` (or ``aligned_<signal>``), on its pixel grid
+#: in the last two axes (averages; displacement fields (n, 2, y, x)).
+IMAGE_PREFIXES = ("average_", "displacement_", "fields_")
 _IMAGE_SIGNAL_NDIM = 2
 
 
@@ -223,8 +224,9 @@ def store_pipeline_result(path: str | Path, result: Any) -> None:
     ``/tables/<name>``, and the parameters to ``/processing/<step>`` with the step's JSON
     summary and run time in the reserved attributes ``scherzer_summary``/``scherzer_seconds``
     (see :func:`read_processing_summary`). Images without ``dims`` (``average_<signal>``,
-    ``exit_wave``, ``structure_image``) get y/x in nm from the stack they were made from when
-    their shape is its frame shape (:func:`_image_dims`).
+    ``displacement_<signal>``, ``fields_<signal>``, ``exit_wave``, ``structure_image``) get y/x
+    in nm from the stack they were made from when their last two axes are its frame shape
+    (:func:`_image_dims`).
     """
     for out in result.outputs:
         dims = getattr(out, "dims", None) or {}
@@ -242,32 +244,37 @@ def store_pipeline_result(path: str | Path, result: Any) -> None:
             g.attrs["scherzer_seconds"] = float(getattr(out, "seconds", math.nan))
 
 
-def _source_stack(f: h5py.File, name: str) -> h5py.Group | None:
-    """The stack group a pipeline image was made from (see :func:`store_pipeline_result`)."""
+def _source_stacks(f: h5py.File, name: str) -> list[h5py.Group]:
+    """The stack groups a pipeline image may have been made from, most likely first (see
+    :func:`store_pipeline_result`)."""
     stacks = stack_names(f)
-    if name.startswith(AVERAGE_PREFIX):
-        source = name[len(AVERAGE_PREFIX) :]
+    prefix = next((p for p in IMAGE_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        source = name[len(prefix) :]
         candidates = [f"aligned_{source}", source]
     elif name in IMAGE_RESULTS:
         candidates = stacks[:1]
     else:
-        return None
-    found = [c for c in candidates if c in stacks]
-    return f["data"][found[0]] if found else None
+        return []
+    return [f["data"][c] for c in candidates if c in stacks]
 
 
 def _image_dims(
     path: str | Path, name: str, shape: tuple[int, ...]
 ) -> list[tuple[str, str, np.ndarray]] | None:
-    """y/x dims in nm for a 2-D pipeline image on its source stack's pixel grid, else None."""
-    if len(shape) != _IMAGE_SIGNAL_NDIM or not Path(path).exists():
+    """Dims for a pipeline image on its source stack's pixel grid — y/x in nm on the last two
+    axes, indices before them — or None if it is not one (or the shapes differ)."""
+    if len(shape) < _IMAGE_SIGNAL_NDIM or not Path(path).exists():
         return None
     with open_ours(path) as f:
-        g = _source_stack(f, name)
-        if g is None or tuple(g["data"].shape[1:]) != tuple(shape):
-            return None
-        py, px = (float(v) for v in g.attrs["pixel_size_nm"])
-    return [("y", "nm", np.arange(shape[0]) * py), ("x", "nm", np.arange(shape[1]) * px)]
+        grids = [g.attrs["pixel_size_nm"] for g in _source_stacks(f, name)
+                 if tuple(g["data"].shape[1:]) == tuple(shape[-2:])]  # fmt: skip
+    if not grids:
+        return None
+    py, px = (float(v) for v in grids[0])
+    ny, nx = shape[-2:]
+    lead = [(f"index{k}", "", None) for k in range(len(shape) - _IMAGE_SIGNAL_NDIM)]
+    return [*lead, ("y", "nm", np.arange(ny) * py), ("x", "nm", np.arange(nx) * px)]
 
 
 def read_processing_summary(path: str | Path, step: str) -> dict:
