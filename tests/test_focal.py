@@ -387,8 +387,16 @@ def test_reference_exclusion_table_and_json(tmp_path):
         "astigmatism_nm",
         "astigmatism_deg",
         "seconds",
+        "suspect_below",
+        "images",
     }
     assert len(js["shifts_px"]) == 7 and len(js["shifts_px"][0]) == 2
+    # per image as FTSR prints it: defocus, drift, peak, suspect below 0.01
+    assert js["suspect_below"] == 0.01 and len(js["images"]) == 7
+    five = js["images"][5]
+    assert five["index"] == 5 and five["used"] is False and five["drift_px"] == js["shifts_px"][5]
+    assert five["defocus_nm"] == js["defocus_nm"][5] and five["peak"] == js["peak_heights"][5]
+    assert [im["suspect"] for im in js["images"]] == [p < 0.01 for p in js["peak_heights"]]
     paths = plot_registration(reg, tmp_path)
     assert [p.name for p in paths] == ["focus_vs_index.png", "peak_heights.png", "drift.png"]
     assert all(p.stat().st_size > 1000 for p in paths)

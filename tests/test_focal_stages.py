@@ -29,7 +29,12 @@ from scherzer.processing.focal.absolute import (
 )
 from scherzer.processing.focal.agreement import fit_sectors, fit_start_phase_agreement
 from scherzer.processing.focal.crystal import CrystalStrategy, first_pass_crystal, fit_step_scale
-from scherzer.processing.focal.inputs import check_nominal_defocus, choose_reference, used_mask
+from scherzer.processing.focal.inputs import (
+    check_nominal_defocus,
+    choose_reference,
+    instrument_from_stack,
+    used_mask,
+)
 from scherzer.processing.focal.joint import joint_defocus
 from scherzer.processing.focal.problem import Correlator, Problem, loo_waves
 from scherzer.processing.focal.register import choose_strategy, register_focal_series
@@ -378,3 +383,26 @@ def test_joint_defocus_pulls_noisy_estimates_onto_the_line():
     d2, _ = joint_defocus(m2, nominal, peaks, ok, 0.1)
     keep = np.arange(11) != 3
     assert d2[3] == m2[3] and np.allclose(d2[keep], d[keep], atol=0.3)
+
+
+def test_inputs_ftsr_instrument_parameters():
+    """FTSR's parameter set through instrument_from_stack: A2 and vibration as optics, the
+    information limit as a cut-off, the nominal defocus from start/end or a list."""
+    st = synthetic_series("weak_phase", n=5, size=64, dose_e_per_A2=None)
+    optics, pixel, nominal = instrument_from_stack(
+        st, a2_nm=850.0, a2_deg=-100.0, vibration_nm=0.03, information_limit_nm=0.1,
+        start_nm=-150.0, end_nm=50.0,
+    )  # fmt: skip
+    assert (optics.a2_nm, optics.a2_deg, optics.vibration_nm) == (850.0, -100.0, 0.03)
+    # an aperture at θ = λ/d: k_max = 1/d = 10 nm⁻¹
+    k_cut_per_nm = optics.objective_aperture_mrad * 1e-3 / optics.wavelength_A * 10.0
+    assert k_cut_per_nm == pytest.approx(10.0)
+    assert np.allclose(nominal, np.linspace(-150.0, 50.0, 5)) and pixel == pytest.approx(0.02)
+    listed = [-100.0, -91.0, -79.0, -70.0, -62.0]
+    assert np.array_equal(instrument_from_stack(st, defocus_list_nm=listed)[2], listed)
+    with pytest.raises(ValueError, match="4 values for 5 frames"):
+        instrument_from_stack(st, defocus_list_nm=listed[:4])
+    with pytest.raises(ValueError, match="disagrees"):
+        instrument_from_stack(st, start_nm=-150.0, end_nm=50.0, step_nm=10.0)
+    with pytest.raises(ValueError, match="unknown instrument override"):
+        instrument_from_stack(st, a7_nm=1.0)

@@ -42,8 +42,8 @@ from scherzer.processing.spectral import (
     information_band,
     normalise_frames,
     shift_phase,
-    solve_series,
 )
+from scherzer.processing.wiener import solve_series
 
 __all__ = [
     "RestorationResult",

@@ -2,8 +2,8 @@
 
 One job: represent the information-carrying frequencies of a series as a flat band, evaluate
 the wave transfer on it, prepare frame spectra, read camera curves, and solve the per-frequency
-2×2 Wiener system that both :mod:`scherzer.processing.focal` (leave-one-out predictions) and
-:mod:`scherzer.processing.restoration` (the exit wave) use.
+information band; the 2×2 Wiener solve on it is :mod:`scherzer.processing.wiener`. Shared by
+:mod:`scherzer.processing.focal` and :mod:`scherzer.processing.restoration`.
 
 Units and conventions
 ---------------------
@@ -50,25 +50,17 @@ from scherzer.optics import (
 __all__ = [
     "BandTransfer",
     "CameraCurve",
-    "NormalTerms",
-    "SeriesSolution",
     "SpectralBand",
     "camera_curve_to_grid",
     "crop_area",
     "edge_taper",
     "frame_spectra",
     "information_band",
-    "linear_prediction",
     "load_camera_curve",
-    "noise_variances",
     "normalise_frames",
-    "pair_noise_covariance",
     "parametric_mtf",
-    "quadratic_term",
+    "profile_to_nyquist",
     "shift_phase",
-    "solve_pair",
-    "solve_series",
-    "solve_wiener",
 ]
 
 CameraCurve = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
@@ -287,21 +279,79 @@ def _rfft_to_full(half: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return half[iy, ix]
 
 
-def load_camera_curve(path: str | Path) -> np.ndarray:
-    """Read an MTF/NPS file: ``.npy`` (1-D profile or 2-D grid) or text (one column of values
-    sampled 0..Nyquist, or two columns q/Nyquist and value, resampled to 256 points)."""
+DIAGONAL_Q_MAX = math.sqrt(2.0)  # FTSR / DigitalMicrograph camera profiles span the centre-to-
+# corner diagonal (725 px of a 1024² image): q = |g|/Nyquist from 0 to √2, whatever the size
+PROFILE_OVERSAMPLING = 8  # a diagonal profile resampled to 0..Nyquist keeps this × its samples
+CAMERA_CONVENTIONS = ("nyquist", "diagonal")
+
+
+def profile_to_nyquist(values: np.ndarray, q_max: float) -> np.ndarray:
+    """A 1-D radial profile sampled uniformly over q = 0 … ``q_max`` (in Nyquist units) as the
+    profile over 0 … 1 that :func:`camera_curve_to_grid` takes (``PROFILE_OVERSAMPLING`` ×
+    finer; the part beyond q = 1, the corners, is left out: the grid extends q = 1 flat)."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    if v.size < 2:
+        raise ValueError("a radial profile needs at least 2 samples")
+    q = np.linspace(0.0, 1.0, PROFILE_OVERSAMPLING * v.size)
+    return np.interp(q, np.linspace(0.0, q_max, v.size), v)
+
+
+def _dm_profile(p: Path, signal: int | None) -> np.ndarray:
+    """The 1-D signal of a DigitalMicrograph file (the first one, or ``signal``: its index among
+    all the file's signals), via RosettaSciIO."""
+    from rsciio.digitalmicrograph import file_reader
+
+    signals = file_reader(str(p))
+    if signal is not None:
+        if not 0 <= signal < len(signals):
+            raise ValueError(f"{p}: signal {signal} out of range 0..{len(signals) - 1}")
+        data = np.asarray(signals[signal]["data"])
+    else:
+        ones = [np.asarray(s["data"]) for s in signals if np.ndim(s["data"]) == 1]
+        if not ones:
+            shapes = [np.shape(s["data"]) for s in signals]
+            raise ValueError(f"{p}: no 1-D profile among its signals {shapes}")
+        data = ones[0]
+    if data.ndim != 1:
+        raise ValueError(f"{p}: signal {signal} is not a 1-D profile (shape {data.shape})")
+    return data.astype(np.float64)
+
+
+def load_camera_curve(
+    path: str | Path, *, convention: str | None = None, signal: int | None = None
+) -> np.ndarray:
+    """Read an MTF/NPS file as a radial profile over 0..Nyquist (or a 2-D grid).
+
+    ``.dm3``/``.dm4``: a DigitalMicrograph 1-D profile (the first 1-D signal, or ``signal``),
+    by default in FTSR's diagonal convention (its samples span q = 0 … √2, the
+    centre-to-corner diagonal, for any image size). ``.npy``: a 1-D profile or a 2-D grid.
+    Text: one column of values, or two columns q/Nyquist and value (resampled to 256
+    points). ``convention``: "nyquist" (1-D samples span 0 … Nyquist; the default for .npy and
+    text) or "diagonal" (0 … √2; the default for DM files). Returns what
+    :func:`camera_curve_to_grid` takes."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"camera curve file not found: {p}")
-    if p.suffix == ".npy":
-        return np.load(p)
-    data = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-    if data.shape[1] == 1:
-        return data[:, 0]
-    q, v = data[:, 0], data[:, 1]
-    if np.any(np.diff(q) <= 0):
-        raise ValueError(f"{p}: the frequency column must increase")
-    return np.interp(np.linspace(0.0, 1.0, 256), q / max(q.max(), 1e-12), v)
+    dm = p.suffix.lower() in (".dm3", ".dm4")
+    conv = convention or ("diagonal" if dm else "nyquist")
+    if conv not in CAMERA_CONVENTIONS:
+        raise ValueError(f"convention must be one of {CAMERA_CONVENTIONS}; got {convention!r}")
+    if dm:
+        values = _dm_profile(p, signal)
+    elif p.suffix == ".npy":
+        values = np.load(p)
+    else:
+        data = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+        if data.shape[1] == 1:
+            values = data[:, 0]
+        else:
+            q, v = data[:, 0], data[:, 1]
+            if np.any(np.diff(q) <= 0):
+                raise ValueError(f"{p}: the frequency column must increase")
+            return np.interp(np.linspace(0.0, 1.0, 256), q / max(q.max(), 1e-12), v)
+    if conv == "diagonal" and np.ndim(values) == 1:
+        return profile_to_nyquist(values, DIAGONAL_Q_MAX)
+    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,199 +403,6 @@ def crop_area(frames: np.ndarray, area: tuple[int, int, int, int] | None) -> np.
     return frames[..., y0 : y0 + h, x0 : x0 + w]
 
 
-# --------------------------------------------------------------------------------------------
-# the 2×2 Wiener solve
-# --------------------------------------------------------------------------------------------
-@dataclass
-class NormalTerms:
-    """Per-image contributions to the 2×2 normal equations (each (n, m))."""
-
-    aa: np.ndarray
-    ab: np.ndarray
-    bb: np.ndarray
-    ra: np.ndarray
-    rb: np.ndarray
-
-    @classmethod
-    def build(cls, spectra: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray):
-        ca, cb = np.conj(a), np.conj(b)
-        return cls(
-            aa=(w * (a.real**2 + a.imag**2)).astype(np.float32),
-            ab=(w * ca * b).astype(np.complex64),
-            bb=(w * (b.real**2 + b.imag**2)).astype(np.float32),
-            ra=(w * ca * spectra).astype(np.complex64),
-            rb=(w * cb * spectra).astype(np.complex64),
-        )
-
-    def sums(self, drop: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-        """Sums over images; with ``drop`` (n,) bool, leave-one-out sums (n, m) instead."""
-        total = tuple(x.sum(axis=0) for x in (self.aa, self.ab, self.bb, self.ra, self.rb))
-        if drop is None:
-            return total
-        return tuple(t[None] - x for t, x in zip(total, self._fields(), strict=True))
-
-    def _fields(self) -> tuple[np.ndarray, ...]:
-        return (self.aa, self.ab, self.bb, self.ra, self.rb)
-
-
-def solve_pair(aa, ab, bb, ra, rb, reg) -> tuple[np.ndarray, np.ndarray]:
-    """x = (φ(g), A⁻¹₁₁) from [[aa+reg, ab], [ab*, bb+reg]] x = [ra, rb]."""
-    a11 = aa + reg
-    a22 = bb + reg
-    det = a11 * a22 - (ab.real**2 + ab.imag**2)
-    det = np.maximum(det, 1e-30)
-    phi = (a22 * ra - ab * rb) / det
-    return phi.astype(np.complex64), (a22 / det).astype(np.float32)
-
-
-def pair_noise_covariance(terms_sums: tuple[np.ndarray, ...], reg: np.ndarray) -> np.ndarray:
-    """E[n₁ n₂*] of the solved pair (φ(g), φ*(−g)) for noise-normalised weights (w = 1/σ²).
-
-    cov = (A + R)⁻¹ A (A + R)⁻¹ with A the normal matrix; returns its (1, 2) element (m,).
-    Needed to de-bias products φ(g)φ(−g) = x₁ x₂* of noisy restorations.
-    """
-    aa, ab, bb = (np.asarray(x, np.complex128) for x in terms_sums[:3])
-    r = np.asarray(reg, np.float64)
-    m11, m22 = bb + r, aa + r
-    det = (aa + r) * (bb + r) - np.abs(ab) ** 2
-    m12 = -ab
-    # M = adj/det with adj = [[m11, m12], [m12*, m22]]; cov12 = (M A M)_12
-    a_m_12 = aa * m12 + ab * m22
-    a_m_22 = np.conj(ab) * m12 + bb * m22
-    cov12 = (m11 * a_m_12 + m12 * a_m_22) / det**2
-    return cov12.astype(np.complex64)
-
-
-def radial_power_prior(
-    band: SpectralBand, phi: np.ndarray, noise_var: np.ndarray, n_bins: int = 48
-) -> np.ndarray:
-    """Wiener prior power S(g) per band element: radial mean of |φ|² minus its noise variance."""
-    q = np.hypot(band.gy, band.gx)
-    edges = np.linspace(0.0, q.max() + 1e-9, n_bins + 1)
-    which = np.clip(np.digitize(q, edges) - 1, 0, n_bins - 1)
-    count = np.bincount(which, minlength=n_bins).astype(np.float64)
-    power = np.bincount(which, weights=np.abs(phi) ** 2 - noise_var, minlength=n_bins)
-    noise = np.bincount(which, weights=noise_var, minlength=n_bins)
-    count = np.maximum(count, 1)
-    s = power / count
-    floor = 0.05 * noise / count
-    s = np.maximum(s, np.maximum(floor, 1e-12))
-    return s[which].astype(np.float32)
-
-
-def solve_wiener(
-    terms: NormalTerms,
-    band: SpectralBand,
-    drop: np.ndarray | None = None,
-    passes: int = 2,
-    prior_scale: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Wiener estimate of φ on the band (and the prior used).
-
-    First a nearly unregularised solve, then ``passes − 1`` solves with the radial prior
-    S(g) estimated from the previous one (times ``prior_scale``: > 1 regularises less). With
-    ``drop`` the result is (n, m): image n's leave-one-out estimate from the others, with the
-    prior of the full solve.
-    """
-    aa, ab, bb, ra, rb = terms.sums()
-    reg = np.float32(1e-4) * float(np.median(aa + bb)) + np.float32(1e-20)
-    phi, var = solve_pair(aa, ab, bb, ra, rb, reg)
-    prior = None
-    for _ in range(passes - 1):
-        prior = radial_power_prior(band, phi, var) * np.float32(prior_scale)
-        phi, var = solve_pair(aa, ab, bb, ra, rb, 1.0 / prior)
-    if drop is None:
-        return phi, (prior if prior is not None else np.full(band.size, 1 / reg, np.float32))
-    loo = terms.sums(drop)
-    reg_loo = 1.0 / prior if prior is not None else reg
-    phi_loo, _ = solve_pair(*loo, reg_loo)
-    return phi_loo, prior
-
-
-def linear_prediction(phi: np.ndarray, a: np.ndarray, b: np.ndarray, band: SpectralBand):
-    """Image spectra φ(g) a(g) + φ*(−g) b(g) on the band (broadcasting over leading axes)."""
-    return phi * a + band.conj_neg(phi) * b
-
-
-def quadratic_term(
-    band: SpectralBand, phi: np.ndarray, t: np.ndarray, camera: np.ndarray | float = 1.0
-) -> np.ndarray:
-    """C(g)·F[|F⁻¹[φ T_n]|²] on the band, (n, m): the term the linear model leaves out.
-
-    Computed on the band's alias-free product box (fewer pixels than the image), scaled to
-    the full grid's unnormalised FFT convention.
-    """
-    (by, bx), pos = band.product_box
-    n = t.shape[0]
-    full_px, box_px = band.shape[0] * band.shape[1], by * bx
-    grid = np.zeros((n, box_px), np.complex64)
-    grid[:, pos] = phi[None] * t * np.float32(box_px / full_px)
-    img = sfft.ifft2(grid.reshape(n, by, bx), workers=fft_workers(), overwrite_x=True)
-    power = (img.real**2 + img.imag**2).astype(np.complex64)
-    spec = sfft.fft2(power, workers=fft_workers(), overwrite_x=True).reshape(n, box_px)
-    return (spec[:, pos] * np.float32(full_px / box_px) * camera).astype(np.complex64)
-
-
-@dataclass
-class SeriesSolution:
-    """The Wiener solution of a series on a band (see :func:`solve_series`)."""
-
-    phi: np.ndarray
-    prior: np.ndarray
-    sigma2: np.ndarray
-    terms: NormalTerms
-    quadratic: np.ndarray
-    loo: np.ndarray | None
-
-
-def solve_series(
-    spectra: np.ndarray,
-    t: np.ndarray,
-    band: SpectralBand,
-    *,
-    camera: np.ndarray | float = 1.0,
-    nps_band: np.ndarray | None = None,
-    dose_weights: np.ndarray | None = None,
-    corrections: int = 1,
-    leave_one_out: bool = False,
-    prior_scale: float = 1.0,
-    mask: np.ndarray | None = None,
-) -> SeriesSolution:
-    """Wiener-restore φ from aligned band spectra (n, m) and wave transfers ``t`` (n, m).
-
-    Noise per image is measured from the residual of a first solve (or from ``dose_weights``);
-    ``corrections`` rounds subtract the quadratic term |φ_img|² predicted by the current wave
-    from the data before solving again (strong objects). With ``leave_one_out`` also returns,
-    for every image, φ restored from all the others (same prior and quadratic terms).
-    ``prior_scale`` multiplies the Wiener prior power (see :func:`solve_wiener`): registration
-    uses a weak prior, because shrinking the pair (φ(g), φ*(−g)) towards the direction the
-    other images determine best distorts the predicted image and biases its fitted defocus
-    (measured: 0.44 → 0.05 nm RMS of per-image defocus from a leave-one-out wave at 100 e/Å²).
-    ``mask`` (n, m) bool: frequencies each image contributes (others get zero weight).
-    """
-    n = spectra.shape[0]
-    nps_b = np.ones(1, np.float32) if nps_band is None else nps_band
-    a, b = t * camera, band.conj_neg(t) * camera
-    q = np.zeros_like(spectra)
-    m = np.ones((n, 1), np.float32) if mask is None else mask.astype(np.float32)
-    w = (np.broadcast_to(1.0 / nps_b, (n, nps_b.shape[-1])) * m).astype(np.float32)
-    phi, _ = solve_wiener(NormalTerms.build(spectra, a, b, w), band, passes=1)
-    for k in range(corrections + 1):
-        data = spectra - q
-        resid = data - linear_prediction(phi, a, b, band)
-        sigma2 = noise_variances(resid, nps_b, n, dose_weights, mask)
-        w = (m / sigma2[:, None] / nps_b).astype(np.float32)
-        terms = NormalTerms.build(data, a, b, w)
-        phi, prior = solve_wiener(terms, band, passes=2, prior_scale=prior_scale)
-        if k < corrections:
-            q = quadratic_term(band, phi, t, camera)
-    loo = None
-    if leave_one_out:
-        loo, _ = solve_wiener(terms, band, drop=np.ones(n, bool), passes=2,
-                              prior_scale=prior_scale)  # fmt: skip
-    return SeriesSolution(phi, prior, sigma2, terms, q, loo)
-
-
 def information_band(
     optics: Optics,
     grid: FrequencyGrid,
@@ -575,25 +432,3 @@ def information_band(
                     np.fft.fftfreq(grid.shape[1])[None, :] * grid.shape[1])  # fmt: skip
     mask &= q_px > max(k_min_px, 0.5)
     return SpectralBand.from_mask(mask)
-
-
-def noise_variances(
-    resid: np.ndarray,
-    nps_band: np.ndarray,
-    n_used: int,
-    dose_weights: np.ndarray | None,
-    mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """σ_n² per image from residual power (corrected for the 2 fitted unknowns per pair);
-    with ``mask`` (n, m) only the frequencies an image contributes are averaged."""
-    dof = max(1.0 - 2.0 / max(n_used, 3), 0.2)
-    power = np.abs(resid) ** 2 / nps_band
-    if mask is None:
-        p = power.mean(axis=1) / dof
-    else:
-        p = (power * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1) / dof
-    if dose_weights is not None:
-        d = np.asarray(dose_weights, dtype=np.float64)
-        common = float(np.mean(p * d))
-        p = common / d
-    return np.maximum(p, 1e-30)

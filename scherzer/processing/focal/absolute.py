@@ -27,12 +27,8 @@ from scipy.optimize import minimize, minimize_scalar
 
 from scherzer.optics import FrequencyGrid, Optics, chi, fft_workers
 from scherzer.processing.focal.search import best_of_starts
-from scherzer.processing.spectral import (
-    SpectralBand,
-    pair_noise_covariance,
-    shift_phase,
-    solve_series,
-)
+from scherzer.processing.spectral import SpectralBand, shift_phase
+from scherzer.processing.wiener import pair_noise_covariance, solve_series
 
 if TYPE_CHECKING:
     from scherzer.processing.focal.problem import Problem

@@ -30,7 +30,8 @@ from scherzer.processing.focal.problem import (
 )
 from scherzer.processing.focal.search import local_grid_peak, parabolic_peak
 from scherzer.processing.focal.settings import MIN_IMAGES
-from scherzer.processing.spectral import linear_prediction, shift_phase, solve_series
+from scherzer.processing.spectral import shift_phase
+from scherzer.processing.wiener import linear_prediction, solve_series
 
 __all__ = ["CrystalStrategy", "crystal_pass", "first_pass_crystal", "fit_step_scale"]
 

@@ -37,54 +37,102 @@ __all__ = [
 NEAR_SCHERZER_STEPS = 2.5  # reference candidates: interior images this many steps from Scherzer
 # (more: more pair matches to choose among, some far from the best phase contrast)
 _OPTICS_KEYS = ("voltage_kv", "cs_mm", "focal_spread_nm", "beam_divergence_mrad")
+# optional optics a user may give (Optics fields; 0 when neither given nor recorded): three-fold
+# astigmatism A2, vibration, the A1 start value, an objective aperture, …
+_OPTIONAL_OPTICS = tuple(k for k in Optics.model_fields if k not in (*_OPTICS_KEYS, "defocus_nm"))
+_NOMINAL_KEYS = ("start_nm", "step_nm", "end_nm", "defocus_list_nm")
+_OTHER_KEYS = ("pixel_nm", "information_limit_nm", *_NOMINAL_KEYS)
 
 
 def instrument_from_stack(stack: ImageStack, **overrides: Any) -> tuple[Optics, float, np.ndarray]:
     """(optics, pixel_nm, nominal defocus (n,) nm) from the stack, overrides winning.
 
     Overrides (None = not given): ``voltage_kv``, ``cs_mm``, ``focal_spread_nm``,
-    ``beam_divergence_mrad``, ``pixel_nm``, ``start_nm`` and ``step_nm`` (nominal defocus
-    start + i·step, replacing the per-frame records). A pixel size of exactly (1.0, 1.0) nm, the
-    ImageStack default, counts as not recorded. Raises ValueError naming every missing value.
+    ``beam_divergence_mrad`` (required, from the file or given) and any other
+    :class:`~scherzer.optics.Optics` field (``a2_nm``/``a2_deg`` three-fold astigmatism,
+    ``vibration_nm``, ``a1_nm``/``a1_deg`` the A1 start, ``objective_aperture_mrad``, …);
+    ``information_limit_nm`` d (frequencies beyond 1/d are not used: an aperture at
+    θ = λ/d, or the given aperture if smaller); ``pixel_nm``; the nominal defocus as
+    ``start_nm`` with ``step_nm`` or ``end_nm`` (start + i·step, or evenly to the end) or
+    ``defocus_list_nm`` (one value per frame), replacing the per-frame records. A pixel size of
+    exactly (1.0, 1.0) nm, the ImageStack default, counts as not recorded. Raises ValueError
+    naming every missing value.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - {*_OPTICS_KEYS, "pixel_nm", "start_nm", "step_nm"}
+    unknown = set(given) - {*_OPTICS_KEYS, *_OPTIONAL_OPTICS, *_OTHER_KEYS}
     if unknown:
         raise ValueError(f"unknown instrument override(s): {sorted(unknown)}")
     recorded = dict(stack.instrument.get("optics") or {})
-    merged = {**recorded, **{k: given[k] for k in _OPTICS_KEYS if k in given}}
+    optics_given = {k: given[k] for k in (*_OPTICS_KEYS, *_OPTIONAL_OPTICS) if k in given}
+    merged = {**recorded, **optics_given}
     missing = [f"{k} (--{k.replace('_', '-')})" for k in _OPTICS_KEYS if k not in merged]
-    pixel = given.get("pixel_nm")
-    if pixel is None and tuple(stack.pixel_size_nm) != (1.0, 1.0):
-        py, px = stack.pixel_size_nm
-        if not math.isclose(py, px, rel_tol=1e-3):
-            raise ValueError(f"non-square pixels {stack.pixel_size_nm} nm are not supported")
-        pixel = py
+    pixel = _pixel_nm(stack, given.get("pixel_nm"))
     if pixel is None:
         missing.append("pixel size (--pixel-nm)")
-    n = stack.n_frames
-    if "start_nm" in given or "step_nm" in given:
-        if "start_nm" not in given or "step_nm" not in given:
-            missing.append("nominal defocus: both --start-nm and --step-nm are needed")
-            nominal = np.full(n, np.nan)
-        else:
-            nominal = float(given["start_nm"]) + float(given["step_nm"]) * np.arange(n)
-    else:
-        nominal = stack.column("defocus_nominal_nm").astype(np.float64)
-        bad = np.flatnonzero(~np.isfinite(nominal))
-        if bad.size:
-            missing.append(
-                f"nominal defocus of frames {bad.tolist()} (records or --start-nm/--step-nm)"
-            )
+    nominal, problem = _nominal(stack, given)
+    if problem:
+        missing.append(problem)
     if missing:
         raise ValueError("missing instrument parameters: " + "; ".join(missing))
     try:
         optics = Optics(**merged)
+        if "information_limit_nm" in given:
+            optics = _with_information_limit(optics, float(given["information_limit_nm"]))
     except Exception as exc:
         raise ValueError(f"invalid optics parameters: {exc}") from exc
     if not float(pixel) > 0:
         raise ValueError(f"pixel size must be positive; got {pixel}")
     return optics, float(pixel), nominal
+
+
+def _pixel_nm(stack: ImageStack, given: float | None) -> float | None:
+    """The given pixel size, else the recorded square one (None: not recorded)."""
+    if given is not None or tuple(stack.pixel_size_nm) == (1.0, 1.0):
+        return given
+    py, px = stack.pixel_size_nm
+    if not math.isclose(py, px, rel_tol=1e-3):
+        raise ValueError(f"non-square pixels {stack.pixel_size_nm} nm are not supported")
+    return py
+
+
+def _nominal(stack: ImageStack, given: dict[str, Any]) -> tuple[np.ndarray, str | None]:
+    """(nominal defocus (n,) nm, what is missing or inconsistent, or None)."""
+    n = stack.n_frames
+    if "defocus_list_nm" in given:
+        d = np.asarray(given["defocus_list_nm"], np.float64).reshape(-1)
+        if d.size != n:
+            return np.full(n, np.nan), f"--defocus-list-nm has {d.size} values for {n} frames"
+        return d, None
+    if any(k in given for k in ("start_nm", "step_nm", "end_nm")):
+        start, step, end = (given.get(k) for k in ("start_nm", "step_nm", "end_nm"))
+        if start is None or (step is None and end is None):
+            return np.full(n, np.nan), "nominal defocus: both --start-nm and --step-nm are needed"
+        if end is not None:
+            from_end = (float(end) - float(start)) / max(n - 1, 1)
+            if step is not None and not math.isclose(float(step), from_end, abs_tol=1e-6):
+                return np.full(n, np.nan), (
+                    f"--step-nm {step} disagrees with --start-nm/--end-nm ({from_end:g} nm)"
+                )
+            step = from_end
+        return float(start) + float(step) * np.arange(n), None
+    nominal = stack.column("defocus_nominal_nm").astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(nominal))
+    if bad.size:
+        return (
+            nominal,
+            f"nominal defocus of frames {bad.tolist()} (records or --start-nm/--step-nm)",
+        )
+    return nominal, None
+
+
+def _with_information_limit(optics: Optics, limit_nm: float) -> Optics:
+    """``optics`` with an objective aperture at θ = λ/d (the information limit d as a hard
+    cut-off of the transfer), or its own aperture if that is smaller."""
+    if not limit_nm > 0:
+        raise ValueError(f"information_limit_nm must be positive; got {limit_nm}")
+    theta_mrad = optics.wavelength_A / (10.0 * limit_nm) * 1e3
+    current = optics.objective_aperture_mrad
+    return optics.with_(objective_aperture_mrad=min(current, theta_mrad) if current else theta_mrad)
 
 
 def camera_offset_counts(stack: ImageStack) -> float:

@@ -32,10 +32,9 @@ from scherzer.processing.spectral import (
     crop_area,
     frame_spectra,
     information_band,
-    quadratic_term,
     shift_phase,
-    solve_series,
 )
+from scherzer.processing.wiener import quadratic_term, solve_series
 
 __all__ = ["Correlator", "Problem", "Strategy", "loo_waves", "refine_shifts"]
 

@@ -47,6 +47,7 @@ LATER_ABSOLUTE_RANGE_NM = 3.0  # ± absolute search after the first round (the f
 ABSOLUTE_TOL_NM = 0.05  # a round whose δC1 and |δA1| are both below this ends the rounds
 SEARCH_RANGE_STEP_FRACTION = 0.3  # default ± defocus search: this × |step| + …
 SEARCH_RANGE_MARGIN_NM = 1.0  # … this (follows steps a few % off; never reaches a neighbour)
+SUSPECT_PEAK = 0.01  # FTSR's rule: a correlation peak below this is suspect (reported per image)
 
 
 @dataclass
@@ -101,7 +102,27 @@ class FocalRegistration:
             "astigmatism_nm": float(self.astigmatism_nm),
             "astigmatism_deg": float(self.astigmatism_deg),
             "seconds": float(self.seconds),
+            "suspect_below": SUSPECT_PEAK,
+            "images": self.images(),
         }
+
+    def images(self) -> list[dict[str, Any]]:
+        """Per image, as FTSR prints it: fitted defocus, drift, correlation peak, and whether the
+        peak is suspect (below ``SUSPECT_PEAK``), flagged (left out by the registration's own
+        test) or used."""
+        return [
+            {
+                "index": i,
+                "defocus_nm": float(self.defocus_nm[i]),
+                "relative_defocus_nm": float(self.relative_defocus_nm[i]),
+                "drift_px": [float(self.shifts_px[i, 0]), float(self.shifts_px[i, 1])],
+                "peak": float(self.peak_heights[i]),
+                "suspect": bool(self.peak_heights[i] < SUSPECT_PEAK),
+                "flagged": bool(self.flagged[i]),
+                "used": bool(self.used[i]),
+            }
+            for i in range(len(self.defocus_nm))
+        ]
 
 
 def choose_strategy(params: FocalParams) -> Strategy:

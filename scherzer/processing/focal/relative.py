@@ -27,7 +27,8 @@ from scherzer.processing.focal.problem import (
 )
 from scherzer.processing.focal.search import search_defocus_shift
 from scherzer.processing.focal.settings import MIN_IMAGES
-from scherzer.processing.spectral import quadratic_term, shift_phase, solve_series
+from scherzer.processing.spectral import shift_phase
+from scherzer.processing.wiener import quadratic_term, solve_series
 
 __all__ = [
     "AmorphousStrategy",
