@@ -26,6 +26,7 @@ from scherzer.cli.daemon_cmds import (
     add_pause,
     add_resume,
     add_status,
+    add_temscript_sim,
     add_wait,
 )
 from scherzer.cli.offline import add_align, add_demo, add_info, add_restore, add_simulate
@@ -39,6 +40,7 @@ EXIT_BAD_INPUT = 2
 #: Subcommand registrars, in help order. Add new commands here.
 COMMANDS: list[Callable[[Any], None]] = [
     add_daemon,
+    add_temscript_sim,
     add_status,
     add_jobs,
     add_cancel,

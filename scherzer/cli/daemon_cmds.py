@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from scherzer.cli.common import (
@@ -27,6 +28,7 @@ __all__ = [
     "add_pause",
     "add_resume",
     "add_status",
+    "add_temscript_sim",
     "add_wait",
 ]
 
@@ -49,6 +51,48 @@ def add_daemon(sub: Any) -> None:
     )
     p.add_argument("--config", default=None, help="TOML settings file (env SCHERZER_… overrides)")
     p.set_defaults(func=_run_daemon, long_running=True)
+
+
+def _temscript_sim(args: argparse.Namespace) -> Outcome:
+    from scherzer.drivers.temscript_sim import serve_simulated
+
+    print(
+        f"simulated TFS microscope (temscript server) on http://{args.host}:{args.port}; "
+        "Ctrl-C stops it",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve_simulated(
+        args.host,
+        args.port,
+        speedup=args.speedup,
+        specimen=args.specimen,
+        camera_shape=(args.camera_px, args.camera_px),
+        seed=args.seed,
+    )
+    return 0, {"stopped": True}, "server stopped"
+
+
+def add_temscript_sim(sub: Any) -> None:
+    p = sub.add_parser(
+        "temscript-sim",
+        help="serve the simulated microscope through temscript's own HTTP server",
+        parents=[output_options()],
+        description=(
+            "The virtual microscope behind temscript's MicroscopeServer, so a daemon with "
+            "devices.kind = 'temscript' (or any temscript client) drives it over the real HTTP "
+            "path. Loopback only. See docs/instruments.md."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--specimen", default="crystal_edge", help="specimen (default crystal_edge)")
+    p.add_argument("--camera-px", type=positive_int, default=512,
+                   help="camera side in pixels (default 512)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--speedup", type=positive_float, default=1.0,
+                   help="simulated time runs this many times faster (default 1)")  # fmt: skip
+    p.set_defaults(func=_temscript_sim, long_running=True)
 
 
 def _status(args: argparse.Namespace) -> Outcome:
