@@ -152,6 +152,8 @@ def test_stackwriter_file_opens_in_hyperspy_with_every_frame(tmp_path: Path) -> 
             frame[MARK_YX] = 50.0
             for name in ("HAADF", "BF"):
                 w.append(frame, FrameRecord(index=i, dwell_us=2.0, signal=name), name=name)
+        with h5py.File(path, "r", swmr=True) as live:  # the count is current while writing
+            assert live["Experiments/HAADF/axis-0"].attrs["size"] == 4
     signals = by_title(load(path))
     assert set(signals) == {"HAADF", "BF"}
     haadf = signals["HAADF"]

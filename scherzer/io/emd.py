@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,10 @@ SWMR_LIBVER = ("v110", "latest")
 #: Chunk length (rows) of the resizable frame-index and records datasets: small enough that a
 #: short series wastes little, large enough that long series do not fragment.
 ROW_CHUNK = 256
+#: Closing a writer reopens the file to finalise the HyperSpy metadata; a reader holding an HDF5
+#: lock (the daemon counting frames) is waited for up to ATTEMPTS × WAIT_S (≈ 1 s).
+FINALIZE_ATTEMPTS = 20
+FINALIZE_WAIT_S = 0.05
 
 _log = logging.getLogger(__name__)
 
@@ -289,6 +294,8 @@ class StackWriter:
             raise EmdError("FrameRecord.index -1 is reserved for unwritten rows; use index >= 0")
         arr = _check_frame(frame, self.frame_shape)
         n = _append_rows(f["data"][name], arr[None], records_to_array([record]), f.flush)
+        hspy.set_frame_count(f, name, n)  # an existing attribute: allowed in SWMR mode
+        f.flush()
         self._counts[name] = n
         return n
 
@@ -314,19 +321,25 @@ class StackWriter:
         return dict(self._counts)
 
     def close(self) -> None:
-        """Close the file, then reopen it briefly outside SWMR mode to set the HyperSpy frame
-        counts (:func:`finalize_stacks`). If another process holds the file then, the frames
-        are safe and the counts are left for :func:`scherzer.io.swmr.repair`."""
+        """Close the file, then reopen it briefly outside SWMR mode to write the record-derived
+        HyperSpy metadata (:func:`finalize_stacks`; the frame counts are already current). A
+        reader holding the file (HDF5 lock) is waited for a little; if it still holds it, the
+        frames and counts are complete and only that metadata is left out."""
         if self._file is None:
             return
         self._file.flush()
         self._file.close()
         self._file = None
-        try:
-            with h5py.File(self.path, "a", libver=SWMR_LIBVER) as f:
-                finalize_stacks(f)
-        except OSError as exc:
-            _log.warning("could not set the HyperSpy frame counts of %s: %s", self.path, exc)
+        for attempt in range(FINALIZE_ATTEMPTS):
+            try:
+                with h5py.File(self.path, "a", libver=SWMR_LIBVER) as f:
+                    finalize_stacks(f)
+                return
+            except OSError as exc:
+                if attempt == FINALIZE_ATTEMPTS - 1:
+                    _log.warning("%s: HyperSpy metadata not finalised: %s", self.path, exc)
+                else:
+                    time.sleep(FINALIZE_WAIT_S)
 
     def __enter__(self) -> StackWriter:
         return self

@@ -23,8 +23,9 @@ Each experiment holds what HyperSpy's reader expects:
   stacks, ``metadata`` (the stack's free metadata); for results, ``attrs``.
 
 HyperSpy takes the frame count from ``axis-0``'s ``size``. A :class:`~scherzer.io.emd.StackWriter`
-cannot change attributes while in SWMR mode, so it sets the size when it closes, and
-:func:`scherzer.io.swmr.repair` sets it for files a killed writer left.
+rewrites it in place after every append (an existing attribute may be modified in SWMR mode; a
+new one may not be created) and writes the record-derived TEM metadata when it closes;
+:func:`scherzer.io.swmr.repair` trims and re-counts the files a killed writer left.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "add_result_view",
     "add_stack_view",
     "remove_view",
+    "set_frame_count",
     "tem_metadata",
     "update_stack_view",
 ]
@@ -259,6 +261,14 @@ def add_stack_view(
     om["records"] = h5py.SoftLink(group["records"].name)  # grows with the acquisition
     write_tree(om.create_group("instrument"), dict(instrument))
     write_tree(om.create_group("metadata"), dict(metadata))
+
+
+def set_frame_count(f: h5py.File, name: str, n: int) -> None:
+    """The frame count of a stack's view (``axis-0`` size), rewritten in place: modifying an
+    existing attribute is allowed while the file is in SWMR mode, creating one is not."""
+    exps = f.get(EXPERIMENTS)
+    if exps is not None and name in exps:
+        exps[name]["axis-0"].attrs.modify("size", np.int64(n))
 
 
 def update_stack_view(f: h5py.File, name: str, instrument: Mapping[str, Any]) -> None:
