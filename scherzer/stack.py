@@ -46,6 +46,9 @@ class FrameRecord:
     exposure_s: float = math.nan
     dwell_us: float = math.nan
     dose_e_per_A2: float = math.nan
+    voltage_kv: float = math.nan
+    magnification: float = math.nan
+    camera_length_mm: float = math.nan
     signal: str = "image"
 
 
@@ -60,6 +63,9 @@ RECORD_DTYPE = np.dtype(
         ("exposure_s", "<f8"),
         ("dwell_us", "<f8"),
         ("dose_e_per_A2", "<f8"),
+        ("voltage_kv", "<f8"),
+        ("magnification", "<f8"),
+        ("camera_length_mm", "<f8"),
         ("signal", "S32"),
     ]
 )

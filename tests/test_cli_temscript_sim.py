@@ -45,6 +45,9 @@ def test_temscript_sim_command_serves_a_microscope_the_driver_can_drive():
         frame = ins.camera.acquire(exposure_s=0.01)
         image = np.asarray(frame.image)
         assert image.shape == (64, 64) and np.isfinite(image).all() and image.std() > 0
+        # the instrument parameters read with the frame are in its record (issue #14)
+        assert frame.record.voltage_kv == pytest.approx(300.0)
+        assert frame.record.magnification > 0
     finally:
         proc.kill()
         proc.wait(timeout=10)

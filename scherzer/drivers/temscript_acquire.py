@@ -208,7 +208,12 @@ class TemscriptCamera(_Acquirer):
             )
         pixel, source = self.pixel_size_nm(binning, state["magnification"])
         record = FrameRecord(
-            index=self._next_index(), time_s=t0, exposure_s=exposure, signal="image", **defocus
+            index=self._next_index(),
+            time_s=t0,
+            exposure_s=exposure,
+            signal="image",
+            **defocus,
+            **_optics_record(state),
         )
         state |= {
             "pixel_size_nm": pixel,
@@ -220,6 +225,12 @@ class TemscriptCamera(_Acquirer):
         return CameraFrame(
             np.ascontiguousarray(crop), record, (pixel, pixel), truth={"instrument": state}
         )
+
+
+def _optics_record(state: dict[str, Any]) -> dict[str, float]:
+    """The record fields of the instrument state read with each frame (NaN where unknown)."""
+    keys = ("voltage_kv", "magnification", "camera_length_mm")
+    return {k: float(state[k]) for k in keys if isinstance(state.get(k), int | float)}
 
 
 class TemscriptScanGenerator(_Acquirer):
@@ -389,6 +400,7 @@ class TemscriptScanGenerator(_Acquirer):
                 scan_rotation_deg=s.rotation_deg,
                 dwell_us=self._dwell_us,
                 signal=sig,
+                **_optics_record(state),
             )
             for sig in s.signals
         }
