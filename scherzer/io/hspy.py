@@ -64,6 +64,7 @@ _IMAGE_SIGNAL_AXES = 2
 _MM_PER_M = 1e3
 _S_PER_US = 1e-6
 _SIGNAL_COLUMN = "signal"
+SIMULATED_MICROSCOPE = "Scherzer virtual microscope (simulated)"
 
 
 # --- writing HyperSpy's dictionary convention ---------------------------------------------------
@@ -143,6 +144,27 @@ def _detector(table: np.ndarray | None) -> str | None:
     return text or None
 
 
+def _instrument_values(instrument: Mapping[str, Any], optics: Mapping[str, Any]) -> dict:
+    """The TEM values that do not depend on the frames (None where unknown)."""
+    camera_length_m = _number(instrument.get("camera_length_m"))
+    return {
+        "beam_energy": _number(instrument.get("voltage_kv"), optics.get("voltage_kv")),
+        "Cs": _number(instrument.get("cs_mm"), optics.get("cs_mm")),
+        "magnification": _number(instrument.get("magnification")),
+        "camera_length": _number(
+            instrument.get("camera_length_mm"),
+            None if camera_length_m is None else _MM_PER_M * camera_length_m,
+        ),
+    }
+
+
+def _microscope(instrument: Mapping[str, Any]) -> str | None:
+    microscope = instrument.get("microscope")
+    if isinstance(microscope, str) and microscope:
+        return microscope
+    return SIMULATED_MICROSCOPE if instrument.get("simulated") else None
+
+
 def tem_metadata(instrument: Mapping[str, Any], records: np.ndarray | None = None) -> dict:
     """``Acquisition_instrument.TEM`` from our instrument dict and (if given) the records.
 
@@ -152,44 +174,24 @@ def tem_metadata(instrument: Mapping[str, Any], records: np.ndarray | None = Non
     """
     optics = instrument.get("optics")
     optics = optics if isinstance(optics, Mapping) else {}
-    tem: dict[str, Any] = {}
-    found = {
-        "beam_energy": _number(instrument.get("voltage_kv"), optics.get("voltage_kv")),
-        "Cs": _number(instrument.get("cs_mm"), optics.get("cs_mm")),
-        "magnification": _number(instrument.get("magnification")),
-        "camera_length": _number(
-            instrument.get("camera_length_mm"),
-            _MM_PER_M * instrument["camera_length_m"]
-            if _number(instrument.get("camera_length_m")) is not None
-            else None,
-        ),
-    }
-    tem.update({k: v for k, v in found.items() if v is not None})
     exposure_s = _first_finite(records, "exposure_s")
     dwell_us = _first_finite(records, "dwell_us")
     mode = "STEM" if dwell_us is not None else "TEM" if exposure_s is not None else None
+    if mode is None and isinstance(instrument.get("acquisition_mode"), str):
+        mode = instrument["acquisition_mode"]
     divergence = _number(optics.get("beam_divergence_mrad"))
     probe = _number(instrument.get("convergence_mrad"))
-    convergence = divergence if mode == "TEM" and divergence else probe
-    if convergence is not None:
-        tem["convergence_angle"] = convergence
-    if mode is not None:
-        tem["acquisition_mode"] = mode
-    elif isinstance(instrument.get("acquisition_mode"), str):
-        tem["acquisition_mode"] = instrument["acquisition_mode"]
-    if dwell_us is not None:
-        tem["dwell_time"] = dwell_us * _S_PER_US
-    elif exposure_s is not None:
-        tem["exposure"] = exposure_s
-    microscope = instrument.get("microscope")
-    if isinstance(microscope, str) and microscope:
-        tem["microscope"] = microscope
-    elif instrument.get("simulated"):
-        tem["microscope"] = "Scherzer virtual microscope (simulated)"
     detector = _detector(records) or instrument.get("detector")
-    if isinstance(detector, str) and detector:
-        tem["Detector"] = {"name": detector}
-    return tem
+    found = {
+        **_instrument_values(instrument, optics),
+        "convergence_angle": divergence if mode == "TEM" and divergence else probe,
+        "acquisition_mode": mode,
+        "dwell_time": None if dwell_us is None else dwell_us * _S_PER_US,
+        "exposure": exposure_s if dwell_us is None else None,
+        "microscope": _microscope(instrument),
+        "Detector": {"name": detector} if isinstance(detector, str) and detector else None,
+    }
+    return {k: v for k, v in found.items() if v is not None}
 
 
 # --- experiments ----------------------------------------------------------------------------------
