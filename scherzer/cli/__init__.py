@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from scherzer.cli.calibrate_cmd import add_calibrate
 from scherzer.cli.common import Outcome
 from scherzer.cli.daemon_cmds import (
     add_cancel,
@@ -55,6 +56,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     add_simulate,
     add_align,
     add_restore,
+    add_calibrate,
     add_info,
     add_demo,
 ]
