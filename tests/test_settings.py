@@ -116,3 +116,19 @@ def test_plan_refuses_bad_processing_settings_and_paths():
         parse_plan({**base, "processing": [{"step": "restore", "mtf": "/etc/shadow"}]})
     ok = parse_plan({**base, "processing": [{"step": "restore", "iterations": 2}]})
     assert ok.processing == [{"step": "restore", "iterations": 2}]
+
+
+def test_ftsr_parameters_reach_the_instrument():
+    from scherzer.processing.focal import instrument_from_stack
+    from scherzer.simulators.hrtem import simulate_focal_series
+
+    stack = simulate_focal_series("amorphous_carbon", n=3, size=64, seed=0)
+    step = parse_step(
+        {"step": "focal_register", "a2_nm": 850, "a2_deg": -100, "vibration_nm": 0.03,
+         "defocus_list_nm": [-150, -140, -130]}
+    )  # fmt: skip
+    optics, _, nominal = instrument_from_stack(stack, **step.instrument.given())
+    assert (optics.a2_nm, optics.a2_deg, optics.vibration_nm) == (850.0, -100.0, 0.03)
+    np.testing.assert_array_equal(nominal, [-150, -140, -130])
+    with pytest.raises(StepSettingsError, match="defocus_list_nm"):
+        parse_step({"step": "restore", "defocus_list_nm": [1.0, "x"]})

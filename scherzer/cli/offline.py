@@ -99,7 +99,8 @@ def _add_simulate_focal(ssub: Any) -> None:
         "focal-series", help="HRTEM focal series with ground truth", parents=[output_options()]
     )
     _add_common_simulation(f, "crystal_edge", 11, "images")
-    add_instrument_arguments(f, defaults=SIMULATE_FOCAL_DEFAULTS)
+    names = [*OPTICS_SETTINGS, *SIMULATE_FOCAL_DEFAULTS]
+    add_instrument_arguments(f, names, defaults=SIMULATE_FOCAL_DEFAULTS)
     f.add_argument("--step-error", type=float, default=0.0,
                    help="true step = (1+e)·nominal (default 0)")  # fmt: skip
     f.add_argument("--a1-nm", type=float, default=0.0, help="two-fold astigmatism (nm, default 0)")
