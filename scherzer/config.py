@@ -62,8 +62,10 @@ class ServerSettings(_Section):
 class DeviceSettings(_Section):
     """Which instruments the daemon drives."""
 
-    kind: Literal["sim", "pattern"] = Field(
-        "sim", description="sim: VirtualMicroscope; pattern: exact test patterns, no physics"
+    kind: Literal["sim", "pattern", "temscript"] = Field(
+        "sim",
+        description="sim: VirtualMicroscope; pattern: exact test patterns, no physics; "
+        "temscript: a Thermo Fisher / FEI microscope through temscript-server (extra 'tfs')",
     )
     speedup: float = Field(1.0, gt=0, description="simulated time runs this much faster")
     specimen: str = "crystal_edge"
@@ -90,6 +92,23 @@ class DeviceSettings(_Section):
     fault: str = Field(
         "", description="sim only: '<kind>:<after_calls>[,…]' faults injected at start"
     )
+    # --- temscript only (drivers/temscript.py; None = the driver's default) ---------------------
+    temscript_url: str | None = Field(None, description="temscript-server, e.g. http://tem:8080")
+    read_only: bool | None = Field(None, description="temscript: reads and acquisitions only")
+    temscript_timeout_s: float | None = Field(None, gt=0)
+    temscript_acquire_margin_s: float | None = Field(None, ge=0)
+    temscript_camera: str | None = None
+    temscript_defocus_nm_per_unit: float | None = Field(None, allow_inf_nan=False)
+    temscript_defocus_offset_nm: float | None = Field(None, allow_inf_nan=False)
+    temscript_defocus_limits_nm: tuple[float, float] | None = None
+    temscript_stigmator_nm_per_unit: float | None = Field(None, gt=0, allow_inf_nan=False)
+    temscript_pixel_size_nm: float | None = Field(None, gt=0, allow_inf_nan=False)
+    temscript_settle_s: float | None = Field(None, ge=0)
+    temscript_stem_full_size_px: int | None = Field(None, ge=1)
+    temscript_stem_field_nm_times_mag: float | None = Field(None, gt=0, allow_inf_nan=False)
+    temscript_cs_mm: float | None = Field(None, allow_inf_nan=False)
+    temscript_focal_spread_nm: float | None = Field(None, ge=0, allow_inf_nan=False)
+    temscript_beam_divergence_mrad: float | None = Field(None, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _serial_needs_port(self) -> DeviceSettings:
@@ -106,9 +125,18 @@ class PlanLimits(_Section):
     defocus_nm: tuple[float, float] = (-5000.0, 5000.0)
     max_exposure_s: float = 60.0
     dwell_us: tuple[float, float] = (0.05, 1000.0)
+    max_flyback_us: float = Field(10000.0, ge=0, description="scan line return time")
     max_scan_px: int = 4096
     max_frames: int = 10000
-    min_free_disk_bytes: int = 100 << 20
+    min_free_disk_bytes: int = Field(
+        100 << 20, ge=0, description="free space kept after every queued job's estimate"
+    )
+    max_job_duration_s: float = Field(
+        30 * 86400.0, gt=0, description="a plan estimated to take longer is refused"
+    )
+    max_start_delay_s: float = Field(
+        30 * 86400.0, gt=0, description="not_before_s at most this far in the future"
+    )
 
 
 class ClientKey(_Section):
@@ -141,6 +169,11 @@ class LoggingSettings(_Section):
 
 class Settings(_Section):
     data_dir: Path = Path("~/scherzer-data")
+    calibrations_dir: Path | None = Field(
+        None,
+        description="camera curves (MTF/NPS) a plan may name, e.g. mtf = 'k2_300kv.csv'; "
+        "requests never name a path the daemon opens outside this directory",
+    )
     server: ServerSettings = Field(default_factory=ServerSettings)
     devices: DeviceSettings = Field(default_factory=DeviceSettings)
     limits: PlanLimits = Field(default_factory=PlanLimits)
@@ -150,6 +183,10 @@ class Settings(_Section):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
+
+    @property
+    def calibrations_path(self) -> Path | None:
+        return None if self.calibrations_dir is None else Path(self.calibrations_dir).expanduser()
 
     def needs_curve(self) -> bool:
         """CURVE is on when asked for or when any endpoint is not loopback."""
@@ -161,8 +198,14 @@ class Settings(_Section):
         if not self.needs_curve():
             return
         if not self.security.server_secret_key_file:
+            remote = [
+                e
+                for e in (self.server.endpoint, self.server.events_endpoint)
+                if not is_loopback_endpoint(e)
+            ]
+            what = f"endpoint {remote[0]} is not loopback" if remote else "security.curve is on"
             raise ConfigError(
-                f"endpoint {self.server.endpoint} is not loopback (or security.curve is on): "
+                f"{what}: "
                 "set security.server_secret_key_file (make one with `scherzer keys new server`) "
                 "and list allowed clients under [[security.clients]]"
             )

@@ -215,8 +215,15 @@ def test_protocol_doc_examples_have_valid_crcs() -> None:
 
 # ----------------------------------------------------------------------------- emulator
 @pytest.fixture
-def emulator() -> LensControllerEmulator:
-    model = LensModel(time.monotonic, np.random.default_rng(3), settle_s=0.3)
+def lens_clock() -> FakeClock:
+    """The emulated lens's clock: settling advances only when a test says so (never with the
+    wall clock, so a busy machine cannot make a read-back look settled or unsettled)."""
+    return FakeClock()
+
+
+@pytest.fixture
+def emulator(lens_clock: FakeClock) -> LensControllerEmulator:
+    model = LensModel(lens_clock, np.random.default_rng(3), settle_s=0.3)
     emu = LensControllerEmulator(model).start()
     yield emu
     emu.stop()
@@ -246,7 +253,7 @@ def reply_for(port: serial.Serial, seq: int | None) -> tuple[str, ...]:
 
 
 def test_pyserial_client_gets_and_sets_defocus(
-    emulator: LensControllerEmulator, client: serial.Serial
+    emulator: LensControllerEmulator, client: serial.Serial, lens_clock: FakeClock
 ) -> None:
     assert ask(client, 1, "IDN") == ("OK", *EMULATOR_IDN.split())
     assert ask(client, 2, "SET DEF -250.0") == ("OK", "-250.000")
@@ -255,7 +262,7 @@ def test_pyserial_client_gets_and_sets_defocus(
     status = parse_status(ask(client, 4, "STATUS"))
     assert status["SETTLED"] == "0" and int(status["REMAIN_MS"]) > 0
     assert early > -240.0  # still on its way (settle 0.3 s)
-    time.sleep(0.35)
+    lens_clock.t += 0.35
     assert parse_status(ask(client, 5, "STATUS"))["SETTLED"] == "1"
     late = [float(ask(client, 10 + i, "GET DEF")[1]) for i in range(40)]
     # after settling: set-point + e^-5 residual (1.7 nm) + noise (0.2 nm) within 6 sigma
@@ -265,12 +272,12 @@ def test_pyserial_client_gets_and_sets_defocus(
 
 
 def test_stigmator_tilt_and_status_over_pty(
-    emulator: LensControllerEmulator, client: serial.Serial
+    emulator: LensControllerEmulator, client: serial.Serial, lens_clock: FakeClock
 ) -> None:
     assert ask(client, 1, "SET STIG 40 95") == ("OK", "40.000", "95.000")
     assert ask(client, 2, "SET TILT 1.5 -2.25") == ("OK", "1.5000", "-2.2500")
     assert ask(client, 3, "GET TILT") == ("OK", "1.5000", "-2.2500")
-    time.sleep(0.35)
+    lens_clock.t += 0.35
     _, magnitude, angle = ask(client, 4, "GET STIG")
     assert float(magnitude) == pytest.approx(40.0, abs=1.5)
     assert float(angle) == pytest.approx(95.0, abs=2.0)

@@ -16,6 +16,7 @@ import structlog
 from pydantic import BaseModel
 
 from scherzer.daemon import protocol as P
+from scherzer.daemon.diskspace import is_disk_full
 from scherzer.daemon.security import Identity
 from scherzer.drivers.base import DeviceError
 
@@ -61,6 +62,8 @@ def error_fields(error: BaseException | None) -> tuple[ErrorCode, str, Any]:
         return error.code, error.message, error.details
     if isinstance(error, DeviceError):
         return ErrorCode.of_device(error.code), str(error), error.details or None
+    if is_disk_full(error):
+        return ErrorCode.DISK_FULL, f"the data disk is full: {error}", None
     if isinstance(error, ValueError):
         return ErrorCode.INVALID_PARAMS, str(error), None
     return ErrorCode.INTERNAL, f"internal error: {error}", None

@@ -84,12 +84,17 @@ class DeviceHandlers:
         return self._device(call, run, changes=True)
 
     def _scan_acquire(self, call: Call, p: P.ScanAcquireParams) -> Deferred:
-        lo, hi = self.settings.limits.dwell_us
-        if not lo <= p.dwell_us <= hi or max(p.size_px) > self.settings.limits.max_scan_px:
+        limits = self.settings.limits
+        lo, hi = limits.dwell_us
+        if not lo <= p.dwell_us <= hi or max(p.size_px) > limits.max_scan_px:
             raise P.ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"dwell_us must be in [{lo}, {hi}] and size_px at most "
-                f"{self.settings.limits.max_scan_px}",
+                f"dwell_us must be in [{lo}, {hi}] and size_px at most {limits.max_scan_px}",
+            )
+        if p.flyback_us > limits.max_flyback_us:
+            raise P.ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"flyback_us {p.flyback_us} > limit {limits.max_flyback_us}",
             )
         settings = ScanSettings(
             size_px=p.size_px,

@@ -38,6 +38,7 @@ import numpy as np
 import structlog
 
 from scherzer.config import Settings
+from scherzer.daemon.diskspace import DiskGate, ensure_room, free_bytes, is_disk_full
 from scherzer.daemon.files import (
     count_frames_on_disk,
     job_folder,
@@ -53,19 +54,18 @@ from scherzer.daemon.jobrun import (
     truth_shift_in_frame_px,
 )
 from scherzer.daemon.jobs import JobStore
+from scherzer.daemon.optics_control import OpticsControl
 from scherzer.daemon.plans import (
-    BasePlan,
     CameraShot,
     FrameStep,
     RotatedScanSeries,
     ScanShot,
-    approach_setpoints,
     parse_plan,
 )
 from scherzer.daemon.protocol import ErrorBody, ErrorCode, JobInfo, ProtocolError
 from scherzer.daemon.worker import ProcessingWorker, Publish, processing_steps, run_processing
 from scherzer.drivers import registry
-from scherzer.drivers.base import DeviceError, Lens, ScanSettings
+from scherzer.drivers.base import DeviceError
 from scherzer.drivers.instruments import Instruments
 from scherzer.emd import StackWriter
 from scherzer.stack import FrameRecord
@@ -110,7 +110,7 @@ class _Task:
     done: Callable[[Any, BaseException | None], None]
 
 
-class Executor:
+class Executor(OpticsControl):
     """The instrument thread; see the module docstring."""
 
     def __init__(
@@ -120,13 +120,18 @@ class Executor:
         settings: Settings,
         publish: Publish,
         frames: FrameCache,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: Unix seconds now (``not_before_s`` is compared with it; tests inject one)."""
         self.store = store
         self.instruments = instruments
         self.settings = settings
         self.publish = publish
         self.frames = frames
-        self.processing = ProcessingWorker(store, publish)
+        self.clock = clock
+        self.disk = DiskGate(settings.data_path, settings.limits.min_free_disk_bytes)
+        self.processing = ProcessingWorker(store, publish, on_disk_full=self._hold_for_disk)
+        self._unrecorded: list[tuple[int, str, ErrorBody | None]] = []  # states to retry
         self._last_defocus_nm: float | None = None
         self.on_queue_change: Callable[[], None] = lambda: None  # set by the server
         self.current_job: int | None = None
@@ -185,8 +190,21 @@ class Executor:
 
     def resume(self) -> None:
         self.queue_paused = False
+        self.disk.open()  # an operator's resume lifts a disk hold too (it comes back if full)
         self.store.set_flag("queue_paused", False)
         self.wake()
+
+    @property
+    def pause_reason(self) -> str | None:
+        """Why the queue holds by itself (disk), or None."""
+        return self.disk.reason
+
+    def _hold_for_disk(self, reason: str) -> None:
+        """A write found the disk full: hold the queue until space returns (any thread)."""
+        if self.disk.reason is None:
+            log.error("disk full: the queue holds until space returns", reason=reason)
+        self.disk.close(reason)
+        self.on_queue_change()
 
     def call_device(
         self, fn: Callable[[Instruments], Any], done: Callable[[Any, BaseException | None], None]
@@ -234,14 +252,41 @@ class Executor:
             self.processing.shutdown()
 
     def _run_once(self) -> None:
+        self._record_pending()
         self._serve_tasks()
-        job = None if self.queue_paused else self.store.next_queued()
-        if job is not None and not _too_early(job):
+        job = None if self.queue_paused or self._disk_blocked() else self.store.next_queued()
+        if job is not None and not _too_early(job, self.clock()):
             self._run_job(job)
             return
         with self._cond:
             if not self._tasks and not self._stopping.is_set():
                 self._cond.wait(timeout=0.5)
+
+    def _disk_blocked(self) -> bool:
+        blocked, changed = self.disk.blocked()
+        if changed:
+            log.warning("disk hold " + ("set" if blocked else "lifted"), reason=self.disk.reason)
+            self.on_queue_change()
+        return blocked
+
+    def _record_pending(self) -> None:
+        """Retry job states the store could not take (its disk was full)."""
+        pending, self._unrecorded = self._unrecorded, []
+        for job_id, state, err in pending:
+            self._set_state(job_id, state, err)
+
+    def _set_state(self, job_id: int, state: str, err: ErrorBody | None) -> JobInfo | None:
+        """Record a state and publish it; if the store cannot write, keep it for a retry
+        (never raises: the job must not stay ``running`` because SQLite hit a full disk)."""
+        try:
+            info = self.store.set_state(job_id, state, error=err)
+        except Exception as exc:
+            log.error("cannot record the job state; retrying", job=job_id, state=state,
+                      error=str(exc))  # fmt: skip
+            self._unrecorded.append((job_id, state, err))
+            return None
+        self._emit_job(info)
+        return info
 
     # --- one job ---------------------------------------------------------------------------
     def _emit_job(self, info: JobInfo) -> None:
@@ -249,7 +294,13 @@ class Executor:
 
     def _run_job(self, job: JobInfo) -> None:
         jlog = log.bind(job=job.job_id, client=job.submitter)
-        path = output_path(self.settings.data_path, job)
+        try:
+            path = output_path(self.settings.data_path, job)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._hold_for_disk(f"cannot create the job folder: {exc}")
+            return
         try:
             info = self.store.start(job.job_id, str(path))
         except ProtocolError:  # cancelled between next_queued() and now
@@ -297,21 +348,36 @@ class Executor:
         jlog: Any,
     ) -> None:
         state, err = outcome
-        self.store.set_progress(job.job_id, count_frames_on_disk(path))
+        frames = count_frames_on_disk(path)
+        try:
+            self.store.set_progress(job.job_id, frames)
+            if frames == 0 and not path.exists():  # never opened: name no file
+                self.store.set_output_file(job.job_id, None)
+                _remove_empty_folder(job_folder(path))
+        except Exception as exc:
+            jlog.error("cannot record the frames on disk", error=str(exc))
         if state != "acquired":
-            self._emit_job(self.store.set_state(job.job_id, state, error=err))
+            self._set_state(job.job_id, state, err)
             return
         assert run is not None
         note = run.skipped_note()
-        self._emit_job(self.store.set_state(job.job_id, "acquired", error=note))
+        if self._set_state(job.job_id, "acquired", note) is None:
+            return  # recorded later; processing resumes from ``acquired`` at the next start
         if run.plan.processing and run.written:
             self.processing.submit(job, run.plan, path, note)
             return
-        info = self.store.set_state(job.job_id, "done", error=note)
-        jlog.info("job done", frames=info.frames_done, skipped=run.skipped)
-        self._emit_job(info)
+        info = self._set_state(job.job_id, "done", note)
+        jlog.info("job done", frames=info.frames_done if info else frames, skipped=run.skipped)
 
     def _error_body(self, exc: Exception, jlog: Any) -> ErrorBody:
+        if is_disk_full(exc):
+            jlog.error("job failed: disk full", error=str(exc))
+            self._hold_for_disk(str(exc))
+            return ErrorBody(
+                code=ErrorCode.DISK_FULL,
+                message=f"{exc}; the queue holds until space returns (or queue_resume)",
+                details={"free_bytes": free_bytes(self.settings.data_path)},
+            )
         if isinstance(exc, DeviceError):
             jlog.error("job failed: device error", code=exc.code, error=str(exc))
             return ErrorBody(
@@ -350,60 +416,7 @@ class Executor:
         if self._stopping.is_set():
             raise _StopJob("interrupted", "the daemon stopped; frames on disk are kept")
 
-    # --- optics: set with approach, snapshot, restore --------------------------------------
-    def _lens(self) -> Lens:
-        lens = self.instruments.lens
-        if lens is None:
-            raise DeviceError("this plan sets defocus but no lens is configured")
-        return lens
-
-    def _set_defocus(self, target_nm: float, plan: BasePlan) -> None:
-        """Go to ``target_nm`` from the plan's approach side, waiting to settle after each set."""
-        lens = self._lens()
-        direction, overshoot = plan.approach_rule()
-        for value in approach_setpoints(target_nm, self._last_defocus_nm, direction, overshoot):
-            lens.set_defocus_nm(value)
-            self._last_defocus_nm = None  # unknown until the set has settled
-            lens.wait_settled(self.settings.devices.settle_timeout_s)
-            self._last_defocus_nm = value
-
-    def _snapshot(self, plan: BasePlan) -> SavedOptics:
-        """What the plan will change, as it is now (read before the first frame)."""
-        saved = SavedOptics()
-        if not plan.restore_optics:
-            return saved
-        if any(s.defocus_nm is not None for s in plan.steps()):
-            saved.defocus_nm = self._lens().get_defocus_nm()
-        if plan.scan_sets() and self.instruments.scan is not None:
-            current = getattr(self.instruments.scan, "settings", None)
-            saved.scan_settings = current if isinstance(current, ScanSettings) else None
-        return saved
-
-    def _restore_optics(self, run: JobRun | None, saved: SavedOptics | None, jlog: Any) -> None:
-        """Put back what the plan changed; never raises (a failure is logged as an error)."""
-        if run is None or saved is None:
-            return
-        if saved.defocus_nm is not None and self._nominal_defocus_nm is not None:
-            try:
-                self._set_defocus(saved.defocus_nm, run.plan)
-                jlog.info("focus restored", defocus_nm=saved.defocus_nm)
-            except Exception as exc:
-                jlog.error("could not restore the focus", defocus_nm=saved.defocus_nm,
-                           error=str(exc))  # fmt: skip
-        if saved.scan_settings is not None and self.instruments.scan is not None:
-            try:
-                self.instruments.scan.configure(saved.scan_settings)
-            except Exception as exc:
-                jlog.error("could not restore the scan settings", error=str(exc))
-
     # --- frames ----------------------------------------------------------------------------
-    def _set_optics(self, step: FrameStep, plan: BasePlan) -> None:
-        if step.defocus_nm is not None:
-            self._nominal_defocus_nm = step.defocus_nm
-            self._set_defocus(step.defocus_nm, plan)
-        if step.settle_s > 0:
-            self.instruments.wait_s(step.settle_s)
-
     def _acquire(self, shot: CameraShot | ScanShot) -> Acquired:
         if isinstance(shot, CameraShot):
             cam = self.instruments.camera
@@ -477,6 +490,7 @@ class Executor:
             else np.asarray(img, dtype=np.float32)
             for name, img in got.images.items()
         }
+        ensure_room(run.path.parent, sum(img.nbytes for img in images.values()))
         writer = run.writer or self._open_writer(run, images, got.pixel_size_nm)
         for name, image in images.items():
             record = self._complete_record(got.records[name], step.index, readback_nm)
@@ -540,7 +554,21 @@ class Executor:
         run.writer = None
 
 
-def _too_early(job: JobInfo) -> bool:
-    """The job's plan asks not to start before a time that has not come yet."""
+def _too_early(job: JobInfo, now_s: float) -> bool:
+    """The job's plan asks not to start before a time that has not come yet (``now_s``: Unix
+    seconds). An unreadable value does not hold the queue (submit bounds it)."""
     not_before = job.plan.get("not_before_s")
-    return not_before is not None and time.time() < float(not_before)
+    if not_before is None:
+        return False
+    try:
+        return now_s < float(not_before)
+    except (TypeError, ValueError):
+        return False
+
+
+def _remove_empty_folder(folder: Path) -> None:
+    """Drop the job folder reserved for a file that was never written (if it is empty)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

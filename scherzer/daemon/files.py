@@ -15,7 +15,13 @@ import structlog
 from scherzer.daemon.protocol import JobInfo
 from scherzer.emd import StackWriter
 
-__all__ = ["count_frames_on_disk", "job_folder", "open_stack_writer", "output_path"]
+__all__ = [
+    "count_frames_on_disk",
+    "job_folder",
+    "open_stack_writer",
+    "output_path",
+    "repair_job_file",
+]
 
 log = structlog.get_logger("scherzer.executor")
 
@@ -66,3 +72,18 @@ def job_folder(path: str | Path) -> Path:
     """The folder beside a job file that holds its plots (``<name>_<NNN>/``)."""
     p = Path(path)
     return p.with_suffix("")
+
+
+def repair_job_file(path: str | Path | None) -> bool:
+    """Make a job file a killed writer left readable by plain readers (clears the HDF5 "open
+    for writing" flags, trims stacks to their complete frames: :func:`scherzer.emd.repair`).
+    Never raises; returns True if the file needed it."""
+    if not path or not Path(path).exists():
+        return False
+    from scherzer.emd import repair
+
+    try:
+        return bool(repair(path))
+    except Exception as exc:
+        log.warning("cannot repair a job file", path=str(path), error=str(exc))
+        return False

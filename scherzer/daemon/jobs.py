@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS flags (
     value INTEGER NOT NULL
 );
 """
+#: WAL pages between automatic checkpoints (4 KiB each: ~1 MiB of WAL at most, against
+#: SQLite's 1000-page default; fewer pages = smaller WAL, more frequent checkpoints).
+WAL_CHECKPOINT_PAGES = 256
 _COLUMNS = (
     "job_id, kind, name, plan, state, submitter, created_s, started_s, finished_s, frames_done, "
     "frames_total, queue_pos, output_file, error, cancel_requested"
@@ -71,6 +74,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes in WAL
         self._db.execute("PRAGMA busy_timeout=5000")
+        # checkpoint every WAL_CHECKPOINT_PAGES pages so the WAL (reused, not regrown) stays
+        # well inside the executor's write headroom on a nearly full disk
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
         self.jobs_counter = 0
@@ -295,6 +301,12 @@ class JobStore:
 
         return self._tx(tx)
 
+    def set_output_file(self, job_id: int, output_file: str | None) -> None:
+        """Name the job's file (None: the job wrote none)."""
+        self._tx(lambda db: db.execute(
+            "UPDATE jobs SET output_file=? WHERE job_id=?", (output_file, job_id)
+        ))  # fmt: skip
+
     def set_progress(self, job_id: int, frames_done: int) -> None:
         self._tx(lambda db: db.execute(
             "UPDATE jobs SET frames_done=? WHERE job_id=?", (frames_done, job_id)
@@ -320,20 +332,65 @@ class JobStore:
                 message="the daemon stopped while this job was active; frames on disk are kept",
             ).model_dump_json()
             for jid, out in rows:
+                exists = bool(out) and Path(out).exists()
                 db.execute(
-                    "UPDATE jobs SET state='interrupted', finished_s=?, frames_done=?, error=? "
-                    "WHERE job_id=?",
-                    (time.time(), count_frames(out), err, jid),
+                    "UPDATE jobs SET state='interrupted', finished_s=?, frames_done=?, error=?, "
+                    "output_file=? WHERE job_id=?",
+                    (time.time(), count_frames(out), err, out if exists else None, jid),
                 )
+                if not exists and out:
+                    _remove_empty_folder(Path(out).with_suffix(""))
             db.execute("UPDATE jobs SET state='acquired' WHERE state='processing'")
             return [r[0] for r in rows]
 
         ids = self._tx(tx, queue_changed=True)
         return [self.get(i) for i in ids]
 
+    def restore_job(
+        self,
+        *,
+        job_id: int,
+        kind: str,
+        name: str,
+        plan: dict[str, Any],
+        submitter: str,
+        frames_done: int,
+        frames_total: int,
+        output_file: str,
+        created_s: float,
+    ) -> bool:
+        """Put back a job known from its file (database recovery): ``done`` when its frames
+        are complete, else ``interrupted``. False if the id is already taken."""
+        complete = frames_total > 0 and frames_done >= frames_total
+        err = None if complete else ErrorBody(
+            code=ErrorCode.INTERNAL,
+            message="job history rebuilt from its file after database recovery; "
+            "frames on disk are kept",
+        ).model_dump_json()  # fmt: skip
+
+        def tx(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, kind, name, plan, state, submitter, "
+                "created_s, finished_s, frames_done, frames_total, output_file, error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, name, json.dumps(plan), "done" if complete else "interrupted",
+                 submitter, created_s, created_s, frames_done, frames_total, output_file, err),
+            )  # fmt: skip
+            return cur.rowcount == 1
+
+        return self._tx(tx)
+
     def awaiting_processing(self) -> list[JobInfo]:
         """Jobs whose frames are complete and whose processing has not finished."""
         return self.history(limit=1000, states=["acquired"])[::-1]
+
+
+def _remove_empty_folder(folder: Path) -> None:
+    """The folder reserved beside a job file that was never written (kept if not empty)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _with_pos(info: JobInfo, position: int) -> JobInfo:

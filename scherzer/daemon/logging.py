@@ -39,26 +39,63 @@ class _Sinks:
         self._min = min_level
         self._forward = forward
         self._lock = threading.Lock()
+        self._file_failed = False
 
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> Any:
+        """Write one record; never raises into the caller (only structlog's DropEvent)."""
         level = _LEVELS.get(event.get("level", "info"), 20)
         if level < self._min:
             raise structlog.DropEvent
-        line = json.dumps(event, default=str)
+        try:
+            line = json.dumps(event, default=str)
+        except Exception:  # an unserialisable or circular value: keep the event name at least
+            line = json.dumps({"event": str(event.get("event")), "level": event.get("level")})
         with self._lock:
-            if self._file is not None:
-                self._file.write(line + "\n")
-                self._file.flush()
+            wrote_file = self._write_file(line)
             if self._console is not None:
-                text = self._pretty(logger, method, dict(event)) if self._pretty else line
-                self._console.write(text + "\n")
-                self._console.flush()
+                self._write_console(logger, method, event, line)
+            elif not wrote_file:  # no file or it failed (disk full): stderr instead
+                _stderr(line + "\n")
         if self._forward is not None and level >= 30:
             try:
                 self._forward(json.loads(line))
             except Exception:
                 pass
         raise structlog.DropEvent
+
+    def _write_file(self, line: str) -> bool:
+        """Append to the log file; False if there is none or the write failed (disk full).
+        The first failure is announced once on stderr."""
+        if self._file is None:
+            return False
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+        except Exception as exc:
+            if not self._file_failed:
+                self._file_failed = True
+                _stderr(f"scherzer: cannot write the log file ({exc}); logging to stderr\n")
+            return False
+        self._file_failed = False
+        return True
+
+    def _write_console(self, logger: Any, method: str, event: dict[str, Any], line: str) -> None:
+        assert self._console is not None
+        try:
+            text = self._pretty(logger, method, dict(event)) if self._pretty else line
+            self._console.write(text + "\n")
+            self._console.flush()
+        except Exception:
+            pass
+
+
+def _stderr(text: str) -> None:
+    """Last resort for log lines: stderr, and silence if even that fails."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except Exception:
+        pass
 
 
 def configure_logging(
@@ -72,7 +109,11 @@ def configure_logging(
     log_dir = Path(data_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "daemon.jsonl"
-    file = path.open("a", encoding="utf-8")
+    try:
+        file: TextIO | None = path.open("a", encoding="utf-8")
+    except OSError as exc:  # a full or read-only disk must not stop the daemon starting
+        _stderr(f"scherzer: cannot open the log file {path} ({exc}); logging to stderr\n")
+        file = None
     stream = sys.stderr
     if console == "off":
         out, pretty = None, False

@@ -18,6 +18,7 @@ Nothing is ever looked up by reflection and nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -26,6 +27,19 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from scherzer.daemon.plans import Plan, PlanEstimate
+from scherzer.daemon.wire_bounds import (
+    MAX_DEFOCUS_NM,
+    MAX_PIXEL_NM,
+    MAX_STIGMATOR_NM,
+    MAX_TIME_US,
+    Angle,
+    Int64,
+    PixelCount,
+    PixelIndex,
+    QueueIndex,
+    SignalName,
+    Tilt,
+)
 from scherzer.validation import validation_details  # re-exported: the protocol's error details
 
 __all__ = [
@@ -77,6 +91,7 @@ class ErrorCode(StrEnum):
     DEVICE_PROTOCOL_ERROR = "device_protocol_error"
     SHUTTING_DOWN = "shutting_down"
     PROCESSING_FAILED = "processing_failed"
+    DISK_FULL = "disk_full"
     INTERNAL = "internal"
 
     @classmethod
@@ -110,6 +125,9 @@ ERROR_DOCS: dict[ErrorCode, str] = {
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping and accepts no new work",
     ErrorCode.PROCESSING_FAILED: "a job's processing steps failed (job error only; the "
     "acquired frames stay in the file)",
+    ErrorCode.DISK_FULL: "the data disk is (nearly) full: a job ends `failed` with this code "
+    "(frames already written stay readable) and the queue pauses until space returns or "
+    "`queue_resume`; a report that cannot be written fails with it too",
     ErrorCode.INTERNAL: "a bug in the daemon; the log has the traceback",
 }
 
@@ -247,8 +265,16 @@ class StatusResult(_Model):
     version: str
     instance: str = Field(description="changes at every daemon start (counters restart then)")
     uptime_s: float
-    state: Literal["idle", "running", "paused", "stopping"]
+    state: Literal["idle", "running", "paused", "stopping", "error"] = Field(
+        description="`error`: the executor thread died (see `problems`); restart the daemon"
+    )
     queue_paused: bool
+    queue_pause_reason: str | None = Field(
+        None, description="why the queue holds by itself (e.g. the disk is full); null if not"
+    )
+    problems: list[str] = Field(
+        default_factory=list, description="what the watchdog found wrong (dead threads)"
+    )
     current_job: int | None
     queued: int
     counters: Counters
@@ -259,11 +285,11 @@ class StatusResult(_Model):
 
 class JobSubmitParams(_Model):
     plan: Plan
-    position: int | None = Field(None, ge=0, description="queue index (0 = next); default: last")
+    position: QueueIndex | None = Field(None, description="queue index (0 = next); default: last")
 
 
 class JobParams(_Model):
-    job_id: int
+    job_id: Int64
 
 
 class JobResult(_Model):
@@ -276,8 +302,8 @@ class JobsResult(_Model):
 
 
 class QueueMoveParams(_Model):
-    job_id: int
-    position: int = Field(ge=0, description="new queue index, 0 = next to run")
+    job_id: Int64
+    position: QueueIndex = Field(description="new queue index, 0 = next to run")
 
 
 class QueueStateResult(_Model):
@@ -286,32 +312,36 @@ class QueueStateResult(_Model):
 
 class HistoryParams(_Model):
     limit: int = Field(50, ge=1, le=1000)
-    before_id: int | None = Field(None, description="page: only jobs with a smaller id")
+    before_id: Int64 | None = Field(None, description="page: only jobs with a smaller id")
     states: list[JobState] | None = None
 
 
 class LensSetParams(_Model):
-    defocus_nm: float | None = None
-    stigmator_nm: float | None = Field(None, ge=0)
-    stigmator_deg: float | None = None
-    beam_tilt_mrad: tuple[float, float] | None = None
+    defocus_nm: float | None = Field(
+        None, allow_inf_nan=False, ge=-MAX_DEFOCUS_NM, le=MAX_DEFOCUS_NM
+    )
+    stigmator_nm: float | None = Field(None, allow_inf_nan=False, ge=0, le=MAX_STIGMATOR_NM)
+    stigmator_deg: Angle | None = None
+    beam_tilt_mrad: tuple[Tilt, Tilt] | None = None
     wait_settled: bool = True
 
 
 class CameraAcquireParams(_Model):
     exposure_s: float = Field(gt=0, le=3600)
     binning: int = Field(1, ge=1, le=16)
-    region: tuple[int, int, int, int] | None = Field(None, description="(y0, x0, height, width)")
+    region: tuple[PixelIndex, PixelIndex, PixelCount, PixelCount] | None = Field(
+        None, description="(y0, x0, height, width)"
+    )
     return_data: bool = Field(True, description="send the image now; otherwise use frame_get")
 
 
 class ScanAcquireParams(_Model):
-    size_px: tuple[int, int] = (256, 256)
-    pixel_nm: float = Field(0.02, gt=0)
-    dwell_us: float = Field(2.0, gt=0)
-    flyback_us: float = Field(200.0, ge=0)
-    rotation_deg: float = 0.0
-    signals: list[str] = Field(default_factory=lambda: ["HAADF"], min_length=1, max_length=8)
+    size_px: tuple[PixelCount, PixelCount] = (256, 256)
+    pixel_nm: float = Field(0.02, gt=0, le=MAX_PIXEL_NM, allow_inf_nan=False)
+    dwell_us: float = Field(2.0, gt=0, le=MAX_TIME_US, allow_inf_nan=False)
+    flyback_us: float = Field(200.0, ge=0, le=MAX_TIME_US, allow_inf_nan=False)
+    rotation_deg: Angle = 0.0
+    signals: list[SignalName] = Field(default_factory=lambda: ["HAADF"], min_length=1, max_length=8)
     return_data: bool = True
 
 
@@ -330,7 +360,7 @@ class AcquireResult(_Model):
 
 
 class FrameGetParams(_Model):
-    frame_id: int
+    frame_id: Int64
 
 
 class PlanValidateParams(_Model):
@@ -346,7 +376,7 @@ class PlanValidateResult(_Model):
 
 
 class ReportParams(_Model):
-    job_ids: list[int] = Field(min_length=1, max_length=10000)
+    job_ids: list[Int64] = Field(min_length=1, max_length=10000)
     title: str = Field("Scherzer run", max_length=256)
     name: str = Field("report", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="file stem")
 
@@ -516,7 +546,9 @@ def encode_json(obj: Any) -> bytes:
 def decode_json(raw: bytes) -> Any:
     """Parse a JSON frame; :class:`ProtocolError` (bad_request) on anything else."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"request frame is not UTF-8 JSON: {exc}"
@@ -525,6 +557,14 @@ def decode_json(raw: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number; one that overflows a double (``1e999``) is refused, not made infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
 
 
 def ok_reply(request_id: str | None, result: BaseModel | dict) -> dict:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+import types
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -46,7 +47,9 @@ def _schema_table(model: type[BaseModel]) -> str:
 
 
 def _constraint(meta: Any) -> str:
-    """``Gt(gt=0)`` → ``> 0``; other metadata as its repr."""
+    """``Gt(gt=0)`` → ``> 0``; ``allow_inf_nan=False`` → ``finite``; other metadata as its repr."""
+    if getattr(meta, "allow_inf_nan", None) is False:
+        return "finite"
     ops = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "len ≥", "max_length": "len ≤"}
     for attr, op in ops.items():
         if getattr(meta, attr, None) is not None:
@@ -62,9 +65,27 @@ def _default_repr(f: Any) -> str:
 
 
 def _type_name(ann: Any) -> str:
+    if "Annotated" in str(ann):
+        return _annotated_text(ann).replace("|", "\\|")
     text = getattr(ann, "__name__", None) if isinstance(ann, type) else None
     text = text or re.sub(r"\b[A-Za-z_][\w.]*\.(\w+)", r"\1", str(ann))  # drop module paths
     return text.replace("|", "\\|")
+
+
+def _annotated_text(ann: Any) -> str:
+    """A type with constrained parts, readable: ``tuple[int (≥ 1, ≤ 65536), ...] | None``."""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        base, *meta = args
+        parts = [c for m in meta for c in getattr(m, "metadata", [m])]  # a Field holds several
+        return f"{_annotated_text(base)} ({', '.join(_constraint(c) for c in parts)})"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_annotated_text(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_annotated_text(a) for a in args)}]"
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", str(ann))
 
 
 def protocol_markdown() -> str:
@@ -133,6 +154,15 @@ def _transport_and_errors() -> list[str]:
         "other bind requires CURVE: the client must use a key pair whose public key is in "
         "`security.clients` with a role; others are refused during the handshake and get no "
         "reply at all. Observers may call only `observer` methods (else `forbidden`).",
+        "- Loopback without CURVE: local clients are **operators** by default "
+        '(`server.local_role = "operator"`). Reason: only accounts logged in to the '
+        "instrument PC can reach a loopback endpoint, and on a microscope PC those are the "
+        "people at the microscope, who must run `scherzer submit` without key management; and "
+        "the operator role controls the instrument, not the PC: no request names a file the "
+        "daemon opens outside its configured directories (camera curves are names in "
+        "`calibrations_dir`), and no error carries a file's content. On a shared machine set "
+        '`server.local_role = "observer"`, or `security.curve = true` (CURVE works on '
+        "loopback too) so that only listed keys are operators.",
         "- Device methods (`lens_set`, `camera_acquire`, `scan_acquire`, also `lens_get`) are "
         "refused with `busy` while a job owns the instruments. They reply once the device call "
         "is finished; the daemon keeps serving other requests meanwhile.\n",

@@ -190,11 +190,16 @@ def _series_plots(s: JobSummary, folder: Path) -> list[Path]:
 
 
 # --- the report -------------------------------------------------------------------------------
+def _markdown_path(stem: Path) -> Path:
+    """``<stem>.md`` (the stem may hold dots: ``run.v2_001`` → ``run.v2_001.md``)."""
+    return stem.with_name(stem.name + ".md")
+
+
 def _free_stem(directory: Path, name: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for number in range(1, 1_000_000):
         stem = directory / f"{name}_{number:03d}"
-        if stem.with_suffix(".md").exists():
+        if _markdown_path(stem).exists():
             continue
         try:
             stem.mkdir()
@@ -262,6 +267,6 @@ def write_report(
             parts.append(extra + "\n")
         parts += [f"![{p.stem}]({stem.name}/{p.name})" for p in plots]
         parts.append("")
-    path = stem.with_suffix(".md")
+    path = _markdown_path(stem)
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path, summaries

@@ -26,11 +26,13 @@ from pydantic import BaseModel, ValidationError
 import scherzer
 from scherzer.config import Settings
 from scherzer.daemon import protocol as P
+from scherzer.daemon.admission import Admission, estimate_plan, plan_problems
 from scherzer.daemon.calls import Call, Deferred, Handler, Reply, error_fields, id_of
+from scherzer.daemon.database import ensure_database_ok
 from scherzer.daemon.device_handlers import DeviceHandlers
 from scherzer.daemon.events import EventBus, Mailbox, OutgoingReply
 from scherzer.daemon.executor import Executor, open_instruments
-from scherzer.daemon.files import count_frames_on_disk
+from scherzer.daemon.files import count_frames_on_disk, repair_job_file
 from scherzer.daemon.frames import FrameCache
 from scherzer.daemon.jobs import JobStore
 from scherzer.daemon.logging import configure_logging
@@ -58,6 +60,7 @@ class Daemon(DeviceHandlers):
         self.mailbox = Mailbox()
         self.stopping = False
         self.devices_counter = 0
+        self.executor_dead = False
         self._loop_thread = threading.get_ident()
         self._instruments = instruments
         self.dispatch: dict[str, Handler] = {
@@ -98,11 +101,17 @@ class Daemon(DeviceHandlers):
         self.router.copy_threshold = 0  # keep real zmq messages: their metadata holds User-Id
         self.pub = self._socket(zmq.PUB, s.events_endpoint)
         self.events = EventBus(self.pub, self.mailbox, self.instance)
-        self.store = JobStore(self.data_dir / "jobs.sqlite")
+        db_path = self.data_dir / "jobs.sqlite"
+        ensure_database_ok(db_path)  # a damaged file: one clear message, no traceback
+        self.store = JobStore(db_path)
+        for job in self.store.history(limit=1000, states=["running", "paused", "processing"]):
+            repair_job_file(job.output_file)  # a killed writer's flags, before counting frames
         recovered = self.store.recover(count_frames_on_disk)
         for job in recovered:
             log.warning("job interrupted by a previous stop", job=job.job_id,
                         frames_on_disk=job.frames_done)  # fmt: skip
+        self.problems: list[str] = []  # what the watchdog found
+        self._estimates: dict[int, int] = {}  # job id → estimated disk bytes (queued jobs)
         self.frames = FrameCache(s.frame_cache)
         instruments = self._instruments or open_instruments(self.settings)
         self.executor = Executor(
@@ -165,6 +174,7 @@ class Daemon(DeviceHandlers):
                 return
             now = time.monotonic()
             if now >= next_beat:
+                self._watchdog()
                 self.events.send("heartbeat", self._heartbeat())
                 next_beat = now + beat_every
             timeout_ms = max(1, int(min(next_beat - now, 0.2) * 1000))
@@ -194,6 +204,28 @@ class Daemon(DeviceHandlers):
                 self._send(item.frames)
             else:
                 self.events.handle(item)
+
+    def _watchdog(self) -> None:
+        """Notice a dead executor thread or a processing worker that lost a job's bookkeeping:
+        ``status`` says so (state ``error``) and the executor's job is failed, never left
+        ``running``."""
+        if not self.executor.alive and not self.stopping and not self.executor_dead:
+            self.executor_dead = True
+            self.problems.append("the executor thread died; restart the daemon")
+            log.error("watchdog: the executor thread died")
+            err = P.ErrorBody(
+                code=ErrorCode.INTERNAL,
+                message="the executor thread died during this job; frames on disk are kept",
+            )
+            for job in self.store.history(limit=100, states=["running", "paused"]):
+                try:
+                    info = self.store.set_state(job.job_id, "failed", error=err)
+                    self.events.send("job", {"job": info.model_dump(mode="json")})
+                except Exception as exc:
+                    log.error("watchdog: cannot fail the job", job=job.job_id, error=str(exc))
+        worker = self.executor.processing.problem
+        if worker and f"processing worker: {worker}" not in self.problems:
+            self.problems.append(f"processing worker: {worker}")
 
     def _heartbeat(self) -> dict[str, Any]:
         return {
@@ -369,6 +401,8 @@ class Daemon(DeviceHandlers):
     def _state(self) -> str:
         if self.stopping:
             return "stopping"
+        if self.executor_dead:
+            return "error"
         if self.executor.job_paused:
             return "paused"
         return "running" if self.executor.busy else "idle"
@@ -389,6 +423,8 @@ class Daemon(DeviceHandlers):
                 uptime_s=time.time() - self.started,
                 state=self._state(),
                 queue_paused=self.executor.queue_paused,
+                queue_pause_reason=self.executor.pause_reason,
+                problems=list(self.problems),
                 current_job=self.executor.current_job,
                 queued=self.store.queued_count(),
                 counters=self._counters(),
@@ -409,29 +445,42 @@ class Daemon(DeviceHandlers):
             },
         )
 
-    def _estimate(self, plan: Any) -> Any:
-        ins = self.executor.instruments
-        return plan.estimate(
-            ins.camera_shape,
-            dose_rate_e_per_A2_s=ins.dose_rate_e_per_A2_s,
-            probe_current_pA=ins.probe_current_pA,
-        )
+    def _committed_disk_bytes(self) -> int:
+        """Disk the queued jobs (their estimates) and the running job (its rest) will write."""
+        total = 0
+        for job in self.store.queue():
+            if job.job_id not in self._estimates:
+                try:
+                    est = estimate_plan(parse_plan(job.plan), self.executor.instruments)
+                except Exception:
+                    est = None
+                self._estimates[job.job_id] = est.disk_bytes if est else 0
+            total += self._estimates[job.job_id]
+        running = self.executor.current_job
+        if running is not None and running in self._estimates:
+            job = self.store.get(running)
+            left = 1.0 - job.frames_done / max(job.frames_total, 1)
+            total += int(self._estimates[running] * max(left, 0.0))
+        return total
 
-    def _check_plan(self, plan: Any) -> list[str]:
-        problems = plan.problems(self.settings.limits, self.executor.instruments.camera_shape)
-        est = self._estimate(plan)
-        free = _free_disk_bytes(self.data_dir)
-        keep = self.settings.limits.min_free_disk_bytes
-        if free - est.disk_bytes < keep:
-            problems.append(
-                f"not enough disk: {free / 1e6:.0f} MB free, the plan needs "
-                f"{est.disk_bytes / 1e6:.1f} MB and {keep / 1e6:.0f} MB must stay free"
-            )
-        return problems
+    def _admit(self, plan: Any) -> Admission:
+        return plan_problems(
+            plan,
+            self.settings,
+            self.executor.instruments,
+            now_s=time.time(),
+            free_bytes=_free_disk_bytes(self.data_dir),
+            committed_bytes=self._committed_disk_bytes(),
+        )
 
     def _job_submit(self, call: Call, p: P.JobSubmitParams) -> Reply:
         plan = p.plan
-        problems = self._check_plan(plan)
+        admission = self._admit(plan)
+        if admission.invalid:
+            raise P.ProtocolError(
+                ErrorCode.INVALID_PARAMS, "; ".join(admission.invalid), admission.invalid
+            )
+        problems = admission.problems
         if problems:
             raise P.ProtocolError(ErrorCode.LIMIT_EXCEEDED, "; ".join(problems), problems)
         job = self.store.submit(
@@ -442,6 +491,7 @@ class Daemon(DeviceHandlers):
             frames_total=plan.n_frames(),
             position=p.position,
         )
+        self._estimates[job.job_id] = admission.estimate.disk_bytes if admission.estimate else 0
         call.log.info("job queued", job=job.job_id, kind=job.kind)
         self.executor.wake()
         self.events.send("job", {"job": job.model_dump(mode="json")})
@@ -488,13 +538,12 @@ class Daemon(DeviceHandlers):
             plan = parse_plan(p.plan)
         except ValidationError as exc:
             return Reply(P.PlanValidateResult(valid=False, problems=validation_problems(exc)))
-        problems = self._check_plan(plan)
-        est = self._estimate(plan)
+        admission = self._admit(plan)
         return Reply(
             P.PlanValidateResult(
-                valid=not problems,
-                problems=problems,
-                estimate=est,
+                valid=not admission.all_problems,
+                problems=admission.all_problems,
+                estimate=admission.estimate,
                 disk_free_bytes=_free_disk_bytes(self.data_dir),
                 disk_reserve_bytes=self.settings.limits.min_free_disk_bytes,
             )

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from scherzer.daemon.diskspace import is_disk_full
 from scherzer.daemon.files import job_folder
 from scherzer.daemon.jobs import JobStore
 from scherzer.daemon.plans import BasePlan, FocalSeries
@@ -60,20 +61,43 @@ def run_processing(plan: BasePlan, path: str | Path) -> dict[str, Any]:
 
 
 class ProcessingWorker:
-    """Runs a job's processing steps in its own thread, then marks the job done or failed."""
+    """Runs a job's processing steps in its own thread, then marks the job done or failed.
+
+    A full disk ends the job ``failed`` with ``disk_full`` and calls ``on_disk_full(reason)``
+    (the executor holds the queue). If even the bookkeeping fails (the job database cannot be
+    written), the worker survives: ``problem`` says what happened and the job stays
+    ``processing``, which the next start turns back into ``acquired`` and processes again.
+    """
 
     def __init__(
-        self, store: JobStore, publish: Publish, runner: Callable | None = run_processing
+        self,
+        store: JobStore,
+        publish: Publish,
+        runner: Callable | None = run_processing,
+        on_disk_full: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self._store = store
         self._publish = publish
         self._runner = runner
+        self._on_disk_full = on_disk_full
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="processing")
+        self.current_job: int | None = None
+        self.problem: str | None = None
 
     def submit(self, job: JobInfo, plan: BasePlan, path: Path, note: ErrorBody | None) -> None:
         self._pool.submit(self._run, job, plan, path, note)
 
     def _run(self, job: JobInfo, plan: BasePlan, path: Path, note: ErrorBody | None) -> None:
+        self.current_job = job.job_id
+        try:
+            self._process(job, plan, path, note)
+        except BaseException as exc:  # the bookkeeping itself failed: keep the thread
+            self.problem = f"job {job.job_id}: {type(exc).__name__}: {exc}"
+            log.error("processing bookkeeping failed", job=job.job_id, error=str(exc))
+        finally:
+            self.current_job = None
+
+    def _process(self, job: JobInfo, plan: BasePlan, path: Path, note: ErrorBody | None) -> None:
         jlog = log.bind(job=job.job_id, client=job.submitter)
         info = self._store.set_state(job.job_id, "processing")
         self._publish("job", {"job": info.model_dump(mode="json")})
@@ -84,14 +108,25 @@ class ProcessingWorker:
             info = self._store.set_state(job.job_id, "done", error=note)
             jlog.info("processing done", steps=[str(s) for s in plan.processing])
         except Exception as exc:
-            jlog.exception("processing failed")
-            err = ErrorBody(
-                code=ErrorCode.PROCESSING_FAILED,
-                message=f"processing failed ({type(exc).__name__}): {exc}; the frames are on disk",
-                details={"steps": [str(s) for s in plan.processing]},
-            )
-            info = self._store.set_state(job.job_id, "failed", error=err)
+            info = self._store.set_state(job.job_id, "failed", error=self._failure(exc, plan, jlog))
         self._publish("job", {"job": info.model_dump(mode="json")})
+
+    def _failure(self, exc: Exception, plan: BasePlan, jlog: Any) -> ErrorBody:
+        steps = [str(s) for s in plan.processing]
+        if is_disk_full(exc):
+            jlog.error("processing failed: disk full", error=str(exc))
+            self._on_disk_full(str(exc))
+            return ErrorBody(
+                code=ErrorCode.DISK_FULL,
+                message=f"processing could not write its results: {exc}; the frames are on disk",
+                details={"steps": steps},
+            )
+        jlog.exception("processing failed")
+        return ErrorBody(
+            code=ErrorCode.PROCESSING_FAILED,
+            message=f"processing failed ({type(exc).__name__}): {exc}; the frames are on disk",
+            details={"steps": steps},
+        )
 
     def shutdown(self) -> None:
         """Finish the running step list; jobs still waiting stay ``acquired`` (→ interrupted)."""

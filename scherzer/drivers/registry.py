@@ -83,6 +83,13 @@ def _open_pattern(dev: DeviceSettings) -> Bench:
     return Bench(instruments, lambda: sim.PatternLens(scope), scope)
 
 
+def _open_temscript(dev: DeviceSettings) -> Bench:
+    """``temscript``: a Thermo Fisher / FEI microscope through temscript-server."""
+    from scherzer.drivers.temscript import open_bench
+
+    return open_bench(dev)
+
+
 def _own_lens(bench: Bench, dev: DeviceSettings) -> Lens:
     """``sim``: the device kind's own objective lens."""
     return bench.own_lens()
@@ -110,6 +117,7 @@ def _serial_lens(bench: Bench, dev: DeviceSettings) -> Lens:
 DEVICE_KINDS: dict[str, Callable[[DeviceSettings], Bench]] = {
     "sim": _open_sim,
     "pattern": _open_pattern,
+    "temscript": _open_temscript,
 }
 
 #: ``devices.lens`` → factory of the lens the daemon drives, given the bench.
