@@ -132,3 +132,13 @@ def test_ftsr_parameters_reach_the_instrument():
     np.testing.assert_array_equal(nominal, [-150, -140, -130])
     with pytest.raises(StepSettingsError, match="defocus_list_nm"):
         parse_step({"step": "restore", "defocus_list_nm": [1.0, "x"]})
+
+
+def test_registration_area_is_separate_from_the_restored_area():
+    from scherzer.processing.steps import restore_steps
+
+    register, restore = restore_steps(
+        {"area": (0, 0, 128, 128), "register_area": (64, 64, 64, 64), "iterations": 1}
+    )
+    assert register.settings.area == (64, 64, 64, 64)
+    assert restore.settings.area == (0, 0, 128, 128) and restore.settings.iterations == 1

@@ -245,6 +245,7 @@ def _restore_steps(args: argparse.Namespace) -> list[Any]:
         "thickness_nm": args.thickness_nm,
         "exclude": args.exclude,
         "area": args.area,
+        "register_area": args.register_area,
         "crystal": True if args.crystal else None,
         "iterations": args.iterations,
         "mtf": None if args.mtf is None else str(args.mtf),
@@ -284,6 +285,8 @@ def add_restore(sub: Any) -> None:
                    help="image indices to leave out, e.g. 3,7")  # fmt: skip
     p.add_argument("--area", type=box, default=None,
                    help="y0,x0,height,width restored region (default: whole field)")  # fmt: skip
+    p.add_argument("--register-area", type=box, default=None,
+                   help="y0,x0,height,width registered region (default: --area)")  # fmt: skip
     p.add_argument("--mtf", type=Path, default=None, help="camera MTF file (.npy or text)")
     p.add_argument("--nps", type=Path, default=None, help="camera NPS file (.npy or text)")
     p.add_argument("--iterations", type=non_negative_int, default=0,

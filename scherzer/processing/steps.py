@@ -233,13 +233,17 @@ def restore_steps(
     """Registration + restoration from one flat set of settings, as ``scherzer restore`` and
     :func:`scherzer.restore` take them: instrument settings and ``mtf``/``nps`` go to both steps,
     ``area``/``exclude`` to both, ``iterations``/``corrections``/``taper_px``/``dose_weights``
-    to the restoration, everything else to :class:`~scherzer.processing.focal.FocalParams`."""
+    to the restoration, everything else to :class:`~scherzer.processing.focal.FocalParams`.
+    ``register_area`` (y0, x0, h, w): registration on this area (FTSR's 2ⁿ×2ⁿ registration area
+    near the region of interest), restoration on ``area`` (default the whole field)."""
     values = {k: v for k, v in values.items() if v is not None}
+    register_area = values.pop("register_area", None)
     common = {k: v for k, v in values.items() if k in _INSTRUMENT_KEYS or k in _CURVE_KEYS}
     shared = {k: values[k] for k in _SHARED_RESTORE_KEYS if k in values}
     only = {k: values[k] for k in _RESTORE_ONLY_KEYS if k in values}
     rest = {k: v for k, v in values.items() if k not in {*common, *shared, *only}}
-    register = parse_step({"step": "focal_register", **common, **shared, **rest}, load_curve)
+    reg_shared = shared if register_area is None else {**shared, "area": register_area}
+    register = parse_step({"step": "focal_register", **common, **reg_shared, **rest}, load_curve)
     restore = parse_step({"step": "restore", **shared, **only}, load_curve)
     assert isinstance(register, FocalRegisterStep) and isinstance(restore, RestoreStep)
     restore = dataclasses.replace(
