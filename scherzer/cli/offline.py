@@ -287,8 +287,9 @@ def add_restore(sub: Any) -> None:
                    help="y0,x0,height,width restored region (default: whole field)")  # fmt: skip
     p.add_argument("--register-area", type=box, default=None,
                    help="y0,x0,height,width registered region (default: --area)")  # fmt: skip
-    p.add_argument("--mtf", type=Path, default=None, help="camera MTF file (.npy or text)")
-    p.add_argument("--nps", type=Path, default=None, help="camera NPS file (.npy or text)")
+    for name in ("mtf", "nps"):
+        p.add_argument(f"--{name}", type=Path, default=None, help=f"camera {name.upper()}: "
+                       "DM3/DM4 1-D profile (FTSR diagonal convention), .npy, text")  # fmt: skip
     p.add_argument("--iterations", type=non_negative_int, default=0,
                    help="non-linear refinement steps (default 0)")  # fmt: skip
     p.add_argument("--crystal", action="store_true", help="crystal-only field (no amorphous area)")
