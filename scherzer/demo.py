@@ -148,41 +148,46 @@ def plans(settings: DemoSettings) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 class _Bars:
-    """A progress bar per job on ``out`` (frames, then processing, then the outcome)."""
+    """Progress of one job on ``out``: a tqdm bar on a terminal; elsewhere (a log, a pipe) one
+    plain line per change of state, so logs stay readable."""
 
-    def __init__(self, out: TextIO, label: str) -> None:
-        self.out = out
-        self.label = label
-        self.state = "queued"
-        self.done = 0
-        self.total = 1
+    def __init__(self, out: TextIO, label: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.out, self.label, self.state = out, label, "queued"
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.bar = tqdm(
+            total=max(total, 1), desc=f"  {label}", unit="frame", file=out, disable=not self.tty
+        )
 
     def __call__(self, event: Any) -> None:
         d = event.data
         if event.topic == "progress":
-            self.done, self.total = d["frames_done"], max(d["frames_total"], 1)
-            self.state = "running" if self.state == "queued" else self.state
+            self.bar.n = int(d["frames_done"])
+            self.bar.refresh()
+            self._state("running" if self.state == "queued" else self.state)
         elif event.topic == "job":
-            self.state = d["job"]["state"]
-        else:
-            return
-        self.draw()
+            self._state(d["job"]["state"])
 
-    def draw(self) -> None:
-        filled = int(24 * self.done / self.total)
-        bar = "#" * filled + "." * (24 - filled)
-        print(f"\r  {self.label:<14} [{bar}] {self.done:>3}/{self.total:<3} {self.state:<11}",
-              end="", file=self.out, flush=True)  # fmt: skip
+    def _state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        self.bar.set_postfix_str(state)
+        if not self.tty:
+            print(f"  {self.label:<14} {state} ({self.bar.n}/{self.bar.total} frames)",
+                  file=self.out, flush=True)  # fmt: skip
+
+    def close(self, final: Any) -> None:
+        self.bar.n = int(final.frames_done)
+        self._state(final.state)
+        self.bar.close()
 
 
 def _wait(client: Any, job: Any, label: str, settings: DemoSettings, out: TextIO) -> Any:
-    bars = _Bars(out, label)
-    bars.total = job.frames_total
-    bars.draw()
+    bars = _Bars(out, label, job.frames_total)
     final = client.wait(job.job_id, timeout_s=settings.timeout_s, on_event=bars)
-    bars.done, bars.state = final.frames_done, final.state
-    bars.draw()
-    print(file=out)
+    bars.close(final)
     return final
 
 
