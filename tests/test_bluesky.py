@@ -183,3 +183,20 @@ def test_lens_axes_and_failures(run, client):
     cause = e.value.__cause__
     assert isinstance(cause, DaemonError) and cause.code == "limit_exceeded"
     assert issubclass(JobFailed, DaemonError)
+
+
+def test_rotated_scan_job_names_every_signal(run):
+    RE, dev, docs = run
+    plan = {"kind": "rotated_scan", "n_frames": 2, "size_px": [16, 16], "dwell_us": 1.0,
+            "signals": ["HAADF", "ABF"], "processing": []}  # fmt: skip
+    RE(job_plan(dev.jobs, plan))
+    streams = {d["uid"]: d["name"] for d in docs["descriptor"]}
+    primary = [e["data"] for e in docs["event"] if streams[e["descriptor"]] == "primary"]
+    assert [d["jobs-frames-scan_rotation_deg"] for d in primary] == [0.0, 90.0]
+    path = primary[0]["jobs-frames-job_file"]
+    stacks = read_stacks(path)
+    for signal in ("HAADF", "ABF"):
+        refs = frames_of(docs, f"jobs-frames-{signal}")
+        assert refs == [(path, f"/data/{signal}/data", 0), (path, f"/data/{signal}/data", 1)]
+        for ref in refs:
+            np.testing.assert_array_equal(h5_frame(*ref), stacks[signal].frames[ref[2]])

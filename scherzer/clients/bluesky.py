@@ -125,6 +125,7 @@ class JobRunner(StandardReadable):
     def __init__(self, link: DaemonLink, name: str = "") -> None:
         self._link = link
         self.last: JobOutcome | None = None
+        self._task: asyncio.Future[JobOutcome] | None = None
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.job_id, self._set_job_id = soft_signal_r_and_setter(int, 0)
         with self.add_children_as_readables():
@@ -146,6 +147,7 @@ class JobRunner(StandardReadable):
             loop.call_soon_threadsafe(updates.put_nowait, (done, total))
 
         task = asyncio.ensure_future(self._link.run_job(dict(plan), progress))
+        self._task = task
         try:
             while not task.done() or not updates.empty():
                 getter = asyncio.ensure_future(updates.get())
@@ -160,6 +162,12 @@ class JobRunner(StandardReadable):
         finally:
             task.cancel()  # no-op once done; cancels the daemon job if we are interrupted
         await self._use(outcome)
+
+    async def stop(self, success: bool = True) -> None:
+        """Stop waiting and cancel the running job on the daemon (bluesky calls this when a
+        plan is aborted or stopped); frames already written stay in the job file."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def _use(self, outcome: JobOutcome) -> None:
         job = outcome.job
