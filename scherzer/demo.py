@@ -167,6 +167,7 @@ class _Bars:
             self.bar.refresh()
             self._state("running" if self.state == "queued" else self.state)
         elif event.topic == "job":
+            self.bar.n = int(d["job"].get("frames_done", self.bar.n))
             self._state(d["job"]["state"])
 
     def _state(self, state: str) -> None:
