@@ -312,6 +312,17 @@ def huge_berkeley(path: Path) -> Path:
     return path
 
 
+def huge_hspy(path: Path) -> Path:
+    """A HyperSpy-format file (not ours) declaring HUGE."""
+    with h5py.File(path, "w") as f:
+        f.attrs["file_format"], f.attrs["file_format_version"] = "HyperSpy", "3.3"
+        g = f.create_group("Experiments/huge")
+        g.create_dataset("data", shape=HUGE, dtype=np.float32, chunks=(1, 100, 100))
+        for group in ("metadata", "original_metadata"):
+            g.create_group(group)
+    return path
+
+
 def huge_ours(path: Path) -> Path:
     sio.write_stack(path, asymmetric_stack(n=5))
     with h5py.File(path, "a") as f:
@@ -336,6 +347,7 @@ def test_declared_shapes_over_the_budget_are_refused(tmp_path: Path) -> None:
         (sio.read_stack, ours),
         (sio.import_stacks, ours),
         (sio.import_stack, npy),
+        (sio.import_stack, huge_hspy(tmp_path / "huge.hspy")),
     ]:
         with pytest.raises(sio.MemoryBudgetError, match=r"\(5, 20000, 20000\) float32") as err:
             reader(path, max_bytes=budget)

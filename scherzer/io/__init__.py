@@ -12,6 +12,7 @@
 * :mod:`~scherzer.io.results` — results, tables, processing records, pipeline results;
 * :mod:`~scherzer.io.metadata` — instrument values from vendor metadata;
 * :mod:`~scherzer.io.imports` — foreign formats: :func:`import_signals`, :func:`import_stack`;
+* :mod:`~scherzer.io.rsciio_reader` — rosettasciio reads with the shapes checked first;
 * :mod:`~scherzer.io.describe` — :func:`describe` (``scherzer info``).
 
 The layout and its conventions are documented in ``docs/file-format.md``.

@@ -34,6 +34,7 @@ from scherzer.io.emd import complete_rows, read_stack, read_stacks, stack_names
 from scherzer.io.errors import EmdError, existing_file
 from scherzer.io.hdf5 import is_ours, jsonable, open_ours, open_read, read_attrs
 from scherzer.io.metadata import hyperspy_metadata, instrument_metadata, tia_frame_times
+from scherzer.io.rsciio_reader import read_checked, rsciio_module
 from scherzer.stack import FrameRecord, ImageStack, StackError
 
 __all__ = [
@@ -233,54 +234,11 @@ def _signals_berkeley(path: Path, fmt: str, budget: ReadBudget) -> list[Imported
     return out
 
 
-def _rsciio_reader(fmt: str) -> Any:
-    if fmt == "zspy":
-        from rsciio import zspy
-
-        return zspy
-    from rsciio import digitalmicrograph, emd, hspy, tia
-
-    readers = {"velox": emd, "berkeley": emd, "hspy": hspy, "dm": digitalmicrograph, "tia": tia}
-    return readers[fmt]
-
-
-def _materialise(dicts: list[dict], path: Path, budget: ReadBudget) -> None:
-    """Replace each lazily read ``data`` by an array, after checking all against the budget."""
-    for i, d in enumerate(dicts):
-        data = d["data"]
-        budget.take(data.shape, data.dtype, f"signal {i} of {path}")
-    for d in dicts:
-        data = d["data"]
-        d["data"] = np.asarray(data.compute() if hasattr(data, "compute") else data)
-
-
-def _read_checked(reader: Any, path: Path, budget: ReadBudget) -> list[dict]:
-    """rosettasciio dicts with arrays, read lazily so the shapes are checked first. Where lazy
-    reading is not supported (DM RGBA images), the file is read eagerly if its size on disk
-    fits the budget (those formats are uncompressed) and then checked."""
-    try:
-        dicts = reader.file_reader(str(path), lazy=True)
-    except ValueError as lazy_error:
-        if "lazy" not in str(lazy_error).lower():
-            raise
-        budget.take((_disk_bytes(path),), np.uint8, f"{path} (read whole: no lazy reading)")
-        dicts = reader.file_reader(str(path))
-    _materialise(dicts, path, budget)
-    return dicts
-
-
-def _disk_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def _signals_rsciio(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSignal]:
-    reader = _rsciio_reader(fmt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dicts = _read_checked(reader, path, budget)
+            dicts = read_checked(rsciio_module(fmt), fmt, path, budget)
         except EmdError:
             raise
         except Exception as exc:
@@ -301,7 +259,7 @@ def _signals_tiff(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSign
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dicts = _read_checked(tiff, path, budget)
+            dicts = read_checked(tiff, "tiff", path, budget)
         except EmdError:
             raise
         except Exception as exc:
