@@ -20,7 +20,7 @@ from scherzer.processing.scan_distortion.model import FrameModel, vec_to_common,
 __all__ = ["drift_slopes", "fix_gauge", "fix_row_gauge", "rotation_matrix"]
 
 CONDITION_LIMIT = 0.05  # smallest/largest eigenvalue below which fast axes alone do not pin G
-DRIFT_DEGREE = 3  # polynomial degree in time of the drift the row gauge follows (3: jerk)
+DRIFT_DEGREE = 2  # polynomial degree in time of the drift the row gauge follows (2: acceleration)
 
 
 def rotation_matrix(k: int) -> np.ndarray:
@@ -66,6 +66,13 @@ def fix_gauge(
             if model.field is not None:
                 f = model.field[i]
                 model.field[i] = np.einsum("ab,byx->ayx", gs, f).astype(np.float32)
+    if len(set(turns)) == 1 and len(idx) > 0:
+        # one scan direction: the frames' common non-affine part is a gauge freedom too (noise
+        # would let it wander from cycle to cycle); it is held at 0 (fix_row_gauge sets it last)
+        model.rows -= model.rows[idx].mean(axis=0)
+        model.theta -= model.theta[idx].mean(axis=0)
+        if model.field is not None:
+            model.field -= model.field[idx].mean(axis=0)
     means = []
     for i in idx:
         my = model.affine[i, 0] + model.rows[i, :, 0].mean()
@@ -84,7 +91,7 @@ def fix_gauge(
 def _global_linear(model, turns, idx, lines_per_frame, nx, drift) -> np.ndarray:
     """G (2×2, common coordinates) by least squares: G·(fast column) = nominal for every
     frame; with one scan direction also G·(slow column) = nominal + drift slope (``drift``)
-    or = the frames' mean slow column (no drift prior: the mean slow axis stays as measured)."""
+    or = nominal (no drift prior: the mean frame is taken as undistorted)."""
     xs, ys = [], []
     slopes = drift_slopes(model, turns, lines_per_frame)
     for i in idx:
@@ -101,7 +108,7 @@ def _global_linear(model, turns, idx, lines_per_frame, nx, drift) -> np.ndarray:
         for i, col in zip(idx, slow, strict=True):
             xs.append(col)
             target = rotation_matrix(turns[i])[:, 0] + slopes[i]
-            ys.append(target if drift else np.mean(slow, axis=0))
+            ys.append(target if drift else rotation_matrix(turns[i])[:, 0])
         x, y = np.array(xs).T, np.array(ys).T
         normal = x @ x.T
     return y @ x.T @ np.linalg.inv(normal)

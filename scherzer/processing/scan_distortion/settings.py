@@ -38,8 +38,8 @@ class NonrigidParams:
     whose field exceeds this is flagged (diverged). ``frame_gap_lines``: scan lines' time between
     the last row of a frame and the first of the next (0: back to back). ``drift_gauge``: with
     one scan direction the series' mean slow axis (which relative registration cannot see)
-    follows the drift between frames (their positions against time); False leaves it as
-    measured (the mean frame's shape).
+    follows the drift between frames (their positions against time); False takes the mean
+    frame as undistorted (no drift prior).
 
     Preparation (recorded in the result): ``trim_px`` (top, bottom, left, right), ``reverse``,
     ``transpose``, ``offset`` (None | "min" | a number subtracted), ``normalise`` (divide by the
