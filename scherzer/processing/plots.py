@@ -18,8 +18,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     from scherzer.processing.focal import FocalRegistration
+    from scherzer.processing.registration import AlignmentResult
 
-__all__ = ["plot_registration", "plot_wave", "pyplot", "save_figure"]
+__all__ = ["plot_alignment", "plot_registration", "plot_wave", "pyplot", "save_figure"]
 
 PNG_DPI = 100  # resolution of every saved PNG: legible labels at a few tens of kB per plot
 SUSPECT_PEAK = 0.01  # the focal peak-height plot's marked level (peaks below it are suspect)
@@ -102,4 +103,32 @@ def plot_registration(result: FocalRegistration, out_dir: str | Path) -> list[Pa
     ax.set_ylabel("drift (px)")
     ax.legend(fontsize=8)
     paths.append(save_figure(fig, out / "drift.png", tight=False))
+    return paths
+
+
+def plot_alignment(result: AlignmentResult, average: np.ndarray, out_dir: str | Path) -> list[Path]:
+    """PNGs in ``out_dir`` of a rigid alignment: shifts against frame (flagged frames red),
+    the similarity matrix, the average. Returns the paths."""
+    plt = pyplot()
+    out = Path(out_dir)
+    paths = []
+    idx = np.arange(len(result.shifts_px))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(idx, result.shifts_px[:, 0], "o-", label="dy")
+    ax.plot(idx, result.shifts_px[:, 1], "s-", label="dx")
+    for f in result.flagged:
+        ax.axvline(f, color="red", alpha=0.3)
+    ax.set(xlabel="frame", ylabel="shift (px)", title="Measured drift (red: flagged)")
+    ax.legend()
+    paths.append(save_figure(fig, out / "shifts.png", tight=False))
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    im = ax.imshow(result.similarity, vmin=0, vmax=1, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="normalised peak height")
+    ax.set(xlabel="frame", ylabel="frame", title="Similarity")
+    paths.append(save_figure(fig, out / "similarity.png", tight=False))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(average, cmap="gray")
+    ax.set_axis_off()
+    ax.set_title("Aligned average")
+    paths.append(save_figure(fig, out / "average.png", tight=False))
     return paths

@@ -54,7 +54,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,6 +87,7 @@ from scherzer.processing.correlation import (
     snr_weight,
     template_weight,
 )
+from scherzer.processing.plots import plot_alignment  # re-exported: the PNGs live in plots.py
 from scherzer.stack import ImageStack
 
 __all__ = [
@@ -989,50 +989,6 @@ def align_stack(
             result.aligned, result.count = moved, count
             result.average = combine(moved, count, p)
     return result, aligned_stacks
-
-
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
-def plot_alignment(result: AlignmentResult, average: np.ndarray, out_dir: str | Path) -> list[Path]:
-    """PNG plots: shifts against frame, the similarity matrix, the average."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    idx = np.arange(len(result.shifts_px))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(idx, result.shifts_px[:, 0], "o-", label="dy")
-    ax.plot(idx, result.shifts_px[:, 1], "s-", label="dx")
-    for f in result.flagged:
-        ax.axvline(f, color="red", alpha=0.3)
-    ax.set(xlabel="frame", ylabel="shift (px)", title="Measured drift (red: flagged)")
-    ax.legend()
-    paths.append(_save(fig, out / "shifts.png"))
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    im = ax.imshow(result.similarity, vmin=0, vmax=1, cmap="viridis")
-    fig.colorbar(im, ax=ax, label="normalised peak height")
-    ax.set(xlabel="frame", ylabel="frame", title="Similarity")
-    paths.append(_save(fig, out / "similarity.png"))
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.imshow(average, cmap="gray")
-    ax.set_axis_off()
-    ax.set_title("Aligned average")
-    paths.append(_save(fig, out / "average.png"))
-    return paths
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def params_dict(params: AlignParams) -> dict[str, Any]:
