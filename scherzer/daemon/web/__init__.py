@@ -1,0 +1,23 @@
+"""The live web view: queue, history, the running job, its frames, plots and reports in a
+browser, with the API's roles (observers see; operators may pause, resume and cancel).
+
+Optional (extra ``web``: Starlette + uvicorn), off by default, loopback by default. It talks to
+the daemon only through the Python client and the PUB events. See ``docs/web.md``.
+"""
+
+from scherzer.daemon.web.settings import WebSettings, WebUser
+
+__all__ = ["WebSettings", "WebUser", "create_app", "run_web", "start_web"]
+
+
+def __getattr__(name: str):
+    """Import the server parts (Starlette, uvicorn) only when used: settings stay light."""
+    if name in ("start_web", "run_web"):
+        from scherzer.daemon.web import server
+
+        return getattr(server, name)
+    if name == "create_app":
+        from scherzer.daemon.web.app import create_app
+
+        return create_app
+    raise AttributeError(name)
