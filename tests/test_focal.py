@@ -389,6 +389,8 @@ def test_reference_exclusion_table_and_json(tmp_path):
         "seconds",
         "suspect_below",
         "images",
+        "absolute_model_agreement",
+        "absolute_model_fits",
     }
     assert len(js["shifts_px"]) == 7 and len(js["shifts_px"][0]) == 2
     # per image as FTSR prints it: defocus, drift, peak, suspect below 0.01
@@ -530,3 +532,21 @@ def test_instrument_from_stack_names_every_missing_parameter():
         instrument_from_stack(_stack(4), start_nm=-60.0)
     full = instrument_from_stack(_stack(4))
     assert full[1] == 0.02 and full[2].tolist() == [-50.0, -40.0, -30.0, -20.0]
+
+
+def test_absolute_model_misfit_is_reported_on_a_thick_crystal():
+    """A thick crystal registered as if it were a weak-phase object (SrTiO3 [001] 4 nm,
+    crystal-only, 9 × 256²): its absolute defocus is far off (measured 6.6 nm) and the
+    weak-phase model's agreement on the strongest frequencies is low (0.49) → reported as not
+    fitting, in the result and its JSON; a thin film's fit is reported as fitting (0.99)."""
+    st = simulator_crystal_series("srtio3_001", 4.0)
+    reg = register_focal_series(st, st.optics, FocalParams())
+    assert reg.absolute_model_fits is False, reg.absolute_model_agreement
+    assert np.max(np.abs(reg.defocus_nm - st.ground_truth["defocus_nm"])) > 2.0
+    js = reg.to_json()
+    assert js["absolute_model_fits"] is False and js["absolute_model_agreement"] < 0.5
+    film = synthetic_series("weak_phase", n=9, size=256, dose_e_per_A2=500.0, seed=7)
+    ok = register_focal_series(film, film.optics)
+    assert ok.absolute_model_fits is True and ok.absolute_model_agreement > 0.9
+    none = register_focal_series(film, film.optics, FocalParams(absolute="none", iterations=1))
+    assert none.absolute_model_fits is None and none.to_json()["absolute_model_agreement"] is None

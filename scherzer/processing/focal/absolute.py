@@ -39,6 +39,7 @@ __all__ = [
     "chi_basis",
     "fit_chi_free_phase",
     "fit_chi_weak_phase",
+    "model_agreement",
     "polar_a1",
     "refine_defocus_min_amplitude",
     "wave_absolute",
@@ -48,6 +49,8 @@ COARSE_DEFOCUS_STEP_NM = 0.5  # grid of the δC1 start (finer: slower; coarser: 
 A1_START_NM = 1.5  # the A1 fit also starts from (±this, ±this) nm (cartesian components)
 PURE_PHASE_HALF_RANGE_NM = 1.5  # ± range of the minimum-amplitude refinement of δC1
 PURE_PHASE_TOL_NM = 0.01  # … and its tolerance
+AGREEMENT_QUANTILE = 0.98  # model_agreement is judged on the strongest pairs (above this
+# |q| quantile): the rest is mostly noise, which would hide a misfit of the signal
 RING_FIT_QUANTILE = 0.98  # the ring fit of A1 uses band elements above this |q| quantile
 RING_MIN_CONDITIONING = 0.1  # smallest/largest eigenvalue of the ring design's Gram matrix
 
@@ -78,12 +81,14 @@ def polar_a1(c: np.ndarray) -> tuple[float, float]:
 class ChiFit:
     """A χ-error fit: ``delta_nm`` δC1, ``a1_cartesian_nm`` δA1 (2,); for the ring fit of A1
     also how it was done (``a1_method``) and how well the rings fix it
-    (``a1_ring_conditioning``, :func:`ring_conditioning`)."""
+    (``a1_ring_conditioning``, :func:`ring_conditioning`). ``model_agreement`` ∈ [−1, 1]: how
+    well the object model holds at the fit (:func:`model_agreement`; NaN: not evaluated)."""
 
     delta_nm: float
     a1_cartesian_nm: np.ndarray
     a1_method: str | None = None
     a1_ring_conditioning: float | None = None
+    model_agreement: float = math.nan
 
     def details(self) -> dict[str, Any]:
         """The ring fit's diagnostics for the registration history ({} when none)."""
@@ -137,10 +142,11 @@ def fit_chi_weak_phase(
     j_and_grad = phase_objective(q, basis, None)  # arg p = π: no free phase
     _, x = _defocus_start(q, basis, range_nm, j_and_grad, lambda e: e.real.sum())
     if not fit_astigmatism:
-        return ChiFit(float(x[0]), np.zeros(2))
+        return ChiFit(float(x[0]), np.zeros(2), model_agreement=model_agreement(q, basis, x, False))
     a = A1_START_NM
     x = best_of_starts(j_and_grad, ([x[0], 0.0, 0.0], [x[0], a, a], [x[0], -a, -a])).x
-    return ChiFit(float(x[0]), np.array([x[1], x[2]]))
+    agree = model_agreement(q, basis, x, False)
+    return ChiFit(float(x[0]), np.array([x[1], x[2]]), model_agreement=agree)
 
 
 def fit_chi_free_phase(
@@ -162,7 +168,7 @@ def fit_chi_free_phase(
     j_and_grad = phase_objective(q, basis, np.zeros(q.size, np.int64))  # one free phase: 2 arg c
     x0, x = _defocus_start(q, basis, range_nm, j_and_grad, lambda e: abs(e.sum()))
     if not fit_astigmatism:
-        return ChiFit(float(x[0]), np.zeros(2))
+        return ChiFit(float(x[0]), np.zeros(2), model_agreement=model_agreement(q, basis, x, True))
     ny, nx = band.shape
     rings = np.rint(np.hypot(band.gy[half] * ny, band.gx[half] * nx)).astype(np.int64)
     # only the strong elements (the spots): a ring of noise alone fits any A1
@@ -176,11 +182,26 @@ def fit_chi_free_phase(
     if cond < RING_MIN_CONDITIONING:  # one A1 direction unconstrained: the joint fit
         x = best_of_starts(j_and_grad, ([x[0], *ast], [x[0], 0.0, 0.0]))
         method = "joint free phase (rings ill-conditioned)"
-        return ChiFit(float(x.x[0]), np.array(x.x[1:3]), method, cond)
+        agree = model_agreement(q, basis, x.x, True)
+        return ChiFit(float(x.x[0]), np.array(x.x[1:3]), method, cond, agree)
     fixed = q * np.exp(2j * (ast @ basis[1:]))
     c1_obj = phase_objective(fixed, basis[:1], np.zeros(q.size, np.int64))
     x = minimize(c1_obj, x0, jac=True, method="BFGS").x
-    return ChiFit(float(x[0]), np.asarray(ast, float), "rings of equal |g|", cond)
+    agree = model_agreement(q, basis, np.array([x[0], *ast]), True)
+    return ChiFit(float(x[0]), np.asarray(ast, float), "rings of equal |g|", cond, agree)
+
+
+def model_agreement(q: np.ndarray, basis: np.ndarray, x: np.ndarray, free_phase: bool) -> float:
+    """How well the object model holds at the χ error x: J/Σ|q| with J the fit's objective
+    (Re Σ q e^{2iΔχ} for a weak-phase object, |Σ q e^{2iΔχ}| for one free complex c), in
+    [−1, 1]; 1 when every frequency pair obeys the model exactly. A thick crystal whose
+    columns need different c (dynamical scattering) scores low: its absolute defocus is then
+    not trustworthy."""
+    keep = np.abs(q) >= np.quantile(np.abs(q), AGREEMENT_QUANTILE)
+    b = basis[: len(x), keep]
+    e = q[keep] * np.exp(2j * (np.asarray(x, float) @ b))
+    total = float(np.sum(np.abs(q[keep]))) + 1e-30
+    return float(abs(e.sum()) if free_phase else e.real.sum()) / total
 
 
 def wave_absolute(
