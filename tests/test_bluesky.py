@@ -10,6 +10,7 @@ never skipped for want of them.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from urllib.parse import urlsplit
 
@@ -19,9 +20,10 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count, scan
-from bluesky.utils import FailedStatus
+from bluesky.utils import FailedStatus, RunEngineInterrupted
 
 from scherzer.clients.bluesky import JobFailed, job_plan, scherzer_devices
+from scherzer.clients.bluesky_link import _frames_in_file, _shape_in_file
 from scherzer.clients.client import DaemonError, LocalDaemon
 from scherzer.emd import read_stack, read_stacks
 
@@ -167,6 +169,37 @@ def test_focal_series_job_from_the_plan_stub(run, client):
         )
     assert progress and progress[-1] == (4, 4)
     assert [c for c, _ in progress] == sorted(c for c, _ in progress)
+    # had the frame events been lost, the job file gives the same references
+    last = dev.jobs.last
+    from_file = _frames_in_file(last.job)
+    assert [(f.path, f.signal, f.row) for f in from_file] == [
+        (f.path, f.signal, f.row) for f in last.frames
+    ]
+    assert [f.record for f in from_file] == [f.record for f in last.frames]
+    assert _shape_in_file(from_file[0]) == (64, 64)
+
+
+def test_aborting_the_plan_cancels_the_job(run, client):
+    RE, dev, docs = run
+    plan = {"kind": "focal_series", "name": "long", "n_images": 400, "exposure_s": 1.0,
+            "processing": []}  # fmt: skip
+    timer = threading.Timer(0.5, RE.request_pause, kwargs={"defer": False})
+    timer.start()
+    try:
+        with pytest.raises(RunEngineInterrupted):  # paused (as by Ctrl-C) mid-job
+            RE(job_plan(dev.jobs, plan))
+        assert RE.state == "paused"
+    finally:
+        timer.cancel()
+        if RE.state == "paused":
+            try:
+                RE.abort("test")
+            except FailedStatus as e:  # the stopped move may have failed by now (or not yet)
+                assert isinstance(e.__cause__, JobFailed)
+    (job,) = client.history(limit=1)
+    job = client.wait(job.job_id, timeout_s=20)
+    assert job.kind == "focal_series" and job.state == "cancelled" and job.frames_done < 400
+    assert docs["stop"][-1]["exit_status"] == "abort"
 
 
 def test_lens_axes_and_failures(run, client):

@@ -25,6 +25,7 @@ queue, job files, per-frame records and events:
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -125,7 +126,7 @@ class JobRunner(StandardReadable):
     def __init__(self, link: DaemonLink, name: str = "") -> None:
         self._link = link
         self.last: JobOutcome | None = None
-        self._task: asyncio.Future[JobOutcome] | None = None
+        self._abort = threading.Event()  # set by stop(): cancel the running job
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.job_id, self._set_job_id = soft_signal_r_and_setter(int, 0)
         with self.add_children_as_readables():
@@ -146,8 +147,8 @@ class JobRunner(StandardReadable):
         def progress(done: int, total: int) -> None:  # on the link's worker thread
             loop.call_soon_threadsafe(updates.put_nowait, (done, total))
 
-        task = asyncio.ensure_future(self._link.run_job(dict(plan), progress))
-        self._task = task
+        self._abort = abort = threading.Event()
+        task = asyncio.ensure_future(self._link.run_job(dict(plan), progress, abort))
         try:
             while not task.done() or not updates.empty():
                 getter = asyncio.ensure_future(updates.get())
@@ -164,18 +165,18 @@ class JobRunner(StandardReadable):
         await self._use(outcome)
 
     async def stop(self, success: bool = True) -> None:
-        """Stop waiting and cancel the running job on the daemon (bluesky calls this when a
-        plan is aborted or stopped); frames already written stay in the job file."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        """Cancel the running job on the daemon (bluesky calls this when a plan is paused,
+        aborted or stopped): the ``set`` status then fails with
+        :class:`~scherzer.clients.bluesky_link.JobFailed` once the daemon reports the job
+        ``cancelled``, as a stopped motor's move fails. Frames written stay in the job file."""
+        self._abort.set()
 
     async def _use(self, outcome: JobOutcome) -> None:
         job = outcome.job
         shapes: dict[str, tuple[int, int]] = {}
         for signal in dict.fromkeys(f.signal for f in outcome.frames):
-            first = outcome.of_signal(signal)[0]
-            if first.frame_id is not None:
-                shapes[signal] = await self._link.frame_shape(first.frame_id)
+            newest = outcome.of_signal(signal)[-1]  # the likeliest still in the frame cache
+            shapes[signal] = await self._link.frame_shape(newest)
         self.frames.use(outcome, shapes)
         self._set_job_id(job.job_id)
         self._set_file(job.output_file or "")

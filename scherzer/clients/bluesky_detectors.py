@@ -182,8 +182,8 @@ class AcquiringDetector(JobDetector):
         outcome = await self._link.run_job(await self.job_plan())
         refs = {key: self._frame_of(outcome, stack) for key, stack in self._stacks.items()}
         for key, ref in refs.items():
-            if key not in self._shapes and ref.frame_id is not None:
-                self._shapes[key] = await self._link.frame_shape(ref.frame_id)
+            if key not in self._shapes:
+                self._shapes[key] = await self._link.frame_shape(ref)
         self._show(next(iter(refs.values())))
         self._assets = [doc for key, ref in refs.items() for doc in self._docs(key, ref)]
         self._index += 1

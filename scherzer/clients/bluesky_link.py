@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from scherzer.clients.client import Client, DaemonError, EventStream
@@ -133,22 +134,34 @@ class DaemonLink:
         """Set lens values (``LensSetParams``); replies with the read-back once settled."""
         return await self.run(self.client.lens_set, **values)
 
-    async def frame_shape(self, frame_id: int) -> tuple[int, int]:
-        """(y, x) of a frame in the daemon's frame cache."""
-        image, _info = await self.run(self.client.frame_get, frame_id)
-        return (int(image.shape[0]), int(image.shape[1]))
+    async def frame_shape(self, ref: FrameRef) -> tuple[int, int]:
+        """(y, x) of a frame: from the daemon's frame cache (``frame_get``), or, when the frame
+        has left the cache (or its event was lost), from the job file if this host sees it."""
+        if ref.frame_id is not None:
+            try:
+                image, _info = await self.run(self.client.frame_get, ref.frame_id)
+                return (int(image.shape[0]), int(image.shape[1]))
+            except DaemonError as exc:
+                if exc.code != "not_found":
+                    raise
+        return await self.run(_shape_in_file, ref)
 
     # --- jobs --------------------------------------------------------------------------------
     async def run_job(
-        self, plan: dict[str, Any], on_progress: ProgressCallback | None = None
+        self,
+        plan: dict[str, Any],
+        on_progress: ProgressCallback | None = None,
+        abort: threading.Event | None = None,
     ) -> JobOutcome:
         """Submit ``plan`` and wait until the job is final; its outcome when ``done``.
 
         ``on_progress(frames_done, frames_total)`` is called (on the worker thread) at submit
         and at every ``progress`` event. Raises :class:`JobFailed` unless the job ends
-        ``done``. Cancelling the awaiting task cancels the job on the daemon.
+        ``done``. Setting ``abort`` cancels the job on the daemon (at the next poll, within
+        :data:`POLL_S`) and the wait ends with :class:`JobFailed` once the daemon reports it
+        ``cancelled``; cancelling the awaiting task cancels the job too.
         """
-        abort = threading.Event()
+        abort = abort or threading.Event()
         try:
             return await self.run(self._run_job, plan, on_progress, abort)
         except asyncio.CancelledError:
@@ -168,13 +181,9 @@ class DaemonLink:
         self._drain(job, frames, on_progress)  # frame events that came with the final state
         if job.state != "done":
             raise JobFailed(job)
-        if len({f.record.index for f in frames}) < job.frames_done:
-            raise DaemonError(
-                "events_lost",
-                f"job {job.job_id} wrote {job.frames_done} frames but the frame events of only "
-                f"{len({f.record.index for f in frames})} arrived; read {job.output_file}",
-            )
         path = job.output_file or ""
+        if len({f.record.index for f in frames}) < job.frames_done:
+            return JobOutcome(job, _frames_in_file(job))  # a frame event was lost
         return JobOutcome(job, tuple(dataclasses.replace(f, path=path) for f in frames))
 
     def _follow(
@@ -233,3 +242,31 @@ class DaemonLink:
         elif event.topic == "progress" and on_progress is not None:
             on_progress(int(data["frames_done"]), int(data["frames_total"]))
         return job
+
+
+# --- the job file, when frame events were lost ---------------------------------------------------
+def _frames_in_file(job: P.JobInfo) -> tuple[FrameRef, ...]:
+    """Every frame of a finished job from its file's records (needs the file on this host)."""
+    from scherzer.emd import read_stacks
+
+    path = job.output_file or ""
+    if not path or not Path(path).is_file():
+        raise DaemonError(
+            "events_lost",
+            f"job {job.job_id}: frame events were lost and its file {path!r} is not on this "
+            "host; the frames are in the daemon's job file",
+        )
+    refs = []
+    for signal, stack in read_stacks(path).items():
+        for row, rec in enumerate(stack.records):
+            refs.append(FrameRef(job.job_id, path, signal, row, P.record_model(rec)))
+    return tuple(refs)
+
+
+def _shape_in_file(ref: FrameRef) -> tuple[int, int]:
+    """(y, x) of the frames of ``ref``'s stack, from the job file (on this host)."""
+    import h5py
+
+    with h5py.File(ref.path, "r") as f:
+        shape = f[ref.dataset].shape
+    return (int(shape[-2]), int(shape[-1]))
