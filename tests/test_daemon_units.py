@@ -113,3 +113,35 @@ def test_the_executor_starts_a_delayed_job_when_its_clock_says_so(tmp_path):
         ex.stop()
         ex.join(10.0)
         store.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # on purpose
+def test_the_watchdog_fails_the_job_of_a_dead_executor(tmp_path, monkeypatch):
+    from scherzer.clients.client import free_tcp_port
+    from scherzer.daemon.server import Daemon
+
+    server = {"endpoint": f"tcp://127.0.0.1:{free_tcp_port()}",
+              "events_endpoint": f"tcp://127.0.0.1:{free_tcp_port()}"}  # fmt: skip
+    settings = Settings(data_dir=tmp_path, server=server, logging={"console": "off"},
+                        devices={"kind": "pattern", "camera_shape": [8, 8]})  # fmt: skip
+    daemon = Daemon(settings)
+    daemon._open()
+    try:
+        job = daemon.store.submit({"kind": "camera_image"}, kind="camera_image", submitter="t",
+                                  frames_total=1)  # fmt: skip
+        daemon.store.start(job.job_id, str(tmp_path / "x.h5"))  # as if the thread had it
+
+        def die() -> None:
+            raise SystemExit("simulated death of the executor thread")
+
+        monkeypatch.setattr(daemon.executor, "_run_once", die)
+        daemon.executor.wake()
+        assert wait_for(lambda: not daemon.executor.alive, timeout_s=10)
+        daemon._watchdog()
+        assert daemon._state() == "error" and "executor" in daemon.problems[0]
+        failed = daemon.store.get(job.job_id)
+        assert failed.state == "failed" and "executor thread died" in failed.error.message
+    finally:
+        daemon.stopping = True
+        daemon._close()
+        structlog.reset_defaults()

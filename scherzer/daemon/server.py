@@ -85,6 +85,7 @@ class Daemon(DeviceHandlers):
     # --- life cycle ------------------------------------------------------------------------
     def _open(self) -> None:
         s = self.settings.server
+        ensure_database_ok(self.data_dir / "jobs.sqlite")  # damaged: one clear message, first
         self.keys = ServerKeys.from_settings(self.settings)  # refuses unsafe binds
         self.log_path = configure_logging(
             self.data_dir,
@@ -102,7 +103,6 @@ class Daemon(DeviceHandlers):
         self.pub = self._socket(zmq.PUB, s.events_endpoint)
         self.events = EventBus(self.pub, self.mailbox, self.instance)
         db_path = self.data_dir / "jobs.sqlite"
-        ensure_database_ok(db_path)  # a damaged file: one clear message, no traceback
         self.store = JobStore(db_path)
         for job in self.store.history(limit=1000, states=["running", "paused", "processing"]):
             repair_job_file(job.output_file)  # a killed writer's flags, before counting frames
