@@ -198,10 +198,10 @@ class DaemonLink:
         deadline = None if self.job_timeout_s is None else time.monotonic() + self.job_timeout_s
         while job.state not in P.FINAL_STATES:
             if abort.is_set():
-                self.client.cancel(job.job_id)
                 abort.clear()
+                self._cancel(job.job_id)
             if deadline is not None and time.monotonic() > deadline:
-                self.client.cancel(job.job_id)
+                self._cancel(job.job_id)
                 raise DaemonError("timeout", f"job {job.job_id} not final after "
                                   f"{self.job_timeout_s:g} s; cancelled")  # fmt: skip
             event = self._events.next(POLL_S)
@@ -210,6 +210,14 @@ class DaemonLink:
             else:
                 job = self._apply(event, job, frames, on_progress)
         return job
+
+    def _cancel(self, job_id: int) -> None:
+        """Cancel a job; one that ended meanwhile (``conflict``) is left as it ended."""
+        try:
+            self.client.cancel(job_id)
+        except DaemonError as exc:
+            if exc.code != "conflict":
+                raise
 
     def _drain(
         self, job: P.JobInfo | None, frames: list[FrameRef], on_progress: ProgressCallback | None
