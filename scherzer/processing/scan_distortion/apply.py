@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from scherzer.processing.scan_distortion.kernels import (
     gather_bilinear,
+    sample_bilinear,
     sample_spline,
     spline_coefficients,
 )
@@ -22,7 +23,7 @@ from scherzer.processing.scan_distortion.settings import NonrigidParams, ScanDis
 
 __all__ = ["apply_fields", "apply_fields_to_si", "source_positions"]
 
-INVERSE_STEPS = 5  # fixed-point steps of the field inversion
+INVERSE_STEPS = 3  # fixed-point steps of the field inversion (|∇f| ≲ 0.05: error ×0.05 a step)
 SI_CHUNK_CHANNELS = 128  # channels resampled at once: memory (H·W·chunk·4 B) against calls
 
 
@@ -38,9 +39,10 @@ def source_positions(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     qy, qx = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
     py, px = qy + field[0], qx + field[1]
     for _ in range(INVERSE_STEPS):
-        coords = np.stack([py, px])
-        py = qy + ndimage.map_coordinates(field[0], coords, order=1, mode="nearest")
-        px = qx + ndimage.map_coordinates(field[1], coords, order=1, mode="nearest")
+        py, px = (
+            qy + sample_bilinear(field[0], py, px, clamp=True),
+            qx + sample_bilinear(field[1], py, px, clamp=True),
+        )
     inside = (py >= 0) & (py <= h - 1) & (px >= 0) & (px <= w - 1)
     return py, px, inside
 

@@ -12,7 +12,13 @@ import numba
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["gather_bilinear", "sample_spline", "spline_coefficients"]
+__all__ = [
+    "gather_bilinear",
+    "invert_rows",
+    "sample_bilinear",
+    "sample_spline",
+    "spline_coefficients",
+]
 
 
 def spline_coefficients(image: np.ndarray) -> np.ndarray:
@@ -124,3 +130,73 @@ def gather_bilinear(
         np.ascontiguousarray(valid),
         out,
     )
+
+
+@numba.njit(parallel=True, cache=True)
+def _bilinear(img, ys, xs, out, fill):  # pragma: no cover - numba
+    h, w = img.shape
+    for p in numba.prange(ys.shape[0]):
+        y, x = ys[p], xs[p]
+        if not (y >= 0.0 and y <= h - 1 and x >= 0.0 and x <= w - 1):
+            out[p] = fill
+            continue
+        iy, ix = min(int(y), h - 2), min(int(x), w - 2)
+        ty, tx = y - iy, x - ix
+        out[p] = (1 - ty) * ((1 - tx) * img[iy, ix] + tx * img[iy, ix + 1]) + ty * (
+            (1 - tx) * img[iy + 1, ix] + tx * img[iy + 1, ix + 1]
+        )
+
+
+def sample_bilinear(
+    image: np.ndarray, ys: np.ndarray, xs: np.ndarray, fill: float = 0.0, clamp: bool = False
+) -> np.ndarray:
+    """Bilinear samples of a 2-D float32 image at (ys, xs), shaped as ys; ``fill`` outside
+    (``clamp``: positions are first clamped into the image, as mode "nearest")."""
+    shape = np.shape(ys)
+    h, w = image.shape
+    yf = np.ascontiguousarray(ys, dtype=np.float64).reshape(-1)
+    xf = np.ascontiguousarray(xs, dtype=np.float64).reshape(-1)
+    if clamp:
+        yf, xf = np.clip(yf, 0, h - 1), np.clip(xf, 0, w - 1)
+    out = np.empty(yf.shape, np.float32)
+    _bilinear(np.ascontiguousarray(image, dtype=np.float32), yf, xf, out, fill)
+    return out.reshape(shape)
+
+
+@numba.njit(parallel=True, cache=True)
+def _invert_rows(affine, rows, theta, nx, steps, py, px):  # pragma: no cover - numba
+    ny = rows.shape[0]
+    cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
+    for qi in numba.prange(ny):
+        for qj in range(nx):
+            y, x = float(qi), float(qj)
+            for _ in range(steps):
+                rc = min(max(y, 0.0), ny - 1.0)
+                r0 = min(int(rc), max(ny - 2, 0))
+                r1 = min(r0 + 1, ny - 1)
+                t = rc - r0
+                rr, cc = y - cy, x - cx
+                th = theta[r0] + t * (theta[r1] - theta[r0])
+                dy = affine[0] + affine[1] * rr + affine[2] * cc + th * cc
+                dy += rows[r0, 0] + t * (rows[r1, 0] - rows[r0, 0])
+                dx = affine[3] + affine[4] * rr + affine[5] * cc
+                dx += rows[r0, 1] + t * (rows[r1, 1] - rows[r0, 1])
+                y, x = qi - dy, qj - dx
+            py[qi, qj] = y
+            px[qi, qj] = x
+
+
+def invert_rows(
+    affine: np.ndarray, rows: np.ndarray, theta: np.ndarray, nx: int, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scan positions p with p + u(p) = q for every grid point q (ny, nx) of an affine +
+    line model (fixed-point steps), float64 (py, px)."""
+    ny = rows.shape[0]
+    py, px = np.empty((ny, nx)), np.empty((ny, nx))
+    _invert_rows(
+        np.ascontiguousarray(affine, dtype=np.float64),
+        np.ascontiguousarray(rows, dtype=np.float64),
+        np.ascontiguousarray(theta, dtype=np.float64),
+        nx, steps, py, px,
+    )  # fmt: skip
+    return py, px

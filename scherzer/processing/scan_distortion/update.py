@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from scherzer.processing.scan_distortion.kernels import sample_spline
+from scherzer.processing.scan_distortion.kernels import sample_bilinear, sample_spline
 from scherzer.processing.scan_distortion.model import FrameModel
 
 __all__ = ["Target", "gauss_newton_step"]
@@ -40,11 +40,11 @@ def _residuals(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(weights, residual e, g·∂R/∂y, g·∂R/∂x) on the scan grid."""
     ny, nx = frame.shape
-    r, c = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-    dy, dx = model.displacement(i, r, c, nx)
-    qy, qx = r + dy, c + dx
+    dy, dx = model.grid_displacement(i, (ny, nx))
+    qy = np.arange(ny)[:, None] + dy
+    qx = np.arange(nx)[None, :] + dx
     val, gy, gx = sample_spline(target.coeffs, qy, qx, gradient=True)
-    seen = ndimage.map_coordinates(target.seen, [qy, qx], order=1, mode="constant", cval=0.0)
+    seen = sample_bilinear(target.seen, qy, qx)
     w = (seen >= MIN_SEEN).astype(np.float32)
     w[:, : round(ROW_START_SKIP * nx)] = 0.0
     sw = float(w.sum())
