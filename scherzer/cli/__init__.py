@@ -30,6 +30,7 @@ from scherzer.cli.daemon_cmds import (
     add_temscript_sim,
     add_wait,
 )
+from scherzer.cli.maintenance_cmds import add_db, add_repair
 from scherzer.cli.offline import add_align, add_demo, add_info, add_restore, add_simulate
 from scherzer.cli.plan_cmds import add_focal_series, add_rotated_scan, add_submit, add_time_series
 
@@ -58,6 +59,8 @@ COMMANDS: list[Callable[[Any], None]] = [
     add_restore,
     add_calibrate,
     add_info,
+    add_repair,
+    add_db,
     add_demo,
 ]
 
@@ -114,11 +117,26 @@ def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None
     return EXIT_BAD_INPUT
 
 
+def _quiet_logging() -> None:
+    """Offline commands log warnings and errors to stderr, never to stdout (which carries the
+    result, and with ``--json`` exactly one JSON object). The daemon sets up its own logging."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from scherzer.clients.client import DaemonError
     from scherzer.config import ConfigError
     from scherzer.drivers.base import DeviceError
 
+    if not getattr(args, "long_running", False):
+        _quiet_logging()
     try:
         code, result, text = args.func(args)
     except DaemonError as exc:
