@@ -89,7 +89,6 @@ def browser():
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_script_timeout(20)
-    driver.execute_cdp_cmd("Network.enable", {})
     try:
         yield driver
     finally:
@@ -97,11 +96,10 @@ def browser():
 
 
 def open_page_as(driver, web, name: str) -> None:
-    """Load the page with ``name``'s credentials on every request (as a browser sends Basic
-    credentials after the prompt) and wait until it has shown who the user is."""
-    headers = {"Authorization": basic(name)}
-    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": headers})
-    driver.get(web.url + "/")
+    """Open the page as ``name`` through the browser's own HTTP Basic authentication (the
+    credentials in the URL answer the 401, as a user answers the browser's prompt; the browser
+    then sends them with every request of the page) and wait until it shows who the user is."""
+    driver.get(web.url.replace("://", f"://{name}:{TOKENS[name]}@") + "/")
     wait_for(lambda: name in text(driver, "who") and text(driver, "live") == "live", 30)
 
 
@@ -303,9 +301,11 @@ def test_observer_cancel_refused_operator_cancel_accepted(web, client, browser):
         open_page_as(browser, web, "otto")
         wait_for(lambda: text(browser, "current").startswith(f"#{job.job_id}"), 30)
         assert js(browser, "document.getElementById('cancel-current').disabled") is True
+        wait_for(lambda: re.fullmatch(r"ETA \d+ s", text(browser, "eta")), 30)  # from progress
+        assert js(browser, "document.getElementById('progress').value") >= 2
         status = browser.execute_async_script(
             "const done = arguments[arguments.length - 1];"
-            f"fetch('/api/jobs/{job.job_id}/cancel', {{method: 'POST',"
+            f"fetch(location.origin + '/api/jobs/{job.job_id}/cancel', {{method: 'POST',"
             " headers: {'X-Scherzer-Request': '1'}}).then(r => done(r.status));"
         )
         assert status == 403

@@ -12,12 +12,12 @@ __all__ = ["WebSettings", "WebUser", "create_app", "run_web", "start_web"]
 
 def __getattr__(name: str):
     """Import the server parts (Starlette, uvicorn) only when used: settings stay light."""
-    if name in ("start_web", "run_web"):
-        from scherzer.daemon.web import server
-
-        return getattr(server, name)
-    if name == "create_app":
-        from scherzer.daemon.web.app import create_app
-
-        return create_app
-    raise AttributeError(name)
+    if name not in ("start_web", "run_web", "create_app"):
+        raise AttributeError(name)
+    try:
+        from scherzer.daemon.web import app, server
+    except ImportError as exc:
+        raise ImportError(
+            f"the web view needs the 'web' extra ({exc}): pip install 'scherzer[web]'"
+        ) from exc
+    return app.create_app if name == "create_app" else getattr(server, name)

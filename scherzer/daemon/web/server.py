@@ -133,10 +133,13 @@ def start_web(
 def run_web(
     settings: WebSettings, client_factory: ClientFactory, data_dir: str | Path | None = None
 ) -> None:
-    """Serve the web view in this thread until SIGINT/SIGTERM."""
+    """Serve the web view in this thread until SIGINT/SIGTERM (uvicorn re-raises the signal
+    after its graceful shutdown: SIGINT returns from here, SIGTERM ends the process)."""
     settings.check()
     sock = _bind(settings)
     try:
         _server(settings, client_factory, data_dir).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
         sock.close()

@@ -8,16 +8,19 @@ let frameBusy = false;    // an <img> load is in flight
 let frameNext = null;     // the newest frame event waiting for it
 let refreshTimer = null;
 
+// Absolute URLs: fetch() refuses a relative URL when the page was opened as http://user:token@…
+const url = (path) => location.origin + path;
+
 function say(text) { $("message").textContent = text || ""; }
 
 async function getJSON(path) {
-  const r = await fetch(path, { credentials: "same-origin", cache: "no-store" });
+  const r = await fetch(url(path), { credentials: "same-origin", cache: "no-store" });
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
   return r.json();
 }
 
 async function act(path) {
-  const r = await fetch(path, { method: "POST", credentials: "same-origin",
+  const r = await fetch(url(path), { method: "POST", credentials: "same-origin",
                                 headers: { "X-Scherzer-Request": "1" } });
   const body = await r.json().catch(() => ({}));
   say(r.ok ? "" : `refused (HTTP ${r.status}): ${body.error ? body.error.message : ""}`);
@@ -142,7 +145,7 @@ function fillReports(stems) {
 }
 
 function listen() {
-  const es = new EventSource("/api/events");
+  const es = new EventSource(url("/api/events"));
   es.onopen = () => { $("live").textContent = "live"; $("live").className = "pill"; refresh(); };
   es.onerror = () => { $("live").textContent = "live: reconnecting"; $("live").className = "pill off"; };
   const data = (ev) => JSON.parse(ev.data);
