@@ -24,6 +24,9 @@ import scipy.fft as sfft
 from scherzer.optics import fft_workers
 from scherzer.processing.spectral import SpectralBand
 
+PRIOR_NOISE_FLOOR = 0.05  # registration's Wiener prior ≥ this × the noise variance: keeps some of
+# every frequency in the waves that predict images (the restoration uses its own, lower floor)
+
 __all__ = [
     "NormalTerms",
     "SeriesSolution",
@@ -102,9 +105,14 @@ def pair_noise_covariance(terms_sums: tuple[np.ndarray, ...], reg: np.ndarray) -
 
 
 def radial_power_prior(
-    band: SpectralBand, phi: np.ndarray, noise_var: np.ndarray, n_bins: int = 48
+    band: SpectralBand,
+    phi: np.ndarray,
+    noise_var: np.ndarray,
+    n_bins: int = 48,
+    floor: float = PRIOR_NOISE_FLOOR,
 ) -> np.ndarray:
-    """Wiener prior power S(g) per band element: radial mean of |φ|² minus its noise variance."""
+    """Wiener prior power S(g) per band element: radial mean of |φ|² minus its noise variance,
+    at least ``floor`` × the noise variance (and 1e-12)."""
     q = np.hypot(band.gy, band.gx)
     edges = np.linspace(0.0, q.max() + 1e-9, n_bins + 1)
     which = np.clip(np.digitize(q, edges) - 1, 0, n_bins - 1)
@@ -113,8 +121,7 @@ def radial_power_prior(
     noise = np.bincount(which, weights=noise_var, minlength=n_bins)
     count = np.maximum(count, 1)
     s = power / count
-    floor = 0.05 * noise / count
-    s = np.maximum(s, np.maximum(floor, 1e-12))
+    s = np.maximum(s, np.maximum(floor * noise / count, 1e-12))
     return s[which].astype(np.float32)
 
 
@@ -124,6 +131,7 @@ def solve_wiener(
     drop: np.ndarray | None = None,
     passes: int = 2,
     prior_scale: float = 1.0,
+    prior_floor: float = PRIOR_NOISE_FLOOR,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Wiener estimate of φ on the band (and the prior used).
 
@@ -137,7 +145,7 @@ def solve_wiener(
     phi, var = solve_pair(aa, ab, bb, ra, rb, reg)
     prior = None
     for _ in range(passes - 1):
-        prior = radial_power_prior(band, phi, var) * np.float32(prior_scale)
+        prior = radial_power_prior(band, phi, var, floor=prior_floor) * np.float32(prior_scale)
         phi, var = solve_pair(aa, ab, bb, ra, rb, 1.0 / prior)
     if drop is None:
         return phi, (prior if prior is not None else np.full(band.size, 1 / reg, np.float32))
@@ -195,6 +203,7 @@ def solve_series(
     leave_one_out: bool = False,
     prior_scale: float = 1.0,
     mask: np.ndarray | None = None,
+    prior_floor: float = PRIOR_NOISE_FLOOR,
 ) -> SeriesSolution:
     """Wiener-restore φ from aligned band spectra (n, m) and wave transfers ``t`` (n, m).
 
@@ -207,6 +216,8 @@ def solve_series(
     other images determine best distorts the predicted image and biases its fitted defocus
     (measured: 0.44 → 0.05 nm RMS of per-image defocus from a leave-one-out wave at 100 e/Å²).
     ``mask`` (n, m) bool: frequencies each image contributes (others get zero weight).
+    ``prior_floor``: the prior power is at least this × the noise variance (see
+    :data:`PRIOR_NOISE_FLOOR`).
     """
     n = spectra.shape[0]
     nps_b = np.ones(1, np.float32) if nps_band is None else nps_band
@@ -221,13 +232,12 @@ def solve_series(
         sigma2 = noise_variances(resid, nps_b, n, dose_weights, mask)
         w = (m / sigma2[:, None] / nps_b).astype(np.float32)
         terms = NormalTerms.build(data, a, b, w)
-        phi, prior = solve_wiener(terms, band, passes=2, prior_scale=prior_scale)
+        phi, prior = solve_wiener(terms, band, None, 2, prior_scale, prior_floor)
         if k < corrections:
             q = quadratic_term(band, phi, t, camera)
     loo = None
     if leave_one_out:
-        loo, _ = solve_wiener(terms, band, drop=np.ones(n, bool), passes=2,
-                              prior_scale=prior_scale)  # fmt: skip
+        loo, _ = solve_wiener(terms, band, np.ones(n, bool), 2, prior_scale, prior_floor)
     return SeriesSolution(phi, prior, sigma2, terms, q, loo)
 
 
