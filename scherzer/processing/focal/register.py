@@ -176,14 +176,8 @@ def register_focal_series(
     """
     t0 = time.perf_counter()
     p = params or FocalParams()
+    nominal, pix = _checked_series(stack, nominal_defocus_nm, pixel_nm)
     n = stack.n_frames
-    if n < MIN_IMAGES:
-        raise ValueError(f"a focal series needs at least {MIN_IMAGES} images; got {n}")
-    nominal = stack.column("defocus_nominal_nm") if nominal_defocus_nm is None else None
-    nominal = check_nominal_defocus(
-        nominal if nominal_defocus_nm is None else nominal_defocus_nm, n
-    )
-    pix = float(pixel_nm if pixel_nm is not None else stack.pixel_size_nm[1])
     ref = choose_reference(nominal, optics, p.reference)
     candidates = reference_candidates(nominal, optics, p.exclude)
     used = used_mask(n, p.exclude, ref if p.reference is not None else int(candidates[0]))
@@ -223,6 +217,17 @@ def register_focal_series(
         history=run.history,
         absolute_model_agreement=run.model_agreement,
     )
+
+
+def _checked_series(stack: ImageStack, nominal_defocus_nm, pixel_nm) -> tuple[np.ndarray, float]:
+    """(nominal defocus (n,) nm, pixel nm) of a series of at least ``MIN_IMAGES`` images: the
+    given values or the stack's, checked."""
+    n = stack.n_frames
+    if n < MIN_IMAGES:
+        raise ValueError(f"a focal series needs at least {MIN_IMAGES} images; got {n}")
+    given = stack.column("defocus_nominal_nm") if nominal_defocus_nm is None else nominal_defocus_nm
+    nominal = check_nominal_defocus(given, n)
+    return nominal, float(pixel_nm if pixel_nm is not None else stack.pixel_size_nm[1])
 
 
 class _Run:
