@@ -262,3 +262,12 @@ def test_bad_input_is_named_or_flagged() -> None:
     assert np.all(np.isfinite(result.average[result.count > 0]))
     assert np.all(np.isnan(result.average[result.count == 0]))
     json.dumps(result.to_json())
+
+
+def test_plots_are_written(pairs, tmp_path: Path) -> None:
+    from scherzer.processing.scan_distortion.plots import plot_nonrigid
+
+    _, result = pairs
+    paths = plot_nonrigid(result, tmp_path, before=np.nan_to_num(result.average))
+    assert [p.name for p in paths] == ["fields.png", "affine.png", "convergence.png", "average.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
