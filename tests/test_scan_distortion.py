@@ -271,3 +271,23 @@ def test_plots_are_written(pairs, tmp_path: Path) -> None:
     paths = plot_nonrigid(result, tmp_path, before=np.nan_to_num(result.average))
     assert [p.name for p in paths] == ["fields.png", "affine.png", "convergence.png", "average.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+@pytest.mark.parametrize(
+    ("rotation_mode", "params", "limit_px"),
+    [
+        ("orthogonal-sets", NonrigidParams(), 0.12),  # measured 0.097
+        ("none", NonrigidParams(mode="row-fitting"), 0.12),  # 0.087
+        ("none", NonrigidParams(mode="unconstrained"), 0.15),  # 0.092
+        ("none", NonrigidParams(reference="local", local_neighbours=1), 0.12),  # 0.090
+    ],
+)
+def test_other_modes_sets_and_references(rotation_mode, params, limit_px) -> None:
+    """0/90/180/270 sets (4 frames), row-fitting, unconstrained and the local reference on
+    smaller 128² series: the same per-pixel residual measure."""
+    series = _series(rotation_mode, 4 if rotation_mode != "none" else 5, ("HAADF",), size=128)
+    frames, rot = _common(series["HAADF"])
+    truth, mask = _truth(series["HAADF"])
+    result = correct_scan_distortion(frames, params, rot)
+    assert pixel_residual_px(result.fields_px, truth, mask) <= limit_px
+    assert not result.flagged
