@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from scherzer.cli.align_cmds import add_align, add_align_signal
 from scherzer.cli.calibrate_cmd import add_calibrate
 from scherzer.cli.common import Outcome
 from scherzer.cli.daemon_cmds import (
@@ -31,7 +32,7 @@ from scherzer.cli.daemon_cmds import (
     add_wait,
 )
 from scherzer.cli.maintenance_cmds import add_db, add_repair
-from scherzer.cli.offline import add_align, add_demo, add_info, add_restore, add_simulate
+from scherzer.cli.offline import add_demo, add_info, add_restore, add_simulate
 from scherzer.cli.plan_cmds import add_focal_series, add_rotated_scan, add_submit, add_time_series
 
 __all__ = ["COMMANDS", "Outcome", "build_parser", "main"]
@@ -56,6 +57,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     add_keys,
     add_simulate,
     add_align,
+    add_align_signal,
     add_restore,
     add_calibrate,
     add_info,

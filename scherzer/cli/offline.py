@@ -27,7 +27,7 @@ from scherzer.cli.common import (
 )
 from scherzer.settings import OPTICS_SETTINGS, add_instrument_arguments, overrides_from_args
 
-__all__ = ["add_align", "add_demo", "add_info", "add_restore", "add_simulate"]
+__all__ = ["add_demo", "add_info", "add_restore", "add_simulate", "process"]
 
 #: Defaults of ``simulate focal-series`` for the geometry settings it always needs.
 SIMULATE_FOCAL_DEFAULTS = {"pixel_nm": 0.02, "start_nm": -100.0, "step_nm": 10.0}
@@ -160,9 +160,12 @@ def _named_stacks(path: Path, signal: str | None) -> dict[str, Any]:
     return named
 
 
-def _process(args: argparse.Namespace, steps: list[Any], signal: str | None = None) -> Outcome:
+def process(
+    args: argparse.Namespace, steps: list[Any], signal: str | None = None
+) -> tuple[int, dict[str, Any], str, Any]:
     """Import FILE, run the pipeline, write OUT (input frames + results). ``seconds`` in the
-    result is the processing time; ``wall_s`` also counts reading and writing the files."""
+    result is the processing time; ``wall_s`` also counts reading and writing the files.
+    Returns (code, summary, text, the PipelineResult)."""
     from scherzer import emd
     from scherzer.processing.pipeline import run_pipeline
 
@@ -175,64 +178,7 @@ def _process(args: argparse.Namespace, steps: list[Any], signal: str | None = No
     emd.store_pipeline_result(args.out, result)
     seconds = sum(o.seconds for o in result.outputs)
     summary = {"seconds": seconds, "wall_s": time.perf_counter() - t0, **result.summary()}
-    return 0, summary, f"wrote {args.out}"
-
-
-def _align(args: argparse.Namespace) -> Outcome:
-    from scherzer.processing.registration import AlignParams
-    from scherzer.processing.steps import AlignStep, build_settings
-
-    reference: Any = args.reference if args.reference == "mean" else int(args.reference)
-    values = {
-        "alpha": args.alpha,
-        "neighbours": args.neighbours,
-        "refine": args.refine,
-        "roi": args.roi,
-        "reference": reference,
-        "output": "expand" if args.expand else "crop",
-    }
-    step = AlignStep(build_settings(AlignParams, values, "align"), args.signal)
-    code, result, text = _process(args, [step], args.signal)
-    a = result["align"]
-    out = {k: a[k] for k in ("shifts_px", "peak_heights", "reference", "flagged")}
-    out.update(seconds=result["seconds"], wall_s=result["wall_s"])
-    pairs = zip(a["shifts_px"], a["peak_heights"], strict=True)
-    lines = [
-        f"frame {i:3d}: dy {s[0]:+8.3f}  dx {s[1]:+8.3f} px  peak {p:.3f}"
-        for i, (s, p) in enumerate(pairs)
-    ]
-    return code, out, "\n".join([*lines, text])
-
-
-def _reference(text: str) -> str:
-    if text != "mean" and not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected 'mean' or a frame index, got {text!r}")
-    return text
-
-
-def add_align(sub: Any) -> None:
-    p = sub.add_parser(
-        "align", help="rigid alignment of any readable stack", parents=[output_options()]
-    )
-    p.add_argument("file", type=Path, help="the stack to align (any readable format)")
-    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="0 cross, 0.5 mutual, 1 phase correlation (default 0.5)")  # fmt: skip
-    p.add_argument("--neighbours", type=positive_int, default=4,
-                   help="neighbours each frame is measured against (default 4)")  # fmt: skip
-    p.add_argument("--refine", type=non_negative_int, default=2,
-                   help="refinement passes against the average (default 2)")  # fmt: skip
-    p.add_argument("--roi", type=box, default=None,
-                   help="measured region y0,x0,height,width px (default: whole field)")  # fmt: skip
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--crop", action="store_true", help="crop to the common area (default)")
-    g.add_argument("--expand", action="store_true", help="expanded canvas")
-    p.add_argument("--reference", type=_reference, default="mean",
-                   help="'mean' or a frame index (default mean)")  # fmt: skip
-    p.add_argument("--signal", default=None,
-                   help="signal to measure on (multi-signal files; default the first)")  # fmt: skip
-    p.add_argument("--plot", type=Path, default=None, help="directory for PNG plots")
-    p.set_defaults(func=_align)
+    return 0, summary, f"wrote {args.out}", result
 
 
 def _restore_steps(args: argparse.Namespace) -> list[Any]:
@@ -255,7 +201,7 @@ def _restore_steps(args: argparse.Namespace) -> list[Any]:
 
 
 def _restore(args: argparse.Namespace) -> Outcome:
-    code, result, text = _process(args, _restore_steps(args))
+    code, result, text, _ = process(args, _restore_steps(args))
     reg = result["focal_register"]
     keys = ("reference_index", "defocus_nm", "relative_defocus_nm", "shifts_px",
             "peak_heights", "astigmatism_nm", "astigmatism_deg")  # fmt: skip

@@ -532,7 +532,7 @@ class RotatedScanSeries(_ScanFields, BasePlan):
 
     @classmethod
     def allowed_for_kind(cls) -> tuple[str, ...]:
-        return ("align",)
+        return ("align", "nonrigid")
 
     def n_frames(self) -> int:
         return self.n_frames_
@@ -590,7 +590,7 @@ class TimeSeries(_CameraFields, _ScanFields, BasePlan):
 
     @classmethod
     def allowed_for_kind(cls) -> tuple[str, ...]:
-        return ("align",)
+        return ("align", "nonrigid")
 
     def n_frames(self) -> int:
         return self.n_frames_

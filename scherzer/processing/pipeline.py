@@ -15,6 +15,11 @@ Steps
   records keep the acquired ``scan_rotation_deg`` either way); shifts are measured on the first
   signal (or ``signal=``) and applied to every signal. Outputs ``aligned_<signal>`` stacks,
   ``average_<signal>`` arrays and the ``alignment`` table.
+* ``nonrigid`` — scan-distortion correction (:mod:`scherzer.processing.scan_distortion`) measured
+  on the first signal (or ``signal=``) and applied to every signal: ``nonrigid_<signal>`` stacks,
+  ``average_nonrigid_<signal>`` (NaN where no frame saw) and ``count_nonrigid_<signal>`` arrays,
+  the displacement fields ``fields_nonrigid_<signal>`` (n, 2, y, x) px and the ``nonrigid`` table
+  (per-frame affine parameters, field RMS, NCC, flagged).
 * ``focal_register`` — focal-series registration (:mod:`scherzer.processing.focal`): per-image
   defocus, drift, peak height, absolute defocus and A1. Output table ``focal_registration``.
 * ``restore`` — exit-wave restoration (runs ``focal_register`` first if it has not run).
@@ -38,6 +43,7 @@ from scherzer.processing.steps import (
     AlignStep,
     CameraCurves,
     FocalRegisterStep,
+    NonrigidStep,
     RestoreStep,
     Step,
     StructureImageStep,
@@ -179,6 +185,68 @@ def step_align(ctx: PipelineContext, step: AlignStep) -> StepOutput:
     return out
 
 
+# --- non-rigid (scan distortion) ----------------------------------------------------------------
+def _nonrigid_table(result: Any) -> np.ndarray:
+    n = len(result.affine)
+    cols = [("index", "<i8"), *((f"affine_{k}", "<f8") for k in range(6)),
+            ("field_rms_px", "<f8"), ("ncc", "<f8"), ("flagged", "?")]  # fmt: skip
+    table = np.zeros(n, dtype=cols)
+    table["index"] = np.arange(n)
+    for k in range(6):
+        table[f"affine_{k}"] = result.affine[:, k]
+    table["field_rms_px"] = result.field_rms_px
+    table["ncc"] = result.ncc
+    table["flagged"] = np.isin(np.arange(n), list(result.flagged))
+    return table
+
+
+def _nonrigid_outputs(out: StepOutput, name: str, stack: ImageStack, corrected: tuple) -> None:
+    """Store one signal's corrected frames, average (NaN where unseen) and count map."""
+    frames, _, average, count = corrected
+    scale = frames.shape[-1] / stack.frames.shape[-1]
+    pixel = (stack.pixel_size_nm[0] / scale, stack.pixel_size_nm[1] / scale)
+    out.stacks[f"nonrigid_{name}"] = dataclasses.replace(stack, frames=frames, pixel_size_nm=pixel)
+    out.arrays[f"average_nonrigid_{name}"] = np.asarray(average, np.float32)
+    out.arrays[f"count_nonrigid_{name}"] = np.asarray(count, np.float32)
+
+
+def step_nonrigid(ctx: PipelineContext, step: NonrigidStep) -> StepOutput:
+    """Scan-distortion correction measured on one signal and applied to all (the fields of
+    frame i move every signal recorded at the same probe positions)."""
+    from scherzer.processing.scan_distortion import apply_fields, correct_scan_distortion
+    from scherzer.processing.scan_distortion.plots import plot_nonrigid
+
+    signal = step.signal or next(iter(ctx.stacks))
+    if signal not in ctx.stacks:
+        raise PipelineError(f"nonrigid: no signal {signal!r}; have {sorted(ctx.stacks)}")
+    stacks = {name: _rotated_back(s) for name, s in ctx.stacks.items()}
+    primary = stacks[signal]
+    rotations = step.rotations_deg or tuple(ctx.stacks[signal].column("scan_rotation_deg"))
+    if len(rotations) != primary.n_frames:
+        raise PipelineError(
+            f"nonrigid: {len(rotations)} scan rotations for {primary.n_frames} frames"
+        )
+    result = correct_scan_distortion(primary.frames, step.settings, rotations)
+    out = StepOutput(
+        step="nonrigid",
+        params={**step_to_json(step), "signal": signal},
+        summary=result.to_json(),
+        tables={"nonrigid": _nonrigid_table(result)},
+    )
+    own = (result.corrected, result.valid, result.average, result.count)
+    _nonrigid_outputs(out, signal, primary, own)
+    out.arrays[f"fields_nonrigid_{signal}"] = result.fields_px.astype(np.float32)
+    for name, stack in stacks.items():
+        if name != signal:
+            _nonrigid_outputs(out, name, stack, apply_fields(stack.frames, result))
+    ctx.results["nonrigid"] = result
+    plot_dir = _plot_dir(ctx)
+    if plot_dir is not None:
+        before = ctx.results["align"].average if "align" in ctx.results else None
+        out.plots = plot_nonrigid(result, plot_dir, before=before)
+    return out
+
+
 # --- focal series --------------------------------------------------------------------------------
 def _instrument(ctx: PipelineContext, instrument: Any) -> tuple[Any, float, np.ndarray]:
     """(optics, pixel_nm, nominal defocus) of the primary stack with the step's overrides; one
@@ -303,6 +371,7 @@ def step_structure_image(ctx: PipelineContext, step: StructureImageStep) -> Step
 #: :data:`scherzer.processing.steps.STEP_NAMES` by a test.
 STEPS: dict[str, StepFunction] = {
     "align": step_align,
+    "nonrigid": step_nonrigid,
     "focal_register": step_focal_register,
     "restore": step_restore,
     "structure_image": step_structure_image,

@@ -32,6 +32,7 @@ __all__ = [
     "AlignStep",
     "CameraCurves",
     "FocalRegisterStep",
+    "NonrigidStep",
     "RestoreStep",
     "Step",
     "StepSettingsError",
@@ -121,10 +122,22 @@ class StructureImageStep:
     name = "structure_image"
 
 
-Step = AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep
+@dataclass(frozen=True)
+class NonrigidStep:
+    """Scan-distortion correction (non-rigid registration) measured on ``signal`` (None = the
+    first) and applied to every signal; ``rotations_deg`` each frame's scan rotation (None: from
+    the records)."""
+
+    settings: Any  # scan_distortion.NonrigidParams
+    signal: str | None = None
+    rotations_deg: tuple[float, ...] | None = None
+    name = "nonrigid"
+
+
+Step = AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep | NonrigidStep
 
 #: The step names the pipeline knows, in the order users usually run them.
-STEP_NAMES: tuple[str, ...] = ("align", "focal_register", "restore", "structure_image")
+STEP_NAMES: tuple[str, ...] = ("align", "nonrigid", "focal_register", "restore", "structure_image")
 
 
 def _split(params: dict[str, Any], step: str, load_curve: CurveLoader | None) -> tuple[Any, ...]:
@@ -192,8 +205,25 @@ def _structure(params: dict[str, Any], load_curve: CurveLoader | None) -> Struct
     return StructureImageStep(settings, instrument)
 
 
+def _nonrigid(params: dict[str, Any], load_curve: CurveLoader | None) -> NonrigidStep:
+    from scherzer.processing.scan_distortion import NonrigidParams
+
+    signal = params.pop("signal", None)
+    if signal is not None and not isinstance(signal, str):
+        raise StepSettingsError(f"nonrigid: signal must be a signal name; got {signal!r}")
+    rotations = params.pop("scan_rotation_deg", None)
+    try:
+        rotations = None if rotations is None else tuple(float(r) for r in rotations)
+    except (TypeError, ValueError):
+        raise StepSettingsError(
+            f"nonrigid: scan_rotation_deg must be numbers; got {rotations!r}"
+        ) from None
+    return NonrigidStep(build_settings(NonrigidParams, params, "nonrigid"), signal, rotations)
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], CurveLoader | None], Step]] = {
     "align": _align,
+    "nonrigid": _nonrigid,
     "focal_register": _focal_register,
     "restore": _restore,
     "structure_image": _structure,
@@ -203,7 +233,9 @@ _PARSERS: dict[str, Callable[[dict[str, Any], CurveLoader | None], Step]] = {
 def parse_step(spec: str | Mapping[str, Any] | Step, load_curve: CurveLoader | None = None) -> Step:
     """A typed step from its wire form (a name, or a mapping with ``step`` and flat settings);
     typed steps pass through. ``load_curve`` turns an ``mtf``/``nps`` name into an array."""
-    if isinstance(spec, AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep):
+    if isinstance(
+        spec, AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep | NonrigidStep
+    ):
         return spec
     if isinstance(spec, str):
         name, params = spec, {}
@@ -259,6 +291,8 @@ def step_to_json(step: Step) -> dict[str, Any]:
     if instrument is not None:
         out.update(instrument.given())
     out.update(dataclasses.asdict(step.settings))
-    if isinstance(step, AlignStep) and step.signal is not None:
+    if isinstance(step, AlignStep | NonrigidStep) and step.signal is not None:
         out["signal"] = step.signal
+    if isinstance(step, NonrigidStep) and step.rotations_deg is not None:
+        out["scan_rotation_deg"] = list(step.rotations_deg)
     return out

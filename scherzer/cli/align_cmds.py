@@ -1,0 +1,315 @@
+"""``scherzer align`` (rigid, and non-rigid scan-distortion correction with ``--nonrigid``) and
+``scherzer align-signal`` (stored shifts or displacement fields applied to other signals).
+
+Frames come in one orientation (as our files store them); each frame's scan rotation comes from
+the file's records or ``--scan-rotation-deg``. ``--save-average`` writes the (merged) average as a
+float32 TIFF in frame 0's orientation with the same pixel size, NaN where no frame saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scherzer.cli.common import (
+    Outcome,
+    box,
+    non_negative_int,
+    output_options,
+    positive_float,
+    positive_int,
+)
+from scherzer.cli.offline import process
+
+__all__ = ["add_align", "add_align_signal"]
+
+
+def _reference(text: str) -> str:
+    if text not in ("mean", "local") and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'mean', 'local' or a frame index, got {text!r}")
+    return text
+
+
+def _rotations(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated degrees, got {text!r}"
+        ) from None
+
+
+def _rigid_step(args: argparse.Namespace) -> Any:
+    from scherzer.processing.registration import AlignParams
+    from scherzer.processing.steps import AlignStep, build_settings
+
+    ref = args.reference
+    values = {
+        "alpha": args.alpha,
+        "neighbours": args.neighbours,
+        "refine": args.refine,
+        "roi": args.roi,
+        "reference": int(ref) if ref.isdigit() else "mean",
+        "output": "expand" if args.expand else "crop",
+    }
+    if ref == "local":
+        raise ValueError("--reference local is a non-rigid reference: add --nonrigid")
+    return AlignStep(build_settings(AlignParams, values, "align"), args.signal)
+
+
+def _nonrigid_step(args: argparse.Namespace) -> Any:
+    from scherzer.processing.steps import parse_step
+
+    ref = args.reference
+    values: dict[str, Any] = {
+        "step": "nonrigid",
+        "affine_cycles": args.affine_cycles,
+        "nonlinear_cycles": args.nonlinear_cycles,
+        "mode": args.mode,
+        "smoothing_px": args.smoothing_px,
+        "convergence_px": args.convergence_px,
+        "reference": "index" if ref.isdigit() else ref,
+    }
+    if ref.isdigit():
+        values["reference_index"] = int(ref)
+    if args.signal is not None:
+        values["signal"] = args.signal
+    if args.scan_rotation_deg is not None:
+        values["scan_rotation_deg"] = args.scan_rotation_deg
+    return parse_step(values)
+
+
+def _save_average(path: Path, average: np.ndarray, pixel_nm: float) -> None:
+    import tifffile
+
+    resolution = (1e7 / pixel_nm, 1e7 / pixel_nm)  # pixels per cm
+    tifffile.imwrite(
+        path, np.asarray(average, np.float32), resolution=resolution, resolutionunit="CENTIMETER"
+    )
+
+
+def _align(args: argparse.Namespace) -> Outcome:
+    step = _nonrigid_step(args) if args.nonrigid else _rigid_step(args)
+    code, result, text, outputs = process(args, [step], args.signal)
+    out_step = outputs.outputs[0]
+    signal = out_step.params["signal"]
+    if args.nonrigid:
+        s = result["nonrigid"]
+        keys = ("affine", "field_rms_px", "flagged", "ncc", "rigid_shifts_px", "history")
+        out = {k: s[k] for k in keys}
+        average = out_step.arrays[f"average_nonrigid_{signal}"]
+        stack = out_step.stacks[f"nonrigid_{signal}"]
+        lines = [
+            f"frame {i:3d}: field RMS {r:.3f} px, NCC {c:.3f}"
+            for i, (r, c) in enumerate(zip(s["field_rms_px"], s["ncc"], strict=True))
+        ]
+    else:
+        a = result["align"]
+        out = {k: a[k] for k in ("shifts_px", "peak_heights", "reference", "flagged")}
+        average = out_step.arrays[f"average_{signal}"]
+        stack = out_step.stacks[f"aligned_{signal}"]
+        lines = [
+            f"frame {i:3d}: dy {sh[0]:+8.3f}  dx {sh[1]:+8.3f} px  peak {p:.3f}"
+            for i, (sh, p) in enumerate(zip(a["shifts_px"], a["peak_heights"], strict=True))
+        ]
+    out.update(seconds=result["seconds"], wall_s=result["wall_s"])
+    if args.save_average is not None:
+        _save_average(args.save_average, average, stack.pixel_size_nm[1])
+        out["average_file"] = str(args.save_average)
+        lines.append(f"average: {args.save_average}")
+    return code, out, "\n".join([*lines, text])
+
+
+def _add_rigid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="0 cross, 0.5 mutual, 1 phase correlation (default 0.5)",
+    )
+    p.add_argument(
+        "--neighbours",
+        type=positive_int,
+        default=4,
+        help="neighbours each frame is measured against (default 4)",
+    )
+    p.add_argument(
+        "--refine",
+        type=non_negative_int,
+        default=2,
+        help="refinement passes against the average (default 2)",
+    )
+    p.add_argument(
+        "--roi",
+        type=box,
+        default=None,
+        help="measured region y0,x0,height,width px (default: whole field)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--crop", action="store_true", help="crop to the common area (default)")
+    g.add_argument("--expand", action="store_true", help="expanded canvas")
+
+
+def _add_nonrigid_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("non-rigid (scan-distortion) correction")
+    g.add_argument(
+        "--nonrigid",
+        action="store_true",
+        help="correct scan distortion (affine, then non-linear cycles)",
+    )
+    g.add_argument(
+        "--affine-cycles",
+        type=non_negative_int,
+        default=2,
+        help="affine cycles (6 parameters per frame; default 2)",
+    )
+    g.add_argument(
+        "--nonlinear-cycles",
+        type=non_negative_int,
+        default=4,
+        help="non-linear cycles (2 quick look, 4 final; default 4)",
+    )
+    g.add_argument(
+        "--mode",
+        choices=("row-locked", "row-fitting", "unconstrained"),
+        default="row-locked",
+        help="field model (default row-locked: scanned data)",
+    )
+    g.add_argument(
+        "--smoothing-px",
+        type=positive_float,
+        default=8.0,
+        help="smoothing kernel (px) keeping the lattice out of the fields (default 8)",
+    )
+    g.add_argument(
+        "--convergence-px",
+        type=positive_float,
+        default=1e-4,
+        help="mean |update| px reached at the last cycle (default 1e-4)",
+    )
+    g.add_argument(
+        "--scan-rotation-deg",
+        type=_rotations,
+        default=None,
+        help="each frame's scan rotation, e.g. 0,90,0,90 (default: the records)",
+    )
+
+
+def add_align(sub: Any) -> None:
+    p = sub.add_parser(
+        "align",
+        help="rigid alignment (and scan-distortion correction) of any readable stack",
+        parents=[output_options()],
+    )
+    p.add_argument("file", type=Path, help="the stack to align (any readable format)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
+    _add_rigid_options(p)
+    p.add_argument(
+        "--reference",
+        type=_reference,
+        default="mean",
+        help="'mean', a frame index, or 'local' (non-rigid; default mean)",
+    )
+    p.add_argument(
+        "--signal",
+        default=None,
+        help="signal to measure on (multi-signal files; default the first)",
+    )
+    p.add_argument(
+        "--save-average",
+        type=Path,
+        default=None,
+        help="write the (merged) average as a float32 TIFF",
+    )
+    p.add_argument("--plot", type=Path, default=None, help="directory for PNG plots")
+    _add_nonrigid_options(p)
+    p.set_defaults(func=_align)
+
+
+# --- align-signal -------------------------------------------------------------------------------
+def _stored_correction(path: Path) -> tuple[str, Any]:
+    """('nonrigid', fields-like object) or ('align', shifts) from an aligned file."""
+    from scherzer import emd
+    from scherzer.processing.scan_distortion import NonrigidParams
+
+    have = emd.describe(path).get("processing", {})
+    if "nonrigid" in have:
+        params = emd.read_processing(path, "nonrigid")
+        signal = params.pop("signal")
+        params.pop("scan_rotation_deg", None)
+        flagged = emd.read_processing_summary(path, "nonrigid").get("flagged", [])
+        fields = emd.read_result(path, f"fields_nonrigid_{signal}")
+        settings = NonrigidParams(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        )
+        return "nonrigid", types.SimpleNamespace(fields_px=fields, flagged=flagged, params=settings)
+    if "align" in have:
+        table = emd.read_table(path, "alignment")
+        output = emd.read_processing(path, "align").get("output", "crop")
+        shifts = np.stack([table["shift_y_px"], table["shift_x_px"]], axis=1)
+        return "align", (shifts, output)
+    raise ValueError(f"{path} holds no alignment or non-rigid correction to apply")
+
+
+def _apply_to(kind: str, correction: Any, stack: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(corrected frames, average) of one other signal."""
+    from scherzer.processing.registration import apply_shifts, rotate_to_common
+    from scherzer.processing.scan_distortion import apply_fields
+
+    rotation = stack.column("scan_rotation_deg")
+    frames = stack.frames
+    if not stack.metadata.get("derotated") and np.any(np.abs(rotation) > 1e-9):
+        frames = rotate_to_common(frames, rotation)
+    if kind == "nonrigid":
+        corrected, _, average, _ = apply_fields(frames, correction)
+        return corrected, average
+    shifts, output = correction
+    if len(shifts) != len(frames):
+        raise ValueError(f"{len(shifts)} stored shifts for {len(frames)} frames")
+    moved, _ = apply_shifts(frames, shifts, output)
+    return moved, moved.mean(axis=0)
+
+
+def _align_signal(args: argparse.Namespace) -> Outcome:
+    import dataclasses
+
+    from scherzer import emd
+
+    kind, correction = _stored_correction(args.aligned)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for other in args.others:
+        for stack in emd.import_stacks(other):
+            corrected, average = _apply_to(kind, correction, stack)
+            name = stack.signal or "frames"
+            out = args.out_dir / f"{Path(other).stem}_{name}_aligned.h5"
+            emd.write_stack(out, dataclasses.replace(stack, frames=corrected), name=name)
+            emd.write_result(out, f"average_{name}", np.asarray(average, np.float32))
+            written.append(str(out))
+    text = "\n".join(f"wrote {w}" for w in written)
+    return 0, {"correction": kind, "written": written}, text
+
+
+def add_align_signal(sub: Any) -> None:
+    p = sub.add_parser(
+        "align-signal",
+        help="apply an aligned file's shifts or displacement fields to other signals",
+        parents=[output_options()],
+        description=(
+            "Signals recorded at the same probe positions (ABF with HAADF) but stored in other "
+            "files: each frame is moved by the shifts or non-rigid fields stored in ALIGNED."
+        ),
+    )
+    p.add_argument("aligned", type=Path, help="output of `scherzer align` (rigid or --nonrigid)")
+    p.add_argument("others", type=Path, nargs="+", help="files of the other signals")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("."),
+        help="where <file>_<signal>_aligned.h5 are written (default .)",
+    )
+    p.set_defaults(func=_align_signal)
