@@ -24,11 +24,11 @@ from helpers import wait_for
 
 from scherzer.clients.client import LocalDaemon
 from scherzer.config import ConfigError
-from scherzer.daemon.web import WebSettings, start_web
-from scherzer.daemon.web.auth import Guarded
-from scherzer.daemon.web.files import DataFiles
-from scherzer.daemon.web.hub import ProgressTracker
-from scherzer.daemon.web.render import stretch_u8
+from scherzer.web import WebSettings, start_web
+from scherzer.web.auth import Guarded
+from scherzer.web.files import DataFiles
+from scherzer.web.hub import ProgressTracker
+from scherzer.web.render import stretch_u8
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,7 +135,7 @@ def test_settings_refuse_unsafe_binds_and_weak_tokens(tmp_path):
         WebSettings().check()
     with pytest.raises(ConfigError, match="not loopback"):
         start_web(WebSettings(host="0.0.0.0", port=0, users=user), lambda role: None)
-    from scherzer.daemon.web.settings import load_users
+    from scherzer.web.settings import load_users
 
     token.write_text("short")
     with pytest.raises(ConfigError, match="at least"):
@@ -168,7 +168,7 @@ def _token_settings(tmp_path) -> WebSettings:
 
 def test_each_role_uses_its_own_connection_and_daemon_refusals_pass_through(tmp_path):
     from scherzer.clients.client import DaemonError
-    from scherzer.daemon.web import create_app
+    from scherzer.web import create_app
 
     used = []
 
@@ -203,7 +203,7 @@ def test_each_role_uses_its_own_connection_and_daemon_refusals_pass_through(tmp_
 
 def test_daemon_client_factory_keys_per_role():
     from scherzer.config import Settings
-    from scherzer.daemon.web.link import connect_endpoint, daemon_client_factory
+    from scherzer.web.link import connect_endpoint, daemon_client_factory
 
     assert connect_endpoint("tcp://*:6000") == "tcp://127.0.0.1:6000"
     assert connect_endpoint("tcp://10.0.0.2:6000") == "tcp://10.0.0.2:6000"

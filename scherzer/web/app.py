@@ -3,7 +3,7 @@
 Every route is listed in :func:`routes` with the role the daemon's API requires for the same
 action — ``observer`` to see (status, queue, history, jobs, frames, plots, reports, events),
 ``operator`` to pause, resume or cancel — and is wrapped by :func:`auth.guarded`; nothing is
-served without credentials (see :mod:`scherzer.daemon.web.auth`). The app talks to the daemon
+served without credentials (see :mod:`scherzer.web.auth`). The app talks to the daemon
 only through :class:`scherzer.clients.client.Client` (:mod:`.link`) and its PUB events
 (:mod:`.hub`); it needs no change inside the daemon.
 """
@@ -24,12 +24,12 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from scherzer.clients.client import DaemonError
-from scherzer.daemon.web.auth import Users, guarded
-from scherzer.daemon.web.files import DataFiles
-from scherzer.daemon.web.hub import EventHub
-from scherzer.daemon.web.link import ClientFactory, DaemonLink
-from scherzer.daemon.web.render import frame_png
-from scherzer.daemon.web.settings import WebSettings, load_users
+from scherzer.web.auth import Users, guarded
+from scherzer.web.files import DataFiles
+from scherzer.web.hub import EventHub
+from scherzer.web.link import ClientFactory, DaemonLink
+from scherzer.web.render import frame_png
+from scherzer.web.settings import WebSettings, load_users
 
 __all__ = ["create_app", "routes"]
 

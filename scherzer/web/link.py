@@ -1,6 +1,6 @@
 """The web view's connections to the daemon: one :class:`Client` per role.
 
-The browser user's role is checked first (:mod:`scherzer.daemon.web.auth`); the request then
+The browser user's role is checked first (:mod:`scherzer.web.auth`); the request then
 goes over the connection *of that role*: ``client_factory("observer")`` for everything an
 observer may do, ``client_factory("operator")`` only for pause/resume/cancel. When the daemon
 uses CURVE the two connections carry two key pairs, so the daemon itself refuses an operator
@@ -21,7 +21,7 @@ from scherzer.clients.client import Client
 
 if TYPE_CHECKING:
     from scherzer.config import Settings
-    from scherzer.daemon.web.settings import WebSettings
+    from scherzer.web.settings import WebSettings
 
 __all__ = ["ClientFactory", "DaemonLink", "connect_endpoint", "daemon_client_factory"]
 

@@ -5,7 +5,7 @@ Optional (extra ``web``: Starlette + uvicorn), off by default, loopback by defau
 the daemon only through the Python client and the PUB events. See ``docs/web.md``.
 """
 
-from scherzer.daemon.web.settings import WebSettings, WebUser
+from scherzer.web.settings import WebSettings, WebUser
 
 __all__ = ["WebSettings", "WebUser", "create_app", "run_web", "start_web"]
 
@@ -15,7 +15,7 @@ def __getattr__(name: str):
     if name not in ("start_web", "run_web", "create_app"):
         raise AttributeError(name)
     try:
-        from scherzer.daemon.web import app, server
+        from scherzer.web import app, server
     except ImportError as exc:
         raise ImportError(
             f"the web view needs the 'web' extra ({exc}): pip install 'scherzer[web]'"

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scherzer.daemon.web.settings import WebUserToken
+from scherzer.web.settings import WebUserToken
 
 __all__ = ["CSRF_HEADER", "ROLE_RANK", "Guarded", "Users", "guarded"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import uvicorn
 
-from scherzer.daemon.web.app import create_app
-from scherzer.daemon.web.hub import EventHub
-from scherzer.daemon.web.link import ClientFactory
-from scherzer.daemon.web.settings import WebSettings
+from scherzer.web.app import create_app
+from scherzer.web.hub import EventHub
+from scherzer.web.link import ClientFactory
+from scherzer.web.settings import WebSettings
 
 __all__ = ["WebServer", "run_web", "start_web"]
 
