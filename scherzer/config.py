@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scherzer.validation import format_validation_error
+from scherzer.web.settings import WebSettings
 
 __all__ = [
     "ClientKey",
@@ -179,6 +180,9 @@ class Settings(_Section):
     limits: PlanLimits = Field(default_factory=PlanLimits)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    web: WebSettings = Field(
+        default_factory=WebSettings, description="the live web view (off by default)"
+    )
 
     @property
     def data_path(self) -> Path:

@@ -30,6 +30,7 @@ from scherzer.cli.daemon_cmds import (
     add_status,
     add_temscript_sim,
     add_wait,
+    add_web,
 )
 from scherzer.cli.maintenance_cmds import add_db, add_repair
 from scherzer.cli.offline import add_demo, add_info, add_restore, add_simulate
@@ -43,6 +44,7 @@ EXIT_BAD_INPUT = 2
 #: Subcommand registrars, in help order. Add new commands here.
 COMMANDS: list[Callable[[Any], None]] = [
     add_daemon,
+    add_web,
     add_temscript_sim,
     add_status,
     add_jobs,

@@ -30,6 +30,7 @@ __all__ = [
     "add_status",
     "add_temscript_sim",
     "add_wait",
+    "add_web",
 ]
 
 
@@ -38,8 +39,50 @@ def _run_daemon(args: argparse.Namespace) -> Outcome:
     from scherzer.daemon.server import run_daemon
 
     settings = load_settings(args.config)
-    code = run_daemon(settings)
+    web = None
+    if settings.web.enabled:  # the web view in the daemon's process, as a client of it
+        from scherzer.web import start_web
+        from scherzer.web.link import daemon_client_factory
+
+        settings.web.check()
+        web = start_web(settings.web, daemon_client_factory(settings, settings.web),
+                        settings.data_path)  # fmt: skip
+    try:
+        code = run_daemon(settings)
+    finally:
+        if web is not None:
+            web.stop()
     return code, {"exit_code": code}, "daemon stopped"
+
+
+def _web(args: argparse.Namespace) -> Outcome:
+    from scherzer.config import load_settings
+    from scherzer.web import run_web
+    from scherzer.web.link import daemon_client_factory
+
+    settings = load_settings(args.config)
+    given = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    web = settings.web.model_copy(update=given)
+    web.check()
+    scheme = "https" if web.tls_certfile else "http"
+    print(f"web view on {scheme}://{web.host}:{web.port}; Ctrl-C stops it", file=sys.stderr,
+          flush=True)  # fmt: skip
+    run_web(web, daemon_client_factory(settings, web), settings.data_path)
+    return 0, {"stopped": True}, "web view stopped"
+
+
+def add_web(sub: Any) -> None:
+    p = sub.add_parser(
+        "web",
+        help="serve the live web view of a running daemon (see docs/web.md)",
+        parents=[output_options()],
+        description="The queue, the current job, its frames, plots and reports in a browser; "
+        "roles as the API's. Settings: the [web] section of the daemon's config.",
+    )
+    p.add_argument("--config", default=None, help="the daemon's TOML settings file")
+    p.add_argument("--host", default=None, help="address to bind (default from [web]: 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=None, help="TCP port (default from [web])")
+    p.set_defaults(func=_web, long_running=True)
 
 
 def add_daemon(sub: Any) -> None:
