@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dev
 BSTAMP := $(VENV)/.installed-bench
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench lint format clean
+.PHONY: demo test bench lint format clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ $(BSTAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/scherzer demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+# The web view's test drives a real headless Chromium through chromedriver (Debian's packages;
+# browser downloads from elsewhere are not reachable). Installed here when missing and root.
+browser:
+	@if [ ! -x /usr/bin/chromedriver ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver (Debian) for the web view test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null; \
+	fi
 
 bench: $(BSTAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
