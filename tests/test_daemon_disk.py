@@ -87,7 +87,7 @@ def test_disk_filling_mid_job_fails_it_and_the_daemon_carries_on(tmp_path, small
     with _daemon(tmp_path, small_disk) as d, d.client(timeout_s=20) as c:
         c.pause()
         first = c.submit(focal_plan(150, name="big"))  # ~9.8 MB
-        filler = _fill(small_disk, WRITE_HEADROOM_BYTES + (1 << 20))  # room for ~10 frames
+        filler = _fill(small_disk, WRITE_HEADROOM_BYTES + (2 << 20))  # room for ~30 frames
         c.resume()
         job = c.wait(first.job_id, timeout_s=60)
         assert job.state == "failed" and job.error.code == "disk_full", job.error

@@ -208,6 +208,11 @@ class JobStore:
             queue_changed=True,
         )
 
+    def queued_ids(self) -> list[int]:
+        """Ids of the queued jobs in run order (cheap: no plans are read)."""
+        with self._lock:
+            return self._queued_ids(self._db)
+
     def queued_count(self) -> int:
         with self._lock:
             q = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'"

@@ -448,14 +448,18 @@ class Daemon(DeviceHandlers):
     def _committed_disk_bytes(self) -> int:
         """Disk the queued jobs (their estimates) and the running job (its rest) will write."""
         total = 0
-        for job in self.store.queue():
-            if job.job_id not in self._estimates:
+        queued = self.store.queued_ids()
+        keep = {*queued, self.executor.current_job}
+        self._estimates = {k: v for k, v in self._estimates.items() if k in keep}
+        for job_id in queued:
+            if job_id not in self._estimates:  # queued before a restart
                 try:
-                    est = estimate_plan(parse_plan(job.plan), self.executor.instruments)
+                    plan = parse_plan(self.store.get(job_id).plan)
+                    est = estimate_plan(plan, self.executor.instruments)
                 except Exception:
                     est = None
-                self._estimates[job.job_id] = est.disk_bytes if est else 0
-            total += self._estimates[job.job_id]
+                self._estimates[job_id] = est.disk_bytes if est else 0
+            total += self._estimates[job_id]
         running = self.executor.current_job
         if running is not None and running in self._estimates:
             job = self.store.get(running)
