@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
-import scipy.fft as sfft
 from pydantic import BaseModel, ConfigDict, Field
 
 # CODATA 2018 constants (SI)
@@ -442,6 +441,8 @@ def image_intensity(
         raise ValueError("image_intensity needs a full (non-rfft) FrequencyGrid")
     if wave_fft.shape != grid.shape:
         raise ValueError(f"wave_fft shape {wave_fft.shape} does not match grid {grid.shape}")
+    import scipy.fft as sfft  # here, not at import: `import scherzer.stack` stays light
+
     t = wave_transfer(optics, grid, defocus_nm, envelopes)
     img = sfft.ifft2(wave_fft.astype(np.complex64) * t, workers=fft_workers(), overwrite_x=True)
     out = (img.real * img.real + img.imag * img.imag).astype(np.float32)
