@@ -33,6 +33,7 @@ from scherzer.simulators.scan_distortion import (
     ScanDistortion,
     SpectrumParams,
     sample_truth,
+    series_from_image,
     simulate_distorted_series,
 )
 from scherzer.simulators.scan_truth import (
@@ -291,3 +292,23 @@ def test_other_modes_sets_and_references(rotation_mode, params, limit_px) -> Non
     result = correct_scan_distortion(frames, params, rot)
     assert pixel_residual_px(result.fields_px, truth, mask) <= limit_px
     assert not result.flagged
+
+
+def test_real_srtio3_content_through_a_distorted_scan(testdata_dir: Path) -> None:
+    """The real 1024² SrTiO3 STEM image as the specimen, scanned at 2 image pixels per scan
+    pixel (≈0.02 nm) through the same kind of distortions (drift with acceleration and a random
+    walk, 50 Hz pick-up, flyback, jitter), 20 counts/px, 6 × 192²: ≤ 0.15 px per pixel
+    (measured 0.133; rigid 0.40) — real contrast, not the simulator's."""
+    image = import_stack(testdata_dir / "ncempy/16_STOimage_1.ser").frames[0]
+    in_image_px = ScanDistortion(
+        drift_nm_per_s=(25.0, -15.0), acceleration_nm_per_s2=(40.0, 30.0),
+        random_walk_nm_per_sqrt_s=2.0, mains_nm=(0.4, 0.3), flyback_settle_nm=1.0,
+        jitter_px=0.05,
+    )  # fmt: skip
+    frames, truth = series_from_image(image, step_px=2.0, distortion=in_image_px, seed=0)
+    result = correct_scan_distortion(frames, NonrigidParams())
+    mask = row_start_mask(frames.shape[1:], np.zeros(len(frames)))
+    ours = pixel_residual_px(result.fields_px, truth, mask)
+    rigid = np.broadcast_to(result.rigid_shifts_px[:, :, None, None], result.fields_px.shape)
+    assert ours <= 0.15
+    assert pixel_residual_px(rigid, truth, mask) > 2.5 * ours
