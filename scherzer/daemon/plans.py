@@ -76,14 +76,13 @@ ProcessingStep = str | dict[str, Any]
 
 def _curve_name_only(name: str) -> Any:
     """At plan validation a camera curve is a name in the daemon's calibrations directory,
-    resolved when the processing runs; here only its form is checked."""
+    resolved when the processing runs (:func:`~scherzer.daemon.calibrations.calibration_loader`);
+    here only its form is checked and a placeholder curve stands in."""
     import numpy as np
 
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(
-            f"a camera curve is the name of a file in the daemon's calibrations directory, "
-            f"not a path; got {name!r}"
-        )
+    from scherzer.daemon.calibrations import check_calibration_name
+
+    check_calibration_name(name)
     return np.ones(2)
 
 
