@@ -2,11 +2,13 @@
 
 One simulated series (module fixture, ~2 s): 22 energies 100–520 eV, slit 20 eV, across C K
 (284 eV) and Ti L2,3 (456 eV) on a carbon film with TiO2 and Fe2O3 particles, automatic exposure,
-a steady specimen drift of (0.003, −0.002) nm/s on 0.5 nm pixels.
+a steady specimen drift of (0.003, −0.002) nm/s on 0.5 nm pixels; the first exposure (8 s) is
+too long at 100 eV, so the series shortens it once before lengthening it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,13 +27,15 @@ from scherzer.simulators.microscope import DriftModel, SimClock
 SLIT_EV = 20.0
 TI_ONSET_EV = EDGES["Ti"].onset_ev
 SETTINGS = eftem.ExposureSettings(
-    initial_exposure_s=0.25, low_counts=5000, high_counts=16000, target_counts=9000
+    initial_exposure_s=8.0, low_counts=5000, high_counts=16000, target_counts=9000
 )
 
 
 @pytest.fixture(scope="module")
 def series():
-    specimen = make_eftem_specimen(seed=1, n_particles=25, radius_nm=(2.5, 6.0))
+    specimen = make_eftem_specimen(
+        seed=1, n_particles=25, radius_nm=(2.5, 6.0), film_thickness_nm=5.0
+    )
     clock = SimClock()
     drift = DriftModel(velocity_nm_per_s=(0.003, -0.002), seed=0)
     sim = VirtualEnergyFilter(
@@ -71,7 +75,7 @@ def test_exposures_are_powers_of_two_and_change_only_across_thresholds(series) -
     at_bound = s.exposures_s[:-1] >= SETTINGS.max_exposure_s
     assert np.all(changed | inside[:-1] | at_bound), "counts left the band, exposure kept"
     # the series falls by orders of magnitude and rises at the C K edge: both directions occur
-    assert s.exposures_s.max() / s.exposures_s.min() >= 64
+    assert s.exposures_s.max() / s.exposures_s.min() >= 32
     assert np.any(ratios > 1) and np.any(ratios < 1)
 
 
@@ -81,10 +85,19 @@ def test_dark_references_only_for_new_exposures(series) -> None:
     changes = int(np.sum(np.diff(s.exposures_s) != 0))
     assert s.darks_acquired == len(darks) == len(set(exposures))
     assert s.darks_acquired <= changes + 1
-    assert s.darks_reused == len(exposures) - s.darks_acquired > 0  # returned to an exposure
+    assert s.darks_reused == len(exposures) - s.darks_acquired
     # each dark was taken when its exposure was first used, in that order
     first_use = list(dict.fromkeys(exposures))
     assert [t for t, _ in darks] == first_use == s.dark_exposures_s
+
+
+def test_dark_cache_reuses_a_seen_exposure() -> None:
+    taken = []
+    cache = eftem.DarkCache(lambda t: taken.append(t) or np.full((4, 4), 100.0 + t), n_frames=2)
+    for t in (1.0, 2.0, 2.0, 1.0, 4.0, 1.0):
+        assert cache.get(t)[0, 0] == 100.0 + t
+    assert taken == [1.0, 1.0, 2.0, 2.0, 4.0, 4.0]  # two frames averaged per reference
+    assert (cache.acquired, cache.reused, cache.exposures_s()) == (3, 3, [1.0, 2.0, 4.0])
 
 
 def test_next_exposure_rules() -> None:
@@ -98,9 +111,9 @@ def test_next_exposure_rules() -> None:
     image = np.full((8, 8), 100.0)
     assert eftem.next_exposure(image, st.max_exposure_s, st) == st.max_exposure_s
     rates = [20000.0 / 2**k for k in range(12)]  # falls 2× per image
-    schedule = eftem.exposure_schedule(rates, st)
+    schedule = eftem.exposure_schedule(rates, dataclasses.replace(st, initial_exposure_s=0.25))
     assert all(eftem._is_power_of_two(t) for t in schedule)
-    assert schedule[0] == st.initial_exposure_s and schedule[-1] > 64 * schedule[0]
+    assert schedule[0] == 0.25 and schedule[-1] > 64 * schedule[0]
 
 
 def test_settings_are_validated_by_pydantic() -> None:
@@ -181,7 +194,11 @@ def test_drift_measured_on_pre_edge_images_removed_from_all(series, aligned) -> 
     true = np.array([t["shift_px"] for t in truths])
     true -= true[refs[0]]
     assert np.ptp(true, axis=0).max() > 5.0  # the drift is real: several pixels
-    residual = np.hypot(*(aligned.shifts_px - true).T)
+    # statistic: |applied − true| per image after removing the mean over the series (a common
+    # offset of all frames is no misregistration); tolerance 0.1 px for every image, measured
+    # and extrapolated alike (8 noise seeds: 0.03–0.08 px)
+    error = aligned.shifts_px - true
+    residual = np.hypot(*(error - error.mean(axis=0)).T)
     assert residual.max() < 0.1, residual
 
 
