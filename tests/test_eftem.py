@@ -22,7 +22,7 @@ from scherzer.simulators.energy_filter import (
     VirtualEnergyFilter,
     make_eftem_specimen,
 )
-from scherzer.simulators.microscope import DriftModel, SimClock
+from scherzer.simulators.microscope import DriftModel, SimClock, VirtualMicroscope
 
 SLIT_EV = 20.0
 TI_ONSET_EV = EDGES["Ti"].onset_ev
@@ -284,3 +284,17 @@ def test_filter_settings_limits_and_intensity_range() -> None:
     expected = truth["expected_dark_counts"]
     assert abs(dark.mean() - expected.mean()) < 0.5
     assert np.all(dark == np.rint(dark))  # integer read-out
+
+
+def test_filter_on_the_virtual_microscope_shares_clock_drift_and_stage() -> None:
+    scope = VirtualMicroscope(
+        camera_shape=(64, 64), seed=4, drift=DriftModel(velocity_nm_per_s=(0.01, 0.0))
+    )
+    sim = VirtualEnergyFilter.on_microscope(scope, make_eftem_specimen((32, 32), seed=4))
+    sim.set_energy_offset_ev(300.0)
+    start = scope.clock.now_s()
+    _, record, first = sim.acquire(10.0)
+    assert scope.clock.now_s() == start + 10.0 and record.time_s == start
+    scope.move_stage_nm(0.0, 1.0)  # 2 px at 0.5 nm/px
+    _, _, second = sim.acquire(10.0)
+    np.testing.assert_allclose(second["shift_px"] - first["shift_px"], [0.2, 2.0], atol=1e-9)

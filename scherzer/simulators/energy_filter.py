@@ -47,7 +47,7 @@ from scipy import ndimage
 
 from scherzer.drivers.base import LimitExceeded
 from scherzer.simulators.detector import CameraModel
-from scherzer.simulators.microscope import SimClock
+from scherzer.simulators.microscope import SimClock, VirtualMicroscope
 from scherzer.stack import FrameRecord
 
 __all__ = [
@@ -390,6 +390,23 @@ class VirtualEnergyFilter:
         self._offset_set_s = self.clock.now_s()
         self._index = 0
         self.reset_truth()
+
+    @classmethod
+    def on_microscope(
+        cls, microscope: VirtualMicroscope, specimen: EFTEMSpecimen, **kwargs
+    ) -> VirtualEnergyFilter:
+        """A filter on ``microscope``: its clock, its drift + stage displacement and its camera
+        model (or the detector defaults) act on every EFTEM frame; ``seed`` defaults to the
+        microscope's. Other keywords as for the constructor."""
+        kwargs.setdefault("seed", microscope.seed)
+        return cls(
+            specimen,
+            camera=microscope.camera,
+            clock=microscope.clock,
+            displacement_nm=microscope.displacement_nm,
+            readout_s=microscope.readout_s,
+            **kwargs,
+        )
 
     def reset_truth(self) -> None:
         """Shifts in truth are measured from the content position now."""
