@@ -128,8 +128,8 @@ class ExposureSettings:
             problems.append("need min_exposure_s ≤ initial_exposure_s ≤ max_exposure_s")
         if not (0 < self.low_counts and 2 * self.low_counts < self.high_counts):
             problems.append("need 0 < low_counts and 2 × low_counts < high_counts")
-        elif not self.low_counts <= self.target_counts <= self.high_counts:
-            problems.append("need low_counts ≤ target_counts ≤ high_counts")
+        elif not self.low_counts <= self.target_counts <= self.high_counts < self.saturation_counts:
+            problems.append("need low_counts ≤ target_counts ≤ high_counts < saturation_counts")
         if not 0 < self.percentile <= 100:
             problems.append(f"percentile must be in (0, 100]; got {self.percentile}")
         if self.dark_frames < 1 or not 0 <= self.max_saturated_fraction < 1:

@@ -276,7 +276,7 @@ def _components(
             elements[element] += tp * rho
     for element, n in elements.items():
         comps.append((n, lambda e, edge=EDGES[element]: _edge(e, edge)))
-    return comps  # fmt: skip
+    return comps
 
 
 def window_integrals(
