@@ -196,6 +196,23 @@ def test_align_output_opens_in_hyperspy_in_the_right_orientation(tmp_path: Path,
     assert 4 <= iy <= 16 and 54 <= ix <= 70, (iy, ix)  # the block, near the top right
 
 
+def test_a_stack_saved_again_by_hyperspy_imports_with_its_records(tmp_path: Path) -> None:
+    """Opened and saved by HyperSpy, one of our stacks keeps its calibration, instrument and
+    per-frame records (nominal and read-back defocus) when imported back."""
+    stack = asymmetric_stack()
+    ours, resaved = tmp_path / "ours.hspy", tmp_path / "resaved.hspy"
+    sio.write_stack(ours, stack)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load(ours).save(str(resaved))
+    back = sio.import_stack(resaved)
+    np.testing.assert_array_equal(back.frames, stack.frames)
+    assert back.pixel_size_nm == pytest.approx(PIXEL_NM)
+    assert back.instrument["voltage_kv"] == 300.0
+    for col in ("defocus_nominal_nm", "defocus_readback_nm", "time_s", "exposure_s"):
+        np.testing.assert_array_equal(back.column(col), stack.column(col), err_msg=col)
+
+
 # --- our .emd in rosettasciio and ncempy ---------------------------------------------------------
 
 

@@ -35,7 +35,13 @@ from scherzer.io.errors import EmdError, existing_file
 from scherzer.io.hdf5 import is_ours, jsonable, open_ours, open_read, read_attrs
 from scherzer.io.metadata import hyperspy_metadata, instrument_metadata, tia_frame_times
 from scherzer.io.rsciio_reader import read_checked, rsciio_module
-from scherzer.stack import FrameRecord, ImageStack, StackError
+from scherzer.stack import (
+    RECORD_DTYPE,
+    FrameRecord,
+    ImageStack,
+    StackError,
+    records_from_array,
+)
 
 __all__ = [
     "FORMAT_NAMES",
@@ -84,6 +90,9 @@ class ImportedSignal:
     ``axes`` is one ``(name, scale, offset, units)`` per array axis; lengths are in nm.
     ``metadata`` holds what was found: ``voltage_kv``, ``magnification``, ``dwell_us``,
     ``exposure_s``, ``detector``, ``microscope``, ``frame_times_s``, ``title``, … (JSON-able).
+    ``records``: Scherzer's per-frame table (``scherzer.stack.RECORD_DTYPE`` columns, one row per
+    frame) when the file carries it — a HyperSpy file saved from one of ours keeps it in
+    ``original_metadata.records``; else None.
     """
 
     data: np.ndarray
@@ -91,6 +100,7 @@ class ImportedSignal:
     axes: list[Axis]
     metadata: dict[str, Any] = field(default_factory=dict)
     source_format: str = ""
+    records: np.ndarray | None = None
 
 
 def _sniff_hdf5(path: Path) -> str:
@@ -335,7 +345,22 @@ def _from_rsciio(d: dict, fmt: str, index: int, stem: str) -> ImportedSignal:
     if fmt == "tia":
         md.update(tia_frame_times(d.get("original_metadata") or {}, data.shape[0]))
     name = md.get("title") or md.get("detector") or (stem if index == 0 else f"{stem}_{index}")
-    return ImportedSignal(data, str(name), axes, md, FORMAT_NAMES[fmt])
+    records = _our_records(d.get("original_metadata") or {}, data.shape[0] if data.ndim else 0)
+    return ImportedSignal(data, str(name), axes, md, FORMAT_NAMES[fmt], records)
+
+
+def _our_records(om: dict, n: int) -> np.ndarray | None:
+    """Our per-frame records from ``original_metadata.records`` (a HyperSpy file saved from
+    one of ours), when it has every column and at least one row per frame."""
+    table = om.get("records")
+    if not isinstance(table, np.ndarray) or table.dtype.names is None or n == 0:
+        return None
+    if not set(RECORD_DTYPE.names) <= set(table.dtype.names) or table.shape[0] < n:
+        return None
+    out = np.zeros(n, dtype=RECORD_DTYPE)
+    for col in RECORD_DTYPE.names:
+        out[col] = table[col][:n]
+    return out
 
 
 # =============================================================================================
@@ -441,7 +466,10 @@ def _frames_yx(data: np.ndarray, axes: list[Axis], notes: list[str]) -> tuple[np
 
 
 def _records(sig: ImportedSignal, frame_axis: Axis, n: int) -> list[FrameRecord]:
-    """One record per frame: times (TIA stamps or a frame axis in s), exposure/dwell, signal."""
+    """One record per frame: our own records if the file carries them, else times (TIA stamps
+    or a frame axis in s), exposure/dwell and the signal name."""
+    if sig.records is not None and sig.records.shape[0] == n:
+        return records_from_array(sig.records)
     md = sig.metadata
     times = md.get("frame_times_s")
     if times is None and frame_axis[3] == "s":
