@@ -322,26 +322,33 @@ def series_from_image(
     as the specimen): every scan pixel samples ``image`` (cubic spline) at its distorted
     position, one scan pixel = ``step_px`` image pixels, scan centred on the image; counts
     scaled to ``mean_counts`` per pixel (dark level = image minimum) with Poisson noise.
-    Distances in ``distortion`` are in *image pixels* (its "nm"). Returns (frames (n, size,
-    size) float32 in scan coordinates, truth (n, size, size, 2) float32: sampled position in
-    scan pixels)."""
+    ``image`` (H, W), or (signals, H, W) for simultaneous signals (e.g. ADF and ABF) sampled
+    at the same positions. Distances in ``distortion`` are in *image pixels* (its "nm").
+    Returns (frames (n, size, size) — or (signals, n, size, size) — float32 in scan
+    coordinates, truth (n, size, size, 2) float32: sampled position in scan pixels)."""
     from scipy import ndimage
 
     dist = distortion or ScanDistortion()
     rng = np.random.default_rng(seed)
-    img = np.asarray(image, dtype=np.float64)
-    img = (img - img.min()) * (mean_counts / max(float(np.mean(img - img.min())), 1e-12))
-    coeffs = ndimage.spline_filter(img, 3, mode="mirror")
-    centre = ((img.shape[0] - 1) / 2.0, (img.shape[1] - 1) / 2.0)
+    imgs = np.asarray(image, dtype=np.float64)
+    single = imgs.ndim == 2
+    imgs = imgs[None] if single else imgs
+    centre = ((imgs.shape[1] - 1) / 2.0, (imgs.shape[2] - 1) / 2.0)
     raster = ScanRaster(size, step_px, dwell_us, flyback_us, 0.0, centre)
     drift = dist.drift_fn(n_frames * raster.frame_time_s, rng)
     phase = float(rng.uniform(0, 2 * math.pi))
-    frames, truth = [], []
-    for i in range(n_frames):
-        pos, _ = _scan_positions(raster, i * raster.frame_time_s, dist, drift, phase, rng)
-        values = ndimage.map_coordinates(
-            coeffs, [pos[..., 0], pos[..., 1]], order=3, prefilter=False, mode="mirror"
-        )
-        frames.append(rng.poisson(np.clip(values, 0.0, None)).astype(np.float32))
-        truth.append((pos / step_px).astype(np.float32))
-    return np.stack(frames), np.stack(truth)
+    positions = [
+        _scan_positions(raster, i * raster.frame_time_s, dist, drift, phase, rng)[0]
+        for i in range(n_frames)
+    ]  # all positions first: the noise draws below do not change them
+    frames = np.empty((len(imgs), n_frames, size, size), np.float32)
+    for k, img in enumerate(imgs):
+        img = (img - img.min()) * (mean_counts / max(float(np.mean(img - img.min())), 1e-12))
+        coeffs = ndimage.spline_filter(img, 3, mode="mirror")
+        for i, pos in enumerate(positions):
+            values = ndimage.map_coordinates(
+                coeffs, [pos[..., 0], pos[..., 1]], order=3, prefilter=False, mode="mirror"
+            )
+            frames[k, i] = rng.poisson(np.clip(values, 0.0, None))
+    truth = (np.stack(positions) / step_px).astype(np.float32)
+    return (frames[0] if single else frames), truth
