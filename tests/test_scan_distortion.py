@@ -360,3 +360,15 @@ def test_real_adf_fields_correct_the_simultaneous_real_abf(testdata_dir: Path) -
     ideal = ndimage.map_coordinates(both[1] - both[1].min(), [pos[..., 0], pos[..., 1]], order=3)
     _, _, average, count = apply_fields(frames[1], result)
     assert ncc(average, ideal, count >= frames.shape[1]) >= 0.95
+
+
+def test_frames_as_acquired_give_the_same_result(pairs) -> None:
+    """``as_acquired=True`` turns the frames back by their scan rotations first: same fields."""
+    series, result = pairs
+    stack = series["HAADF"]
+    again = correct_scan_distortion(
+        stack.frames, NonrigidParams(), stack.ground_truth["rotation_deg"], as_acquired=True
+    )
+    np.testing.assert_allclose(again.fields_px, result.fields_px, atol=1e-4)
+    with pytest.raises(ScanDistortionError, match="rotations_deg"):
+        correct_scan_distortion(stack.frames, as_acquired=True)
