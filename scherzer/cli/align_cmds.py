@@ -206,7 +206,7 @@ def add_align(sub: Any) -> None:
         parents=[output_options()],
     )
     p.add_argument("file", type=Path, help="the stack to align (any readable format)")
-    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.hspy: HyperSpy + EMD)")
     _add_rigid_options(p)
     p.add_argument(
         "--reference",
@@ -286,7 +286,7 @@ def _align_signal(args: argparse.Namespace) -> Outcome:
         for stack in emd.import_stacks(other):
             corrected, average = _apply_to(kind, correction, stack)
             name = stack.signal or "frames"
-            out = args.out_dir / f"{Path(other).stem}_{name}_aligned.h5"
+            out = args.out_dir / f"{Path(other).stem}_{name}_aligned.hspy"
             emd.write_stack(out, dataclasses.replace(stack, frames=corrected), name=name)
             emd.write_result(out, f"average_{name}", np.asarray(average, np.float32))
             written.append(str(out))
@@ -310,6 +310,6 @@ def add_align_signal(sub: Any) -> None:
         "--out-dir",
         type=Path,
         default=Path("."),
-        help="where <file>_<signal>_aligned.h5 are written (default .)",
+        help="where <file>_<signal>_aligned.hspy are written (default .)",
     )
     p.set_defaults(func=_align_signal)

@@ -91,7 +91,7 @@ def _add_common_simulation(p: argparse.ArgumentParser, specimen: str, n: int, wh
     p.add_argument("--size", type=positive_int, default=256,
                    help="frame size in pixels (default 256)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.hspy: HyperSpy + EMD)")
 
 
 def _add_simulate_focal(ssub: Any) -> None:
@@ -197,18 +197,24 @@ def _restore_steps(args: argparse.Namespace) -> list[Any]:
         "mtf": None if args.mtf is None else str(args.mtf),
         "nps": None if args.nps is None else str(args.nps),
     }
-    return restore_steps(values, load_camera_curve)
+
+    def load_curve(path: str) -> Any:
+        return load_camera_curve(path, convention=args.curve_convention, signal=args.curve_signal)
+
+    return restore_steps(values, load_curve)
 
 
 def _restore(args: argparse.Namespace) -> Outcome:
     code, result, text, _ = process(args, _restore_steps(args))
     reg = result["focal_register"]
-    keys = ("reference_index", "defocus_nm", "relative_defocus_nm", "shifts_px",
-            "peak_heights", "astigmatism_nm", "astigmatism_deg")  # fmt: skip
-    out = {k: reg[k] for k in keys}
+    keys = ("reference_index", "defocus_nm", "relative_defocus_nm", "shifts_px", "peak_heights",
+            "astigmatism_nm", "astigmatism_deg", "images", "suspect_below")  # fmt: skip
+    out = {k: reg[k] for k in keys if k in reg}
     out.update(seconds=result["seconds"], wall_s=result["wall_s"])
+    low = float(reg.get("suspect_below", 0.01))  # FTSR: peaks below ~0.01 are suspect
     lines = [
         f"image {i:3d}: c1 {d:8.2f} nm, drift ({s[0]:+.2f}, {s[1]:+.2f}) px, peak {p:.3f}"
+        + ("  SUSPECT" if p < low else "")
         for i, (d, s, p) in enumerate(
             zip(reg["defocus_nm"], reg["shifts_px"], reg["peak_heights"], strict=True)
         )
@@ -224,7 +230,7 @@ def add_restore(sub: Any) -> None:
         parents=[output_options()],
     )
     p.add_argument("file", type=Path, help="the focal series (any readable format)")
-    p.add_argument("--out", type=Path, required=True, help="output file (.h5)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.hspy: HyperSpy + EMD)")
     p.add_argument("--reference", type=non_negative_int, default=None,
                    help="reference image index (default: automatic)")  # fmt: skip
     p.add_argument("--exclude", type=int_list, default=None,
@@ -236,6 +242,11 @@ def add_restore(sub: Any) -> None:
     for name in ("mtf", "nps"):
         p.add_argument(f"--{name}", type=Path, default=None, help=f"camera {name.upper()}: "
                        "DM3/DM4 1-D profile (FTSR diagonal convention), .npy, text")  # fmt: skip
+    p.add_argument("--curve-convention", choices=("nyquist", "diagonal"), default=None,
+                   help="1-D MTF/NPS samples span 0..Nyquist or 0..sqrt2 (FTSR's diagonal); "
+                   "default: diagonal for DM3/DM4, nyquist for .npy/text")  # fmt: skip
+    p.add_argument("--curve-signal", type=non_negative_int, default=None,
+                   help="the DM file's 1-D signal holding the curve (default: first)")  # fmt: skip
     p.add_argument("--iterations", type=non_negative_int, default=0,
                    help="non-linear refinement steps (default 0)")  # fmt: skip
     p.add_argument("--crystal", action="store_true", help="crystal-only field (no amorphous area)")

@@ -78,6 +78,7 @@ class StepOutput:
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    dims: dict[str, list[tuple[str, str, np.ndarray | None]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -288,6 +289,12 @@ def step_focal_register(ctx: PipelineContext, step: FocalRegisterStep) -> StepOu
     return out
 
 
+def _yx_dims(shape: tuple[int, ...], pixel_nm: float) -> list[tuple[str, str, np.ndarray]]:
+    """y/x axes in nm of an image on the given pixel grid (an area crop keeps the pixel size)."""
+    ny, nx = shape[-2:]
+    return [("y", "nm", np.arange(ny) * pixel_nm), ("x", "nm", np.arange(nx) * pixel_nm)]
+
+
 def step_restore(ctx: PipelineContext, step: RestoreStep) -> StepOutput:
     """Exit-wave restoration (registration runs first, with ``step.register``, if needed)."""
     from scherzer.processing.focal import FocalParams, intensity_frames
@@ -333,6 +340,7 @@ def step_restore(ctx: PipelineContext, step: RestoreStep) -> StepOutput:
             "restore_seconds": float(res.seconds),
         },
         arrays={"exit_wave": res.wave.astype(np.complex64)},
+        dims={"exit_wave": _yx_dims(res.wave.shape, pixel_nm)},
     )
     plot_dir = _plot_dir(ctx)
     if plot_dir is not None:
