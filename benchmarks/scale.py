@@ -51,9 +51,9 @@ def _series(n: int, size: int, seed: int, out: Path) -> np.ndarray:
     """A drifting series of the real image (tiled for sizes over 1024) saved as TIFF."""
     code = textwrap.dedent(f"""
         import numpy as np, tifffile
-        from scherzer import emd
+        from scherzer import io as sio
         from scherzer.simulators.microscope import drifting_series_from_image
-        img = emd.import_stack({str(TESTDATA)!r}).frames[0].astype(float)
+        img = sio.import_stack({str(TESTDATA)!r}).frames[0].astype(float)
         reps = -(-({size} + 64) // img.shape[0])
         img = np.tile(img, (reps, reps))
         frames, truth = drifting_series_from_image(img, n_frames={n}, size_px={size},

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from scherzer import emd
+from scherzer import io as sio
 from scherzer.stack import ImageStack
 
 __all__ = ["DemoSettings", "focal_comparison", "focal_table", "run_demo", "scan_comparison"]
@@ -206,8 +206,8 @@ def _job_result(
     if job.state != "done":
         out["error"] = job.error.message if job.error else "?"
         return out
-    summary = emd.read_processing_summary(job.output_file, step)
-    out.update(compare(emd.read_stack(job.output_file, stack_name), summary))
+    summary = sio.read_processing_summary(job.output_file, step)
+    out.update(compare(sio.read_stack(job.output_file, stack_name), summary))
     out["process_seconds"] = float(summary["seconds"])
     return out
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import scherzer
-from scherzer import emd
+from scherzer import io as sio
 from scherzer.processing.focal import camera_offset_counts
 from scherzer.simulators.hrtem import simulate_focal_series
 from scherzer.simulators.microscope import drifting_series_from_image
@@ -22,7 +22,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.fixture(scope="module")
 def real_series(testdata_dir: Path):
     """A real STEM image of SrTiO3 (ncempy test data) moved by known sub-pixel shifts."""
-    image = emd.import_stack(testdata_dir / "ncempy/16_STOimage_1.ser").frames[0]
+    image = sio.import_stack(testdata_dir / "ncempy/16_STOimage_1.ser").frames[0]
     frames, truth = drifting_series_from_image(
         image.astype(np.float64), n_frames=6, size_px=192, dose_e_per_px=50.0, seed=3
     )

@@ -25,7 +25,7 @@ from bluesky.utils import FailedStatus, RunEngineInterrupted
 from scherzer.clients.bluesky import JobFailed, job_plan, scherzer_devices
 from scherzer.clients.bluesky_link import _frames_in_file, _shape_in_file
 from scherzer.clients.client import DaemonError, LocalDaemon
-from scherzer.emd import read_stack, read_stacks
+from scherzer.io import read_stack, read_stacks
 
 pytestmark = pytest.mark.timeout(120)
 

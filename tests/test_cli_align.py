@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scherzer import emd
+from scherzer import io as sio
 from scherzer.cli import main
 from scherzer.simulators.microscope import drifting_series_from_image
 from scherzer.stack import ImageStack
@@ -16,12 +16,12 @@ from scherzer.stack import ImageStack
 
 @pytest.fixture(scope="module")
 def drifting_file(testdata_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    image = emd.import_stack(testdata_dir / "ncempy/16_STOimage_1.ser").frames[0]
+    image = sio.import_stack(testdata_dir / "ncempy/16_STOimage_1.ser").frames[0]
     frames, truth = drifting_series_from_image(
         image.astype(np.float64), n_frames=8, size_px=256, dose_e_per_px=20.0, seed=4
     )
     path = tmp_path_factory.mktemp("align") / "series.h5"
-    emd.write_stack(path, ImageStack(frames, pixel_size_nm=(0.01, 0.01)), name="HAADF")
+    sio.write_stack(path, ImageStack(frames, pixel_size_nm=(0.01, 0.01)), name="HAADF")
     return path, truth
 
 
@@ -45,9 +45,9 @@ def test_align_prints_the_documented_json_and_writes_file_and_plots(
     error = np.linalg.norm((shifts - shifts.mean(0)) - (truth - truth.mean(0)), axis=1)
     assert error.max() < 0.05, error
     assert {p.name for p in plots.iterdir()} >= {"shifts.png", "similarity.png", "average.png"}
-    written = emd.describe(out)
+    written = sio.describe(out)
     assert "align" in written["processing"]
-    assert len(emd.import_stacks(out)) >= 2  # the input frames and the aligned result
+    assert len(sio.import_stacks(out)) >= 2  # the input frames and the aligned result
 
 
 def test_align_reference_frame_and_roi_from_the_command_line(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scherzer import emd
+from scherzer import io as sio
 from scherzer.cli import main
 from scherzer.simulators.hrtem import simulate_focal_series
 
@@ -23,7 +23,7 @@ def miscalibrated(tmp_path_factory) -> Path:
         "srtio3_001", n=3, start_nm=-60, step_nm=10, size=256, pixel_nm=TRUE_PIXEL_NM, seed=2
     )
     path = tmp_path_factory.mktemp("cal") / "sto.h5"
-    emd.write_stack(path, dataclasses.replace(stack, pixel_size_nm=(0.025, 0.025)))
+    sio.write_stack(path, dataclasses.replace(stack, pixel_size_nm=(0.025, 0.025)))
     return path
 
 
@@ -37,7 +37,7 @@ def test_calibrate_recovers_the_pixel_size_and_writes_a_calibrated_copy(
     result = json.loads(capsys.readouterr().out)
     assert result["pixel_nm"] == pytest.approx(TRUE_PIXEL_NM, rel=2e-3)  # issue #15: 0.2 %
     assert result["recorded_pixel_nm"] == [0.025, 0.025]
-    assert emd.import_stack(out).pixel_size_nm == pytest.approx((result["pixel_nm"],) * 2)
+    assert sio.import_stack(out).pixel_size_nm == pytest.approx((result["pixel_nm"],) * 2)
 
 
 def test_calibrate_refuses_a_spacing_the_image_does_not_show(miscalibrated, capsys):

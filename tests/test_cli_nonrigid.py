@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from scherzer import emd
+from scherzer import io as sio
 from scherzer.cli import main
 from scherzer.simulators.scan_distortion import ScanDistortion, simulate_distorted_series
 
@@ -27,9 +27,9 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
     )  # fmt: skip
     d = tmp_path_factory.mktemp("nonrigid")
     both, abf = d / "series.h5", d / "abf.h5"
-    emd.write_stack(both, series["HAADF"], name="HAADF")
-    emd.write_stack(both, series["ABF"], name="ABF", mode="a")
-    emd.write_stack(abf, series["ABF"], name="ABF")
+    sio.write_stack(both, series["HAADF"], name="HAADF")
+    sio.write_stack(both, series["ABF"], name="ABF", mode="a")
+    sio.write_stack(abf, series["ABF"], name="ABF")
     return both, abf
 
 
@@ -51,13 +51,13 @@ def test_nonrigid_from_the_command_line(files, tmp_path, capsys):
     average = tifffile.imread(avg)
     assert average.dtype == np.float32 and average.shape == (128, 128)
     assert np.isfinite(average).mean() > 0.9  # NaN only where no frame saw
-    fields = emd.read_result(out, "fields_nonrigid_HAADF")
+    fields = sio.read_result(out, "fields_nonrigid_HAADF")
     assert fields.shape == (4, 2, 128, 128) and np.isfinite(fields).all()
-    in_file = emd.read_stack(out, "nonrigid_ABF").frames
+    in_file = sio.read_stack(out, "nonrigid_ABF").frames
     # the same fields applied to the ABF kept in another file
     code, applied = _run(["align-signal", str(out), str(abf), "--out-dir", str(tmp_path)], capsys)
     assert code == 0 and applied["correction"] == "nonrigid"
-    separate = emd.read_stack(applied["written"][0], "ABF").frames
+    separate = sio.read_stack(applied["written"][0], "ABF").frames
     np.testing.assert_allclose(separate, in_file, atol=1e-4)
 
 
@@ -68,8 +68,8 @@ def test_rigid_align_signal_applies_the_stored_shifts(files, tmp_path, capsys):
     assert code == 0
     code, applied = _run(["align-signal", str(out), str(abf), "--out-dir", str(tmp_path)], capsys)
     assert code == 0 and applied["correction"] == "align"
-    separate = emd.read_stack(applied["written"][0], "ABF").frames
-    np.testing.assert_allclose(separate, emd.read_stack(out, "aligned_ABF").frames, atol=1e-3)
+    separate = sio.read_stack(applied["written"][0], "ABF").frames
+    np.testing.assert_allclose(separate, sio.read_stack(out, "aligned_ABF").frames, atol=1e-3)
 
 
 @pytest.mark.parametrize(

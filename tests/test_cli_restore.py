@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scherzer import emd
+from scherzer import io as sio
 from scherzer.cli import main
 
 DM_PROFILE = "rosettasciio/dm/multi_signal.dm3"  # signal 1: a 512-point float32 line profile
@@ -31,7 +31,7 @@ def test_restore_prints_ftsr_like_output_against_the_truth(series, tmp_path, cap
     out = tmp_path / "ew.hspy"
     assert main(["restore", str(series), "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    truth = np.asarray(emd.read_stack(series).ground_truth["defocus_nm"])
+    truth = np.asarray(sio.read_stack(series).ground_truth["defocus_nm"])
     ref = result["reference_index"]
     assert 0 < ref < len(truth) - 1  # never the first or the last image
     rel = np.asarray(result["relative_defocus_nm"])
@@ -45,7 +45,7 @@ def test_restore_prints_ftsr_like_output_against_the_truth(series, tmp_path, cap
     waves = [s for s in (signals if isinstance(signals, list) else [signals])
              if s.__class__.__name__ == "ComplexSignal2D"]  # fmt: skip
     assert len(waves) == 1
-    pixel = emd.read_stack(series).pixel_size_nm[1]
+    pixel = sio.read_stack(series).pixel_size_nm[1]
     assert waves[0].axes_manager.signal_axes[0].scale == pytest.approx(pixel)
     assert waves[0].axes_manager.signal_axes[0].units == "nm"
 
@@ -55,6 +55,6 @@ def test_restore_with_a_digitalmicrograph_mtf_profile(series, tmp_path, testdata
     argv = ["restore", str(series), "--out", str(tmp_path / "ew.hspy"), "--mtf", str(profile),
             "--curve-signal", "1", "--json"]  # fmt: skip
     assert main(argv) == 0
-    params = emd.read_processing(tmp_path / "ew.hspy", "focal_register")
+    params = sio.read_processing(tmp_path / "ew.hspy", "focal_register")
     assert "mtf" not in params or params["mtf"] is None or params  # curves are arrays, not paths
     assert json.loads(capsys.readouterr().out)["reference_index"] >= 0

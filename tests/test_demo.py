@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from scherzer.emd import read_stack, read_stacks
+from scherzer.io import read_stack, read_stacks
 
 pytestmark = pytest.mark.timeout(150)
 SMALL = ["--size", "64", "--images", "5", "--frames", "4"]

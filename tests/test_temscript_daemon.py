@@ -16,7 +16,7 @@ from helpers import wait_for
 from test_temscript import free_port, start_null_server, stop
 
 from scherzer.clients.client import LocalDaemon
-from scherzer.emd import read_stack
+from scherzer.io import read_stack
 
 
 def _config_knows_temscript() -> bool:
@@ -179,7 +179,7 @@ def sim_daemon(tmp_path, url: str) -> LocalDaemon:
 @pytest.mark.slow
 def test_crystal_edge_focal_series_through_temscript_sim_restores(tmp_path):
     from scherzer.drivers.temscript_sim import start_simulated
-    from scherzer.emd import read_processing_summary, read_result
+    from scherzer.io import read_processing_summary, read_result
     from scherzer.simulators.microscope import DriftModel, VirtualMicroscope
 
     drift = DriftModel(velocity_nm_per_s=(0.01, -0.006), seed=2)
@@ -222,7 +222,7 @@ def test_crystal_edge_focal_series_through_temscript_sim_restores(tmp_path):
 
 def test_rotated_scan_series_through_temscript_sim_aligns(tmp_path):
     from scherzer.drivers.temscript_sim import start_simulated
-    from scherzer.emd import read_processing_summary
+    from scherzer.io import read_processing_summary
     from scherzer.simulators.microscope import DriftModel, VirtualMicroscope
 
     drift = DriftModel(velocity_nm_per_s=(0.3, -0.2), seed=3)

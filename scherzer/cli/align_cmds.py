@@ -233,23 +233,23 @@ def add_align(sub: Any) -> None:
 # --- align-signal -------------------------------------------------------------------------------
 def _stored_correction(path: Path) -> tuple[str, Any]:
     """('nonrigid', fields-like object) or ('align', shifts) from an aligned file."""
-    from scherzer import emd
+    from scherzer import io as sio
     from scherzer.processing.scan_distortion import NonrigidParams
 
-    have = emd.describe(path).get("processing", {})
+    have = sio.describe(path).get("processing", {})
     if "nonrigid" in have:
-        params = emd.read_processing(path, "nonrigid")
+        params = sio.read_processing(path, "nonrigid")
         signal = params.pop("signal")
         params.pop("scan_rotation_deg", None)
-        flagged = emd.read_processing_summary(path, "nonrigid").get("flagged", [])
-        fields = emd.read_result(path, f"fields_nonrigid_{signal}")
+        flagged = sio.read_processing_summary(path, "nonrigid").get("flagged", [])
+        fields = sio.read_result(path, f"fields_nonrigid_{signal}")
         settings = NonrigidParams(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
         )
         return "nonrigid", types.SimpleNamespace(fields_px=fields, flagged=flagged, params=settings)
     if "align" in have:
-        table = emd.read_table(path, "alignment")
-        output = emd.read_processing(path, "align").get("output", "crop")
+        table = sio.read_table(path, "alignment")
+        output = sio.read_processing(path, "align").get("output", "crop")
         shifts = np.stack([table["shift_y_px"], table["shift_x_px"]], axis=1)
         return "align", (shifts, output)
     raise ValueError(f"{path} holds no alignment or non-rigid correction to apply")
@@ -277,18 +277,18 @@ def _apply_to(kind: str, correction: Any, stack: Any) -> tuple[np.ndarray, np.nd
 def _align_signal(args: argparse.Namespace) -> Outcome:
     import dataclasses
 
-    from scherzer import emd
+    from scherzer import io as sio
 
     kind, correction = _stored_correction(args.aligned)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for other in args.others:
-        for stack in emd.import_stacks(other):
+        for stack in sio.import_stacks(other):
             corrected, average = _apply_to(kind, correction, stack)
             name = stack.signal or "frames"
             out = args.out_dir / f"{Path(other).stem}_{name}_aligned.hspy"
-            emd.write_stack(out, dataclasses.replace(stack, frames=corrected), name=name)
-            emd.write_result(out, f"average_{name}", np.asarray(average, np.float32))
+            sio.write_stack(out, dataclasses.replace(stack, frames=corrected), name=name)
+            sio.write_result(out, f"average_{name}", np.asarray(average, np.float32))
             written.append(str(out))
     text = "\n".join(f"wrote {w}" for w in written)
     return 0, {"correction": kind, "written": written}, text

@@ -37,13 +37,13 @@ def _measure_frames(frames: np.ndarray, spacing_nm: float, guess: float | None) 
 
 
 def _calibrate(args: argparse.Namespace) -> Outcome:
-    from scherzer import emd
+    from scherzer import io as sio
     from scherzer.processing.calibrate import cubic_spacing_nm
 
     spacing = args.spacing_nm
     if args.hkl is not None:
         spacing = cubic_spacing_nm(args.spacing_nm, args.hkl)  # --spacing-nm is a
-    stack = emd.import_stack(args.file, signal=args.signal)
+    stack = sio.import_stack(args.file, signal=args.signal)
     values, problems = _measure_frames(stack.frames, spacing, args.guess_nm)
     good = values[np.isfinite(values)]
     if good.size == 0:
@@ -62,7 +62,7 @@ def _calibrate(args: argparse.Namespace) -> Outcome:
         f"frames, spread {100 * spread:.2f} %; recorded {stack.pixel_size_nm[0]:.6g} nm)"
     )
     if args.out is not None:
-        emd.write_stack(args.out, dataclasses.replace(stack, pixel_size_nm=(pixel, pixel)))
+        sio.write_stack(args.out, dataclasses.replace(stack, pixel_size_nm=(pixel, pixel)))
         result["out"] = str(args.out)
         text += f"\nwrote {args.out} with this pixel size (restore and align read it from there)"
     else:

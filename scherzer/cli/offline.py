@@ -35,7 +35,7 @@ SIMULATE_FOCAL_DEFAULTS = {"pixel_nm": 0.02, "start_nm": -100.0, "step_nm": 10.0
 
 # --- simulate -----------------------------------------------------------------------------------
 def _simulate_focal(args: argparse.Namespace) -> Outcome:
-    from scherzer import emd
+    from scherzer import io as sio
     from scherzer.simulators.hrtem import default_hrtem_optics, simulate_focal_series
 
     given = {k: v for k, v in overrides_from_args(args).given().items() if k in OPTICS_SETTINGS}
@@ -55,13 +55,13 @@ def _simulate_focal(args: argparse.Namespace) -> Outcome:
         pixel_nm=args.pixel_nm,
         seed=args.seed,
     )
-    emd.write_stack(args.out, stack, name="frames")
+    sio.write_stack(args.out, stack, name="frames")
     result = {"out": str(args.out), "frames": stack.n_frames, "shape": list(stack.frame_shape)}
     return 0, result, f"wrote {stack.n_frames} frames {stack.frame_shape} to {args.out}"
 
 
 def _simulate_scan(args: argparse.Namespace) -> Outcome:
-    from scherzer import emd
+    from scherzer import io as sio
     from scherzer.simulators.stem import simulate_rotated_scan
 
     signals = tuple(s.strip() for s in args.signals.split(",") if s.strip())
@@ -79,7 +79,7 @@ def _simulate_scan(args: argparse.Namespace) -> Outcome:
         seed=args.seed,
     )
     for i, (name, stack) in enumerate(stacks.items()):
-        emd.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
+        sio.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
     first = next(iter(stacks.values()))
     result = {"out": str(args.out), "signals": list(stacks), "frames": first.n_frames}
     return 0, result, f"wrote {first.n_frames} frames of {', '.join(stacks)} to {args.out}"
@@ -148,10 +148,10 @@ def add_simulate(sub: Any) -> None:
 
 # --- align / restore ----------------------------------------------------------------------------
 def _named_stacks(path: Path, signal: str | None) -> dict[str, Any]:
-    from scherzer import emd
+    from scherzer import io as sio
 
     named: dict[str, Any] = {}
-    for i, s in enumerate(emd.import_stacks(path)):
+    for i, s in enumerate(sio.import_stacks(path)):
         named[s.signal if s.signal and s.signal not in named else f"signal{i}"] = s
     if signal is not None:
         if signal not in named:
@@ -166,7 +166,7 @@ def process(
     """Import FILE, run the pipeline, write OUT (input frames + results). ``seconds`` in the
     result is the processing time; ``wall_s`` also counts reading and writing the files.
     Returns (code, summary, text, the PipelineResult)."""
-    from scherzer import emd
+    from scherzer import io as sio
     from scherzer.processing.pipeline import run_pipeline
 
     t0 = time.perf_counter()
@@ -174,8 +174,8 @@ def process(
     with step_progress(progress_enabled(args), args.command) as progress:
         result = run_pipeline(named, steps, plot_dir=args.plot, progress=progress)
     for i, (name, stack) in enumerate(named.items()):
-        emd.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
-    emd.store_pipeline_result(args.out, result)
+        sio.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
+    sio.store_pipeline_result(args.out, result)
     seconds = sum(o.seconds for o in result.outputs)
     summary = {"seconds": seconds, "wall_s": time.perf_counter() - t0, **result.summary()}
     return 0, summary, f"wrote {args.out}", result
@@ -285,9 +285,9 @@ def _is_flat_list(value: Any) -> bool:
 
 
 def _info(args: argparse.Namespace) -> Outcome:
-    from scherzer import emd
+    from scherzer import io as sio
 
-    summary = emd.describe(args.file)
+    summary = sio.describe(args.file)
     return 0, summary, _info_text(summary)
 
 

@@ -255,7 +255,7 @@ class DaemonLink:
 # --- the job file, when frame events were lost ---------------------------------------------------
 def _frames_in_file(job: P.JobInfo) -> tuple[FrameRef, ...]:
     """Every frame of a finished job from its file's records (needs the file on this host)."""
-    from scherzer.emd import read_stacks
+    from scherzer.io import read_stacks
 
     path = job.output_file or ""
     if not path or not Path(path).is_file():

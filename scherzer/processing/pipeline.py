@@ -6,7 +6,7 @@ validated once at the edge) run in order on the stacks of one acquisition: ``{"H
 for a focal series. Each step reads what earlier steps left in the :class:`PipelineContext` and
 adds :class:`StepOutput` s: stacks, arrays and tables to store, a JSON summary and the settings
 used. Steps are pure numerics; the only files they touch are PNG plots in ``plot_dir`` when one is
-given. Storing the outputs in a file is :func:`scherzer.emd.store_pipeline_result`.
+given. Storing the outputs in a file is :func:`scherzer.io.store_pipeline_result`.
 
 Steps
 -----
