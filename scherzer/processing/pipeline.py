@@ -121,6 +121,12 @@ def _plot_dir(ctx: PipelineContext) -> Path | None:
 
 
 # --- align -------------------------------------------------------------------------------------
+def _known_pixel_nm(stack: ImageStack) -> float | None:
+    """The stack's pixel size in nm, or None when not recorded ((1, 1) is ImageStack's
+    "unknown" default, as :func:`~scherzer.processing.focal.instrument_from_stack` reads it)."""
+    return None if tuple(stack.pixel_size_nm) == (1.0, 1.0) else float(stack.pixel_size_nm[1])
+
+
 def _rotated_back(stack: ImageStack) -> ImageStack:
     from scherzer.processing.registration import rotate_to_common
 
@@ -158,7 +164,8 @@ def _alignment_table(result: Any) -> np.ndarray:
 
 def step_align(ctx: PipelineContext, step: AlignStep) -> StepOutput:
     """Rigid alignment measured on ``step.signal`` (default the first) and applied to all."""
-    from scherzer.processing.registration import align_stack, plot_alignment
+    from scherzer.processing.plots import plot_alignment
+    from scherzer.processing.registration import align_stack
 
     signal = step.signal or next(iter(ctx.stacks))
     if signal not in ctx.stacks:
@@ -182,7 +189,9 @@ def step_align(ctx: PipelineContext, step: AlignStep) -> StepOutput:
     ctx.results["align"] = result
     plot_dir = _plot_dir(ctx)
     if plot_dir is not None:
-        out.plots = plot_alignment(result, out.arrays[f"average_{signal}"], plot_dir)
+        average = out.arrays[f"average_{signal}"]
+        pixel = _known_pixel_nm(stacks[signal])
+        out.plots = plot_alignment(result, average, plot_dir, pixel_nm=pixel, signal=signal)
     return out
 
 
@@ -285,7 +294,7 @@ def step_focal_register(ctx: PipelineContext, step: FocalRegisterStep) -> StepOu
     )
     plot_dir = _plot_dir(ctx)
     if plot_dir is not None:
-        out.plots = plot_registration(reg, plot_dir)
+        out.plots = plot_registration(reg, plot_dir, pixel_nm=pixel_nm)
     return out
 
 
@@ -344,7 +353,7 @@ def step_restore(ctx: PipelineContext, step: RestoreStep) -> StepOutput:
     )
     plot_dir = _plot_dir(ctx)
     if plot_dir is not None:
-        out.plots = plot_wave(res.wave, plot_dir)
+        out.plots = plot_wave(res.wave, plot_dir, pixel_nm=pixel_nm)
     return out
 
 
