@@ -124,6 +124,7 @@ def test_the_watchdog_fails_the_job_of_a_dead_executor(tmp_path, monkeypatch):
               "events_endpoint": f"tcp://127.0.0.1:{free_tcp_port()}"}  # fmt: skip
     settings = Settings(data_dir=tmp_path, server=server, logging={"console": "off"},
                         devices={"kind": "pattern", "camera_shape": [8, 8]})  # fmt: skip
+    logging_before = structlog.get_config()  # the daemon configures logging process-wide
     daemon = Daemon(settings)
     daemon._open()
     try:
@@ -144,4 +145,4 @@ def test_the_watchdog_fails_the_job_of_a_dead_executor(tmp_path, monkeypatch):
     finally:
         daemon.stopping = True
         daemon._close()
-        structlog.reset_defaults()
+        structlog.configure(**logging_before)
