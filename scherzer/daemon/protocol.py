@@ -103,35 +103,6 @@ class ErrorCode(StrEnum):
             return cls.DEVICE_ERROR
 
 
-ERROR_DOCS: dict[ErrorCode, str] = {
-    ErrorCode.BAD_REQUEST: "the request is not a JSON object envelope (bad JSON, wrong frame "
-    "layout, wrong field types, unexpected binary frames)",
-    ErrorCode.UNSUPPORTED_VERSION: "`v` is not a protocol version this daemon speaks",
-    ErrorCode.UNKNOWN_METHOD: "`method` is not in the table below",
-    ErrorCode.INVALID_PARAMS: "`params` do not match the method's schema; `details` lists the "
-    "offending fields",
-    ErrorCode.TOO_LARGE: "the request exceeds the size limits (`details` gives them)",
-    ErrorCode.UNAUTHORIZED: "the connection carries no identity the daemon knows",
-    ErrorCode.FORBIDDEN: "the caller's role may not call this method (observers are read-only)",
-    ErrorCode.BUSY: "the instruments are owned by a running job; retry when it is finished",
-    ErrorCode.NOT_FOUND: "no such job or frame",
-    ErrorCode.CONFLICT: "the request contradicts the current state (e.g. cancel a finished job)",
-    ErrorCode.LIMIT_EXCEEDED: "a value is outside the configured instrument or plan limits",
-    ErrorCode.DEVICE_ERROR: "a device failed (message says which and what to do)",
-    ErrorCode.DEVICE_TIMEOUT: "a device did not answer in time",
-    ErrorCode.DEVICE_DISCONNECTED: "the link to a device is down",
-    ErrorCode.DEVICE_BUSY: "the device itself reports that it is busy",
-    ErrorCode.DEVICE_PROTOCOL_ERROR: "a device answered with garbage (checksum, framing)",
-    ErrorCode.SHUTTING_DOWN: "the daemon is stopping and accepts no new work",
-    ErrorCode.PROCESSING_FAILED: "a job's processing steps failed (job error only; the "
-    "acquired frames stay in the file)",
-    ErrorCode.DISK_FULL: "the data disk is (nearly) full: a job ends `failed` with this code "
-    "(frames already written stay readable) and the queue pauses until space returns or "
-    "`queue_resume`; a report that cannot be written fails with it too",
-    ErrorCode.INTERNAL: "a bug in the daemon; the log has the traceback",
-}
-
-
 class Role(StrEnum):
     """Who may do what: observers read, operators also submit, cancel and drive devices."""
 
@@ -515,15 +486,6 @@ COMMON_ERRORS = (
 
 # --- events -----------------------------------------------------------------------------------
 EventTopic = Literal["job", "frame", "progress", "log", "heartbeat", "queue"]
-EVENT_DOCS: dict[str, str] = {
-    "job": "`{job: JobInfo}` whenever a job changes state",
-    "frame": "`{job_id, frame_id, index, total, signal, record}` after each frame is on disk",
-    "progress": "`{job_id, frames_done, frames_total, skipped}` (`skipped`: frame indices left "
-    "out under the `skip` error policy)",
-    "log": "`{level, event, ...}` warnings and errors from the daemon log",
-    "heartbeat": "`{state, uptime_s, current_job, counters}` every `heartbeat_s`",
-    "queue": "`{paused, queued, counters}` when the queue changes",
-}
 
 
 class Event(_Model):
