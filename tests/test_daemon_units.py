@@ -146,3 +146,13 @@ def test_the_watchdog_fails_the_job_of_a_dead_executor(tmp_path, monkeypatch):
         daemon.stopping = True
         daemon._close()
         structlog.configure(**logging_before)
+
+
+def test_the_refusal_names_the_endpoint_that_is_not_loopback():
+    from scherzer.config import ConfigError
+
+    settings = Settings(server={"events_endpoint": "tcp://0.0.0.0:5578"})
+    with pytest.raises(ConfigError, match=r"endpoint tcp://0\.0\.0\.0:5578 is not loopback"):
+        settings.check_security()
+    with pytest.raises(ConfigError, match=r"security\.curve is on"):
+        Settings(security={"curve": True}).check_security()
