@@ -156,3 +156,11 @@ def test_the_refusal_names_the_endpoint_that_is_not_loopback():
         settings.check_security()
     with pytest.raises(ConfigError, match=r"security\.curve is on"):
         Settings(security={"curve": True}).check_security()
+
+
+def test_a_report_or_device_call_that_finds_the_disk_full_answers_disk_full():
+    from scherzer.daemon.calls import error_fields
+
+    code, message, _ = error_fields(OSError(errno.ENOSPC, "No space left on device"))
+    assert code == "disk_full" and "full" in message
+    assert error_fields(RuntimeError("bug"))[0] == "internal"
