@@ -56,9 +56,9 @@ from scherzer.simulators.stem import ScanRaster  # noqa: E402
 PIXEL_NM = 0.02
 LATTICE_NM = 0.3905
 DISTORTION = ScanDistortion(
-    drift_nm_per_s=(0.1, -0.06),
-    acceleration_nm_per_s2=(0.1, 0.05),
-    random_walk_nm_per_sqrt_s=0.01,
+    drift_nm_per_s=(0.05, -0.03),
+    acceleration_nm_per_s2=(0.005, 0.003),
+    random_walk_nm_per_sqrt_s=0.005,
     mains_nm=(0.004, 0.003),
     flyback_settle_nm=0.01,
     jitter_px=0.05,

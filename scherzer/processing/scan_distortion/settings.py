@@ -28,9 +28,11 @@ class NonrigidParams:
     ``nonlinear_cycles`` in ``mode`` row-locked (one displacement per scan row) | row-fitting
     (plus a rotation per row) | unconstrained (a smooth 2-D field); ``smoothing_px`` the
     Gaussian σ (px) of the window the fields are measured over (rows along the slow axis, or
-    both axes when unconstrained): wider keeps a crystal's periodicity out of the fields,
-    narrower follows faster distortions; ``row_jitter`` adds an unsmoothed fast-axis offset per
-    row (line jitter) in the row modes. ``reference``: "mean" (all other frames), "index" (frame
+    both axes when unconstrained): wider keeps a crystal's periodicity and the noise out of the
+    fields, narrower follows faster distortions — a ripple of period P lines is followed to
+    about exp(−2π²σ²/P²): 50 Hz pick-up (P ≈ 18 lines for 512-px lines at 2 µs) ≈ 0.4 at the
+    default 4; ``row_jitter`` adds an unsmoothed fast-axis offset per row (line jitter) in the
+    row modes. ``reference``: "mean" (all other frames), "index" (frame
     ``reference_index``) or "local" (the ``local_neighbours`` nearest frames on either side, for
     in-situ series). ``convergence_px``: mean |update| reached at the last cycle (the tolerance
     is lowered geometrically over the cycles); ``acceleration``: over-relaxation of every
@@ -39,7 +41,8 @@ class NonrigidParams:
     the last row of a frame and the first of the next (0: back to back). ``drift_gauge``: with
     one scan direction the series' mean slow axis (which relative registration cannot see)
     follows the drift between frames (their positions against time); False takes the mean
-    frame as undistorted (no drift prior).
+    frame as undistorted (no drift prior). ``rigid_start``: start from the rigid alignment
+    (False: from rest).
 
     Preparation (recorded in the result): ``trim_px`` (top, bottom, left, right), ``reverse``,
     ``transpose``, ``offset`` (None | "min" | a number subtracted), ``normalise`` (divide by the
@@ -52,7 +55,7 @@ class NonrigidParams:
     affine_cycles: int = 2
     nonlinear_cycles: int = 4
     mode: Literal["row-locked", "row-fitting", "unconstrained"] = "row-locked"
-    smoothing_px: float = 8.0
+    smoothing_px: float = 4.0
     row_jitter: bool = False
     reference: Literal["mean", "index", "local"] = "mean"
     reference_index: int = 0
