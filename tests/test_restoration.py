@@ -351,7 +351,8 @@ def test_bad_input_is_named():
 def test_plot_wave_writes_pngs(tmp_path):
     wave = np.exp(1j * np.linspace(0, 1, 64 * 64).reshape(64, 64)).astype(np.complex64)
     paths = plot_wave(wave, tmp_path / "plots")
-    assert [p.name for p in paths] == ["exit_wave_phase.png", "exit_wave_amplitude.png"]
+    names = ["exit_wave_phase.png", "exit_wave_amplitude.png", "exit_wave_real_imag.png"]
+    assert [p.name for p in paths] == names
     assert all(Path(p).stat().st_size > 1000 for p in paths)
 
 

@@ -124,16 +124,39 @@ class SpectralBand:
         bx = min(nx, sfft.next_fast_len(int(3 * np.abs(ix).max() + 2)))
         return (by, bx), (iy % by) * bx + (ix % bx)
 
+    @cached_property
+    def axis_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) index (m,) of every band element in the (ny, nx) grid."""
+        return np.divmod(self.idx, self.shape[1])
+
+    @cached_property
+    def product_box_half(self) -> tuple[np.ndarray, np.ndarray]:
+        """The band in the rfft2 half of :attr:`product_box`: flat indices into the
+        (by, bx//2 + 1) grid and, per element, whether it is the conjugate of the element
+        found there (its −g lies in the half)."""
+        (by, bx), _ = self.product_box
+        iy = np.rint(self.gy * self.shape[0]).astype(np.int64) % by
+        ix = np.rint(self.gx * self.shape[1]).astype(np.int64) % bx
+        conj = ix > bx // 2
+        iy = np.where(conj, (-iy) % by, iy)
+        ix = np.where(conj, (-ix) % bx, ix)
+        return iy * (bx // 2 + 1) + ix, conj
+
     def conj_neg(self, vec: np.ndarray) -> np.ndarray:
         """v*(−g) for every band element."""
         return np.conj(vec[..., self.neg])
 
 
 def shift_phase(band: SpectralBand, shifts_px: np.ndarray) -> np.ndarray:
-    """exp(+2πi g·s) (n, m) complex64: multiplying a frame spectrum by it applies −s."""
+    """exp(+2πi g·s) (n, m) complex64: multiplying a frame spectrum by it applies −s.
+
+    Separable: per-axis factors (n, ny) and (n, nx) in complex128, their product gathered on
+    the band (no complex exponential per band element)."""
     s = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
-    arg = 2.0 * math.pi * (s[:, :1] * band.gy[None] + s[:, 1:] * band.gx[None])
-    return np.exp(1j * arg).astype(np.complex64)
+    iy, ix = band.axis_index
+    ey = np.exp(2j * math.pi * s[:, :1] * np.fft.fftfreq(band.shape[0])[None])
+    ex = np.exp(2j * math.pi * s[:, 1:] * np.fft.fftfreq(band.shape[1])[None])
+    return (ey[:, iy] * ex[:, ix]).astype(np.complex64)
 
 
 class BandTransfer:
@@ -183,12 +206,21 @@ class BandTransfer:
         d = np.atleast_1d(np.asarray(defocus_nm, dtype=np.float64))
         return self.chi0[None] + d[:, None] * self.unit[None]
 
-    def transfer(self, defocus_nm: np.ndarray, env_s: np.ndarray | None = None) -> np.ndarray:
-        """T(g) = A E_t E_s exp(−iχ) on the band, (n, m) complex64."""
+    def amplitude(self, env_s: np.ndarray) -> np.ndarray:
+        """|T| = A E_t E_s on the band (float32), for spatial envelopes ``env_s``."""
+        return (self.env_t * env_s).astype(np.float32, copy=False)
+
+    def transfer(
+        self,
+        defocus_nm: np.ndarray,
+        env_s: np.ndarray | None = None,
+        amp: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """T(g) = A E_t E_s exp(−iχ) on the band, (n, m) complex64 (``amp``: |T| from
+        :meth:`amplitude`, when the caller evaluates many defoci with one envelope)."""
         x = self.chi(defocus_nm).astype(np.float32)
-        if env_s is None:
-            env_s = self.spatial(defocus_nm)
-        amp = (self.env_t * env_s).astype(np.float32)
+        if amp is None:
+            amp = self.amplitude(self.spatial(defocus_nm) if env_s is None else env_s)
         out = np.empty(x.shape, np.complex64)
         out.real = amp * np.cos(x)
         out.imag = -amp * np.sin(x)

@@ -58,11 +58,11 @@ class NormalTerms:
     def build(cls, spectra: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray):
         ca, cb = np.conj(a), np.conj(b)
         return cls(
-            aa=(w * (a.real**2 + a.imag**2)).astype(np.float32),
-            ab=(w * ca * b).astype(np.complex64),
-            bb=(w * (b.real**2 + b.imag**2)).astype(np.float32),
-            ra=(w * ca * spectra).astype(np.complex64),
-            rb=(w * cb * spectra).astype(np.complex64),
+            aa=(w * (a.real**2 + a.imag**2)).astype(np.float32, copy=False),
+            ab=(w * ca * b).astype(np.complex64, copy=False),
+            bb=(w * (b.real**2 + b.imag**2)).astype(np.float32, copy=False),
+            ra=(w * ca * spectra).astype(np.complex64, copy=False),
+            rb=(w * cb * spectra).astype(np.complex64, copy=False),
         )
 
     def sums(self, drop: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -83,7 +83,7 @@ def solve_pair(aa, ab, bb, ra, rb, reg) -> tuple[np.ndarray, np.ndarray]:
     det = a11 * a22 - (ab.real**2 + ab.imag**2)
     det = np.maximum(det, 1e-30)
     phi = (a22 * ra - ab * rb) / det
-    return phi.astype(np.complex64), (a22 / det).astype(np.float32)
+    return phi.astype(np.complex64, copy=False), (a22 / det).astype(np.float32, copy=False)
 
 
 def pair_noise_covariance(terms_sums: tuple[np.ndarray, ...], reg: np.ndarray) -> np.ndarray:
@@ -166,17 +166,21 @@ def quadratic_term(
     """C(g)·F[|F⁻¹[φ T_n]|²] on the band, (n, m): the term the linear model leaves out.
 
     Computed on the band's alias-free product box (fewer pixels than the image), scaled to
-    the full grid's unnormalised FFT convention.
+    the full grid's unnormalised FFT convention; the power is real, so its spectrum is an
+    rfft2 half read back through conjugate symmetry.
     """
     (by, bx), pos = band.product_box
+    half_pos, conj = band.product_box_half
     n = t.shape[0]
     full_px, box_px = band.shape[0] * band.shape[1], by * bx
     grid = np.zeros((n, box_px), np.complex64)
     grid[:, pos] = phi[None] * t * np.float32(box_px / full_px)
     img = sfft.ifft2(grid.reshape(n, by, bx), workers=fft_workers(), overwrite_x=True)
-    power = (img.real**2 + img.imag**2).astype(np.complex64)
-    spec = sfft.fft2(power, workers=fft_workers(), overwrite_x=True).reshape(n, box_px)
-    return (spec[:, pos] * np.float32(full_px / box_px) * camera).astype(np.complex64)
+    power = img.real**2 + img.imag**2
+    half = sfft.rfft2(power, workers=fft_workers()).reshape(n, -1)
+    spec = half[:, half_pos]
+    np.conjugate(spec, out=spec, where=conj[None])
+    return (spec * np.float32(full_px / box_px) * camera).astype(np.complex64, copy=False)
 
 
 @dataclass
@@ -224,13 +228,13 @@ def solve_series(
     a, b = t * camera, band.conj_neg(t) * camera
     q = np.zeros_like(spectra)
     m = np.ones((n, 1), np.float32) if mask is None else mask.astype(np.float32)
-    w = (np.broadcast_to(1.0 / nps_b, (n, nps_b.shape[-1])) * m).astype(np.float32)
+    w = (np.broadcast_to(1.0 / nps_b, (n, nps_b.shape[-1])) * m).astype(np.float32, copy=False)
     phi, _ = solve_wiener(NormalTerms.build(spectra, a, b, w), band, passes=1)
     for k in range(corrections + 1):
         data = spectra - q
         resid = data - linear_prediction(phi, a, b, band)
         sigma2 = noise_variances(resid, nps_b, n, dose_weights, mask)
-        w = (m / sigma2[:, None] / nps_b).astype(np.float32)
+        w = (m / sigma2[:, None] / nps_b).astype(np.float32, copy=False)
         terms = NormalTerms.build(data, a, b, w)
         phi, prior = solve_wiener(terms, band, None, 2, prior_scale, prior_floor)
         if k < corrections:

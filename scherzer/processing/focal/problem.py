@@ -23,6 +23,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from scherzer.optics import FrequencyGrid, Optics, chi_gradient_sq, fft_workers, vibration_envelope
+from scherzer.processing.focal.kernels import newton_moments
 from scherzer.processing.focal.search import local_grid_peak
 from scherzer.processing.focal.settings import MIN_IMAGES, FocalParams
 from scherzer.processing.spectral import (
@@ -66,8 +67,7 @@ class Correlator:
         self.iy, self.ix = iy % ny, ix % nx
         self.fy = np.fft.fftfreq(ny)
         self.fx = np.fft.fftfreq(nx)
-        gy, gx = band.gy.astype(np.float32), band.gx.astype(np.float32)
-        self.moments = (gy, gx, gy * gy, gy * gx, gx * gx)
+        self.moments_g = (band.gy.astype(np.float32), band.gx.astype(np.float32))
 
     def coarse(
         self,
@@ -97,11 +97,22 @@ class Correlator:
         heights = c.reshape(k, -1).max(axis=1) / np.maximum(norm, 1e-30)
         return np.stack([sy[py], sx[px]], axis=1), heights
 
-    def phase(self, s: np.ndarray) -> np.ndarray:
-        """exp(2πi g·s) on the band (complex64), from separable per-axis factors."""
+    def axis_phases(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The per-axis factors (exp(2πi fy s_y), exp(2πi fx s_x)), complex64."""
         ey = np.exp(2j * math.pi * self.fy * s[0]).astype(np.complex64)
         ex = np.exp(2j * math.pi * self.fx * s[1]).astype(np.complex64)
+        return ey, ex
+
+    def phase(self, s: np.ndarray) -> np.ndarray:
+        """exp(2πi g·s) on the band (complex64), from separable per-axis factors."""
+        ey, ex = self.axis_phases(s)
         return ey[self.iy] * ex[self.ix]
+
+    def moments(self, z: np.ndarray, s: np.ndarray) -> tuple[float, ...]:
+        """(Σ gy Im ze, Σ gx Im ze, Σ gy² Re ze, Σ gy gx Re ze, Σ gx² Re ze, Σ Re ze) of
+        ze = Z e^{2πi g·s}: one fused pass over the band (:func:`.kernels.newton_moments`)."""
+        gy, gx = self.moments_g
+        return newton_moments(z, *self.axis_phases(s), self.iy, self.ix, gy, gx)
 
     def refine(
         self, z: np.ndarray, s: np.ndarray, norm: float, steps: int = 4, offset: float = 0.0
@@ -110,12 +121,11 @@ class Correlator:
         ``norm``)."""
         s = np.asarray(s, np.float64).copy()
         norm = max(float(norm), 1e-30)
-        gy, gx, gyy, gxy, gxx = self.moments
+        z = np.ascontiguousarray(z, np.complex64)
         for _ in range(steps):
-            ze = z * self.phase(s)
-            im, re = ze.imag, ze.real
-            grad = -2 * math.pi * np.array([np.dot(gy, im), np.dot(gx, im)], np.float64)
-            hyy, hxy, hxx = (-4 * math.pi**2 * float(np.dot(g, re)) for g in (gyy, gxy, gxx))
+            my, mx, myy, mxy, mxx, _ = self.moments(z, s)
+            grad = -2 * math.pi * np.array([my, mx], np.float64)
+            hyy, hxy, hxx = (-4 * math.pi**2 * v for v in (myy, mxy, mxx))
             det = hyy * hxx - hxy * hxy
             if not (hyy < 0 and det > 0):
                 break
@@ -124,7 +134,7 @@ class Correlator:
             s += step
             if np.max(np.abs(step)) < NEWTON_TOL_PX:
                 break
-        height = float(np.dot(z.real, (e := self.phase(s)).real) - np.dot(z.imag, e.imag))
+        height = self.moments(z, s)[5]
         return s, (height - offset) / norm
 
 
@@ -199,7 +209,7 @@ class Problem:
     def ctf(self, defocus_nm: np.ndarray, env_s: np.ndarray) -> np.ndarray:
         """Weak-phase transfer 2 sin χ · envelopes on the band, (k, m) float32."""
         env = self.bt.env_t * env_s * self.camera
-        return (2.0 * np.sin(self.bt.chi(defocus_nm)) * env).astype(np.float32)
+        return (2.0 * np.sin(self.bt.chi(defocus_nm)) * env).astype(np.float32, copy=False)
 
 
 DELOC_MIN_FRACTION = 0.75  # a frequency is used when ≥ this fraction of the images keep it
@@ -235,7 +245,7 @@ def clip_spots(x: np.ndarray, band: SpectralBand, factor: float) -> np.ndarray:
     diffuse (amorphous) frequencies, which carry the unambiguous drift and defocus signal."""
     if factor <= 0:
         return x
-    return (x * clip_weight(x, band, factor)).astype(np.complex64)
+    return (x * clip_weight(x, band, factor)).astype(np.complex64, copy=False)
 
 
 def clip_weight(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 32) -> np.ndarray:
@@ -246,14 +256,16 @@ def clip_weight(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 
     which = np.minimum((q / (q.max() + 1e-12) * n_bins).astype(int), n_bins - 1)
     mag = np.abs(x)
     mean = np.bincount(which, mag, n_bins) / np.maximum(np.bincount(which, None, n_bins), 1)
-    return np.minimum(1.0, factor * mean[which] / np.maximum(mag, 1e-30)).astype(np.float32)
+    return np.minimum(1.0, factor * mean[which] / np.maximum(mag, 1e-30)).astype(
+        np.float32, copy=False
+    )
 
 
 def whiten(x: np.ndarray, exponent: float) -> np.ndarray:
     """x / |x|^exponent (0: unchanged; 1: phase only) — spectral whitening before correlation."""
     if exponent == 0:
         return x
-    return (x / np.maximum(np.abs(x), 1e-30) ** exponent).astype(np.complex64)
+    return (x / np.maximum(np.abs(x), 1e-30) ** exponent).astype(np.complex64, copy=False)
 
 
 SPOT_QUANTILE = 0.995  # band frequencies above this power quantile are "the spots"
@@ -299,7 +311,7 @@ def refine_shifts(prob: Problem, ref: int, d_abs, shifts, used, prior_scale: flo
         y = (lin + quad[i]) * prob.mask[i]
         w = prob.inv_nps
         norm = float(np.sqrt(np.sum(w * np.abs(prob.spectra[i]) ** 2) * np.sum(w * np.abs(y) ** 2)))
-        z = (prob.spectra[i] * np.conj(y) * w).astype(np.complex64)
+        z = (prob.spectra[i] * np.conj(y) * w).astype(np.complex64, copy=False)
         start = local_grid_peak(prob.corr, z, shifts[i], SHIFT_START_HALF_PX)
         new_s[i], peaks[i] = prob.corr.refine(z, start, norm, SHIFT_NEWTON_STEPS)
     new_s -= new_s[ref]

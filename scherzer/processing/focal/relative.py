@@ -72,7 +72,11 @@ def match_reference(prob: Problem, i: int, ref: int, d_abs, env_s, center, rng_n
     def z_of(trials):
         sn = prob.ctf(trials, env_s[i]) * prob.mask[i]
         den = s_r[None] ** 2 + sn * sn + eps
-        return (base[None] * sn / den).astype(np.complex64), np.full(len(trials), e0), energy(sn)
+        return (
+            (base[None] * sn / den).astype(np.complex64, copy=False),
+            np.full(len(trials), e0),
+            energy(sn),
+        )
 
     delta, s, _ = search_defocus_shift(
         prob.corr, z_of, center, rng_nm, p.coarse_trials, p.tolerance_nm, None, window
@@ -89,18 +93,20 @@ def match_wave(prob: Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_gue
     refined at that Δ with ``whiten_shift`` (see :class:`FocalParams`)."""
     p = prob.params
     phi_neg = prob.band.conj_neg(phi)
+    amp = prob.bt.amplitude(env_s_i)  # one envelope for every trial defocus
 
     def z_maker(exponent: float, clip: float = 0.0):
         w = clip_weight(prob.spectra[i], prob.band, clip)
         spec_w = whiten(prob.spectra[i] * w, exponent)
         spec_norm = float(np.linalg.norm(spec_w))
+        mw = prob.mask[i] * w
 
         def z_of(trials):
-            tt = prob.bt.transfer(trials, env_s_i)
+            tt = prob.bt.transfer(trials, amp=amp)
             lin = (phi * tt + phi_neg * prob.band.conj_neg(tt)) * prob.camera
-            y = whiten((lin + quad_i) * (prob.mask[i] * w), exponent)
+            y = whiten((lin + quad_i) * mw, exponent)
             norm = spec_norm * np.linalg.norm(y, axis=1)
-            return (spec_w[None] * np.conj(y)).astype(np.complex64), norm
+            return (spec_w[None] * np.conj(y)).astype(np.complex64, copy=False), norm
 
         return z_of
 
