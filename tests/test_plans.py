@@ -146,11 +146,25 @@ def test_schema_errors_and_error_policies():
 def test_processing_steps_pass_the_reference_image():
     steps = ["focal_register", {"step": "restore", "iterations": 2}]
     plan = FocalSeries(reference_index=3, processing=steps)
-    assert processing_steps(plan) == [
-        {"step": "focal_register", "reference": 3},
-        {"step": "restore", "iterations": 2},
-    ]
-    assert processing_steps(FocalSeries()) == ["focal_register", "restore"]
+    register, restore = processing_steps(plan)
+    assert (register.name, register.settings.reference) == ("focal_register", 3)
+    assert (restore.name, restore.settings.iterations) == ("restore", 2)
+    default = processing_steps(FocalSeries())
+    assert [s.name for s in default] == ["focal_register", "restore"]
+    assert default[0].settings.reference is None
+
+
+def test_processing_steps_resolve_camera_curve_names_with_the_daemons_loader():
+    plan = FocalSeries(processing=[{"step": "focal_register", "mtf": "k2_300kv.npy"}])
+    asked = []
+
+    def load_curve(name: str) -> np.ndarray:
+        asked.append(name)
+        return np.linspace(1.0, 0.2, 16)
+
+    (register,) = processing_steps(plan, load_curve)
+    assert asked == ["k2_300kv.npy"]
+    np.testing.assert_allclose(register.camera.mtf, np.linspace(1.0, 0.2, 16))
 
 
 def test_rotate_back_is_exact_and_refuses_other_angles():

@@ -356,22 +356,22 @@ def test_plot_wave_writes_pngs(tmp_path):
     assert all(Path(p).stat().st_size > 1000 for p in paths)
 
 
-DM_PROFILE = Path("/work/shared/testdata/rosettasciio/dm/multi_signal.dm3")
+DM_PROFILE_NAME = "rosettasciio/dm/multi_signal.dm3"  # in ../shared/testdata
 
 
-@pytest.mark.skipif(not DM_PROFILE.exists(), reason="shared test data not present")
-def test_dm_profile_as_mtf_in_ftsr_diagonal_convention(tmp_path):
+def test_dm_profile_as_mtf_in_ftsr_diagonal_convention(tmp_path, testdata_dir):
     """A real DigitalMicrograph 1-D profile (multi_signal.dm3: [0] a 512² HAADF image, [1] a
     512-point float32 line profile) read as an MTF: FTSR's convention puts its samples on the
     centre-to-corner diagonal (q = 0 … √2 Nyquist, any image size). The DM path gives the same
     transfer grid as the same values passed as .npy in that convention, to 1e-6."""
     from rsciio.digitalmicrograph import file_reader
 
-    values = np.asarray(file_reader(str(DM_PROFILE))[1]["data"])
+    dm_profile = testdata_dir / DM_PROFILE_NAME
+    values = np.asarray(file_reader(str(dm_profile))[1]["data"])
     assert values.shape == (512,) and values.dtype == np.float32
     np.save(tmp_path / "mtf.npy", values)
-    from_dm = load_camera_curve(DM_PROFILE)  # the first 1-D signal; diagonal by default
-    assert np.array_equal(load_camera_curve(DM_PROFILE, signal=1), from_dm)
+    from_dm = load_camera_curve(dm_profile)  # the first 1-D signal; diagonal by default
+    assert np.array_equal(load_camera_curve(dm_profile, signal=1), from_dm)
     from_npy = load_camera_curve(tmp_path / "mtf.npy", convention="diagonal")
     for shape in ((1024, 1024), (512, 512), (300, 200)):
         a = camera_curve_to_grid(from_dm, shape, "mtf")
@@ -386,9 +386,9 @@ def test_dm_profile_as_mtf_in_ftsr_diagonal_convention(tmp_path):
     plain = camera_curve_to_grid(load_camera_curve(tmp_path / "mtf.npy"), (1024, 1024), "mtf")
     assert plain[0, 512] == pytest.approx(values[-1], abs=1e-6)
     with pytest.raises(ValueError, match="not a 1-D profile"):
-        load_camera_curve(DM_PROFILE, signal=0)
+        load_camera_curve(dm_profile, signal=0)
     with pytest.raises(ValueError, match="convention"):
-        load_camera_curve(DM_PROFILE, convention="radial")
+        load_camera_curve(dm_profile, convention="radial")
 
 
 @pytest.mark.parametrize("seed", [2, 3])

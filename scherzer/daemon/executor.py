@@ -26,6 +26,7 @@ request loop: results come back through callbacks that post to the loop's mailbo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 import traceback
@@ -38,6 +39,7 @@ import numpy as np
 import structlog
 
 from scherzer.config import Settings
+from scherzer.daemon.calibrations import calibration_loader
 from scherzer.daemon.diskspace import DiskGate, ensure_room, free_bytes, is_disk_full
 from scherzer.daemon.files import (
     count_frames_on_disk,
@@ -67,7 +69,7 @@ from scherzer.daemon.worker import ProcessingWorker, Publish, processing_steps, 
 from scherzer.drivers import registry
 from scherzer.drivers.base import DeviceError
 from scherzer.drivers.instruments import Instruments
-from scherzer.emd import StackWriter
+from scherzer.io import StackWriter
 from scherzer.stack import FrameRecord
 
 # Re-exported: the names callers imported from here before the split.
@@ -130,7 +132,12 @@ class Executor(OpticsControl):
         self.frames = frames
         self.clock = clock
         self.disk = DiskGate(settings.data_path, settings.limits.min_free_disk_bytes)
-        self.processing = ProcessingWorker(store, publish, on_disk_full=self._hold_for_disk)
+        runner = functools.partial(
+            run_processing, load_curve=calibration_loader(settings.calibrations_path)
+        )
+        self.processing = ProcessingWorker(
+            store, publish, runner=runner, on_disk_full=self._hold_for_disk
+        )
         self._unrecorded: list[tuple[int, str, ErrorBody | None]] = []  # states to retry
         self._last_defocus_nm: float | None = None
         self.on_queue_change: Callable[[], None] = lambda: None  # set by the server

@@ -20,7 +20,7 @@ from scherzer.daemon.files import job_folder
 from scherzer.daemon.jobs import JobStore
 from scherzer.daemon.plans import BasePlan, FocalSeries
 from scherzer.daemon.protocol import ErrorBody, ErrorCode, JobInfo
-from scherzer.emd import read_stacks
+from scherzer.io import read_stacks
 
 __all__ = ["ProcessingWorker", "Publish", "processing_steps", "run_processing"]
 
@@ -28,9 +28,15 @@ log = structlog.get_logger("scherzer.executor")
 Publish = Callable[[str, dict[str, Any]], None]
 
 
-def processing_steps(plan: BasePlan) -> list[str | dict[str, Any]]:
-    """The plan's pipeline steps with plan-level choices filled in (focal reference image)."""
-    steps: list[str | dict[str, Any]] = []
+def processing_steps(
+    plan: BasePlan, load_curve: Callable[[str], Any] | None = None
+) -> list[Any]:
+    """The plan's pipeline steps as typed settings (:mod:`scherzer.processing.steps`), with
+    plan-level choices filled in (focal reference image) and camera-curve names resolved by
+    ``load_curve`` (inside the configured calibrations directory only)."""
+    from scherzer.processing.steps import parse_step
+
+    steps = []
     for step in plan.processing:
         spec = {"step": step} if isinstance(step, str) else dict(step)
         if (
@@ -39,23 +45,27 @@ def processing_steps(plan: BasePlan) -> list[str | dict[str, Any]]:
             and plan.reference_index is not None
         ):
             spec.setdefault("reference", plan.reference_index)
-        steps.append(spec if len(spec) > 1 else spec["step"])
+        steps.append(parse_step(spec, load_curve))
     return steps
 
 
-def run_processing(plan: BasePlan, path: str | Path) -> dict[str, Any]:
+def run_processing(
+    plan: BasePlan, path: str | Path, load_curve: Callable[[str], Any] | None = None
+) -> dict[str, Any]:
     """Run the plan's steps on the job file's stacks; results into the file, plots into the
-    job's folder. Returns the pipeline's JSON summary."""
-    from scherzer.emd import store_pipeline_result
+    job's folder. ``load_curve`` resolves camera-curve names
+    (:func:`~scherzer.daemon.calibrations.calibration_loader`). Returns the JSON summary."""
+    from scherzer.io import store_pipeline_result
     from scherzer.processing.pipeline import run_pipeline
 
+    steps = processing_steps(plan, load_curve)
     stacks = read_stacks(path)
     ordered = {s: stacks[s] for s in plan.signals() if s in stacks}
     if not ordered:
         raise ValueError(f"{path} holds none of the plan's signals {list(plan.signals())}")
     folder = job_folder(path)
     folder.mkdir(parents=True, exist_ok=True)
-    result = run_pipeline(ordered, processing_steps(plan), plot_dir=folder)
+    result = run_pipeline(ordered, steps, plot_dir=folder)
     store_pipeline_result(path, result)
     return result.summary()
 
