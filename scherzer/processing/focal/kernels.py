@@ -16,7 +16,7 @@ import numba
 __all__ = ["newton_moments"]
 
 
-@numba.njit(cache=True, fastmath=False)
+@numba.njit(cache=True, nogil=True)
 def newton_moments(z, ey, ex, iy, ix, gy, gx):  # pragma: no cover - numba
     """Σ over the band of ze = Z e^{2πi g·s} (e = ey[iy]·ex[ix]): (Σ gy Im ze, Σ gx Im ze,
     Σ gy² Re ze, Σ gy gx Re ze, Σ gx² Re ze, Σ Re ze), float64."""

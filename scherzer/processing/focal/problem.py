@@ -16,6 +16,9 @@ unnormalised FFTs of mean-normalised frames minus 1
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -37,7 +40,7 @@ from scherzer.processing.spectral import (
 )
 from scherzer.processing.wiener import quadratic_term, solve_series
 
-__all__ = ["Correlator", "Problem", "Strategy", "loo_waves", "refine_shifts"]
+__all__ = ["Correlator", "Problem", "Strategy", "loo_waves", "map_images", "refine_shifts"]
 
 BAND_THRESHOLD = 0.02  # registration band: |T|·C above this in some image (higher: fewer, surer)
 BAND_MIN_FREQUENCY_PX = 2.0  # … and |g| above this many FFT pixels (the lowest carry drift-free
@@ -49,6 +52,8 @@ NEWTON_MAX_STEP_PX = 0.5  # a Newton step of the shift is clipped to this (stays
 NEWTON_TOL_PX = 1e-4  # … and stops below this
 SHIFT_START_HALF_PX = 1.0  # refine_shifts: the grid start searches ± this around the last shift
 SHIFT_NEWTON_STEPS = 6  # Newton steps of a final shift refinement
+IMAGE_THREADS = min(2, os.cpu_count() or 1)  # images matched at once: numpy and the numba
+# kernels release the GIL on band-sized arrays, so two threads use two cores (more: contention)
 
 
 class Correlator:
@@ -299,21 +304,35 @@ def loo_waves(prob: Problem, d_abs, shifts, used, prior_scale: float, env_s=None
     return t, sol, quad, loo
 
 
+def map_images(fn: Callable[[int], Any], items: Iterable[int]) -> list[Any]:
+    """[fn(i) for i in items] on ``IMAGE_THREADS`` threads (each image's work is independent
+    and deterministic: the results equal the serial loop's)."""
+    items = list(items)
+    if IMAGE_THREADS < 2 or len(items) < 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(IMAGE_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
 def refine_shifts(prob: Problem, ref: int, d_abs, shifts, used, prior_scale: float):
     """Every image's shift refined (grid start within ±1 px, then Newton) against its
     leave-one-out prediction at the defocus ``d_abs``, with the Wiener prior × ``prior_scale``.
     Returns (shifts with the reference's at 0, peaks)."""
     n = len(d_abs)
     t, _, quad, loo = loo_waves(prob, d_abs, shifts, used, prior_scale)
-    new_s, peaks = shifts.copy(), np.ones(n)
-    for i in range(n):
+
+    def one(i: int) -> tuple[np.ndarray, float]:
         lin = (loo[i] * t[i] + prob.band.conj_neg(loo[i]) * prob.band.conj_neg(t[i])) * prob.camera
         y = (lin + quad[i]) * prob.mask[i]
         w = prob.inv_nps
         norm = float(np.sqrt(np.sum(w * np.abs(prob.spectra[i]) ** 2) * np.sum(w * np.abs(y) ** 2)))
         z = (prob.spectra[i] * np.conj(y) * w).astype(np.complex64, copy=False)
         start = local_grid_peak(prob.corr, z, shifts[i], SHIFT_START_HALF_PX)
-        new_s[i], peaks[i] = prob.corr.refine(z, start, norm, SHIFT_NEWTON_STEPS)
+        return prob.corr.refine(z, start, norm, SHIFT_NEWTON_STEPS)
+
+    fits = map_images(one, range(n))
+    new_s = np.array([f[0] for f in fits], np.float64).reshape(n, 2)
+    peaks = np.array([f[1] for f in fits], np.float64)
     new_s -= new_s[ref]
     return new_s, peaks
 

@@ -22,6 +22,7 @@ from scherzer.processing.focal.problem import (
     clip_spots,
     clip_weight,
     loo_waves,
+    map_images,
     refine_shifts,
     whiten,
 )
@@ -129,14 +130,16 @@ def reference_by_peak(
     n = len(nominal)
     env_s = prob.bt.spatial(nominal)
     window = (np.zeros(2), prob.params.max_drift_px)
+    pairs = [(c, j) for c in candidates for j in (c - 1, c + 1) if 0 <= j < n and used[j]]
+    peaks = map_images(
+        lambda k: match_reference(prob, pairs[k][1], pairs[k][0], nominal, env_s,
+                                  nominal[pairs[k][1]], rng_nm, window)[2],
+        range(len(pairs)),
+    )  # fmt: skip
     scores = np.zeros(len(candidates))
     for k, c in enumerate(candidates):
-        peaks = [
-            match_reference(prob, j, c, nominal, env_s, nominal[j], rng_nm, window)[2]
-            for j in (c - 1, c + 1)
-            if 0 <= j < n and used[j]
-        ]
-        scores[k] = float(np.mean(peaks)) if peaks else -np.inf
+        mine = [p for (cc, _), p in zip(pairs, peaks, strict=True) if cc == c]
+        scores[k] = float(np.mean(mine)) if mine else -np.inf
     return int(candidates[int(np.argmax(scores))]), scores
 
 
@@ -207,7 +210,8 @@ def wave_pass(prob: Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=False
     _, sol, quad, loo = loo_waves(prob, d_abs, shifts, used, prob.params.prior_scale, env_s)
     new_d, new_s, new_p = d_abs.copy(), shifts.copy(), peaks.copy()
     index = np.arange(n, dtype=np.float64)
-    for i in range(n):
+
+    def one(i: int) -> tuple[float, np.ndarray, float]:
         center = d_abs[i]
         if wide:  # centre on the line through the other images (recovers a wrong start)
             others = used & (index != i)
@@ -217,9 +221,12 @@ def wave_pass(prob: Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=False
         # lattice (or contrast-reversal) translation away from it, the gauge moves to them
         radius = prob.params.max_drift_px if i == ref else WAVE_SHIFT_WINDOW_PX
         window = (shifts[i], radius) if wide else None
-        new_d[i], new_s[i], new_p[i] = match_wave(
+        return match_wave(
             prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i], window
         )
+
+    for i, (d, s, h) in enumerate(map_images(one, range(n))):
+        new_d[i], new_s[i], new_p[i] = d, s, h
     new_s -= new_s[ref]  # the reference defines the frame (its own fit sets the gauge)
     return new_d, new_s, new_p, sol.phi
 
