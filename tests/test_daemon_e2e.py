@@ -55,7 +55,7 @@ def test_camera_job_runs_to_done_and_file_holds_the_frames(client):
     )
     np.testing.assert_allclose(np.diff(stack.column("time_s")), 0.5)
     assert stack.column("defocus_nominal_nm").tolist() == [-42.0] * 3
-    assert Path(done.output_file).name == "edge_001.h5"  # <name>_<NNN>.h5, numbered
+    assert Path(done.output_file).name == "edge_001.hspy"  # <name>_<NNN>.hspy, numbered
 
 
 def test_scan_job_writes_every_signal(client):
@@ -271,3 +271,17 @@ def test_every_cli_command_has_help():
         out = subprocess.run([sys.executable, "-m", "scherzer.cli", name, "--help"],
                              capture_output=True, text=True, timeout=30)  # fmt: skip
         assert out.returncode == 0 and "--json" in out.stdout, name
+
+
+def test_job_files_open_with_a_plain_hyperspy_load(client):
+    """The daemon's job files are .hspy (and EMD): `hs.load(path)` gives the stack as Signal2D
+    with the frame axis navigating, calibrated in nm (issue #12)."""
+    hs = pytest.importorskip("hyperspy.api", reason="HyperSpy is a test dependency")
+    job = client.submit({"kind": "camera_image", "exposure_s": 0.5, "repeat": 2, "name": "hs"})
+    done = client.wait(job.job_id, timeout_s=20)
+    assert done.state == "done" and Path(done.output_file).suffix == ".hspy"
+    loaded = hs.load(done.output_file)
+    signals = loaded if isinstance(loaded, list) else [loaded]
+    stack = next(s for s in signals if s.data.shape == (2, 64, 64))
+    assert stack.axes_manager.navigation_shape == (2,)
+    assert [a.units for a in stack.axes_manager.signal_axes] == ["nm", "nm"]

@@ -97,7 +97,7 @@ def test_job_submit_and_poll_until_done(dealer):
             break
         dealer.poll(20)
     assert got["result"]["job"]["state"] == "done"
-    assert got["result"]["job"]["output_file"].endswith(".h5")
+    assert got["result"]["job"]["output_file"].endswith(".hspy")
 
 
 def test_pipelined_requests_are_matched_by_id(dealer):

@@ -63,7 +63,7 @@ def test_demo_stops_its_daemon_on_sigterm(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not list((out / "data" / "jobs").glob("*.h5")) and time.monotonic() < deadline:
+        while not list((out / "data" / "jobs").glob("*.hspy")) and time.monotonic() < deadline:
             time.sleep(0.1)  # the daemon is up and acquiring
         config = tomllib.loads((out / "scherzer.toml").read_text())
         endpoint = config["server"]["endpoint"]

@@ -242,11 +242,11 @@ def test_job_files_are_numbered_and_never_overwritten(tmp_path):
     job = JobInfo(job_id=7, kind="focal_series", name="edge/run 1", state="queued", plan={},
                   submitter="x", created_s=0.0)  # fmt: skip
     first = output_path(tmp_path, job)
-    assert first.name == "edge-run-1_001.h5" and job_folder(first).is_dir()
+    assert first.name == "edge-run-1_001.hspy" and job_folder(first).is_dir()
     first.write_bytes(b"")
     second = output_path(tmp_path, job)  # folder 001 exists: next number
-    assert second.name == "edge-run-1_002.h5"
-    (tmp_path / "jobs" / "edge-run-1_003.h5").write_bytes(b"")  # a stray file blocks 003
-    assert output_path(tmp_path, job).name == "edge-run-1_004.h5"
+    assert second.name == "edge-run-1_002.hspy"
+    (tmp_path / "jobs" / "edge-run-1_003.h5").write_bytes(b"")  # an older .h5 job file blocks 003
+    assert output_path(tmp_path, job).name == "edge-run-1_004.hspy"
     unnamed = job.model_copy(update={"name": ""})
-    assert output_path(tmp_path, unnamed).name == "focal_series_001.h5"
+    assert output_path(tmp_path, unnamed).name == "focal_series_001.hspy"

@@ -150,7 +150,7 @@ def test_plan_commands_submit_and_wait(tmp_path):
         plan = out["job"]["plan"]
         assert plan["defocus_list_nm"] is None and plan["on_error"]["then"] == "skip"
         assert plan["restore_optics"] is False and out["job"]["frames_done"] == 3
-        assert Path(out["job"]["output_file"]).name == "cli_001.h5"
+        assert Path(out["job"]["output_file"]).name == "cli_001.hspy"
         code, out, _ = cli(d, "rotated-scan", "--n-frames", "2", "--size-px", "8,8",
                            "--signals", "HAADF,ABF", "--processing", "[]", "--wait")  # fmt: skip
         assert code == 0 and set(read_stacks(out["job"]["output_file"])) == {"HAADF", "ABF"}

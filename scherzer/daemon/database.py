@@ -163,7 +163,8 @@ def _planned_frames(plan: Any, fallback: int) -> int:
 
 
 def recover_database(path: str | Path, data_dir: str | Path) -> DbRecovery:
-    """Move the database aside and rebuild the job history from ``<data_dir>/jobs/*.h5``.
+    """Move the database aside and rebuild the job history from the job files
+    ``<data_dir>/jobs/*.hspy`` (and older ``*.h5``).
     Never run while a daemon uses this data directory."""
     from scherzer.daemon.jobs import JobStore
 
@@ -172,7 +173,8 @@ def recover_database(path: str | Path, data_dir: str | Path) -> DbRecovery:
     store = JobStore(p)
     rebuilt, unreadable = 0, []
     try:
-        for file in sorted((Path(data_dir) / "jobs").glob("*.h5")):
+        jobs = Path(data_dir) / "jobs"
+        for file in sorted([*jobs.glob("*.hspy"), *jobs.glob("*.h5")]):
             job = _job_from_file(file)
             if job is None:
                 unreadable.append(str(file))

@@ -15,7 +15,7 @@ After the last frame the job is ``acquired``; its processing steps go to
 :class:`ProcessingWorker` (a separate thread running :func:`run_processing`, so the next job's
 acquisition can start): ``processing`` → ``done``, or ``failed`` with the reason (frames stay).
 Results go into the job's file and its folder (PNG plots): files are
-``<data_dir>/jobs/<name>_<NNN>.h5`` with the folder ``<name>_<NNN>/`` beside, numbered, never
+``<data_dir>/jobs/<name>_<NNN>.hspy`` with the folder ``<name>_<NNN>/`` beside, numbered, never
 overwritten.
 
 Interactive device calls (``lens_set``, ``camera_acquire`` …) are queued to this same thread with

@@ -1,6 +1,7 @@
 """Job files on disk: output paths, job folders, counting frames, opening the stack writer.
 
-Files are ``<data_dir>/jobs/<name>_<NNN>.h5`` with the folder ``<name>_<NNN>/`` beside (plots),
+Files are ``<data_dir>/jobs/<name>_<NNN>.hspy`` (HyperSpy's format and EMD 1.0 at once:
+``hs.load`` opens them; docs/file-format.md) with the folder ``<name>_<NNN>/`` beside (plots),
 numbered, never overwritten; the number is reserved by creating the folder.
 """
 
@@ -49,16 +50,23 @@ def _slug(text: str, fallback: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:48] or fallback
 
 
+#: Job files are HyperSpy .hspy files (also EMD 1.0); ``hs.load`` refuses ``.h5`` ("multiple
+#: file readers"). Older job files were ``.h5``: they are still read and still block a number.
+JOB_FILE_SUFFIX = ".hspy"
+JOB_FILE_SUFFIXES = (".hspy", ".h5")
+
+
 def output_path(data_dir: Path, job: JobInfo) -> Path:
-    """``<data_dir>/jobs/<name>_<NNN>.h5`` with the first number whose file and folder are both
-    unused; the folder (:func:`job_folder`) is created here, which reserves the number."""
+    """``<data_dir>/jobs/<name>_<NNN>.hspy`` with the first number whose file (in this or the
+    older ``.h5`` naming) and folder are all unused; the folder (:func:`job_folder`) is created
+    here, which reserves the number."""
     directory = data_dir / "jobs"
     directory.mkdir(parents=True, exist_ok=True)
     slug = _slug(job.name or job.kind, job.kind)
     for number in range(1, 1_000_000):
         stem = f"{slug}_{number:03d}"
-        path = directory / f"{stem}.h5"
-        if path.exists():
+        path = directory / f"{stem}{JOB_FILE_SUFFIX}"
+        if any((directory / f"{stem}{suffix}").exists() for suffix in JOB_FILE_SUFFIXES):
             continue
         try:
             (directory / stem).mkdir()
