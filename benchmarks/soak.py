@@ -31,7 +31,7 @@ import numpy as np
 
 from scherzer.clients.client import DaemonError, DaemonTimeout, LocalDaemon
 from scherzer.daemon.protocol import FINAL_STATES
-from scherzer.emd import read_stacks
+from scherzer.io import read_stacks
 
 #: Faults injected at each daemon start: (kind, after this many more acquisitions).
 FAULTS = ",".join(f"{'timeout' if i % 3 else 'disconnected'}:{7 + 13 * i}" for i in range(40))

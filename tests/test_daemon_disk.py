@@ -17,7 +17,7 @@ from helpers import wait_for
 
 from scherzer.clients.client import DaemonError, LocalDaemon
 from scherzer.daemon.diskspace import WRITE_HEADROOM_BYTES
-from scherzer.emd import read_stack
+from scherzer.io import read_stack
 
 pytestmark = pytest.mark.timeout(180)
 DISK_BYTES = 24 << 20  # the tmpfs: a few jobs of 128² frames fit, not many

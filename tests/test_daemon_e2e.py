@@ -17,7 +17,7 @@ import pytest
 from helpers import wait_for
 
 from scherzer.clients.client import DaemonError, LocalDaemon
-from scherzer.emd import read_stack, read_stacks
+from scherzer.io import read_stack, read_stacks
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import wait_for
 
 from scherzer.clients.client import DaemonError, LocalDaemon
-from scherzer.emd import read_stack
+from scherzer.io import read_stack
 
 pytestmark = pytest.mark.timeout(90)
 PATTERN = {"kind": "pattern", "camera_shape": [32, 32], "speedup": 100.0}

@@ -15,7 +15,7 @@ import pytest
 from helpers import wait_for
 
 from scherzer.clients.client import LocalDaemon
-from scherzer.emd import read_processing_summary, read_stack, read_stacks
+from scherzer.io import read_processing_summary, read_stack, read_stacks
 
 pytestmark = pytest.mark.timeout(120)
 PATTERN = {"kind": "pattern", "camera_shape": [32, 32], "speedup": 20.0}
@@ -65,7 +65,7 @@ def test_focal_series_on_the_simulator_matches_the_truth(tmp_path):
     assert rms_px <= 0.1, drift_err
     stacks = read_stacks(job.output_file)
     assert "exit_wave" not in stacks  # results are not stacks …
-    from scherzer.emd import read_result
+    from scherzer.io import read_result
 
     assert read_result(job.output_file, "exit_wave").dtype == np.complex64  # … but results
     assert any(p.suffix == ".png" for p in (tmp_path / "data/jobs/film_001").iterdir())

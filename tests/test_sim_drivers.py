@@ -111,7 +111,7 @@ def test_injected_faults_surface_as_device_errors(scope):
 
 def test_daemon_on_simulated_instruments(tmp_path):
     from scherzer.clients.client import LocalDaemon
-    from scherzer.emd import read_stack, read_stacks
+    from scherzer.io import read_stack, read_stacks
 
     devices = {"kind": "sim", "camera_shape": [64, 64], "speedup": 100.0}
     with LocalDaemon({"devices": devices}, tmp_path) as d, d.client(timeout_s=30) as c:
@@ -138,7 +138,7 @@ def test_serial_lens_drives_the_simulated_microscope(tmp_path):
     """lens = 'serial-sim': the microscope's own lens behind a pty, driven by SerialLens —
     the defocus set over the serial link is the defocus the simulated images are formed at."""
     from scherzer.clients.client import LocalDaemon
-    from scherzer.emd import read_stack
+    from scherzer.io import read_stack
 
     devices = {"kind": "sim", "camera_shape": [64, 64], "speedup": 100.0, "lens": "serial-sim"}
     with LocalDaemon({"devices": devices}, tmp_path) as d, d.client(timeout_s=30) as c:

@@ -14,7 +14,7 @@ import pytest
 
 from scherzer.clients.client import LocalDaemon
 from scherzer.daemon.runs import RunsError, expand_runs, load_runs
-from scherzer.emd import read_stacks
+from scherzer.io import read_stacks
 
 pytestmark = pytest.mark.timeout(120)
 PATTERN = {"kind": "pattern", "camera_shape": [32, 32], "speedup": 100.0}

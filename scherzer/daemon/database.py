@@ -123,7 +123,7 @@ def _move_aside(path: Path) -> list[Path]:
 
 def _job_from_file(path: Path) -> dict[str, Any] | None:
     """What a job file says about its job (None if it is not a readable job file)."""
-    from scherzer.emd import describe
+    from scherzer.io import describe
 
     try:
         groups = describe(path)["data"]

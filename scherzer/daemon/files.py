@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from scherzer.daemon.protocol import JobInfo
-from scherzer.emd import StackWriter
+from scherzer.io import StackWriter
 
 __all__ = [
     "count_frames_on_disk",
@@ -36,7 +36,7 @@ def count_frames_on_disk(path: str | Path | None) -> int:
     """Complete frames in a job file (largest signal); 0 if it is missing or unreadable."""
     if not path or not Path(path).exists():
         return 0
-    from scherzer.emd import describe
+    from scherzer.io import describe
 
     try:
         groups = describe(path)["data"].values()  # reads records only, not the frames
@@ -84,11 +84,11 @@ def job_folder(path: str | Path) -> Path:
 
 def repair_job_file(path: str | Path | None) -> bool:
     """Make a job file a killed writer left readable by plain readers (clears the HDF5 "open
-    for writing" flags, trims stacks to their complete frames: :func:`scherzer.emd.repair`).
+    for writing" flags, trims stacks to their complete frames: :func:`scherzer.io.repair`).
     Never raises; returns True if the file needed it."""
     if not path or not Path(path).exists():
         return False
-    from scherzer.emd import repair
+    from scherzer.io import repair
 
     try:
         return bool(repair(path))

@@ -17,7 +17,7 @@ import numpy as np
 from scherzer.daemon.plans import BasePlan
 from scherzer.daemon.protocol import ErrorBody, ErrorCode, JobInfo
 from scherzer.drivers.base import ScanSettings
-from scherzer.emd import StackWriter
+from scherzer.io import StackWriter
 from scherzer.processing.registration import rotate_frame_back
 from scherzer.stack import FrameRecord
 

@@ -66,7 +66,7 @@ def _rms(values: np.ndarray) -> float:
 
 
 def _focal_part(path: str, out: JobSummary) -> None:
-    from scherzer.emd import read_processing_summary, read_result, read_stack
+    from scherzer.io import read_processing_summary, read_result, read_stack
 
     reg = read_processing_summary(path, "focal_register")
     ref = int(reg["reference_index"])
@@ -94,7 +94,7 @@ def _focal_part(path: str, out: JobSummary) -> None:
 
 
 def _align_part(path: str, out: JobSummary, signal: str) -> None:
-    from scherzer.emd import read_processing_summary, read_result, read_stack
+    from scherzer.io import read_processing_summary, read_result, read_stack
 
     summary = read_processing_summary(path, "align")
     shifts = np.asarray(summary["shifts_px"], dtype=float)
