@@ -141,14 +141,16 @@ def add_temscript_sim(sub: Any) -> None:
 def _status(args: argparse.Namespace) -> Outcome:
     with client(args) as c:
         s = c.status()
-    text = (
-        f"scherzer {s.version} (protocol {s.protocol})  state {s.state}"
-        f"{'  queue PAUSED' if s.queue_paused else ''}\n"
+    reason = s.queue_pause_reason or "by an operator"
+    paused = f"  queue PAUSED ({reason})" if s.queue_paused else ""
+    lines = [
+        f"scherzer {s.version} (protocol {s.protocol})  state {s.state}{paused}",
         f"current job: {s.current_job if s.current_job is not None else '-'}  queued: {s.queued}"
-        f"  you: {s.user} ({s.role})\ndevices: "
-        + ", ".join(f"{k}={v}" for k, v in s.devices.items())
-    )
-    return 0, s.model_dump(mode="json"), text
+        f"  you: {s.user} ({s.role})",
+        "devices: " + ", ".join(f"{k}={v}" for k, v in s.devices.items()),
+        *(f"PROBLEM: {p}" for p in s.problems),
+    ]
+    return (1 if s.state == "error" else 0), s.model_dump(mode="json"), "\n".join(lines)
 
 
 def _connected(sub: Any, name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
