@@ -178,7 +178,7 @@ def test_read_only_refuses_every_optics_change_but_reads_and_acquires(null_serve
     for change in changes:
         with pytest.raises(ReadOnlyRefused) as err:
             change()
-        assert err.value.code == "limit_exceeded" and "read-only" in str(err.value)
+        assert err.value.code == "device_read_only" and "read-only" in str(err.value)
     assert writer.lens.get_defocus_nm() == -15.0
     assert writer.lens.get_beam_tilt_mrad() == (0.0, 0.0)
     assert writer.lens.get_image_shift_nm() == (0.0, 0.0)

@@ -89,6 +89,7 @@ class ErrorCode(StrEnum):
     DEVICE_DISCONNECTED = "device_disconnected"
     DEVICE_BUSY = "device_busy"
     DEVICE_PROTOCOL_ERROR = "device_protocol_error"
+    DEVICE_READ_ONLY = "device_read_only"
     SHUTTING_DOWN = "shutting_down"
     PROCESSING_FAILED = "processing_failed"
     DISK_FULL = "disk_full"

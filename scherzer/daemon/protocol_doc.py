@@ -49,6 +49,8 @@ ERROR_DOCS: dict[ErrorCode, str] = {
     ErrorCode.DEVICE_DISCONNECTED: "the link to a device is down",
     ErrorCode.DEVICE_BUSY: "the device itself reports that it is busy",
     ErrorCode.DEVICE_PROTOCOL_ERROR: "a device answered with garbage (checksum, framing)",
+    ErrorCode.DEVICE_READ_ONLY: "the instrument is connected read-only (`devices.read_only`): "
+    "optics changes are refused and nothing is sent",
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping and accepts no new work",
     ErrorCode.PROCESSING_FAILED: "a job's processing steps failed (job error only; the "
     "acquired frames stay in the file)",

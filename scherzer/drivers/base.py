@@ -22,6 +22,7 @@ __all__ = [
     "DeviceDisconnected",
     "DeviceError",
     "DeviceProtocolError",
+    "DeviceReadOnly",
     "DeviceTimeout",
     "Lens",
     "LensLimits",
@@ -66,6 +67,13 @@ class DeviceBusy(DeviceError):
     """The device is in use (e.g. an acquisition is running)."""
 
     code = "device_busy"
+
+
+class DeviceReadOnly(DeviceError):
+    """The device is configured read-only (e.g. the first connection to a real instrument):
+    a change was asked for and refused; nothing was sent."""
+
+    code = "device_read_only"
 
 
 class DeviceProtocolError(DeviceError):

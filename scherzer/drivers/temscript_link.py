@@ -50,6 +50,7 @@ from scherzer.drivers.base import (
     DeviceDisconnected,
     DeviceError,
     DeviceProtocolError,
+    DeviceReadOnly,
     DeviceTimeout,
     LensLimits,
     LimitExceeded,
@@ -86,10 +87,9 @@ US_PER_S = 1e6
 READBACK_DECIMALS_NM = 6
 
 
-class ReadOnlyRefused(LimitExceeded):
-    """A change was asked for while the link is read-only; nothing was sent to the instrument.
-
-    Code ``limit_exceeded`` until base.py gains a dedicated ``read_only`` code."""
+class ReadOnlyRefused(DeviceReadOnly):
+    """A change was asked for while the link is read-only; nothing was sent to the instrument
+    (code ``device_read_only``)."""
 
 
 def parse_temscript_url(url: str) -> tuple[str, int]:
