@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from scherzer.processing.focal.absolute import ChiFit, fit_chi_weak_phase, wave_absolute
+from scherzer.processing.focal.kernels import wave_correlation
 from scherzer.processing.focal.problem import (
     PassState,
     Problem,
@@ -93,21 +94,25 @@ def match_wave(prob: Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_gue
     Δ and shift are searched on spectra whitened by ``FocalParams.whiten``; the shift is then
     refined at that Δ with ``whiten_shift`` (see :class:`FocalParams`)."""
     p = prob.params
+    phi = np.ascontiguousarray(phi, np.complex64)
     phi_neg = prob.band.conj_neg(phi)
+    quad_i = np.ascontiguousarray(quad_i, np.complex64)
     amp = prob.bt.amplitude(env_s_i)  # one envelope for every trial defocus
 
     def z_maker(exponent: float, clip: float = 0.0):
         w = clip_weight(prob.spectra[i], prob.band, clip)
         spec_w = whiten(prob.spectra[i] * w, exponent)
         spec_norm = float(np.linalg.norm(spec_w))
-        mw = prob.mask[i] * w
+        mw = (prob.mask[i] * w).astype(np.float32, copy=False)
 
-        def z_of(trials):
-            tt = prob.bt.transfer(trials, amp=amp)
-            lin = (phi * tt + phi_neg * prob.band.conj_neg(tt)) * prob.camera
-            y = whiten((lin + quad_i) * mw, exponent)
-            norm = spec_norm * np.linalg.norm(y, axis=1)
-            return (spec_w[None] * np.conj(y)).astype(np.complex64, copy=False), norm
+        def z_of(trials):  # one fused pass per trial (kernels.wave_correlation)
+            x = prob.bt.chi(trials).astype(np.float32)
+            z = np.empty(x.shape, np.complex64)
+            norm = wave_correlation(
+                phi, phi_neg, amp, np.cos(x), np.sin(x), prob.band.neg, prob.camera, quad_i,
+                mw, spec_w, float(exponent), z,
+            )  # fmt: skip
+            return z, spec_norm * norm
 
         return z_of
 
