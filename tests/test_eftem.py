@@ -298,3 +298,11 @@ def test_filter_on_the_virtual_microscope_shares_clock_drift_and_stage() -> None
     scope.move_stage_nm(0.0, 1.0)  # 2 px at 0.5 nm/px
     _, _, second = sim.acquire(10.0)
     np.testing.assert_allclose(second["shift_px"] - first["shift_px"], [0.2, 2.0], atol=1e-9)
+
+
+def test_the_simulated_filter_satisfies_the_device_contract():
+    from scherzer.drivers.base import EnergyFilter, EnergyFilterLimits
+    from scherzer.simulators.energy_filter import VirtualEnergyFilter
+
+    f = VirtualEnergyFilter(make_eftem_specimen((32, 32), 0.5, seed=0))
+    assert isinstance(f, EnergyFilter) and isinstance(f.limits, EnergyFilterLimits)

@@ -24,6 +24,8 @@ __all__ = [
     "DeviceProtocolError",
     "DeviceReadOnly",
     "DeviceTimeout",
+    "EnergyFilter",
+    "EnergyFilterLimits",
     "Lens",
     "LensLimits",
     "LimitExceeded",
@@ -199,3 +201,37 @@ class Stage(Protocol):
     def get_position_nm(self) -> tuple[float, float]: ...
 
     def move_to_nm(self, y_nm: float, x_nm: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class EnergyFilterLimits:
+    """Allowed settings of an imaging energy filter; a set outside raises
+    :class:`LimitExceeded` and changes nothing."""
+
+    slit_width_ev: tuple[float, float] = (1.0, 100.0)
+    energy_offset_ev: tuple[float, float] = (-100.0, 2500.0)
+
+
+@runtime_checkable
+class EnergyFilter(Protocol):
+    """An imaging energy filter (EFTEM); its images come through a :class:`Camera`. Raises
+    LimitExceeded (nothing changed), DeviceBusy, DeviceTimeout, DeviceDisconnected."""
+
+    name: str
+    limits: EnergyFilterLimits
+
+    def slit_in(self) -> None: ...
+
+    def slit_out(self) -> None: ...
+
+    def is_slit_in(self) -> bool: ...
+
+    def get_slit_width_ev(self) -> float: ...
+
+    def set_slit_width_ev(self, width_ev: float) -> None: ...
+
+    def get_energy_offset_ev(self) -> float: ...
+
+    def set_energy_offset_ev(self, offset_ev: float) -> None: ...
+
+    def wait_settled(self, timeout_s: float = 5.0) -> None: ...

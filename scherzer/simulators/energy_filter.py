@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from scherzer.drivers.base import LimitExceeded
+from scherzer.drivers.base import EnergyFilterLimits, LimitExceeded
 from scherzer.simulators.detector import CameraModel
 from scherzer.simulators.microscope import SimClock, VirtualMicroscope
 from scherzer.stack import FrameRecord
@@ -131,12 +131,8 @@ class FilterOptics:
         return disc_nm / (self.voltage_kv * 1e3) / 4.0
 
 
-@dataclass(frozen=True)
-class FilterLimits:
-    """Allowed settings; a set outside them raises LimitExceeded (nothing changes)."""
-
-    slit_width_ev: tuple[float, float] = (1.0, 100.0)
-    energy_offset_ev: tuple[float, float] = (-100.0, 2500.0)
+#: The simulated filter's limits are the device contract's.
+FilterLimits = EnergyFilterLimits
 
 
 @dataclass
