@@ -166,6 +166,10 @@ class SecuritySettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     console: Literal["auto", "pretty", "json", "off"] = "auto"
+    file_max_mb: float = Field(
+        20.0, gt=0, le=10_000, description="the JSON log rotates at this size (MB)"
+    )
+    file_backups: int = Field(5, ge=1, le=100, description="rotated log files kept")
 
 
 class Settings(_Section):

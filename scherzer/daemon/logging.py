@@ -3,12 +3,16 @@
 Why a module of its own: the daemon logs from three threads into two sinks (file, console) and
 forwards warnings to the event bus; keeping the wiring here keeps ``server.py`` about requests.
 Bind context per line with ``log.bind(job=…, client=…)``; every record is one JSON object in
-``<data_dir>/logs/daemon.jsonl`` with an ISO-8601 UTC ``timestamp`` and a ``level``.
+``<data_dir>/logs/daemon.jsonl`` with an ISO-8601 UTC ``timestamp`` and a ``level``. The file
+rotates (``daemon.jsonl.1`` … ``.N``) by the standard library's ``RotatingFileHandler`` at
+``logging.file_max_mb``, keeping ``logging.file_backups`` old files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import sys
 import threading
 from collections.abc import Callable
@@ -27,7 +31,7 @@ class _Sinks:
 
     def __init__(
         self,
-        file: TextIO | None,
+        file: logging.handlers.RotatingFileHandler | None,
         console: TextIO | None,
         pretty: bool,
         min_level: int,
@@ -69,8 +73,10 @@ class _Sinks:
         if self._file is None:
             return False
         try:
-            self._file.write(line + "\n")
-            self._file.flush()
+            if self._file.shouldRollover(logging.makeLogRecord({"msg": line})):
+                self._file.doRollover()
+            self._file.stream.write(line + "\n")
+            self._file.stream.flush()
         except Exception as exc:
             if not self._file_failed:
                 self._file_failed = True
@@ -104,13 +110,18 @@ def configure_logging(
     level: str = "info",
     console: str = "auto",
     forward: Callable[[dict[str, Any]], None] | None = None,
+    max_bytes: int = 20 * 2**20,
+    backups: int = 5,
 ) -> Path:
-    """Set up structlog for the daemon; returns the JSON-lines log path."""
+    """Set up structlog for the daemon; returns the JSON-lines log path (rotated at
+    ``max_bytes``, ``backups`` old files kept)."""
     log_dir = Path(data_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "daemon.jsonl"
     try:
-        file: TextIO | None = path.open("a", encoding="utf-8")
+        file: logging.handlers.RotatingFileHandler | None = logging.handlers.RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
     except OSError as exc:  # a full or read-only disk must not stop the daemon starting
         _stderr(f"scherzer: cannot open the log file {path} ({exc}); logging to stderr\n")
         file = None

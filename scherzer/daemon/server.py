@@ -92,6 +92,8 @@ class Daemon(DeviceHandlers):
             level=self.settings.logging.level,
             console=self.settings.logging.console,
             forward=lambda rec: self.events.publish("log", rec),
+            max_bytes=int(self.settings.logging.file_max_mb * 2**20),
+            backups=self.settings.logging.file_backups,
         )
         self.ctx = zmq.Context()
         self.zap = ZapHandler(self.ctx, self.keys) if self.keys else None
