@@ -103,16 +103,18 @@ def column_positions(
     image: np.ndarray, spacing_px: float, edge_px: int = 4, min_height: float = 0.5
 ) -> np.ndarray:
     """Sub-pixel (y, x) of the bright columns: maxima of the image smoothed by σ = spacing/8
-    at least 0.6·``spacing_px`` apart and above ``min_height`` of the median peak (above the
-    smoothed image's median), refined by an intensity-weighted centroid (radius spacing/3)
-    of the background-subtracted smoothed image. NaN pixels are filled with the median."""
+    at least 0.6·``spacing_px`` apart and above ``min_height`` of the 90th-percentile peak
+    (above the smoothed image's median), refined by an intensity-weighted centroid (radius
+    spacing/3) of the background-subtracted smoothed image. NaN pixels get the median."""
     img = np.where(np.isfinite(image), image, np.nanmedian(image)).astype(np.float64)
     smooth = ndimage.gaussian_filter(img, max(spacing_px / 8.0, 0.7))
     size = max(3, int(0.6 * spacing_px) | 1)
     peaks = (smooth == ndimage.maximum_filter(smooth, size=size)) & np.isfinite(image)
     base = float(np.median(smooth))
     heights = smooth[peaks] - base
-    keep = peaks & (smooth - base > min_height * float(np.median(heights[heights > 0])))
+    # relative to the brightest columns (90th percentile): weak (e.g. O) columns stay out
+    # however many there are
+    keep = peaks & (smooth - base > min_height * float(np.percentile(heights[heights > 0], 90)))
     ys, xs = np.nonzero(keep)
     inner = (ys >= edge_px) & (ys < img.shape[0] - edge_px)
     inner &= (xs >= edge_px) & (xs < img.shape[1] - edge_px)
