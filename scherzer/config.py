@@ -12,7 +12,6 @@ Units are in field names (s, nm, µs, bytes).
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -232,32 +231,6 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, raw in env.items():
-        if not key.upper().startswith(ENV_PREFIX):
-            continue
-        path = key[len(ENV_PREFIX) :].lower().split("__")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"environment variable {key} conflicts with another override")
-        node[path[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def read_toml(path: str | Path, error: type[Exception], what: str) -> dict[str, Any]:
     """A TOML file as a dict; a missing or malformed file raises ``error`` naming ``what``."""
     p = Path(path)
@@ -269,14 +242,47 @@ def read_toml(path: str | Path, error: type[Exception], what: str) -> dict[str, 
         raise error(f"{what} {p} is not valid TOML: {exc}") from exc
 
 
+def _loader(path: Path | None, env: Mapping[str, str] | None) -> type[Settings]:
+    """A pydantic-settings class over :class:`Settings` whose sources are, by priority, the
+    ``SCHERZER_<SECTION>__<FIELD>`` environment (or ``env``) and the TOML file ``path``."""
+    from pydantic_settings import (
+        BaseSettings,
+        EnvSettingsSource,
+        SettingsConfigDict,
+        TomlConfigSettingsSource,
+    )
+
+    class _Environment(EnvSettingsSource):
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            if env is None:
+                return super()._load_env_vars()
+            return {k.lower(): v for k, v in env.items()}
+
+    class _Loaded(BaseSettings, Settings):
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", toml_file=path
+        )
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls: Any, **_: Any) -> tuple[Any, ...]:
+            toml = (TomlConfigSettingsSource(settings_cls),) if path is not None else ()
+            return (_Environment(settings_cls), *toml)
+
+    return _Loaded
+
+
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Defaults < TOML ``path`` < ``SCHERZER_…`` environment; :class:`ConfigError` if invalid."""
-    raw: dict[str, Any] = {} if path is None else read_toml(path, ConfigError, "config file")
-    raw = _merge(raw, _env_overrides(os.environ if env is None else env))
+    """Defaults < TOML ``path`` < ``SCHERZER_<SECTION>__<FIELD>`` environment (values as JSON
+    where a field is a list or table), read by pydantic-settings; :class:`ConfigError` naming
+    what is wrong."""
+    p = None if path is None else Path(path)
+    if p is not None:
+        read_toml(p, ConfigError, "config file")  # a missing or malformed file: say so first
     try:
-        return Settings.model_validate(raw)
+        loaded = _loader(p, env)()
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {format_validation_error(exc)}") from exc
+    return Settings.model_validate(loaded.model_dump())
 
 
 def _toml_value(v: Any) -> str:
