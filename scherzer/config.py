@@ -1,10 +1,10 @@
 """Settings: one place for defaults, read from a TOML file with ``SCHERZER_…`` env overrides.
 
-Precedence: built-in defaults < TOML file < environment. An environment variable
-``SCHERZER_<SECTION>__<FIELD>`` (double underscore between levels, case-insensitive) overrides one
-field; its value is parsed as JSON when it is valid JSON (numbers, booleans, lists) and used as a
-string otherwise, e.g. ``SCHERZER_SERVER__ENDPOINT=tcp://127.0.0.1:6000`` or
-``SCHERZER_DEVICES__SPEEDUP=100``.
+Precedence: built-in defaults < TOML file < environment, read by pydantic-settings. An environment
+variable ``SCHERZER_<SECTION>__<FIELD>`` (double underscore between levels, case-insensitive)
+overrides one field; lists and tables are given as JSON, e.g.
+``SCHERZER_SERVER__ENDPOINT=tcp://127.0.0.1:6000``, ``SCHERZER_DEVICES__SPEEDUP=100`` or
+``SCHERZER_DEVICES__CAMERA_SHAPE=[512,512]``.
 
 Units are in field names (s, nm, µs, bytes).
 """
