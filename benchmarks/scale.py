@@ -12,8 +12,9 @@ Measured in separate processes so that every figure is a cold start of what a us
   and 20 × 512² (wall seconds and the pipeline's own ``seconds``).
 
 Inputs are the real SrTiO3 STEM image (../shared/testdata/ncempy/16_STOimage_1.ser) drifted by a
-known sub-pixel random walk (tiled to the larger sizes), and the simulator's crystal edge for the
-focal series. Run with ``python benchmarks/scale.py [--huge]``; not a test.
+known sub-pixel random walk (enlarged by cubic interpolation for the larger sizes), and the
+simulator's crystal edge for the focal series.
+Run with ``python benchmarks/scale.py [--huge]``; not a test.
 """
 
 from __future__ import annotations
@@ -48,14 +49,17 @@ def _measured(cmd: list[str]) -> dict:
 
 
 def _series(n: int, size: int, seed: int, out: Path) -> np.ndarray:
-    """A drifting series of the real image (tiled for sizes over 1024) saved as TIFF."""
+    """A drifting series of the real image (enlarged by cubic interpolation for sizes over
+    1024) saved as TIFF."""
     code = textwrap.dedent(f"""
         import numpy as np, tifffile
         from scherzer import io as sio
         from scherzer.simulators.microscope import drifting_series_from_image
+        from scipy import ndimage
         img = sio.import_stack({str(TESTDATA)!r}).frames[0].astype(float)
-        reps = -(-({size} + 64) // img.shape[0])
-        img = np.tile(img, (reps, reps))
+        zoom = ({size} + 64) / img.shape[0]
+        if zoom > 1:  # enlarged, not tiled: a tiled field repeats and fools phase correlation
+            img = ndimage.zoom(img, zoom, order=3)
         frames, truth = drifting_series_from_image(img, n_frames={n}, size_px={size},
                                                    dose_e_per_px=10.0, seed={seed})
         tifffile.imwrite({str(out)!r}, frames)
