@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.fft as sfft
 
@@ -56,14 +57,18 @@ class NormalTerms:
 
     @classmethod
     def build(cls, spectra: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray):
-        ca, cb = np.conj(a), np.conj(b)
-        return cls(
-            aa=(w * (a.real**2 + a.imag**2)).astype(np.float32, copy=False),
-            ab=(w * ca * b).astype(np.complex64, copy=False),
-            bb=(w * (b.real**2 + b.imag**2)).astype(np.float32, copy=False),
-            ra=(w * ca * spectra).astype(np.complex64, copy=False),
-            rb=(w * cb * spectra).astype(np.complex64, copy=False),
-        )
+        """The terms of (n, m) ``spectra`` with coefficients ``a``, ``b`` and weights ``w``
+        (broadcast to (n, m)), in one fused pass (:func:`_normal_terms`)."""
+        shape = np.broadcast_shapes(spectra.shape, a.shape, b.shape, np.shape(w))
+        args = [
+            np.ascontiguousarray(np.broadcast_to(x, shape), dt)
+            for x, dt in ((spectra, np.complex64), (a, np.complex64), (b, np.complex64),
+                          (w, np.float32))
+        ]  # fmt: skip
+        aa, bb = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        ab, ra, rb = (np.empty(shape, np.complex64) for _ in range(3))
+        _normal_terms(*(x.reshape(-1) for x in (*args, aa, ab, bb, ra, rb)))
+        return cls(aa=aa, ab=ab, bb=bb, ra=ra, rb=rb)
 
     def sums(self, drop: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """Sums over images; with ``drop`` (n,) bool, leave-one-out sums (n, m) instead."""
@@ -74,6 +79,21 @@ class NormalTerms:
 
     def _fields(self) -> tuple[np.ndarray, ...]:
         return (self.aa, self.ab, self.bb, self.ra, self.rb)
+
+
+@numba.njit(cache=True, nogil=True)
+def _normal_terms(spectra, a, b, w, aa, ab, bb, ra, rb):  # pragma: no cover - numba
+    """aa = w|a|², ab = w a* b, bb = w|b|², ra = w a* S, rb = w b* S (flat arrays; float32 and
+    complex64 arithmetic in numpy's order: (w a*) first, then the product)."""
+    for j in range(spectra.shape[0]):
+        wj, aj, bj = w[j], a[j], b[j]
+        aa[j] = wj * (aj.real * aj.real + aj.imag * aj.imag)
+        bb[j] = wj * (bj.real * bj.real + bj.imag * bj.imag)
+        wca = np.complex64(complex(wj * aj.real, wj * -aj.imag))
+        wcb = np.complex64(complex(wj * bj.real, wj * -bj.imag))
+        ab[j] = wca * bj
+        ra[j] = wca * spectra[j]
+        rb[j] = wcb * spectra[j]
 
 
 def solve_pair(aa, ab, bb, ra, rb, reg) -> tuple[np.ndarray, np.ndarray]:
