@@ -19,14 +19,29 @@ __all__ = ["newton_moments", "wave_correlation"]
 
 
 @numba.njit(cache=True, nogil=True)
-def newton_moments(z, ey, ex, iy, ix, gy, gx):  # pragma: no cover - numba
-    """Σ over the band of ze = Z e^{2πi g·s} (e = ey[iy]·ex[ix]): (Σ gy Im ze, Σ gx Im ze,
+def _axis_phase(f, s):  # pragma: no cover - numba
+    """exp(2πi f s) per axis frequency, computed in complex128 and stored as complex64."""
+    out = np.empty(f.shape[0], np.complex64)
+    for j in range(f.shape[0]):
+        a = 2.0 * np.pi * f[j] * s
+        out[j] = np.complex64(complex(np.cos(a), np.sin(a)))
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def newton_moments(z, sy, sx, fy, fx, iy, ix, gy, gx):  # pragma: no cover - numba
+    """Σ over the band of ze = Z e^{2πi g·s} (e = ey[iy]·ex[ix], the per-axis factors of the
+    shift (sy, sx) at the axis frequencies ``fy``, ``fx``): (Σ gy Im ze, Σ gx Im ze,
     Σ gy² Re ze, Σ gy gx Re ze, Σ gx² Re ze, Σ Re ze), float64."""
+    ey, ex = _axis_phase(fy, sy), _axis_phase(fx, sx)
     a0 = a1 = a2 = a3 = a4 = a5 = 0.0
     for j in range(z.shape[0]):
-        e = ey[iy[j]] * ex[ix[j]]
-        ze = z[j] * e
-        re, im = ze.real, ze.imag
+        p, q = ey[iy[j]], ex[ix[j]]
+        er = p.real * q.real - p.imag * q.imag
+        ei = p.real * q.imag + p.imag * q.real
+        zr, zi = z[j].real, z[j].imag
+        re = zr * er - zi * ei
+        im = zr * ei + zi * er
         y, x = gy[j], gx[j]
         a0 += y * im
         a1 += x * im
@@ -37,31 +52,36 @@ def newton_moments(z, ey, ex, iy, ix, gy, gx):  # pragma: no cover - numba
     return a0, a1, a2, a3, a4, a5
 
 
-@numba.njit(cache=True, nogil=True)
-def _whitened(y, exponent):  # pragma: no cover - numba
-    """y / |y|^exponent (complex64; 0: unchanged, 0.5 by a square root)."""
-    if exponent == 0.0:
-        return y
-    mag = max(np.float32(abs(y)), np.float32(1e-30))
-    r = np.sqrt(mag) if exponent == 0.5 else mag ** np.float32(exponent)
-    return np.complex64(complex(y.real / r, y.imag / r))
+TINY = np.float32(1e-30)  # |y| floor of the whitening (as problem.whiten)
 
 
 @numba.njit(cache=True, nogil=True)
 def wave_correlation(phi, phi_neg, amp, cos_x, sin_x, neg, camera, quad, mw, spec_w, exponent, z):
     """Z_k = S_w · conj(y_k) for every trial k, with the prediction of an image from the wave φ,
     y = whiten(((φ T + φ*(−g) T*(−g)) C + Q) · mw), T = amp (cos χ_k − i sin χ_k); writes Z
-    (k, m) and returns ‖y_k‖ (k,) (float64 sums)."""
+    (k, m) and returns ‖y_k‖ (k,) (float64 sums). Real float32 arithmetic throughout."""
     k_n, m = cos_x.shape
     norms = np.zeros(k_n)
+    e32 = np.float32(exponent)
     for k in range(k_n):
         total = 0.0
         for j in range(m):
-            t = np.complex64(complex(amp[j] * cos_x[k, j], -(amp[j] * sin_x[k, j])))
-            n = neg[j]
-            tn = np.complex64(complex(amp[n] * cos_x[k, n], amp[n] * sin_x[k, n]))
-            y = _whitened(((phi[j] * t + phi_neg[j] * tn) * camera[j] + quad[j]) * mw[j], exponent)
-            total += y.real * y.real + y.imag * y.imag
-            z[k, j] = spec_w[j] * np.conj(y)
+            a, n = amp[j], neg[j]
+            tr, ti = a * cos_x[k, j], -(a * sin_x[k, j])
+            b = amp[n]
+            ur, ui = b * cos_x[k, n], b * sin_x[k, n]  # T*(−g)
+            p, q = phi[j], phi_neg[j]
+            lr = (p.real * tr - p.imag * ti) + (q.real * ur - q.imag * ui)
+            li = (p.real * ti + p.imag * tr) + (q.real * ui + q.imag * ur)
+            c, w = camera[j], mw[j]
+            yr = (lr * c + quad[j].real) * w
+            yi = (li * c + quad[j].imag) * w
+            if exponent != 0.0:
+                mag = max(np.sqrt(yr * yr + yi * yi), TINY)
+                r = np.sqrt(mag) if exponent == 0.5 else mag**e32
+                yr, yi = yr / r, yi / r
+            total += yr * yr + yi * yi
+            sr, si = spec_w[j].real, spec_w[j].imag
+            z[k, j] = np.complex64(complex(sr * yr + si * yi, si * yr - sr * yi))
         norms[k] = np.sqrt(total)
     return norms

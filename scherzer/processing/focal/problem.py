@@ -117,7 +117,8 @@ class Correlator:
         """(Σ gy Im ze, Σ gx Im ze, Σ gy² Re ze, Σ gy gx Re ze, Σ gx² Re ze, Σ Re ze) of
         ze = Z e^{2πi g·s}: one fused pass over the band (:func:`.kernels.newton_moments`)."""
         gy, gx = self.moments_g
-        return newton_moments(z, *self.axis_phases(s), self.iy, self.ix, gy, gx)
+        sy, sx = float(s[0]), float(s[1])
+        return newton_moments(z, sy, sx, self.fy, self.fx, self.iy, self.ix, gy, gx)
 
     def refine(
         self, z: np.ndarray, s: np.ndarray, norm: float, steps: int = 4, offset: float = 0.0
