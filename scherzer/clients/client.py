@@ -74,7 +74,8 @@ def events_endpoint_for(endpoint: str) -> str:
 
 
 class EventStream:
-    """A SUB socket on the daemon's events (topics: job, frame, progress, log, heartbeat, queue)."""
+    """A SUB socket on the daemon's events (topics: job, frame, progress, live, log, heartbeat,
+    queue)."""
 
     def __init__(self, sock: zmq.Socket) -> None:
         self._sock = sock

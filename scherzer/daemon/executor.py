@@ -56,6 +56,7 @@ from scherzer.daemon.jobrun import (
     truth_shift_in_frame_px,
 )
 from scherzer.daemon.jobs import JobStore
+from scherzer.daemon.live import LiveProcessing
 from scherzer.daemon.optics_control import OpticsControl
 from scherzer.daemon.plans import (
     CameraShot,
@@ -130,6 +131,7 @@ class Executor(OpticsControl):
         self.settings = settings
         self.publish = publish
         self.frames = frames
+        self.live = LiveProcessing(frames, publish)
         self.clock = clock
         self.disk = DiskGate(settings.data_path, settings.limits.min_free_disk_bytes)
         runner = functools.partial(
@@ -257,6 +259,7 @@ class Executor(OpticsControl):
         finally:
             self._refuse_tasks(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
             self.processing.shutdown()
+            self.live.shutdown()
 
     def _run_once(self) -> None:
         self._record_pending()
@@ -325,6 +328,7 @@ class Executor(OpticsControl):
         try:
             plan = parse_plan(job.plan)
             run = JobRun(job, plan, path)
+            self.live.begin(job.job_id, plan.kind_name(), tuple(plan.signals()))
             saved = self._snapshot(plan)
             if self.instruments.mark_truth_origin is not None:
                 self.instruments.mark_truth_origin()
@@ -342,6 +346,7 @@ class Executor(OpticsControl):
             self._restore_optics(run, saved, jlog)
             if run is not None:
                 self._close_file(run, jlog)
+                self.live.finish(job.job_id, path)
             self.current_job = None
             self.job_paused = False
         self._conclude(job, run, outcome, path, jlog)
@@ -502,6 +507,7 @@ class Executor(OpticsControl):
         for name, image in images.items():
             record = self._complete_record(got.records[name], step.index, readback_nm)
             writer.append(image, record, name=name)
+            self.live.add(run.job.job_id, name, image, got.pixel_size_nm)
             info = self.frames.put(image, record, got.pixel_size_nm, job_id=run.job.job_id)
             self.publish(
                 "frame",

@@ -486,7 +486,7 @@ COMMON_ERRORS = (
 
 
 # --- events -----------------------------------------------------------------------------------
-EventTopic = Literal["job", "frame", "progress", "log", "heartbeat", "queue"]
+EventTopic = Literal["job", "frame", "progress", "live", "log", "heartbeat", "queue"]
 
 
 class Event(_Model):

@@ -66,6 +66,10 @@ EVENT_DOCS: dict[str, str] = {
     "frame": "`{job_id, frame_id, index, total, signal, record}` after each frame is on disk",
     "progress": "`{job_id, frames_done, frames_total, skipped}` (`skipped`: frame indices left "
     "out under the `skip` error policy)",
+    "live": "`{job_id, signal, frame_id, frames_averaged, frames_skipped, shift_px, peak}` after "
+    "each frame of a time series or rotated-scan series is folded into the job's running, "
+    "drift-compensated average (fetch it with `frame_get` by `frame_id`; stored in the file as "
+    "`live_average_<signal>` when the job ends)",
     "log": "`{level, event, ...}` warnings and errors from the daemon log",
     "heartbeat": "`{state, uptime_s, current_job, counters}` every `heartbeat_s`",
     "queue": "`{paused, queued, counters}` when the queue changes",
