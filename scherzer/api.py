@@ -82,8 +82,10 @@ def as_stack(
 
 @dataclass
 class AlignOutput:
-    """Rigid alignment: ``shifts_px`` (n, 2), ``peak_heights`` (n,), ``flagged`` frames,
-    ``aligned`` (the aligned ImageStack), ``average`` (y, x) and ``summary`` (the JSON of
+    """Alignment: ``shifts_px`` (n, 2) (the rigid start when non-rigid), ``peak_heights`` (n,)
+    (NCC with the reference when non-rigid), ``flagged`` frames, ``aligned`` (the aligned or
+    corrected ImageStack), ``average`` (y, x; NaN where no frame saw when non-rigid),
+    ``fields_px`` (n, 2, y, x) displacement fields (non-rigid only) and ``summary`` (the JSON of
     ``scherzer align --json``)."""
 
     shifts_px: np.ndarray
@@ -92,6 +94,7 @@ class AlignOutput:
     aligned: ImageStack
     average: np.ndarray
     summary: dict[str, Any] = field(default_factory=dict)
+    fields_px: np.ndarray | None = None
 
     def to_hyperspy(self) -> Any:
         """The aligned stack as a HyperSpy Signal2D (frame axis navigating, axes in nm)."""
@@ -136,18 +139,33 @@ def _signal2d(data: np.ndarray, pixel_nm: tuple[float, float], title: str, nav: 
     return s
 
 
-def align(data: Any, *, signal: str | None = None, **settings: Any) -> AlignOutput:
+def align(
+    data: Any, *, signal: str | None = None, nonrigid: bool = False, **settings: Any
+) -> AlignOutput:
     """Rigid alignment (``scherzer align``): ``settings`` are
     :class:`~scherzer.processing.registration.AlignParams` fields (``alpha``, ``neighbours``,
-    ``refine``, ``roi``, ``reference``, ``output`` …) with the CLI's defaults."""
+    ``refine``, ``roi``, ``reference``, ``output`` …) with the CLI's defaults. ``nonrigid=True``:
+    scan-distortion correction (``scherzer align --nonrigid``) with
+    :class:`~scherzer.processing.scan_distortion.NonrigidParams` fields (``mode``,
+    ``affine_cycles``, ``nonlinear_cycles``, ``smoothing_px`` …) and ``scan_rotation_deg``."""
     from scherzer.processing.pipeline import run_pipeline
     from scherzer.processing.steps import parse_step
 
     stack = as_stack(data)
-    step = parse_step({"step": "align", **settings})
+    step = parse_step({"step": "nonrigid" if nonrigid else "align", **settings})
     name = signal or stack.signal or "frames"
     out = run_pipeline({name: stack}, [step]).outputs[0]
     s = out.summary
+    if nonrigid:
+        return AlignOutput(
+            shifts_px=np.asarray(s["rigid_shifts_px"], dtype=np.float64),
+            peak_heights=np.asarray(s["ncc"], dtype=np.float64),
+            flagged=list(s["flagged"]),
+            aligned=out.stacks[f"nonrigid_{name}"],
+            average=out.arrays[f"average_nonrigid_{name}"],
+            summary=s,
+            fields_px=out.arrays[f"fields_nonrigid_{name}"],
+        )
     return AlignOutput(
         shifts_px=np.asarray(s["shifts_px"], dtype=np.float64),
         peak_heights=np.asarray(s["peak_heights"], dtype=np.float64),

@@ -104,3 +104,19 @@ def test_readme_python_example_runs():
     exec(compile(blocks[0], "README.md", "exec"), namespace)  # our own README's example
     assert namespace["result"].wave.shape == (128, 128)
     assert namespace["aligned"].shifts_px.shape == (7, 2)
+
+
+def test_nonrigid_through_the_api_gives_fields_and_converts():
+    from scherzer.simulators.scan_distortion import ScanDistortion, simulate_distorted_series
+
+    series = simulate_distorted_series(
+        n_frames=4, size=128, rotation_mode="orthogonal-pairs", signals=("HAADF",),
+        distortion=ScanDistortion(drift_nm_per_s=(0.25, -0.15)), beam_current_pA=600.0, seed=5,
+    )  # fmt: skip
+    out = scherzer.align(series["HAADF"], nonrigid=True, affine_cycles=1, nonlinear_cycles=2)
+    assert out.fields_px is not None and out.fields_px.shape == (4, 2, 128, 128)
+    assert out.flagged == [] and out.shifts_px.shape == (4, 2)
+    assert np.isfinite(out.fields_px).all()
+    assert out.to_hyperspy().axes_manager.navigation_shape == (4,)
+    with pytest.raises(ValueError, match="mode"):
+        scherzer.align(series["HAADF"], nonrigid=True, mode="wobbly")
