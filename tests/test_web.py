@@ -290,6 +290,9 @@ def test_page_shows_queue_and_frames_arrive(web, client, browser):
     assert js(browser, f"{img}.complete && {img}.naturalWidth") == 64
     assert int(js(browser, f"{img}.dataset.shown")) >= 2
     assert f"job {series.job_id}" in text(browser, "frame-caption")
+    # the running, drift-compensated average arrives through the daemon's live events
+    wait_for(lambda: js(browser, "document.getElementById('live-img').dataset.frames") == "6", 30)
+    assert f"job {series.job_id}" in text(browser, "live-caption")
     history = "[...document.querySelectorAll('#history tbody tr')].map(r => r.dataset.jobId)"
     wait_for(lambda: str(series.job_id) in js(browser, history), 30)
 

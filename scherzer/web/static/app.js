@@ -144,12 +144,23 @@ function fillReports(stems) {
   }));
 }
 
+function showLive(l) {
+  // the running, drift-compensated average: the daemon names it in the frame cache
+  const img = $("live-img");
+  img.onload = () => { img.dataset.frameId = l.frame_id; img.dataset.frames = l.frames_averaged; };
+  $("live-caption").textContent = `job ${l.job_id} · ${l.signal} · ${l.frames_averaged} frames`
+    + (l.frames_skipped ? ` (${l.frames_skipped} left out)` : "")
+    + ` · last shift (${l.shift_px.map((v) => v.toFixed(2)).join(", ")}) px`;
+  img.src = `/api/frames/${l.frame_id}.png`;
+}
+
 function listen() {
   const es = new EventSource(url("/api/events"));
   es.onopen = () => { $("live").textContent = "live"; $("live").className = "pill"; refresh(); };
   es.onerror = () => { $("live").textContent = "live: reconnecting"; $("live").className = "pill off"; };
   const data = (ev) => JSON.parse(ev.data);
   es.addEventListener("frame", (ev) => showFrame(data(ev)));
+  es.addEventListener("live", (ev) => showLive(data(ev)));
   es.addEventListener("progress", (ev) => {
     const p = data(ev);
     if (currentJob && p.job_id === currentJob.job_id) showProgress(p); else scheduleRefresh();
