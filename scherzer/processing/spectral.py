@@ -150,13 +150,13 @@ class SpectralBand:
 def shift_phase(band: SpectralBand, shifts_px: np.ndarray) -> np.ndarray:
     """exp(+2πi g·s) (n, m) complex64: multiplying a frame spectrum by it applies −s.
 
-    Separable: per-axis factors (n, ny) and (n, nx) in complex128, their product gathered on
-    the band (no complex exponential per band element)."""
+    Separable: per-axis factors (n, ny) and (n, nx) (complex128, stored as complex64), their
+    product gathered on the band (no complex exponential per band element)."""
     s = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
     iy, ix = band.axis_index
     ey = np.exp(2j * math.pi * s[:, :1] * np.fft.fftfreq(band.shape[0])[None])
     ex = np.exp(2j * math.pi * s[:, 1:] * np.fft.fftfreq(band.shape[1])[None])
-    return (ey[:, iy] * ex[:, ix]).astype(np.complex64)
+    return ey.astype(np.complex64)[:, iy] * ex.astype(np.complex64)[:, ix]
 
 
 class BandTransfer:

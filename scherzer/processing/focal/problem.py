@@ -16,7 +16,6 @@ unnormalised FFTs of mean-normalised frames minus 1
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -52,8 +51,9 @@ NEWTON_MAX_STEP_PX = 0.5  # a Newton step of the shift is clipped to this (stays
 NEWTON_TOL_PX = 1e-4  # … and stops below this
 SHIFT_START_HALF_PX = 1.0  # refine_shifts: the grid start searches ± this around the last shift
 SHIFT_NEWTON_STEPS = 6  # Newton steps of a final shift refinement
-IMAGE_THREADS = min(2, os.cpu_count() or 1)  # images matched at once: numpy and the numba
-# kernels release the GIL on band-sized arrays, so two threads use two cores (more: contention)
+IMAGE_THREADS = 1  # images matched at once (map_images). numpy and the numba kernels release
+# the GIL, but measured on the shared 2 cores (load ~6) two threads cost 10-15 % more process
+# time and gained no wall time (20 x 512², 11 x 1024²); 2 may pay on an idle 2-core machine
 
 
 class Correlator:
@@ -68,6 +68,8 @@ class Correlator:
         bx = min(nx, sfft.next_fast_len(int(2 * np.abs(ix).max() + COARSE_BOX_MARGIN_PX)))
         self.box = (by, bx)
         self.box_idx = (iy % by) * bx + (ix % bx)
+        self.half_sel = np.flatnonzero((ix % bx) <= bx // 2)  # band elements in the rfft half
+        self.half_idx = (iy[self.half_sel] % by) * (bx // 2 + 1) + ix[self.half_sel] % bx
         self.scale = (ny / by, nx / bx)
         self.iy, self.ix = iy % ny, ix % nx
         self.fy = np.fft.fftfreq(ny)
@@ -88,9 +90,11 @@ class Correlator:
         """
         k = z.shape[0]
         by, bx = self.box
-        full = np.zeros((k, by * bx), np.complex64)
-        full[:, self.box_idx] = z
-        c = sfft.ifft2(full.reshape(k, by, bx), workers=fft_workers(), overwrite_x=True).real
+        # Re F⁻¹[Z] = F⁻¹ of Z's Hermitian part (Z(g) + Z*(−g))/2: an irfft2 of the half grid
+        herm = 0.5 * (z + self.band.conj_neg(z))
+        half = np.zeros((k, by * (bx // 2 + 1)), np.complex64)
+        half[:, self.half_idx] = herm[:, self.half_sel]
+        c = sfft.irfft2(half.reshape(k, by, bx // 2 + 1), s=(by, bx), workers=fft_workers())
         sy = np.fft.fftfreq(by, 1.0 / by) * self.scale[0]
         sx = np.fft.fftfreq(bx, 1.0 / bx) * self.scale[1]
         if center is not None and radius is not None:
