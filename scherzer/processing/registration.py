@@ -53,15 +53,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
-from scipy import ndimage, signal
+from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
 from scherzer.optics import fft_workers
+from scherzer.processing.align_params import (
+    AlignmentError,
+    AlignmentResult,
+    AlignParams,
+)
 from scherzer.processing.correlation import (
     PEAK_TIE,
     Spectral,
@@ -83,11 +88,21 @@ from scherzer.processing.correlation import (
     refine_peaks,
     rfft_frames,
     shift_mask,
-    shift_spectra,
     snr_weight,
     template_weight,
 )
 from scherzer.processing.plots import plot_alignment  # re-exported: the PNGs live in plots.py
+from scherzer.processing.shifting import (  # re-exported: importers keep their names
+    _quarter_turns,  # noqa: F401  (scan_distortion.engine imports it from here)
+    apply_shifts,
+    as_frames,
+    combine,
+    common_area,
+    crop_roi,
+    prepare,
+    rotate_frame_back,
+    rotate_to_common,
+)
 from scherzer.stack import ImageStack
 
 __all__ = [
@@ -102,9 +117,6 @@ __all__ = [
     "rotate_to_common",
 ]
 
-WINDOWS = ("hann", "hamming", "tukey", "none")
-PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
-OUTPUTS = ("crop", "expand", "expand-mean")
 # Candidates whose mean template score is below the best by less than this many standard errors
 # of the score difference (from the noise alone, :class:`_ScoreNoise`, or from the frame-by-frame
 # scatter of the difference, whichever is larger) fit equally well: only then may the smoothness
@@ -118,200 +130,6 @@ CONSISTENT_PX = 0.5
 CONSISTENT_FRACTION = 0.9
 START_TOLERANCE_PX = 0.05  # template passes that only choose a start stop at this step size
 GLOBAL_PASSES = 2  # passes of the global search from rest that may move frames to any lag
-
-
-class AlignmentError(ValueError):
-    """The frames or parameters cannot be aligned; the message says what is wrong."""
-
-
-@dataclass
-class AlignParams:
-    """Alignment settings (see the module docstring for the method).
-
-    ``alpha``: normalisation exponent of the correlation used to *find* peaks (0 cross-, 0.5
-    mutual, 1 phase correlation); ``alpha_fine``: exponent used to *refine* them. ``neighbours``:
-    k of the k-nearest-neighbour graph. ``refine``: maximum passes against the leave-one-out
-    average. ``max_shift_px``: largest offset searched between two frames (default: a quarter of
-    the measured field). ``window``: hann | hamming | tukey | none. ``prefilter``: None | "median3"
-    | "wiener5". ``bandpass``: (low, high) as fractions of Nyquist applied to the correlation.
-    ``roi``: (y0, x0, height, width) measured region (applied to the full field). ``reference``:
-    "mean" or a frame index. ``output``: crop (common area) | expand (canvas filled with zeros) |
-    expand-mean (canvas, average over valid observations with a count map). ``combine``: mean |
-    sum. ``snr_weighting``: weight the correlations by each frequency's signal fraction.
-    ``fine_window``: window for the final sub-pixel measurement, made on the area every frame
-    shares once the frames are roughly aligned (None: on the whole field with ``window``);
-    ``tukey_alpha``: the tapered fraction of each axis of a Tukey window.
-    """
-
-    alpha: float = 0.5
-    alpha_fine: float = 0.0
-    neighbours: int = 4
-    pairs: str = "neighbours"
-    refine: int = 2
-    refine_tolerance_px: float = 0.01
-    max_shift_px: float | None = None
-    window: str = "hann"
-    prefilter: str | None = None
-    bandpass: tuple[float, float] | None = None
-    roi: tuple[int, int, int, int] | None = None
-    reference: str | int = "mean"
-    low_snr: bool = False
-    output: str = "crop"
-    combine: str = "mean"
-    outlier_px: float = 1.0
-    snr_weighting: bool = True
-    fine_window: str | None = "tukey"
-    tukey_alpha: float = 0.25
-
-    def check(self, n_frames: int) -> None:
-        """Raise AlignmentError naming every invalid setting."""
-        problems = []
-        for name in ("alpha", "alpha_fine"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                problems.append(f"{name} must be in [0, 1]; got {getattr(self, name)}")
-        if self.neighbours < 1:
-            problems.append(f"neighbours must be ≥ 1; got {self.neighbours}")
-        if self.pairs not in PAIR_GRAPHS:
-            problems.append(f"pairs must be one of {PAIR_GRAPHS}; got {self.pairs!r}")
-        if self.refine < 0:
-            problems.append(f"refine must be ≥ 0; got {self.refine}")
-        if self.window not in WINDOWS:
-            problems.append(f"window must be one of {WINDOWS}; got {self.window!r}")
-        if self.fine_window is not None and self.fine_window not in WINDOWS:
-            problems.append(
-                f"fine_window must be None or one of {WINDOWS}; got {self.fine_window!r}"
-            )
-        if not 0.0 <= self.tukey_alpha <= 1.0:
-            problems.append(f"tukey_alpha must be in [0, 1]; got {self.tukey_alpha}")
-        if self.prefilter not in (None, "median3", "wiener5"):
-            problems.append(
-                f"prefilter must be None, 'median3' or 'wiener5'; got {self.prefilter!r}"
-            )
-        if self.output not in OUTPUTS:
-            problems.append(f"output must be one of {OUTPUTS}; got {self.output!r}")
-        if self.combine not in ("mean", "sum"):
-            problems.append(f"combine must be 'mean' or 'sum'; got {self.combine!r}")
-        if self.bandpass is not None:
-            lo, hi = self.bandpass
-            if not 0.0 <= lo < hi:
-                problems.append(
-                    f"bandpass must be (low, high) with 0 ≤ low < high; got {self.bandpass}"
-                )
-        if isinstance(self.reference, str):
-            if self.reference != "mean":
-                problems.append(
-                    f"reference must be 'mean' or a frame index; got {self.reference!r}"
-                )
-        elif not 0 <= int(self.reference) < n_frames:
-            problems.append(f"reference frame {self.reference} out of range 0..{n_frames - 1}")
-        if self.max_shift_px is not None and not self.max_shift_px > 0:
-            problems.append(f"max_shift_px must be positive; got {self.max_shift_px}")
-        if problems:
-            raise AlignmentError("invalid alignment parameters: " + "; ".join(problems))
-
-
-@dataclass
-class AlignmentResult:
-    """Measured shifts and everything that went into them (see module docstring)."""
-
-    shifts_px: np.ndarray
-    peak_heights: np.ndarray
-    pair_offsets: np.ndarray
-    similarity: np.ndarray
-    residuals_px: np.ndarray
-    flagged: list[int]
-    reference: str | int
-    params: AlignParams
-    seconds: float
-    rejected_pairs: list[tuple[int, int]] = field(default_factory=list)
-    refinement_updates_px: list[float] = field(default_factory=list)
-    aligned: np.ndarray | None = None
-    average: np.ndarray | None = None
-    count: np.ndarray | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The keys of ``scherzer align --json``."""
-        return {
-            "shifts_px": [[float(a), float(b)] for a, b in self.shifts_px],
-            "peak_heights": [float(v) for v in self.peak_heights],
-            "reference": self.reference,
-            "flagged": [int(i) for i in self.flagged],
-            "seconds": float(self.seconds),
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# input checks and preparation
-# --------------------------------------------------------------------------------------------
-def _as_frames(frames: Any) -> np.ndarray:
-    if isinstance(frames, (list, tuple)):
-        shapes = {np.shape(f) for f in frames}
-        if len(shapes) > 1:
-            raise AlignmentError(f"frames have mismatched shapes: {sorted(shapes)}")
-    arr = np.asarray(frames)
-    if arr.dtype.kind not in "iuf":
-        raise AlignmentError(f"frames must be real numbers; got dtype {arr.dtype}")
-    if arr.ndim != 3:
-        raise AlignmentError(
-            f"frames must be a 3-D stack (frames, y, x); got {arr.ndim}-D shape {arr.shape}"
-        )
-    n, ny, nx = arr.shape
-    if n < 2:
-        raise AlignmentError(f"alignment needs at least 2 frames; got {n}")
-    if ny < 8 or nx < 8:
-        raise AlignmentError(f"frames must be at least 8×8 pixels; got {ny}×{nx}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr).all(axis=(1, 2))
-    if not finite.all():
-        raise AlignmentError(
-            f"frames {np.flatnonzero(~finite).tolist()} contain NaN or infinite values"
-        )
-    flat = arr.reshape(n, -1)
-    constant = flat.max(axis=1) == flat.min(axis=1)
-    if constant.any():
-        raise AlignmentError(
-            f"frames {np.flatnonzero(constant).tolist()} are constant: nothing to correlate"
-        )
-    return arr
-
-
-def _crop_roi(frames: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
-    if roi is None:
-        return frames
-    y0, x0, h, w = (int(v) for v in roi)
-    ny, nx = frames.shape[1:]
-    if not (0 <= y0 and 0 <= x0 and h >= 8 and w >= 8 and y0 + h <= ny and x0 + w <= nx):
-        raise AlignmentError(
-            f"roi (y0, x0, height, width) = {roi} must lie inside the {ny}×{nx} frame "
-            "and be at least 8×8"
-        )
-    return frames[:, y0 : y0 + h, x0 : x0 + w]
-
-
-def window_2d(shape: tuple[int, int], kind: str, tukey_alpha: float = 0.25) -> np.ndarray:
-    """Separable apodisation window (float32): hann | hamming | tukey | none (``tukey_alpha``:
-    the tapered fraction of each axis)."""
-    if kind == "none":
-        return np.ones(shape, dtype=np.float32)
-    make = {
-        "hann": lambda n: signal.windows.hann(n, sym=False),
-        "hamming": lambda n: signal.windows.hamming(n, sym=False),
-        "tukey": lambda n: signal.windows.tukey(n, tukey_alpha, sym=False),
-    }[kind]
-    return np.outer(make(shape[0]), make(shape[1])).astype(np.float32)
-
-
-def prepare(frames: np.ndarray, params: AlignParams) -> np.ndarray:
-    """Correlation-only preparation: prefilter, mean removal, window (float32 copy)."""
-    f = frames
-    if params.prefilter == "median3":
-        f = ndimage.median_filter(f, size=(1, 3, 3), mode="reflect")
-    elif params.prefilter == "wiener5":
-        f = np.stack([signal.wiener(fr.astype(np.float64), (5, 5)) for fr in f])
-    f = f.astype(np.float32) - f.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(
-        np.float32
-    )
-    return f * window_2d(f.shape[1:], params.window, params.tukey_alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -724,10 +542,10 @@ def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentR
 def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
     t0 = time.perf_counter()
     p = params or AlignParams()
-    arr = _as_frames(frames)
+    arr = as_frames(frames)
     n = len(arr)
     p.check(n)
-    measured = _crop_roi(arr, p.roi)
+    measured = crop_roi(arr, p.roi)
     shape = measured.shape[1:]
     spectra, band = _spectra(measured, p, p.window)
     pairs = np.asarray(pair_graph(n, p), dtype=int)
@@ -828,7 +646,7 @@ def _common_crop(frames: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np
     """
     whole = np.rint(shifts).astype(int)
     try:
-        area = _common_area(frames.shape[1:], whole.astype(float))
+        area = common_area(frames.shape[1:], whole.astype(float))
     except AlignmentError:
         return None
     if min(a.stop - a.start for a in area) < MIN_COMMON_PX:
@@ -856,112 +674,6 @@ def _flag(peak: np.ndarray, residuals: np.ndarray, params: AlignParams) -> list[
     low = peak < 0.5 * med
     disagree = np.nan_to_num(residuals, nan=np.inf) > max(params.outlier_px, 0.5)
     return [int(i) for i in np.flatnonzero(low | disagree)]
-
-
-# --------------------------------------------------------------------------------------------
-# applying shifts
-# --------------------------------------------------------------------------------------------
-def _common_area(shape: tuple[int, int], shifts: np.ndarray) -> tuple[slice, slice]:
-    """Pixels where every aligned frame has data: r + s_i inside the frame for all i."""
-    out = []
-    for axis, size in enumerate(shape):
-        s = shifts[:, axis]
-        lo = max(0, math.ceil(float(np.max(-s)) - 1e-9))
-        hi = min(size, math.floor(float(np.min(size - s)) + 1e-9))
-        if hi - lo < 1:
-            raise AlignmentError("the frames share no common area after alignment")
-        out.append(slice(lo, hi))
-    return out[0], out[1]
-
-
-def apply_shifts(
-    frames: Any, shifts_px: np.ndarray, output: str = "crop", method: str = "fourier"
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Move every frame by −s_i. Returns (aligned stack, count map or None).
-
-    ``crop``: Fourier phase ramp (or cubic spline with ``method="spline"``) on the full field,
-    cropped to the area every frame covers. ``expand`` / ``expand-mean``: a canvas holding every
-    frame, by cubic spline; areas a frame does not cover are 0 and the count map says how many
-    frames cover each pixel.
-    """
-    arr = _as_frames(frames)
-    s = np.asarray(shifts_px, dtype=np.float64).reshape(len(arr), 2)
-    if output not in OUTPUTS:
-        raise AlignmentError(f"output must be one of {OUTPUTS}; got {output!r}")
-    if output == "crop":
-        if method == "fourier":
-            moved = sfft.irfft2(shift_spectra(rfft_frames(arr), s, arr.shape[1:]), s=arr.shape[1:],
-                                workers=fft_workers()).astype(np.float32)  # fmt: skip
-        elif method == "spline":
-            moved = np.stack(
-                [ndimage.shift(f, -d, order=3, mode="nearest") for f, d in zip(arr, s, strict=True)]
-            )
-        else:
-            raise AlignmentError(f"method must be 'fourier' or 'spline'; got {method!r}")
-        ys, xs = _common_area(arr.shape[1:], s)
-        return np.ascontiguousarray(moved[:, ys, xs], dtype=np.float32), None
-    lo = np.floor(np.min(-s, axis=0)).astype(int)
-    hi = np.ceil(np.max(-s, axis=0)).astype(int)
-    pad = (max(0, -lo[0]), max(0, hi[0]), max(0, -lo[1]), max(0, hi[1]))
-    canvas_shape = (arr.shape[1] + pad[0] + pad[1], arr.shape[2] + pad[2] + pad[3])
-    out = np.zeros((len(arr), *canvas_shape), dtype=np.float32)
-    count = np.zeros(canvas_shape, dtype=np.float32)
-    for i, (f, d) in enumerate(zip(arr, s, strict=True)):
-        placed = np.zeros(canvas_shape, dtype=np.float32)
-        mask = np.zeros(canvas_shape, dtype=np.float32)
-        placed[pad[0] : pad[0] + f.shape[0], pad[2] : pad[2] + f.shape[1]] = f
-        mask[pad[0] : pad[0] + f.shape[0], pad[2] : pad[2] + f.shape[1]] = 1.0
-        out[i] = ndimage.shift(placed, -d, order=3, mode="constant", cval=0.0)
-        moved_mask = ndimage.shift(mask, -d, order=1, mode="constant", cval=0.0) > 0.999
-        out[i] *= moved_mask
-        count += moved_mask
-    return out, count
-
-
-def combine(aligned: np.ndarray, count: np.ndarray | None, params: AlignParams) -> np.ndarray:
-    """Average or sum of aligned frames; ``expand-mean`` divides by the count map."""
-    total = aligned.sum(axis=0, dtype=np.float64)
-    if params.combine == "sum":
-        return total.astype(np.float32)
-    if params.output == "expand-mean" and count is not None:
-        return (total / np.maximum(count, 1.0)).astype(np.float32)
-    return (total / len(aligned)).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# rotated-scan series
-# --------------------------------------------------------------------------------------------
-def _quarter_turns(rotation_deg: float) -> int:
-    q = float(rotation_deg) / 90.0
-    if abs(q - round(q)) > 1e-6:
-        raise AlignmentError(
-            f"only rotations by multiples of 90° can be undone exactly; got {rotation_deg}°"
-        )
-    return round(q) % 4
-
-
-def rotate_frame_back(frame: np.ndarray, rotation_deg: float) -> np.ndarray:
-    """Undo a scan rotation that is a multiple of 90° (exact, ``np.rot90``), into the
-    orientation of a 0° frame — the scan geometry of :mod:`scherzer.simulators.stem`."""
-    k = _quarter_turns(rotation_deg)
-    return np.ascontiguousarray(np.rot90(frame, k=-k % 4, axes=(-2, -1)))
-
-
-def rotate_to_common(frames: np.ndarray, rotation_deg: Sequence[float]) -> np.ndarray:
-    """Rotate every frame back by its scan rotation relative to the first frame's (rotations
-    must differ by multiples of 90°). Square frames are required when any turn is odd."""
-    arr = np.asarray(frames)
-    rot = np.asarray(rotation_deg, dtype=float).reshape(-1)
-    if arr.ndim != 3 or len(rot) != len(arr):
-        raise AlignmentError(
-            f"need a (frames, y, x) stack and one rotation per frame; "
-            f"got {arr.shape} and {len(rot)}"
-        )
-    rel = rot - rot[0]
-    turns = [_quarter_turns(r) for r in rel]
-    if any(t % 2 for t in turns) and arr.shape[1] != arr.shape[2]:
-        raise AlignmentError(f"90° rotations need square frames; got {arr.shape[1:]}")
-    return np.stack([rotate_frame_back(f, r) for f, r in zip(arr, rel, strict=True)])
 
 
 # --------------------------------------------------------------------------------------------
