@@ -41,32 +41,34 @@ __all__ = ["COMMANDS", "Outcome", "build_parser", "main"]
 #: Exit code of every usage or input error.
 EXIT_BAD_INPUT = 2
 
-#: Subcommand registrars, in help order. Add new commands here.
-COMMANDS: list[Callable[[Any], None]] = [
-    add_daemon,
-    add_web,
-    add_temscript_sim,
-    add_status,
-    add_jobs,
-    add_cancel,
-    add_pause,
-    add_resume,
-    add_wait,
-    add_focal_series,
-    add_rotated_scan,
-    add_time_series,
-    add_submit,
-    add_keys,
-    add_simulate,
-    add_align,
-    add_align_signal,
-    add_restore,
-    add_calibrate,
-    add_info,
-    add_repair,
-    add_db,
-    add_demo,
-]
+#: Subcommand registrars by command name, in help order. Add new commands here. Only the
+#: invoked command's registrar runs (so ``scherzer align`` never imports the daemon's plan
+#: models); ``scherzer --help`` and unknown commands register them all.
+COMMANDS: dict[str, Callable[[Any], None]] = {
+    "daemon": add_daemon,
+    "web": add_web,
+    "temscript-sim": add_temscript_sim,
+    "status": add_status,
+    "jobs": add_jobs,
+    "cancel": add_cancel,
+    "pause": add_pause,
+    "resume": add_resume,
+    "wait": add_wait,
+    "focal-series": add_focal_series,
+    "rotated-scan": add_rotated_scan,
+    "time-series": add_time_series,
+    "submit": add_submit,
+    "keys": add_keys,
+    "simulate": add_simulate,
+    "align": add_align,
+    "align-signal": add_align_signal,
+    "restore": add_restore,
+    "calibrate": add_calibrate,
+    "info": add_info,
+    "repair": add_repair,
+    "db": add_db,
+    "demo": add_demo,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +84,9 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``scherzer`` parser; with ``argv`` naming a command, only that command's options are
+    built (the others stay unregistered: a light start)."""
     from scherzer import __version__
 
     parser = _Parser(
@@ -93,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    for register in COMMANDS:
-        register(sub)
+    wanted = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
+    for name in wanted:
+        COMMANDS[name](sub)
     return parser
 
 
@@ -134,21 +139,25 @@ def _quiet_logging() -> None:
     )
 
 
-def _run(args: argparse.Namespace) -> int:
-    from scherzer.clients.client import DaemonError
-    from scherzer.config import ConfigError
-    from scherzer.drivers.base import DeviceError
+#: Exceptions reported as one error line (by class name, so that catching them imports
+#: nothing): the daemon's replies, device errors, settings errors; plus every ValueError/OSError.
+_REPORTED = frozenset({"DaemonError", "DeviceError", "ConfigError"})
 
+
+def _run(args: argparse.Namespace) -> int:
     if not getattr(args, "long_running", False):
         _quiet_logging()
     try:
         code, result, text = args.func(args)
-    except DaemonError as exc:
-        return _fail(args, exc.code, str(exc), exc.details)
-    except (ConfigError, OSError, ValueError, DeviceError) as exc:
-        if isinstance(exc, BrokenPipeError):
+    except BrokenPipeError:
+        raise
+    except Exception as exc:
+        names = {c.__name__ for c in type(exc).__mro__}
+        if not (names & _REPORTED or isinstance(exc, OSError | ValueError)):
             raise
-        return _fail(args, getattr(exc, "code", "bad_input"), str(exc))
+        return _fail(
+            args, getattr(exc, "code", "bad_input"), str(exc), getattr(exc, "details", None)
+        )
     return _emit(args, code, result, text)
 
 
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _Parser.json_requested = "--json" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
     except SystemExit as exc:  # usage errors (exit 2, already reported) and --help (exit 0)
         return int(exc.code or 0)
     try:
