@@ -225,6 +225,25 @@ def test_nonlinear_refinement_lowers_the_loss_and_the_error_for_a_strong_object(
     assert e_ref < e_lin, (e_lin, e_ref)
 
 
+def test_nonlinear_residual_per_iteration_falls_to_the_noise_of_the_data():
+    """The image-prediction residual reported per iteration starts above the data's true noise
+    (the linear start leaves out the quadratic term) and ends at it (ground truth: the noisy
+    frames minus the noise-free ones, both mean-normalised), not far below (no noise fitting)."""
+    kw = {"n": 7, "size": 128, "seed": 2}
+    st = synthetic_series("strong_phase", dose_e_per_A2=50000.0, **kw)
+    clean = synthetic_series("strong_phase", dose_e_per_A2=None, **kw).frames
+    data = st.frames / st.frames.mean(axis=(1, 2), keepdims=True)
+    noise = float(np.sqrt(np.mean((data - clean / clean.mean(axis=(1, 2), keepdims=True)) ** 2)))
+    res = restore_truth(st, corrections=0, iterations=6)
+    r = res.residual_history
+    assert len(r) == 7 and len(res.loss_history) == 7
+    assert r[0] > 1.1 * noise, (r, noise)
+    assert np.all(np.diff(r) <= 1e-6 * np.asarray(r[:-1])), r
+    assert 0.95 * noise < r[-1] < 1.03 * noise, (r, noise)
+    summary = res.to_json()
+    assert summary["residual_history"] == r and len(summary["noise_sigma"]) == 7
+
+
 def test_quadratic_correction_helps_a_strong_object():
     st = synthetic_series("strong_phase", n=7, size=128, dose_e_per_A2=None, seed=2)
     truth = st.ground_truth["exit_wave"]

@@ -108,6 +108,20 @@ class RestorationResult:
     seconds: float
     params: dict[str, Any] = field(default_factory=dict)
     loss_history: list[float] = field(default_factory=list)
+    residual_history: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON summary: settings, per-image noise, and per non-linear iteration the loss
+        and the image-prediction residual (RMS of predicted − measured intensity over the used
+        images, vacuum intensity 1; first entry: the linear start)."""
+        return {
+            "seconds": float(self.seconds),
+            "params": self.params,
+            "used": [bool(u) for u in self.used],
+            "noise_sigma": [None if not np.isfinite(v) else float(v) for v in self.noise_sigma],
+            "loss_history": [float(v) for v in self.loss_history],
+            "residual_history": [float(v) for v in self.residual_history],
+        }
 
     @property
     def phase(self) -> np.ndarray:
@@ -210,19 +224,20 @@ def restore_exit_wave(
     )  # fmt: skip
     wave = wave_from_band(band, sol.phi)
     losses: list[float] = []
+    residuals: list[float] = []
     if p.iterations > 0:
         images = normalise_frames(aligned_frames(fu, s_used) if data is None else data)
         weights = grid.shape[0] * grid.shape[1] / (2.0 * sol.sigma2)
         wave, losses = refine_nonlinear(
             wave, images, opt, grid, d[u], weights, cam, p.iterations,
-            prior_weight=prior_weight_grid(band, sol.prior),
+            prior_weight=prior_weight_grid(band, sol.prior), residuals=residuals,
         )  # fmt: skip
     sig = np.full(len(d), np.nan)
     sig[u] = np.sqrt(sol.sigma2 / band.size)
     record = _record(opt, (float(py), float(px)), p, band.size, mtf is not None, nps is not None)
     return RestorationResult(
         wave=wave, defocus_nm=d, used=u, noise_sigma=sig, seconds=time.perf_counter() - t0,
-        params=record, loss_history=losses,
+        params=record, loss_history=losses, residual_history=residuals,
     )  # fmt: skip
 
 
@@ -305,6 +320,12 @@ def _apply_camera(x: np.ndarray, cam_r: np.ndarray | None, shape: tuple[int, int
     return sfft.irfft2(spec, s=shape, workers=fft_workers()).astype(np.float32)
 
 
+def _residual(r: np.ndarray, out: list[float] | None) -> None:
+    """Append the RMS of the prediction residual ``r`` (all images and pixels) to ``out``."""
+    if out is not None:
+        out.append(float(np.sqrt(np.mean(np.square(r, dtype=np.float64)))))
+
+
 def _best_step(coef: np.ndarray) -> float:
     """Minimiser of the quartic c0 + c1 t + c2 t² + c3 t³ + c4 t⁴ over real t."""
     c0, c1, c2, c3, c4 = coef
@@ -349,6 +370,7 @@ def refine_nonlinear(
     camera: np.ndarray | None,
     iterations: int,
     prior_weight: np.ndarray | None = None,
+    residuals: list[float] | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """Minimise Σ_n w_n ‖C ⊛ |F⁻¹[ψ̂ T_n]|² − I_n‖² + Σ_g ρ(g)|ψ̂(g)|² from ``wave``.
 
@@ -356,7 +378,8 @@ def refine_nonlinear(
     variances per pixel (×½); ``prior_weight`` ρ (full grid) is the Wiener prior 1/S(g), which
     keeps the refinement from fitting noise. Polak–Ribière conjugate gradients with an exact
     line search. Returns the refined wave (complex64) and the loss before each step and at the
-    end.
+    end; ``residuals``, when given, receives the image-prediction residual at the same points
+    (RMS of predicted − measured intensity over all images and pixels).
     """
     workers = fft_workers()
     shape = grid.shape
@@ -374,6 +397,7 @@ def refine_nonlinear(
     for _ in range(iterations):
         r = _apply_camera(np.abs(u) ** 2, cam_r, shape) - images
         losses.append(float(np.sum(w * r * r)) + _prior_terms(rho, psi, psi * 0)[0])
+        _residual(r, residuals)
         back = _apply_camera((2.0 / npix) * w * r, cam_r, shape) * u
         grad = np.sum(np.conj(t) * sfft.fft2(back, workers=workers, overwrite_x=True), axis=0)
         grad = grad + rho * psi
@@ -393,6 +417,7 @@ def refine_nonlinear(
         d_prev, g_prev = d, grad
     r = _apply_camera(np.abs(u) ** 2, cam_r, shape) - images
     losses.append(float(np.sum(w * r * r)) + _prior_terms(rho, psi, psi * 0)[0])
+    _residual(r, residuals)
     out = sfft.ifft2(psi, workers=workers).astype(np.complex64)
     return out, losses
 
