@@ -91,9 +91,7 @@ from scherzer.processing.correlation import (
     snr_weight,
     template_weight,
 )
-from scherzer.processing.plots import plot_alignment  # re-exported: the PNGs live in plots.py
 from scherzer.processing.shifting import (  # re-exported: importers keep their names
-    _quarter_turns,  # noqa: F401  (scan_distortion.engine imports it from here)
     apply_shifts,
     as_frames,
     combine,
@@ -112,7 +110,6 @@ __all__ = [
     "align_stack",
     "apply_shifts",
     "measure_shifts",
-    "plot_alignment",
     "rotate_frame_back",
     "rotate_to_common",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "common_area",
     "crop_roi",
     "prepare",
+    "quarter_turns",
     "rotate_frame_back",
     "rotate_to_common",
     "wiener_prefilter",
@@ -232,7 +233,7 @@ def combine(aligned: np.ndarray, count: np.ndarray | None, params: AlignParams) 
 # --------------------------------------------------------------------------------------------
 # rotated-scan series
 # --------------------------------------------------------------------------------------------
-def _quarter_turns(rotation_deg: float) -> int:
+def quarter_turns(rotation_deg: float) -> int:
     q = float(rotation_deg) / 90.0
     if abs(q - round(q)) > 1e-6:
         raise AlignmentError(
@@ -244,7 +245,7 @@ def _quarter_turns(rotation_deg: float) -> int:
 def rotate_frame_back(frame: np.ndarray, rotation_deg: float) -> np.ndarray:
     """Undo a scan rotation that is a multiple of 90° (exact, ``np.rot90``), into the
     orientation of a 0° frame — the scan geometry of :mod:`scherzer.simulators.stem`."""
-    k = _quarter_turns(rotation_deg)
+    k = quarter_turns(rotation_deg)
     return np.ascontiguousarray(np.rot90(frame, k=-k % 4, axes=(-2, -1)))
 
 
@@ -259,7 +260,7 @@ def rotate_to_common(frames: np.ndarray, rotation_deg: Sequence[float]) -> np.nd
             f"got {arr.shape} and {len(rot)}"
         )
     rel = rot - rot[0]
-    turns = [_quarter_turns(r) for r in rel]
+    turns = [quarter_turns(r) for r in rel]
     if any(t % 2 for t in turns) and arr.shape[1] != arr.shape[2]:
         raise AlignmentError(f"90° rotations need square frames; got {arr.shape[1:]}")
     return np.stack([rotate_frame_back(f, r) for f, r in zip(arr, rel, strict=True)])

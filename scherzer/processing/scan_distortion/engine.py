@@ -20,7 +20,6 @@ import numpy as np
 from scherzer.processing.registration import (
     AlignmentError,
     AlignParams,
-    _quarter_turns,
     measure_shifts,
     rotate_to_common,
 )
@@ -37,6 +36,7 @@ from scherzer.processing.scan_distortion.prepare import as_frames, prepare_frame
 from scherzer.processing.scan_distortion.result import NonrigidResult
 from scherzer.processing.scan_distortion.settings import NonrigidParams, ScanDistortionError
 from scherzer.processing.scan_distortion.update import Target, gauss_newton_step
+from scherzer.processing.shifting import quarter_turns
 
 __all__ = ["correct_scan_distortion"]
 
@@ -59,7 +59,7 @@ def _turns(rotations_deg: Sequence[float] | None, n: int, shape: tuple[int, int]
     if len(rot) != n:
         raise ScanDistortionError(f"need one scan rotation per frame: {n} frames, {len(rot)} given")
     try:
-        turns = [_quarter_turns(r - rot[0]) for r in rot]
+        turns = [quarter_turns(r - rot[0]) for r in rot]
     except AlignmentError as exc:
         raise ScanDistortionError(f"scan rotations must differ by multiples of 90°: {exc}") from exc
     if any(t % 2 for t in turns) and shape[0] != shape[1]:
