@@ -134,9 +134,20 @@ def _quiet_logging() -> None:
     import structlog
 
     structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (a test harness or a library may
+    replace it after logging was set up; binding the object would write to a closed file)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 #: Exceptions reported as one error line (by class name, so that catching them imports

@@ -140,6 +140,8 @@ def configure_logging(
             structlog.processors.format_exc_info,
             _Sinks(file, out, pretty, _LEVELS[level], forward),
         ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),  # _Sinks filters
+        logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     return path
