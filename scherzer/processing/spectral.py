@@ -125,6 +125,26 @@ class SpectralBand:
         return (by, bx), (iy % by) * bx + (ix % bx)
 
     @cached_property
+    def _radial_cache(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {}
+
+    def radial_bins(self, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+        """(radial bin (m,) of every element: |g| over its maximum in ``n_bins`` equal bins,
+        elements per bin ≥ 1), computed once per band and bin count."""
+        hit = self._radial_cache.get(n_bins)
+        if hit is None:
+            q = np.hypot(self.gy, self.gx)
+            which = np.minimum((q / (q.max() + 1e-12) * n_bins).astype(int), n_bins - 1)
+            hit = (which, np.maximum(np.bincount(which, None, n_bins), 1))
+            self._radial_cache[n_bins] = hit
+        return hit
+
+    @cached_property
+    def neg32(self) -> np.ndarray:
+        """``neg`` as int32 (kernels: half the index traffic)."""
+        return self.neg.astype(np.int32)
+
+    @cached_property
     def axis_index(self) -> tuple[np.ndarray, np.ndarray]:
         """(row, column) index (m,) of every band element in the (ny, nx) grid."""
         return np.divmod(self.idx, self.shape[1])

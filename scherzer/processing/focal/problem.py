@@ -262,10 +262,9 @@ def clip_weight(x: np.ndarray, band: SpectralBand, factor: float, n_bins: int = 
     """Weights (m,) float32 that limit |x| to ``factor`` × its radial mean (0: ones)."""
     if factor <= 0:
         return np.ones(band.size, np.float32)
-    q = np.hypot(band.gy, band.gx)
-    which = np.minimum((q / (q.max() + 1e-12) * n_bins).astype(int), n_bins - 1)
+    which, count = band.radial_bins(n_bins)
     mag = np.abs(x)
-    mean = np.bincount(which, mag, n_bins) / np.maximum(np.bincount(which, None, n_bins), 1)
+    mean = np.bincount(which, mag, n_bins) / count
     return np.minimum(1.0, factor * mean[which] / np.maximum(mag, 1e-30)).astype(
         np.float32, copy=False
     )

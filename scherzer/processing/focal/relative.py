@@ -109,7 +109,7 @@ def match_wave(prob: Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_gue
             x = prob.bt.chi(trials).astype(np.float32)
             z = np.empty(x.shape, np.complex64)
             norm = wave_correlation(
-                phi, phi_neg, amp, np.cos(x), np.sin(x), prob.band.neg, prob.camera, quad_i,
+                phi, phi_neg, amp, np.cos(x), np.sin(x), prob.band.neg32, prob.camera, quad_i,
                 mw, spec_w, float(exponent), z,
             )  # fmt: skip
             return z, spec_norm * norm
