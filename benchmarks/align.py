@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scherzer.emd import import_stack  # noqa: E402
+from scherzer.io import import_stack  # noqa: E402
 from scherzer.processing.registration import AlignParams, measure_shifts  # noqa: E402
 from scherzer.simulators.microscope import drifting_series_from_image  # noqa: E402
 

@@ -52,7 +52,7 @@ class FrameRecord:
     signal: str = "image"
 
 
-#: The per-frame table as a structured array (what emd.py writes beside the frames).
+#: The per-frame table as a structured array (what scherzer.io writes beside the frames).
 RECORD_DTYPE = np.dtype(
     [
         ("index", "<i8"),

@@ -33,7 +33,7 @@ def _modules(sub: str) -> list[Path]:
 
 FORBIDDEN = {
     "processing": ("scherzer.daemon", "scherzer.drivers", "scherzer.simulators", "scherzer.clients",
-                   "scherzer.cli", "scherzer.emd"),
+                   "scherzer.cli", "scherzer.io"),
     "simulators": ("scherzer.daemon", "scherzer.clients", "scherzer.cli"),
     "drivers": ("scherzer.daemon", "scherzer.clients", "scherzer.cli"),
 }  # fmt: skip

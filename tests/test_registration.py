@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.fft as sfft
 
-from scherzer.emd import import_stack
+from scherzer.io import import_stack
 from scherzer.processing.registration import (
     AlignmentError,
     AlignParams,

@@ -18,7 +18,7 @@ import pydantic
 import pytest
 from scipy import ndimage
 
-from scherzer.emd import import_stack
+from scherzer.io import import_stack
 from scherzer.processing.registration import apply_shifts, measure_shifts, rotate_to_common
 from scherzer.processing.scan_distortion import (
     NonrigidParams,
