@@ -60,6 +60,7 @@ from scherzer.drivers.temscript_link import (
     TemscriptSettings,
     check_finite,
 )
+from scherzer.settings import REQUIRED_OPTICS
 
 __all__ = [
     "ReadOnlyRefused",
@@ -276,8 +277,8 @@ class TemscriptInstruments:
         state = self.camera.instrument_state()
         optics = {"voltage_kv": state["voltage_kv"]} | {
             key: getattr(cfg, key)
-            for key in ("cs_mm", "focal_spread_nm", "beam_divergence_mrad")
-            if getattr(cfg, key) is not None
+            for key in REQUIRED_OPTICS  # the instrument reports only the voltage
+            if key != "voltage_kv" and getattr(cfg, key) is not None
         }
         calibrations = {
             "url": cfg.url,
@@ -325,9 +326,8 @@ DEVICE_SETTING_NAMES = {
     "settle_s": "temscript_settle_s",
     "stem_full_size_px": "temscript_stem_full_size_px",
     "stem_field_nm_times_mag": "temscript_stem_field_nm_times_mag",
-    "cs_mm": "temscript_cs_mm",
-    "focal_spread_nm": "temscript_focal_spread_nm",
-    "beam_divergence_mrad": "temscript_beam_divergence_mrad",
+    # optics TEM Scripting does not report, from the one instrument-setting declaration
+    **{key: f"temscript_{key}" for key in REQUIRED_OPTICS if key != "voltage_kv"},
 }
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from scherzer.optics import Optics
 from scherzer.processing.focal.settings import MIN_IMAGES
+from scherzer.settings import REQUIRED_OPTICS
 from scherzer.stack import ImageStack
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
 
 NEAR_SCHERZER_STEPS = 2.5  # reference candidates: interior images this many steps from Scherzer
 # (more: more pair matches to choose among, some far from the best phase contrast)
-_OPTICS_KEYS = ("voltage_kv", "cs_mm", "focal_spread_nm", "beam_divergence_mrad")
+_OPTICS_KEYS = REQUIRED_OPTICS  # declared once in scherzer.settings
 # optional optics a user may give (Optics fields; 0 when neither given nor recorded): three-fold
 # astigmatism A2, vibration, the A1 start value, an objective aperture, …
 _OPTIONAL_OPTICS = tuple(k for k in Optics.model_fields if k not in (*_OPTICS_KEYS, "defocus_nm"))
