@@ -28,9 +28,7 @@ log = structlog.get_logger("scherzer.executor")
 Publish = Callable[[str, dict[str, Any]], None]
 
 
-def processing_steps(
-    plan: BasePlan, load_curve: Callable[[str], Any] | None = None
-) -> list[Any]:
+def processing_steps(plan: BasePlan, load_curve: Callable[[str], Any] | None = None) -> list[Any]:
     """The plan's pipeline steps as typed settings (:mod:`scherzer.processing.steps`), with
     plan-level choices filled in (focal reference image) and camera-curve names resolved by
     ``load_curve`` (inside the configured calibrations directory only)."""
