@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
@@ -125,19 +126,25 @@ class SpectralBand:
         return (by, bx), (iy % by) * bx + (ix % bx)
 
     @cached_property
-    def _radial_cache(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def _memo(self) -> dict[Any, Any]:
         return {}
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` computed once per band and ``key`` (fixed per-band tables)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def radial_bins(self, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
         """(radial bin (m,) of every element: |g| over its maximum in ``n_bins`` equal bins,
         elements per bin ≥ 1), computed once per band and bin count."""
-        hit = self._radial_cache.get(n_bins)
-        if hit is None:
+
+        def make() -> tuple[np.ndarray, np.ndarray]:
             q = np.hypot(self.gy, self.gx)
             which = np.minimum((q / (q.max() + 1e-12) * n_bins).astype(int), n_bins - 1)
-            hit = (which, np.maximum(np.bincount(which, None, n_bins), 1))
-            self._radial_cache[n_bins] = hit
-        return hit
+            return which, np.maximum(np.bincount(which, None, n_bins), 1)
+
+        return self.memo(("radial_bins", n_bins), make)
 
     @cached_property
     def neg32(self) -> np.ndarray:

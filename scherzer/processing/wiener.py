@@ -124,6 +124,19 @@ def pair_noise_covariance(terms_sums: tuple[np.ndarray, ...], reg: np.ndarray) -
     return cov12.astype(np.complex64)
 
 
+def _prior_bins(band: SpectralBand, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bin of every band element by |g| in ``n_bins`` equal bins, elements per bin), once
+    per band (:meth:`SpectralBand.memo`)."""
+
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        q = np.hypot(band.gy, band.gx)
+        edges = np.linspace(0.0, q.max() + 1e-9, n_bins + 1)
+        which = np.clip(np.digitize(q, edges) - 1, 0, n_bins - 1)
+        return which, np.bincount(which, minlength=n_bins).astype(np.float64)
+
+    return band.memo(("prior_bins", n_bins), make)
+
+
 def radial_power_prior(
     band: SpectralBand,
     phi: np.ndarray,
@@ -133,10 +146,7 @@ def radial_power_prior(
 ) -> np.ndarray:
     """Wiener prior power S(g) per band element: radial mean of |φ|² minus its noise variance,
     at least ``floor`` × the noise variance (and 1e-12)."""
-    q = np.hypot(band.gy, band.gx)
-    edges = np.linspace(0.0, q.max() + 1e-9, n_bins + 1)
-    which = np.clip(np.digitize(q, edges) - 1, 0, n_bins - 1)
-    count = np.bincount(which, minlength=n_bins).astype(np.float64)
+    which, count = _prior_bins(band, n_bins)
     power = np.bincount(which, weights=np.abs(phi) ** 2 - noise_var, minlength=n_bins)
     noise = np.bincount(which, weights=noise_var, minlength=n_bins)
     count = np.maximum(count, 1)
