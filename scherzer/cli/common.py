@@ -196,3 +196,31 @@ def step_progress(enabled: bool, what: str) -> Iterator[Callable[[str, int, int]
     finally:
         bar.n = bar.total or bar.n
         bar.close()
+
+
+@contextmanager
+def busy(enabled: bool, what: str) -> Iterator[None]:
+    """An elapsed-time indicator on stderr (tqdm, no made-up percentage) while a step with no
+    progress of its own runs (e.g. a simulation); nothing when ``enabled`` is false."""
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=what, bar_format="{desc}: {elapsed}", file=sys.stderr)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()

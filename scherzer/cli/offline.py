@@ -16,6 +16,7 @@ from typing import Any
 from scherzer.cli.common import (
     Outcome,
     box,
+    busy,
     float_pair,
     int_list,
     non_negative_int,
@@ -36,11 +37,21 @@ SIMULATE_FOCAL_DEFAULTS = {"pixel_nm": 0.02, "start_nm": -100.0, "step_nm": 10.0
 # --- simulate -----------------------------------------------------------------------------------
 def _simulate_focal(args: argparse.Namespace) -> Outcome:
     from scherzer import io as sio
-    from scherzer.simulators.hrtem import default_hrtem_optics, simulate_focal_series
+    from scherzer.simulators.hrtem import default_hrtem_optics
 
     given = {k: v for k, v in overrides_from_args(args).given().items() if k in OPTICS_SETTINGS}
     optics = default_hrtem_optics().with_(**given)
-    stack = simulate_focal_series(
+    with busy(progress_enabled(args), "simulating a focal series"):
+        stack = _simulate_focal_stack(args, optics)
+    sio.write_stack(args.out, stack, name="frames")
+    result = {"out": str(args.out), "frames": stack.n_frames, "shape": list(stack.frame_shape)}
+    return 0, result, f"wrote {stack.n_frames} frames {stack.frame_shape} to {args.out}"
+
+
+def _simulate_focal_stack(args: argparse.Namespace, optics: Any) -> Any:
+    from scherzer.simulators.hrtem import simulate_focal_series
+
+    return simulate_focal_series(
         args.specimen,
         n=args.n,
         start_nm=args.start_nm,
@@ -55,17 +66,25 @@ def _simulate_focal(args: argparse.Namespace) -> Outcome:
         pixel_nm=args.pixel_nm,
         seed=args.seed,
     )
-    sio.write_stack(args.out, stack, name="frames")
-    result = {"out": str(args.out), "frames": stack.n_frames, "shape": list(stack.frame_shape)}
-    return 0, result, f"wrote {stack.n_frames} frames {stack.frame_shape} to {args.out}"
 
 
 def _simulate_scan(args: argparse.Namespace) -> Outcome:
     from scherzer import io as sio
-    from scherzer.simulators.stem import simulate_rotated_scan
 
     signals = tuple(s.strip() for s in args.signals.split(",") if s.strip())
-    stacks = simulate_rotated_scan(
+    with busy(progress_enabled(args), "simulating a rotated-scan series"):
+        stacks = _scan_stacks(args, signals)
+    for i, (name, stack) in enumerate(stacks.items()):
+        sio.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
+    first = next(iter(stacks.values()))
+    result = {"out": str(args.out), "signals": list(stacks), "frames": first.n_frames}
+    return 0, result, f"wrote {first.n_frames} frames of {', '.join(stacks)} to {args.out}"
+
+
+def _scan_stacks(args: argparse.Namespace, signals: tuple[str, ...]) -> Any:
+    from scherzer.simulators.stem import simulate_rotated_scan
+
+    return simulate_rotated_scan(
         args.specimen,
         n_frames=args.n,
         rotation_mode=args.rotation_mode,
@@ -78,11 +97,6 @@ def _simulate_scan(args: argparse.Namespace) -> Outcome:
         drift_nm_per_s=args.drift_nm_per_s,
         seed=args.seed,
     )
-    for i, (name, stack) in enumerate(stacks.items()):
-        sio.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
-    first = next(iter(stacks.values()))
-    result = {"out": str(args.out), "signals": list(stacks), "frames": first.n_frames}
-    return 0, result, f"wrote {first.n_frames} frames of {', '.join(stacks)} to {args.out}"
 
 
 def _add_common_simulation(p: argparse.ArgumentParser, specimen: str, n: int, what: str) -> None:
