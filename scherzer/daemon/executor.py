@@ -53,6 +53,7 @@ from scherzer.daemon.jobrun import (
     JobRun,
     SavedOptics,
     rotate_back,
+    store_tracking,
     truth_shift_in_frame_px,
 )
 from scherzer.daemon.jobs import JobStore
@@ -347,6 +348,7 @@ class Executor(OpticsControl):
             if run is not None:
                 self._close_file(run, jlog)
                 self.live.finish(job.job_id, path)
+                store_tracking(run, path, jlog)
             self.current_job = None
             self.job_paused = False
         self._conclude(job, run, outcome, path, jlog)
@@ -523,6 +525,26 @@ class Executor(OpticsControl):
         run.add_truth(got.truth)
         run.written += 1
         self._publish_progress(run)
+        self._track_drift(run, got.pixel_size_nm[1])
+
+    def _track_drift(self, run: JobRun, pixel_nm: float) -> None:
+        """Drift tracking (time series with ``track_drift_nm``): once the newest frame is folded
+        into the live average, move the stage against the content's displacement when it
+        exceeds the threshold; every move is recorded (``drift_tracking`` table)."""
+        threshold = getattr(run.plan, "track_drift_nm", None)
+        stage = self.instruments.stage
+        if threshold is None or stage is None:
+            return
+        folded, shift = self.live.latest_shift_px(run.job.job_id)
+        if shift is None or folded <= run.tracked_after:
+            return
+        moved_nm = np.asarray(shift, dtype=np.float64) * pixel_nm
+        if float(np.hypot(*moved_nm)) <= threshold:
+            return
+        y, x = stage.get_position_nm()
+        stage.move_to_nm(y - moved_nm[0], x - moved_nm[1])
+        run.tracked_after = folded + 1  # the next measurement must follow the move
+        run.tracking.append((run.written - 1, float(moved_nm[0]), float(moved_nm[1])))
 
     def _open_writer(
         self, run: JobRun, images: dict[str, np.ndarray], pixel: tuple[float, float]

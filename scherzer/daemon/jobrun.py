@@ -66,6 +66,8 @@ class JobRun:
     skipped: list[int] = field(default_factory=list)
     skip_reasons: list[str] = field(default_factory=list)
     truth: list[dict[str, Any]] = field(default_factory=list)
+    tracking: list[tuple[int, float, float]] = field(default_factory=list)  # frame, dy, dx nm
+    tracked_after: int = 0  # live frames folded before the last stage move
 
     def add_truth(self, truth: dict[str, Any]) -> None:
         self.truth.append(truth or {})
@@ -100,3 +102,19 @@ class JobRun:
             message=f"frames {self.skipped} skipped after device errors ({self.skip_reasons[-1]})",
             details={"skipped": list(self.skipped)},
         )
+
+
+def store_tracking(run: JobRun, path: Path, jlog: Any) -> None:
+    """The stage moves of drift tracking as the ``drift_tracking`` table (after the frame index:
+    the content displacement in nm that each move undid); never raises."""
+    if not run.tracking or not path.exists():
+        return
+    table = np.array(
+        run.tracking, dtype=[("after_frame", "<i8"), ("moved_y_nm", "<f8"), ("moved_x_nm", "<f8")]
+    )
+    try:
+        from scherzer.io import write_table
+
+        write_table(path, "drift_tracking", table)
+    except Exception:
+        jlog.exception("storing the drift-tracking moves failed")

@@ -91,6 +91,17 @@ class LiveProcessing:
             with self._lock:
                 job.pending -= 1
 
+    def latest_shift_px(self, job_id: int, timeout_s: float = FINISH_TIMEOUT_S) -> tuple:
+        """(frames folded, the newest folded frame's shift (dy, dx) px relative to the average)
+        once the frames queued so far are folded in; (0, None) for a job not averaged."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            last = None if job is None else job.last
+        if job is None or last is None:
+            return 0, None
+        last.result(timeout=timeout_s)
+        return job.average.count, job.average.shifts_px[-1]
+
     def finish(self, job_id: int, path: Path) -> dict[str, Any] | None:
         """Wait for the frames still queued, store the average in the (closed) job file and
         forget the job. Returns its summary, or None if the job was not averaged."""

@@ -586,6 +586,10 @@ class TimeSeries(_CameraFields, _ScanFields, BasePlan):
     rotation_deg: float = 0.0
     signals_: list[str] = _signals_field(["HAADF"])
     defocus_nm: float | None = Field(None, description="set before the first frame")
+    track_drift_nm: float | None = Field(
+        None, gt=0, le=1e4, description="re-centre the field with the stage whenever the live "
+        "average says the content moved this far (null: no tracking)",
+    )  # fmt: skip
 
     @classmethod
     def allowed_for_kind(cls) -> tuple[str, ...]:

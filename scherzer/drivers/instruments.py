@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from scherzer.drivers.base import Camera, Lens, ScanGenerator
+from scherzer.drivers.base import Camera, Lens, ScanGenerator, Stage
 
 __all__ = ["Instruments"]
 
@@ -32,6 +32,7 @@ class Instruments:
     camera: Camera | None = None
     scan: ScanGenerator | None = None
     lens: Lens | None = None
+    stage: Stage | None = None
     camera_shape: tuple[int, int] = (512, 512)
     wait_s: Callable[[float], None] = lambda s: None
     closers: tuple[Callable[[], None], ...] = ()
@@ -43,7 +44,12 @@ class Instruments:
     def describe(self) -> dict[str, str]:
         return {
             kind: getattr(dev, "name", "?") if dev is not None else "none"
-            for kind, dev in (("camera", self.camera), ("scan", self.scan), ("lens", self.lens))
+            for kind, dev in (
+                ("camera", self.camera),
+                ("scan", self.scan),
+                ("lens", self.lens),
+                ("stage", self.stage),
+            )
         }
 
     def close(self) -> None:

@@ -57,6 +57,7 @@ def _open_sim(dev: DeviceSettings) -> Bench:
     instruments = Instruments(
         camera=sim.SimCamera(scope, speedup=dev.speedup),
         scan=sim.SimScanGenerator(scope, speedup=dev.speedup),
+        stage=sim.SimStage(scope),
         camera_shape=tuple(dev.camera_shape),
         wait_s=sim.SimTimer(scope, dev.speedup).pass_s,
         instrument=sim_instrument(scope, dev),

@@ -9,6 +9,7 @@ Units: seconds, nm, µs, mrad as named.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -141,6 +142,28 @@ class SimScanGenerator:
 
     def abort(self) -> None:
         self._abort.set()
+
+
+class SimStage:
+    """The virtual microscope's specimen stage (absolute positions in nm, (y, x)); moving it
+    moves the specimen content by the same amount (what drift tracking uses to re-centre)."""
+
+    name = "sim-stage"
+    LIMIT_NM = 1e6  # ± travel (1 mm)
+
+    def __init__(self, scope: Any) -> None:
+        self._scope = scope  # a VirtualMicroscope
+
+    def get_position_nm(self) -> tuple[float, float]:
+        return self._scope.stage_position_nm()
+
+    def move_to_nm(self, y_nm: float, x_nm: float) -> None:
+        for name, v in (("y", y_nm), ("x", x_nm)):
+            if not (math.isfinite(v) and abs(v) <= self.LIMIT_NM):
+                raise LimitExceeded(
+                    f"stage {name} {v} nm outside ±{self.LIMIT_NM:g} nm", device=self.name
+                )
+        self._scope.move_stage_nm(float(y_nm), float(x_nm))
 
 
 class SimLens:
