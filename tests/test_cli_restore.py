@@ -58,3 +58,13 @@ def test_restore_with_a_digitalmicrograph_mtf_profile(series, tmp_path, testdata
     params = sio.read_processing(tmp_path / "ew.hspy", "focal_register")
     assert "mtf" not in params or params["mtf"] is None or params  # curves are arrays, not paths
     assert json.loads(capsys.readouterr().out)["reference_index"] >= 0
+
+
+def test_restore_reports_the_prediction_residual_per_iteration(series, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "ew2.hspy"
+    assert main(["restore", str(series), "--out", str(out), "--iterations", "2", "--json"]) == 0
+    capsys.readouterr()
+    residual = sio.read_processing_summary(out, "restore")["image_residual"]
+    assert len(residual) == 3 and all(r > 0 for r in residual)  # linear start + 2 iterations
+    assert residual[-1] <= residual[0] * 1.05  # refinement does not make the prediction worse

@@ -347,6 +347,8 @@ def step_restore(ctx: PipelineContext, step: RestoreStep) -> StepOutput:
             "images_used": int(np.count_nonzero(used)),
             "phase_rad_range": [float(res.phase.min()), float(res.phase.max())],
             "restore_seconds": float(res.seconds),
+            # RMS of predicted − measured intensity per non-linear iteration (first: linear)
+            "image_residual": [float(v) for v in res.residual_history],
         },
         arrays={"exit_wave": res.wave.astype(np.complex64)},
         dims={"exit_wave": _yx_dims(res.wave.shape, pixel_nm)},
