@@ -291,6 +291,7 @@ def test_the_registry_builds_the_bench_even_when_the_server_is_down():
             "camera": "temscript-camera",
             "scan": "temscript-scan",
             "lens": "temscript-lens",
+            "stage": "none",  # the adapter drives no stage (yet)
         }
         with pytest.raises(DeviceDisconnected):
             ins.lens.get_defocus_nm()
