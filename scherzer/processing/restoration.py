@@ -420,19 +420,3 @@ def refine_nonlinear(
     _residual(r, residuals)
     out = sfft.ifft2(psi, workers=workers).astype(np.complex64)
     return out, losses
-
-
-def __getattr__(name: str) -> Any:
-    """TEMPORARY (issue #10): ``processing/pipeline.py`` (not this module's owner's file) still
-    imports ``load_camera_curve`` and ``plot_wave`` from here. Delete this function once it
-    imports them from :mod:`scherzer.processing.spectral` and :mod:`scherzer.processing.plots`.
-    """
-    if name == "load_camera_curve":
-        from scherzer.processing.spectral import load_camera_curve
-
-        return load_camera_curve
-    if name == "plot_wave":
-        from scherzer.processing.plots import plot_wave
-
-        return plot_wave
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
