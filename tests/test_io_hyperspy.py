@@ -400,11 +400,12 @@ REFUSE_AND_MEASURE = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="needs Linux /proc to measure the peak memory"
+)
 def test_refusal_allocates_nothing(tmp_path: Path) -> None:
     """The peak memory of a process that opens the file and refuses it stays that of the
     imports (Linux: VmHWM in kB)."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs Linux /proc to measure the peak memory")
     path = huge_berkeley(tmp_path / "huge.emd")
     out = subprocess.run(
         [sys.executable, "-c", REFUSE_AND_MEASURE, str(path)],
