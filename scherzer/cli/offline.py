@@ -36,16 +36,26 @@ SIMULATE_FOCAL_DEFAULTS = {"pixel_nm": 0.02, "start_nm": -100.0, "step_nm": 10.0
 
 # --- simulate -----------------------------------------------------------------------------------
 def _simulate_focal(args: argparse.Namespace) -> Outcome:
-    from scherzer import io as sio
     from scherzer.simulators.hrtem import default_hrtem_optics
 
     given = {k: v for k, v in overrides_from_args(args).given().items() if k in OPTICS_SETTINGS}
     optics = default_hrtem_optics().with_(**given)
     with busy(progress_enabled(args), "simulating a focal series"):
         stack = _simulate_focal_stack(args, optics)
-    sio.write_stack(args.out, stack, name="frames")
-    result = {"out": str(args.out), "frames": stack.n_frames, "shape": list(stack.frame_shape)}
-    return 0, result, f"wrote {stack.n_frames} frames {stack.frame_shape} to {args.out}"
+    return _write_simulated(args.out, {"frames": stack})
+
+
+def _write_simulated(out: Path, stacks: dict[str, Any]) -> Outcome:
+    """Write the simulated signals to one file (the first creates it) and say what was made."""
+    from scherzer import io as sio
+
+    for i, (name, stack) in enumerate(stacks.items()):
+        sio.write_stack(out, stack, name=name, mode="w" if i == 0 else "a")
+    first = next(iter(stacks.values()))
+    result = {"out": str(out), "signals": list(stacks), "frames": first.n_frames,
+              "shape": list(first.frame_shape)}  # fmt: skip
+    text = f"wrote {first.n_frames} frames {first.frame_shape} of {', '.join(stacks)} to {out}"
+    return 0, result, text
 
 
 def _simulate_focal_stack(args: argparse.Namespace, optics: Any) -> Any:
@@ -69,16 +79,11 @@ def _simulate_focal_stack(args: argparse.Namespace, optics: Any) -> Any:
 
 
 def _simulate_scan(args: argparse.Namespace) -> Outcome:
-    from scherzer import io as sio
 
     signals = tuple(s.strip() for s in args.signals.split(",") if s.strip())
     with busy(progress_enabled(args), "simulating a rotated-scan series"):
         stacks = _scan_stacks(args, signals)
-    for i, (name, stack) in enumerate(stacks.items()):
-        sio.write_stack(args.out, stack, name=name, mode="w" if i == 0 else "a")
-    first = next(iter(stacks.values()))
-    result = {"out": str(args.out), "signals": list(stacks), "frames": first.n_frames}
-    return 0, result, f"wrote {first.n_frames} frames of {', '.join(stacks)} to {args.out}"
+    return _write_simulated(args.out, stacks)
 
 
 def _scan_stacks(args: argparse.Namespace, signals: tuple[str, ...]) -> Any:
