@@ -66,3 +66,35 @@ def test_wait_uses_events_and_falls_back_to_polling(tmp_path):
             with pytest.raises(DaemonTimeout, match="still"):
                 blind.wait(slow.job_id, timeout_s=0.3, poll_s=0.1)
             blind.cancel(slow.job_id)
+
+
+def test_local_daemon_restarts_on_new_ports_when_a_chosen_port_was_taken(tmp_path, monkeypatch):
+    """Another process may bind a port between its choice and the daemon's bind (xdist workers,
+    outgoing connections): the daemon must come up on fresh ports, not fail the test run."""
+    import socket
+
+    import scherzer.clients.client as client_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    real = client_module.free_tcp_port
+    handed = iter([busy, real()])  # the first start gets the busy port for its request socket
+    monkeypatch.setattr(client_module, "free_tcp_port", lambda: next(handed, None) or real())
+    try:
+        with LocalDaemon({"devices": dict(PATTERN)}, tmp_path) as d:
+            assert d.endpoint != f"tcp://127.0.0.1:{busy}"
+            assert "Address already in use" in d.stderr_path.read_text()
+            with d.client() as c:
+                assert c.status().state == "idle"
+    finally:
+        taken.close()
+
+
+def test_free_tcp_port_avoids_the_ephemeral_range():
+    from scherzer.clients.client import _ephemeral_range
+
+    lo, hi = _ephemeral_range()
+    ports = {free_tcp_port() for _ in range(20)}
+    assert all(not lo <= p <= hi for p in ports), (lo, hi, sorted(ports))

@@ -17,6 +17,7 @@ arrive as numpy arrays. :class:`LocalDaemon` starts a daemon process on this mac
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -338,8 +339,33 @@ class Client:
 
 
 # --- running a daemon locally -----------------------------------------------------------------
+# Outgoing connections take their local port from the kernel's ephemeral range, so a port found
+# free there can be taken by any connection before the daemon binds it. Ports are drawn from
+# below that range instead (and a daemon that still loses the race is restarted on new ports).
+_FALLBACK_EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
+_LOW_PORT = 20000  # the lowest port drawn: above the well-known and most registered services
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return _FALLBACK_EPHEMERAL
+
+
 def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range if it can."""
+    lo, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(50):
+        port = rng.randrange(_LOW_PORT, lo) if lo > _LOW_PORT + 100 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -347,6 +373,8 @@ def free_tcp_port() -> int:
 
 class LocalDaemon:
     """A ``scherzer daemon`` child process on free loopback ports; always cleaned up on exit."""
+
+    PORT_ATTEMPTS = 5  # starts on fresh ports when another process took a chosen one first
 
     def __init__(
         self,
@@ -365,15 +393,12 @@ class LocalDaemon:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         server = config.setdefault("server", {})
-        server.setdefault("endpoint", f"tcp://127.0.0.1:{free_tcp_port()}")
-        server.setdefault("events_endpoint", f"tcp://127.0.0.1:{free_tcp_port()}")
+        self._auto_ports = "endpoint" not in server and "events_endpoint" not in server
         config.setdefault("data_dir", str(self.dir / "data"))
         config.setdefault("logging", {}).setdefault("console", "json")
         self.config = config
         self.config_path = self.dir / "scherzer.toml"
-        self.config_path.write_text(settings_to_toml(config), encoding="utf-8")
-        self.endpoint = server["endpoint"]
-        self.events_endpoint = server["events_endpoint"]
+        self._write_config(settings_to_toml, new_ports=self._auto_ports)
         self.startup_timeout_s = startup_timeout_s
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -384,12 +409,43 @@ class LocalDaemon:
         """A client for this daemon (keyword arguments of :class:`Client` override)."""
         return Client(self.endpoint, events_endpoint=self.events_endpoint, **{**self.keys, **kw})
 
+    def _write_config(self, to_toml: Any, *, new_ports: bool) -> None:
+        server = self.config["server"]
+        if new_ports:
+            first = free_tcp_port()
+            second = free_tcp_port()
+            while second == first:
+                second = free_tcp_port()
+            server["endpoint"] = f"tcp://127.0.0.1:{first}"
+            server["events_endpoint"] = f"tcp://127.0.0.1:{second}"
+        server.setdefault("endpoint", f"tcp://127.0.0.1:{free_tcp_port()}")
+        server.setdefault("events_endpoint", f"tcp://127.0.0.1:{free_tcp_port()}")
+        self.config_path.write_text(to_toml(self.config), encoding="utf-8")
+        self.endpoint = server["endpoint"]
+        self.events_endpoint = server["events_endpoint"]
+
     def start(self) -> LocalDaemon:
+        """Start the daemon and wait until it answers. When this object chose the ports and one
+        was taken in the meantime, the daemon is started again on new ones (up to
+        ``PORT_ATTEMPTS`` times)."""
+        from scherzer.config import settings_to_toml
+
         cmd = [sys.executable, "-m", "scherzer.cli", "daemon", "--config", str(self.config_path)]
-        with self.stderr_path.open("ab") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=self.env)
-        self._wait_ready()
-        return self
+        for attempt in range(1, self.PORT_ATTEMPTS + 1):
+            self._stderr_start = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
+            with self.stderr_path.open("ab") as err:
+                self.proc = subprocess.Popen(
+                    cmd, stdout=subprocess.DEVNULL, stderr=err, env=self.env
+                )
+            try:
+                self._wait_ready()
+                return self
+            except RuntimeError:
+                lost_race = "Address already in use" in self.stderr_tail(since_start=True)
+                if not (lost_race and self._auto_ports and attempt < self.PORT_ATTEMPTS):
+                    raise
+                self._write_config(settings_to_toml, new_ports=True)
+        raise AssertionError("unreachable")
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -411,11 +467,15 @@ class LocalDaemon:
             f"daemon not ready after {self.startup_timeout_s} s: {self.stderr_tail()}"
         )
 
-    def stderr_tail(self, n: int = 4000) -> str:
+    def stderr_tail(self, n: int = 4000, *, since_start: bool = False) -> str:
+        """The last ``n`` characters the daemon wrote to stderr (``since_start``: of this start)."""
         try:
-            return self.stderr_path.read_text(errors="replace")[-n:]
+            data = self.stderr_path.read_bytes()
         except OSError:
             return ""
+        if since_start:
+            data = data[getattr(self, "_stderr_start", 0) :]
+        return data.decode(errors="replace")[-n:]
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; the exit code."""
