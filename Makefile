@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
-BSTAMP := $(VENV)/.installed-bench
+# Benchmarks live in their own environment: abTEM needs zarr 3, the test tools (rosettasciio's
+# .zspy reader) need zarr 2, so the two cannot share one environment.
+BVENV  := .venv-bench
+BPY    := $(BVENV)/bin/python
+BSTAMP := $(BVENV)/.installed-bench
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test bench lint format clean browser
@@ -14,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-$(BSTAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+$(BSTAMP): pyproject.toml
+	$(PYTHON) -m venv $(BVENV)
+	$(BPY) -m pip install --quiet --upgrade pip
+	$(BPY) -m pip install --quiet -e '.[bench]'
 	touch $(BSTAMP)
 
 demo: $(STAMP)
@@ -34,7 +40,7 @@ browser:
 	fi
 
 bench: $(BSTAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BPY) $$b || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -45,4 +51,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(BVENV) .pytest_cache build *.egg-info
