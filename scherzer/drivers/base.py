@@ -1,4 +1,5 @@
-"""Device contracts: typed protocols for Camera, ScanGenerator, Lens (and Stage) and DeviceError.
+"""Device contracts: typed protocols for Camera, ScanGenerator, Lens (and Stage, EnergyFilter,
+BeamBlanker) and DeviceError.
 
 Units are in the names (``defocus_nm``, ``exposure_s``, ``dwell_us``, ``rotation_deg``). Every
 driver method either returns what it promises or raises a :class:`DeviceError` subclass whose
@@ -16,6 +17,7 @@ import numpy as np
 from scherzer.stack import FrameRecord
 
 __all__ = [
+    "BeamBlanker",
     "Camera",
     "CameraFrame",
     "DeviceBusy",
@@ -235,3 +237,17 @@ class EnergyFilter(Protocol):
     def set_energy_offset_ev(self, offset_ev: float) -> None: ...
 
     def wait_settled(self, timeout_s: float = 5.0) -> None: ...
+
+
+@runtime_checkable
+class BeamBlanker(Protocol):
+    """Beam blanking (dark references: the camera exposed with no electrons on it). Raises
+    DeviceReadOnly (nothing changed), DeviceTimeout, DeviceDisconnected."""
+
+    name: str
+
+    def set_beam_blanked(self, blanked: bool) -> None:
+        """Blank (True) or unblank (False) the beam; returns once it has acted."""
+        ...
+
+    def is_beam_blanked(self) -> bool: ...

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from scherzer.drivers.base import Camera, Lens, ScanGenerator, Stage
+from scherzer.drivers.base import BeamBlanker, Camera, EnergyFilter, Lens, ScanGenerator, Stage
 
 __all__ = ["Instruments"]
 
@@ -26,7 +26,9 @@ class Instruments:
     ``instrument``: what is known about the microscope (optics as an Optics dump, camera model,
     …), written to every job file's ``/microscope``; ``dose_rate_e_per_A2_s`` (camera) and
     ``probe_current_pA`` (scan) feed the dose estimates; ``mark_truth_origin`` (simulators)
-    makes "now" the origin of the ground-truth shifts.
+    makes "now" the origin of the ground-truth shifts. ``energy_filter`` (optional, like the
+    stage): an imaging filter whose images come through ``filter_camera`` (a GIF's camera;
+    None: through ``camera``); ``blanker`` blanks the beam for dark references.
     """
 
     camera: Camera | None = None
@@ -40,9 +42,13 @@ class Instruments:
     dose_rate_e_per_A2_s: float | None = None
     probe_current_pA: float | None = None
     mark_truth_origin: Callable[[], None] | None = None
+    energy_filter: EnergyFilter | None = None
+    filter_camera: Camera | None = None
+    blanker: BeamBlanker | None = None
 
     def describe(self) -> dict[str, str]:
-        return {
+        """Device names by kind; the optional EFTEM devices only when configured."""
+        out = {
             kind: getattr(dev, "name", "?") if dev is not None else "none"
             for kind, dev in (
                 ("camera", self.camera),
@@ -51,6 +57,18 @@ class Instruments:
                 ("stage", self.stage),
             )
         }
+        for kind, dev in (
+            ("energy_filter", self.energy_filter),
+            ("filter_camera", self.filter_camera),
+            ("blanker", self.blanker),
+        ):
+            if dev is not None:
+                out[kind] = getattr(dev, "name", "?")
+        return out
+
+    def eftem_camera(self) -> Camera | None:
+        """The camera that images through the energy filter."""
+        return self.filter_camera if self.filter_camera is not None else self.camera
 
     def close(self) -> None:
         for close in self.closers:

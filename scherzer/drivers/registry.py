@@ -48,12 +48,22 @@ class Bench:
 
 
 def _open_sim(dev: DeviceSettings) -> Bench:
-    """``sim``: the virtual microscope with physics and ground truth."""
+    """``sim``: the virtual microscope with physics and ground truth, and its EFTEM devices
+    (energy filter, the camera after it, beam blanker; ``devices.read_only`` refuses their
+    changes)."""
     from scherzer.drivers import sim
 
     scope = virtual_microscope(dev)
     if dev.fault:
         inject_faults(scope, dev.fault)
+    energy_filter, filter_camera, blanker = sim.eftem_devices(
+        scope, speedup=dev.speedup, seed=dev.seed, read_only=bool(dev.read_only)
+    )
+
+    def mark_truth_origin() -> None:
+        scope.reset_truth()
+        energy_filter.virtual.reset_truth()
+
     instruments = Instruments(
         camera=sim.SimCamera(scope, speedup=dev.speedup),
         scan=sim.SimScanGenerator(scope, speedup=dev.speedup),
@@ -63,7 +73,10 @@ def _open_sim(dev: DeviceSettings) -> Bench:
         instrument=sim_instrument(scope, dev),
         dose_rate_e_per_A2_s=dev.dose_rate_e_per_A2_s,
         probe_current_pA=dev.probe_current_pA,
-        mark_truth_origin=scope.reset_truth,
+        mark_truth_origin=mark_truth_origin,
+        energy_filter=energy_filter,
+        filter_camera=filter_camera,
+        blanker=blanker,
     )
     return Bench(instruments, lambda: sim.SimLens(scope, speedup=dev.speedup), scope)
 

@@ -20,6 +20,7 @@ from scherzer.drivers.base import (
     CameraFrame,
     DeviceDisconnected,
     DeviceError,
+    DeviceReadOnly,
     DeviceTimeout,
     LensLimits,
     LimitExceeded,
@@ -29,14 +30,20 @@ from scherzer.drivers.base import (
 from scherzer.stack import FrameRecord
 
 __all__ = [
+    "EFTEM_BEAM_E_PER_PX_S",
+    "EFTEM_PIXEL_NM",
     "PatternBench",
     "PatternCamera",
     "PatternLens",
     "PatternScanGenerator",
+    "SimBlanker",
     "SimCamera",
+    "SimEnergyFilter",
+    "SimFilterCamera",
     "SimLens",
     "SimScanGenerator",
     "SimTimer",
+    "eftem_devices",
 ]
 
 
@@ -216,6 +223,190 @@ class SimLens:
                 device=self.name,
             )
         self.timer.pass_s(remaining)
+
+
+# --- EFTEM: the imaging filter, its camera and the beam blanker ----------------------------------
+#: Pixel size of the simulated filter camera's EFTEM specimen (low magnification, as EFTEM is).
+EFTEM_PIXEL_NM = 0.5
+#: Vacuum electrons per pixel per second through the simulated filter: bright enough that a
+#: series 100–600 eV stays under 32 s exposures with counts in the default band.
+EFTEM_BEAM_E_PER_PX_S = 1.6e6
+#: EFTEM specimen: spheres per (128 px)² field (density kept for other fields), their radii and
+#: the carbon film's thickness (TiO2 and Fe2O3 particles; the Ti L2,3 edge stands out clearly).
+EFTEM_PARTICLES_PER_128PX2 = 25
+EFTEM_RADIUS_NM = (2.5, 6.0)
+EFTEM_FILM_NM = 5.0
+
+
+class _FilterState:
+    """What the filter camera and the blanker share (beam blanked or not), and read-only mode."""
+
+    def __init__(self, read_only: bool) -> None:
+        self.blanked = False
+        self.read_only = bool(read_only)
+        self.lock = threading.Lock()
+
+
+def _refuse_read_only(state: _FilterState, device: str, what: str) -> None:
+    if state.read_only:
+        raise DeviceReadOnly(
+            f"{device}: connected read-only; {what} was refused and nothing was sent "
+            "(set devices.read_only = false to allow changes)",
+            device=device,
+            details={"read_only": True},
+        )
+
+
+class SimEnergyFilter:
+    """The ``EnergyFilter`` of the virtual microscope (a
+    :class:`~scherzer.simulators.energy_filter.VirtualEnergyFilter`): settings outside its
+    limits raise ``LimitExceeded``; in read-only mode every change that would alter a setting
+    raises ``DeviceReadOnly`` (asking for the current value is allowed)."""
+
+    def __init__(self, virtual: Any, state: _FilterState, name: str = "sim-energy-filter") -> None:
+        self.name = name
+        self.virtual = virtual
+        self.limits = virtual.limits
+        self._state = state
+
+    def _change(self, what: str, same: bool, fn: Any, *args: Any) -> None:
+        if same:
+            return
+        _refuse_read_only(self._state, self.name, what)
+        try:
+            fn(*args)
+        except Exception as exc:
+            raise _wrap_device_errors(self.name, exc) from exc
+
+    def slit_in(self) -> None:
+        self._change("slit in", self.is_slit_in(), self.virtual.slit_in)
+
+    def slit_out(self) -> None:
+        self._change("slit out", not self.is_slit_in(), self.virtual.slit_out)
+
+    def is_slit_in(self) -> bool:
+        return bool(self.virtual.is_slit_in())
+
+    def get_slit_width_ev(self) -> float:
+        return float(self.virtual.get_slit_width_ev())
+
+    def set_slit_width_ev(self, width_ev: float) -> None:
+        same = width_ev == self.get_slit_width_ev()
+        self._change(f"slit width {width_ev} eV", same, self.virtual.set_slit_width_ev, width_ev)
+
+    def get_energy_offset_ev(self) -> float:
+        return float(self.virtual.get_energy_offset_ev())
+
+    def set_energy_offset_ev(self, offset_ev: float) -> None:
+        same = offset_ev == self.get_energy_offset_ev()
+        what = f"energy offset {offset_ev} eV"
+        self._change(what, same, self.virtual.set_energy_offset_ev, offset_ev)
+
+    def wait_settled(self, timeout_s: float = 5.0) -> None:
+        self.virtual.wait_settled(timeout_s)
+
+
+class SimBlanker:
+    """The virtual microscope's beam blanker (``BeamBlanker``): acts on the filter camera."""
+
+    def __init__(self, state: _FilterState, name: str = "sim-blanker") -> None:
+        self.name = name
+        self._state = state
+
+    def set_beam_blanked(self, blanked: bool) -> None:
+        if bool(blanked) == self.is_beam_blanked():
+            return
+        _refuse_read_only(self._state, self.name, "blanking the beam" if blanked else "unblanking")
+        with self._state.lock:
+            self._state.blanked = bool(blanked)
+
+    def is_beam_blanked(self) -> bool:
+        with self._state.lock:
+            return self._state.blanked
+
+
+class SimFilterCamera:
+    """The camera after the simulated filter (``Camera``): exposes the filter's EFTEM specimen
+    (beam blanked: a dark reference), honours the microscope's injected camera faults and its
+    clock (the exposure plus read-out pass, slept ``/ speedup``). Binning sums, a region
+    (y0, x0, height, width) in unbinned px crops."""
+
+    def __init__(
+        self, virtual: Any, state: _FilterState, microscope: Any, *, speedup: float = 1.0,
+        name: str = "sim-filter-camera",
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.virtual = virtual
+        self.microscope = microscope
+        self.timer = SimTimer(microscope, speedup)
+        self._state = state
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.virtual.specimen.shape_px)
+
+    def acquire(
+        self,
+        exposure_s: float,
+        binning: int = 1,
+        region: tuple[int, int, int, int] | None = None,
+    ) -> CameraFrame:
+        if not exposure_s > 0:
+            raise ValueError(f"exposure_s must be > 0, got {exposure_s}")
+        ny, nx = self.shape
+        y0, x0, h, w = region if region is not None else (0, 0, ny, nx)
+        if (
+            binning < 1
+            or h % binning
+            or w % binning
+            or min(y0, x0) < 0
+            or y0 + h > ny
+            or x0 + w > nx
+        ):
+            raise LimitExceeded(
+                f"{self.name}: region {region} / binning {binning} do not fit the {ny}×{nx} camera",
+                device=self.name,
+            )
+        t0 = self.timer.now_s()
+        try:
+            check = getattr(self.microscope, "_check_faults", None)
+            if check is not None:
+                check("camera")
+            image, record, truth = self.virtual.acquire(exposure_s, blanked=self.blanked)
+        except Exception as exc:
+            raise _wrap_device_errors(self.name, exc) from exc
+        self.timer.pass_s(exposure_s, since_s=t0)
+        image = image[y0 : y0 + h, x0 : x0 + w]
+        image = image.reshape(h // binning, binning, w // binning, binning).sum((1, 3))
+        pixel = float(self.virtual.specimen.pixel_nm) * binning
+        return CameraFrame(np.ascontiguousarray(image, np.float32), record, (pixel, pixel), truth)
+
+    @property
+    def blanked(self) -> bool:
+        with self._state.lock:
+            return self._state.blanked
+
+
+def eftem_devices(
+    microscope: Any, *, speedup: float = 1.0, seed: int = 0, read_only: bool = False
+) -> tuple[SimEnergyFilter, SimFilterCamera, SimBlanker]:
+    """The simulated EFTEM devices on ``microscope``: a filter on its clock, drift and stage,
+    imaging a seeded EFTEM specimen of the microscope's camera shape (``EFTEM_*`` constants)."""
+    from scherzer.simulators.energy_filter import VirtualEnergyFilter, make_eftem_specimen
+
+    shape = tuple(int(v) for v in microscope.camera_shape)
+    area = shape[0] * shape[1] / 128.0**2
+    specimen = make_eftem_specimen(
+        shape, EFTEM_PIXEL_NM, seed=seed, radius_nm=EFTEM_RADIUS_NM,
+        n_particles=max(1, round(EFTEM_PARTICLES_PER_128PX2 * area)),
+        film_thickness_nm=EFTEM_FILM_NM,
+    )  # fmt: skip
+    virtual = VirtualEnergyFilter.on_microscope(
+        microscope, specimen, beam_e_per_px_s=EFTEM_BEAM_E_PER_PX_S, seed=seed
+    )
+    state = _FilterState(read_only)
+    camera = SimFilterCamera(virtual, state, microscope, speedup=speedup)
+    return SimEnergyFilter(virtual, state), camera, SimBlanker(state)
 
 
 # --- test-pattern devices (no physics: fast protocol tests, bench, CI without simulators) -------

@@ -3,8 +3,10 @@ stack (:func:`write_stack`) or one flushed frame at a time (:class:`StackWriter`
 stacks back (:func:`read_stack`, :func:`read_stacks`).
 
 Layout (``docs/file-format.md``): ``/data/<name>`` with ``emd_group_type=1``,
-``scherzer_kind="stack"``, ``pixel_size_nm=[y, x]``; ``data`` float32 (n, y, x) in C order
-(``dimK`` describes array axis K-1: frame index, y in nm, x in nm); a compound ``records`` table
+``scherzer_kind="stack"``, ``pixel_size_nm=[y, x]``; ``data`` float32 (n, y, x) in C order, or
+int32 for series stored as scaled integers (EFTEM); ``dimK`` describes array axis K-1: frame
+index (or, for a series over a calibrated quantity, its values, e.g. energy loss in eV, with
+``scale``/``offset`` attributes), y in nm, x in nm; a compound ``records`` table
 (``scherzer.stack.RECORD_DTYPE``, one row per frame); ``/microscope`` (instrument attributes,
 file-wide, merged); ``/metadata/<name>`` (attributes); ``/ground_truth/<name>/<key>`` (datasets).
 
@@ -68,6 +70,10 @@ __all__ = [
 
 #: ``records.index`` of rows resized but never written (the dataset's fill value).
 UNWRITTEN_INDEX = -1
+#: Frame data types a stack may be stored in: float32 images, int32 scaled integers (EFTEM).
+STACK_DTYPES = (np.dtype(np.float32), np.dtype(np.int32))
+#: The default first axis of a stack: the frame index (name, scale, offset, units).
+FRAME_AXIS = ("frame", 1.0, 0.0, "")
 #: HDF5 format versions that allow SWMR (single writer, multiple readers).
 SWMR_LIBVER = ("v110", "latest")
 #: Chunk length (rows) of the resizable frame-index and records datasets: small enough that a
@@ -104,8 +110,12 @@ def _create_stack_group(
     frame_shape: tuple[int, int],
     pixel_size_nm: tuple[float, float],
     intensity_units: str = "counts",
+    dtype: np.dtype = STACK_DTYPES[0],
+    frame_axis: tuple[str, float, float, str] | None = None,
 ) -> h5py.Group:
-    """An empty, resizable EMD group for frames (n, y, x) with its records table."""
+    """An empty, resizable EMD group for frames (n, y, x) with its records table. ``frame_axis``
+    (name, scale, offset, units): the first axis is that quantity (``dim1`` holds
+    offset + scale·index, float64) instead of the frame index."""
     ny, nx = frame_shape
     py, px = pixel_size_nm
     hspy.remove_view(f, name)
@@ -115,13 +125,18 @@ def _create_stack_group(
     g.attrs["pixel_size_nm"] = np.array([py, px], dtype=np.float64)
     g.attrs["intensity_units"] = intensity_units
     g.create_dataset(
-        "data", shape=(0, ny, nx), maxshape=(None, ny, nx), chunks=(1, ny, nx), dtype=np.float32
+        "data", shape=(0, ny, nx), maxshape=(None, ny, nx), chunks=(1, ny, nx), dtype=dtype
     )
+    axis_name, scale, offset, units = frame_axis or FRAME_AXIS
     frame_dim = g.create_dataset(
-        "dim1", shape=(0,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype=np.int64
-    )
-    frame_dim.attrs["name"] = "frame"
-    frame_dim.attrs["units"] = ""
+        "dim1", shape=(0,), maxshape=(None,), chunks=(ROW_CHUNK,),
+        dtype=np.int64 if frame_axis is None else np.float64,
+    )  # fmt: skip
+    frame_dim.attrs["name"] = axis_name
+    frame_dim.attrs["units"] = units
+    if frame_axis is not None:
+        frame_dim.attrs["scale"] = float(scale)
+        frame_dim.attrs["offset"] = float(offset)
     write_dim(g, 2, "y", "nm", np.arange(ny) * py)
     write_dim(g, 3, "x", "nm", np.arange(nx) * px)
     g.create_dataset(
@@ -202,7 +217,10 @@ def _append_rows(
     data.resize(n0 + k, axis=0)
     data[n0:] = frames
     dim1.resize((n0 + k,))
-    dim1[n0:] = np.arange(n0, n0 + k)
+    index = np.arange(n0, n0 + k)
+    if dim1.dtype.kind == "f":  # a calibrated first axis: offset + scale·index
+        index = dim1.attrs["offset"] + dim1.attrs["scale"] * index.astype(np.float64)
+    dim1[n0:] = index
     flush()
     records.resize((n0 + k,))
     records[n0:] = table
@@ -241,6 +259,9 @@ class StackWriter:
     mode, so readers may open it while it grows and a writer killed at any moment leaves a file
     that :func:`read_stack` reads with every frame appended so far. All signal ``names`` are
     created up front. Refuses to overwrite an existing file unless ``overwrite=True``.
+    ``dtype``: float32 (default) or int32 (integer frames only, stored exactly); ``frame_axis``
+    (name, scale, offset, units): the first axis as a calibrated quantity (e.g.
+    ``("Energy loss", 10.0, 400.0, "eV")``), which the HyperSpy view navigates.
     """
 
     def __init__(
@@ -253,8 +274,15 @@ class StackWriter:
         instrument: dict | None = None,
         metadata: dict | None = None,
         overwrite: bool = False,
+        dtype: Any = np.float32,
+        frame_axis: tuple[str, float, float, str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in STACK_DTYPES:
+            raise EmdError(f"dtype must be one of {[str(d) for d in STACK_DTYPES]}; got {dtype}")
+        if frame_axis is not None:
+            _check_frame_axis(frame_axis)
         self.frame_shape = _check_frame_shape(frame_shape)
         self.pixel_size_nm = _check_pixel_size(pixel_size_nm)
         if isinstance(names, str) or not names:
@@ -269,7 +297,10 @@ class StackWriter:
         try:
             init_root(f)
             for n in self.names:
-                _create_stack_group(f, n, self.frame_shape, self.pixel_size_nm)
+                _create_stack_group(
+                    f, n, self.frame_shape, self.pixel_size_nm, dtype=self.dtype,
+                    frame_axis=frame_axis,
+                )  # fmt: skip
                 _write_context(f, n, instrument, metadata, None)
             f.swmr_mode = True
         except BaseException:
@@ -292,7 +323,7 @@ class StackWriter:
             raise EmdError(f"record must be a FrameRecord; got {type(record).__name__}")
         if record.index == UNWRITTEN_INDEX:
             raise EmdError("FrameRecord.index -1 is reserved for unwritten rows; use index >= 0")
-        arr = _check_frame(frame, self.frame_shape)
+        arr = _check_frame(frame, self.frame_shape, self.dtype)
         n = _append_rows(f["data"][name], arr[None], records_to_array([record]), f.flush)
         hspy.set_frame_count(f, name, n)  # an existing attribute: allowed in SWMR mode
         f.flush()
@@ -374,12 +405,32 @@ def _check_pixel_size(size: Sequence[float]) -> tuple[float, float]:
     return py, px
 
 
-def _check_frame(frame: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _check_frame_axis(axis: Sequence[Any]) -> None:
+    try:
+        name, scale, offset, units = axis
+        ok = isinstance(name, str) and isinstance(units, str) and float(scale) != 0
+        ok = ok and math.isfinite(float(scale)) and math.isfinite(float(offset))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise EmdError(f"frame_axis must be (name, scale ≠ 0, offset, units), finite; got {axis!r}")
+
+
+def _check_frame(
+    frame: np.ndarray, shape: tuple[int, int], dtype: np.dtype = STACK_DTYPES[0]
+) -> np.ndarray:
     arr = np.asarray(frame)
     if arr.dtype.kind not in "iuf":
         raise EmdError(f"frames must be real numbers; got dtype {arr.dtype}")
     if arr.shape != shape:
         raise EmdError(f"frame shape {arr.shape} does not match the writer's {shape} (y, x)")
+    if dtype.kind == "i":
+        info = np.iinfo(dtype)
+        if arr.dtype.kind not in "iu":
+            raise EmdError(f"this stack stores {dtype} frames; got {arr.dtype} (round first)")
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise EmdError(f"frame values outside the {dtype} range; refusing to write them")
+        return np.ascontiguousarray(arr, dtype=dtype)
     out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.all(np.isfinite(out)):
         raise EmdError("frame contains non-finite values (NaN/inf); refusing to write it")

@@ -11,7 +11,8 @@ readers — visit a hard-linked dataset under one name only, the lexicographical
 Each experiment holds what HyperSpy's reader expects:
 
 * ``axis-0..axis-N`` (attributes ``name``, ``scale``, ``offset``, ``size``, ``units``,
-  ``navigate``): for a stack (n, y, x) the frame axis navigates and y/x (nm) are the signal axes,
+  ``navigate``): for a stack (n, y, x) the frame axis navigates (or the calibrated quantity the
+  stack is a series over, e.g. "Energy loss" in eV for EFTEM) and y/x (nm) are the signal axes,
   so HyperSpy builds a ``Signal2D`` (a ``ComplexSignal2D`` for complex data such as exit waves);
   for a result the last two axes are the signal axes (the last one for 1-D results);
 * ``metadata``: ``General`` (title, date, time, time_zone), ``Signal`` (signal_type, quantity,
@@ -234,6 +235,17 @@ def _new_experiment(f: h5py.File, name: str, data: h5py.Dataset) -> h5py.Group:
     return exp
 
 
+def _frame_axis(group: h5py.Group) -> tuple[str, float, float, str]:
+    """The navigation axis of a stack: the frame index, or the calibrated quantity its ``dim1``
+    holds (``scale``/``offset`` attributes, e.g. energy loss in eV)."""
+    dim = group.get("dim1")
+    if dim is None or "scale" not in dim.attrs:
+        return ("frame", 1.0, 0.0, "")
+    name, units = (dim.attrs.get(k, "") for k in ("name", "units"))
+    name, units = (v.decode() if isinstance(v, bytes) else str(v) for v in (name, units))
+    return (name, float(dim.attrs["scale"]), float(dim.attrs["offset"]), units)
+
+
 def add_stack_view(
     f: h5py.File,
     name: str,
@@ -249,7 +261,7 @@ def add_stack_view(
     n, ny, nx = data.shape
     py, px = (float(v) for v in group.attrs["pixel_size_nm"])
     exp = _new_experiment(f, name, data)
-    _write_axis(exp, 0, ("frame", 1.0, 0.0, ""), n, navigate=True)
+    _write_axis(exp, 0, _frame_axis(group), n, navigate=True)
     _write_axis(exp, 1, ("y", py, 0.0, "nm"), ny, navigate=False)
     _write_axis(exp, 2, ("x", px, 0.0, "nm"), nx, navigate=False)
     records = group["records"][:n]

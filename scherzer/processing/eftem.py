@@ -49,14 +49,18 @@ from scherzer.processing.registration import AlignParams, apply_shifts, measure_
 __all__ = [
     "AlignedSeries",
     "DarkCache",
+    "EFTEMMapParams",
+    "EFTEMMaps",
     "EFTEMSeries",
     "ExposureSettings",
+    "SeriesAcquisition",
     "SeriesAlignSettings",
     "ThreeWindowResult",
     "ThreeWindowSettings",
     "acquire_series",
     "align_series",
     "edge_windows",
+    "eftem_maps",
     "energies_ev",
     "exposure_schedule",
     "jump_ratio_map",
@@ -304,6 +308,63 @@ def _unsaturated(
     raise RuntimeError(f"image at {energy_ev} eV still saturated after {MAX_RETAKES} retakes")
 
 
+class SeriesAcquisition:
+    """The acquisition loop of :func:`acquire_series` one image at a time, for callers that
+    act between images (an executor: cancel, pause, write each image as it comes).
+
+    ``acquire(energy_ev, exposure_s) -> (raw counts, mid-exposure time s)`` sets the energy
+    offset and exposes; ``acquire_dark(exposure_s) -> raw counts`` with the beam blanked.
+    :meth:`take` exposes one image (retaking shorter while saturated), subtracts the cached dark
+    of its exposure (:class:`DarkCache`), stores it as int32 (:func:`to_stored`) and chooses the
+    next exposure (:func:`next_exposure`). ``exposure_s``: the exposure the next image will use.
+    """
+
+    def __init__(
+        self,
+        acquire: Callable[[float, float], tuple[np.ndarray, float]],
+        acquire_dark: Callable[[float], np.ndarray],
+        settings: ExposureSettings,
+    ) -> None:
+        self.settings = settings
+        self._acquire = acquire
+        self.darks = DarkCache(acquire_dark, settings.dark_frames)
+        self.exposure_s = float(settings.initial_exposure_s)
+        self.first_exposure_s: float | None = None
+        self.retakes = 0
+        self.count = 0
+
+    @property
+    def quantum_counts(self) -> float:
+        """Counts (at the first image's exposure) per stored unit: t_0 / t_max."""
+        first = self.first_exposure_s or self.exposure_s
+        return first / self.settings.max_exposure_s
+
+    def take(self, energy_ev: float) -> tuple[np.ndarray, dict]:
+        """One image at ``energy_ev``: (int32 stored image, record). The record holds index,
+        energy_ev, exposure_s, time_s, counts_per_unit, scale_to_first, statistic (net counts),
+        dark_acquired (a new dark reference was taken for it) and retakes."""
+        st = self.settings
+        raw, exposure, time_s, n_retakes = _unsaturated(
+            self._acquire, float(energy_ev), self.exposure_s, st
+        )
+        self.retakes += n_retakes
+        before = self.darks.acquired
+        net = raw.astype(np.float64) - self.darks.get(exposure)
+        stat = exposure_statistic(net, st)
+        if self.first_exposure_s is None:
+            self.first_exposure_s = exposure
+        row = {
+            "index": self.count, "energy_ev": float(energy_ev), "exposure_s": exposure,
+            "time_s": time_s, "counts_per_unit": exposure / st.max_exposure_s,
+            "scale_to_first": self.first_exposure_s / exposure, "statistic": stat,
+            "dark_acquired": self.darks.acquired > before, "retakes": n_retakes,
+        }  # fmt: skip
+        stored = to_stored(net, exposure, st)
+        self.count += 1
+        self.exposure_s = next_exposure(stat, exposure, st)
+        return stored, row
+
+
 def acquire_series(
     energies: Sequence[float],
     acquire: Callable[[float, float], tuple[np.ndarray, float]],
@@ -311,44 +372,24 @@ def acquire_series(
     settings: ExposureSettings,
     on_image: Callable[[int, np.ndarray, dict], None] | None = None,
 ) -> EFTEMSeries:
-    """The reference EFTEM acquisition loop (what an executor does, with devices as callables).
-
-    ``acquire(energy_ev, exposure_s) -> (raw counts, mid-exposure time s)`` sets the energy
-    offset and exposes; ``acquire_dark(exposure_s) -> raw counts`` with the beam blanked.
-    Per image: expose (retaking shorter while saturated), subtract the exposure's cached dark,
-    store as int32 (:func:`to_stored`), choose the next exposure (:func:`next_exposure`).
-    ``on_image(i, stored_i, record)`` is called per image (record: energy_ev, exposure_s,
-    time_s, counts_per_unit, scale_to_first, statistic, dark_acquired).
-    """
-    darks = DarkCache(acquire_dark, settings.dark_frames)
-    exposure = settings.initial_exposure_s
-    stored, rows, retakes = [], [], 0
+    """The reference EFTEM acquisition loop (devices as callables; :class:`SeriesAcquisition`
+    for the per-image rules). ``on_image(i, stored_i, record)`` is called per image (record as
+    :meth:`SeriesAcquisition.take` returns it)."""
+    run = SeriesAcquisition(acquire, acquire_dark, settings)
+    stored, rows = [], []
     for i, energy in enumerate(energies):
-        raw, exposure, time_s, n_retakes = _unsaturated(acquire, float(energy), exposure, settings)
-        retakes += n_retakes
-        before = darks.acquired
-        net = raw.astype(np.float64) - darks.get(exposure)
-        stat = exposure_statistic(net, settings)
-        t_first = rows[0]["exposure_s"] if rows else exposure
-        row = {
-            "energy_ev": float(energy), "exposure_s": exposure, "time_s": time_s,
-            "counts_per_unit": exposure / settings.max_exposure_s,
-            "scale_to_first": t_first / exposure, "statistic": stat,
-            "dark_acquired": darks.acquired > before,
-        }  # fmt: skip
-        stored.append(to_stored(net, exposure, settings))
+        image, row = run.take(float(energy))
+        stored.append(image)
         rows.append(row)
         if on_image is not None:
-            on_image(i, stored[-1], row)
-        exposure = next_exposure(stat, exposure, settings)
+            on_image(i, image, row)
     col = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
     return EFTEMSeries(
         stored=np.stack(stored), energies_ev=col["energy_ev"], exposures_s=col["exposure_s"],
         times_s=col["time_s"], counts_per_unit=col["counts_per_unit"],
-        scale_to_first=col["scale_to_first"],
-        quantum_counts=rows[0]["exposure_s"] / settings.max_exposure_s,
-        darks_acquired=darks.acquired, darks_reused=darks.reused, retakes=retakes,
-        statistics=col["statistic"], dark_exposures_s=darks.exposures_s(),
+        scale_to_first=col["scale_to_first"], quantum_counts=run.quantum_counts,
+        darks_acquired=run.darks.acquired, darks_reused=run.darks.reused, retakes=run.retakes,
+        statistics=col["statistic"], dark_exposures_s=run.darks.exposures_s(),
     )  # fmt: skip
 
 
@@ -592,3 +633,90 @@ def three_window_map(
         exponent=r.astype(np.float32), jump_ratio=jump_ratio_map(arr[i2], post, s.floor_counts),
         fit_ok=ok,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ both, as one step
+@dataclass
+class EFTEMMapParams:
+    """Settings of the processing after an EFTEM series (the pipeline's ``eftem_maps`` step):
+    rigid alignment measured on the pre-edge images (window wholly in
+    [``reference_min_energy_ev``, ``edge_onset_ev``); None: from the lowest) and applied to all
+    (``align``; :class:`SeriesAlignSettings` fields), then the three-window elemental map and
+    the jump-ratio map of the edge at ``edge_onset_ev`` (:class:`ThreeWindowSettings` fields;
+    ``margin_ev`` kept free below the onset)."""
+
+    __pydantic_config__ = pydantic.ConfigDict(extra="forbid")
+
+    edge_onset_ev: float
+    margin_ev: float = 0.0
+    align: bool = True
+    reference_min_energy_ev: float | None = None
+    drift_order: int = 1
+    max_shift_px: float | None = None
+    refine_passes: int = 2
+    smoothing_px: float = 1.0
+    floor_counts: float = 1.0
+    min_exponent: float = 1.0
+    max_exponent: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.edge_onset_ev) and self.edge_onset_ev > 0):
+            raise ValueError(f"edge_onset_ev must be > 0; got {self.edge_onset_ev}")
+        if not self.margin_ev >= 0:
+            raise ValueError(f"margin_ev must be ≥ 0; got {self.margin_ev}")
+        self.alignment()  # the nested settings validate their own fields
+        self.three_window()
+
+    def alignment(self) -> SeriesAlignSettings:
+        return SeriesAlignSettings(
+            drift_order=self.drift_order, max_shift_px=self.max_shift_px,
+            refine_passes=self.refine_passes,
+        )  # fmt: skip
+
+    def three_window(self) -> ThreeWindowSettings:
+        return ThreeWindowSettings(
+            smoothing_px=self.smoothing_px, floor_counts=self.floor_counts,
+            min_exponent=self.min_exponent, max_exponent=self.max_exponent,
+        )  # fmt: skip
+
+
+@dataclass
+class EFTEMMaps:
+    """What :func:`eftem_maps` found: the aligned series (None when not aligned: frames as
+    given, no crop) and the three-window maps on its grid."""
+
+    aligned: AlignedSeries | None
+    maps: ThreeWindowResult
+
+    @property
+    def crop_origin_px(self) -> tuple[int, int]:
+        return (0, 0) if self.aligned is None else self.aligned.crop_origin_px
+
+
+def eftem_maps(
+    frames: np.ndarray,
+    energies: Sequence[float],
+    slit_width_ev: float,
+    params: EFTEMMapParams,
+    times_s: Sequence[float] | None = None,
+) -> EFTEMMaps:
+    """Align the series on its pre-edge images (:func:`align_series`) and map the edge
+    (:func:`three_window_map`). ``frames`` (n, y, x) scaled to one common exposure."""
+    arr = np.asarray(frames, dtype=np.float32)
+    aligned = None
+    if params.align:
+        low = (
+            -math.inf if params.reference_min_energy_ev is None else params.reference_min_energy_ev
+        )
+        onset = params.edge_onset_ev - params.margin_ev
+        refs = pre_edge_indices(energies, slit_width_ev, onset, min_energy_ev=low)
+        if refs.size == 0:
+            raise ValueError(
+                f"no pre-edge image to align on: no window wholly in [{low}, {onset}) eV"
+            )
+        aligned = align_series(arr, refs, times_s, params.alignment())
+        arr = aligned.frames
+    maps = three_window_map(
+        arr, energies, slit_width_ev, params.edge_onset_ev, params.three_window(), params.margin_ev
+    )
+    return EFTEMMaps(aligned, maps)
