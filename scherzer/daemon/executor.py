@@ -41,6 +41,7 @@ import structlog
 from scherzer.config import Settings
 from scherzer.daemon.calibrations import calibration_loader
 from scherzer.daemon.diskspace import DiskGate, ensure_room, free_bytes, is_disk_full
+from scherzer.daemon.eftem_run import run_eftem
 from scherzer.daemon.files import (
     count_frames_on_disk,
     job_folder,
@@ -61,6 +62,7 @@ from scherzer.daemon.live import LiveProcessing
 from scherzer.daemon.optics_control import OpticsControl
 from scherzer.daemon.plans import (
     CameraShot,
+    EftemSeries,
     FrameStep,
     RotatedScanSeries,
     ScanShot,
@@ -333,7 +335,9 @@ class Executor(OpticsControl):
             saved = self._snapshot(plan)
             if self.instruments.mark_truth_origin is not None:
                 self.instruments.mark_truth_origin()
-            for step in plan.steps():
+            if isinstance(plan, EftemSeries):  # exposures chosen as it goes: its own loop
+                run_eftem(self, run, jlog)
+            for step in () if isinstance(plan, EftemSeries) else plan.steps():
                 self._frame_boundary(job.job_id)
                 self._run_step_with_policy(run, step, jlog)
             outcome = ("acquired", None)

@@ -68,13 +68,15 @@ class JobRun:
     truth: list[dict[str, Any]] = field(default_factory=list)
     tracking: list[tuple[int, float, float]] = field(default_factory=list)  # frame, dy, dx nm
     tracked_after: int = 0  # live frames folded before the last stage move
+    extra_truth: dict[str, Any] = field(default_factory=dict)  # series-wide truth (e.g. maps)
 
     def add_truth(self, truth: dict[str, Any]) -> None:
         self.truth.append(truth or {})
 
     def truth_arrays(self) -> dict[str, Any]:
         """Per-frame truth of the written frames (only when every frame has it): true defocus
-        (nm) and content shifts (px, in the stored orientation, ARCHITECTURE convention)."""
+        (nm) and content shifts (px, in the stored orientation, ARCHITECTURE convention), plus
+        ``extra_truth`` (what a plan's runner adds, e.g. the EFTEM element maps)."""
         if not self.truth or not all("shift_px" in t for t in self.truth):
             return {}
         base = getattr(self.plan, "base_rotation_deg", 0.0)
@@ -92,7 +94,7 @@ class JobRun:
         }
         if not np.all(np.isfinite(out["defocus_nm"])):
             del out["defocus_nm"]
-        return out
+        return {**out, **self.extra_truth}
 
     def skipped_note(self) -> ErrorBody | None:
         if not self.skipped:

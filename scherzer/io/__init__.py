@@ -24,7 +24,13 @@ from scherzer.io import swmr
 from scherzer.io.axes import nm_per_unit
 from scherzer.io.budget import MemoryBudgetError
 from scherzer.io.describe import describe
-from scherzer.io.emd import StackWriter, read_stack, read_stacks, write_stack
+from scherzer.io.emd import (
+    StackWriter,
+    read_stack,
+    read_stacks,
+    update_stack_metadata,
+    write_stack,
+)
 from scherzer.io.errors import EmdError
 from scherzer.io.hdf5 import FORMAT_VERSION
 from scherzer.io.imports import ImportedSignal, import_signals, import_stack, import_stacks
@@ -60,6 +66,7 @@ __all__ = [
     "repair",
     "store_pipeline_result",
     "swmr",
+    "update_stack_metadata",
     "write_processing",
     "write_result",
     "write_stack",

@@ -64,6 +64,7 @@ __all__ = [
     "read_stack",
     "read_stacks",
     "stack_names",
+    "update_stack_metadata",
     "write_dim",
     "write_stack",
 ]
@@ -232,7 +233,9 @@ def write_stack(path: str | Path, stack: ImageStack, name: str = "frames", mode:
     """Write one ImageStack as ``/data/<name>`` (mode "w" new file, "a" add to / replace in one).
 
     Instrument goes to ``/microscope`` (merged with what is there), metadata to
-    ``/metadata/<name>``, ground truth to ``/ground_truth/<name>/<key>``.
+    ``/metadata/<name>``, ground truth to ``/ground_truth/<name>/<key>``. A ``frame_axis``
+    entry in the metadata ([name, scale, offset, units]) calibrates the first axis (see
+    :class:`StackWriter`).
     """
     check_name(name, "stack")
     if not isinstance(stack, ImageStack):
@@ -244,10 +247,15 @@ def write_stack(path: str | Path, stack: ImageStack, name: str = "frames", mode:
         f = open_append(path)
     else:
         raise EmdError(f"mode must be 'w' (new file) or 'a' (add to a file); got {mode!r}")
+    axis = stack.metadata.get("frame_axis")  # [name, scale, offset, units]: a calibrated axis
+    if axis is not None:
+        _check_frame_axis(axis)
+        axis = (str(axis[0]), float(axis[1]), float(axis[2]), str(axis[3]))
     with f:
         g = _create_stack_group(
-            f, name, stack.frame_shape, stack.pixel_size_nm, stack.intensity_units
-        )
+            f, name, stack.frame_shape, stack.pixel_size_nm, stack.intensity_units,
+            frame_axis=axis,
+        )  # fmt: skip
         _append_rows(g, stack.frames, records_to_array(stack.records), f.flush)
         _write_context(f, name, stack.instrument, stack.metadata, stack.ground_truth)
 
@@ -435,6 +443,19 @@ def _check_frame(
     if not np.all(np.isfinite(out)):
         raise EmdError("frame contains non-finite values (NaN/inf); refusing to write it")
     return out
+
+
+def update_stack_metadata(path: str | Path, name: str, values: Mapping[str, Any]) -> None:
+    """Merge ``values`` into a closed file's ``/metadata/<name>`` and its HyperSpy view's
+    ``original_metadata.metadata`` (what a job learns only at its end, e.g. counts)."""
+    check_name(name, "stack")
+    with open_append(path) as f:
+        if name not in stack_names(f):
+            raise EmdError(f"{path} has no stack {name!r}")
+        write_attrs(f.require_group("metadata").require_group(name), dict(values))
+        view = f.get(f"{hspy.EXPERIMENTS}/{name}/original_metadata/metadata")
+        if view is not None:
+            hspy.write_tree(view, dict(values))
 
 
 # =============================================================================================

@@ -26,6 +26,12 @@ Steps
   Output array ``exit_wave`` (complex64).
 * ``structure_image`` — CTF-corrected structure image of a fixed-step series. Output array
   ``structure_image``.
+* ``eftem_maps`` — EFTEM series (:mod:`scherzer.processing.eftem`): the frames scaled to the
+  first image's exposure (× the stack's ``eftem.quantum_counts``), rigid alignment measured on
+  the pre-edge images and applied to all (``aligned_<signal>``, cropped to the common area, its
+  first axis the energy loss), the three-window elemental map ``eftem_map`` (counts at the first
+  exposure) with ``eftem_background``, ``eftem_exponent`` and ``eftem_fit_ok``, the jump-ratio
+  map ``eftem_jump_ratio``, and the ``eftem_alignment`` table.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import numpy as np
 from scherzer.processing.steps import (
     AlignStep,
     CameraCurves,
+    EFTEMMapsStep,
     FocalRegisterStep,
     NonrigidStep,
     RestoreStep,
@@ -386,6 +393,83 @@ def step_structure_image(ctx: PipelineContext, step: StructureImageStep) -> Step
     )
 
 
+# --- EFTEM ---------------------------------------------------------------------------------------
+def _eftem_inputs(stack: ImageStack, step: EFTEMMapsStep) -> tuple[np.ndarray, float, float]:
+    """(energies (n,) eV, slit width eV, counts per stored unit) from the step or the stack's
+    ``eftem`` metadata (the daemon's job files)."""
+    md = stack.metadata.get("eftem") or {}
+    energies = step.energies_ev if step.energies_ev is not None else md.get("energies_ev")
+    width = step.slit_width_ev if step.slit_width_ev is not None else md.get("slit_width_ev")
+    if energies is None or width is None:
+        raise PipelineError(
+            "eftem_maps needs energies_ev and slit_width_ev (the stack's eftem metadata has none)"
+        )
+    energies = np.asarray(energies, dtype=np.float64)[: stack.n_frames]
+    if energies.size != stack.n_frames:
+        raise PipelineError(f"eftem_maps: {energies.size} energies for {stack.n_frames} frames")
+    return energies, float(width), float(md.get("quantum_counts", 1.0))
+
+
+def _eftem_alignment_table(energies: np.ndarray, result: Any) -> np.ndarray:
+    cols = [("index", "<i8"), ("energy_ev", "<f8"), ("shift_y_px", "<f8"),
+            ("shift_x_px", "<f8"), ("reference", "?")]  # fmt: skip
+    table = np.zeros(len(energies), dtype=cols)
+    table["index"] = np.arange(len(energies))
+    table["energy_ev"] = energies
+    if result.aligned is not None:
+        table["shift_y_px"], table["shift_x_px"] = result.aligned.shifts_px.T
+        table["reference"] = np.isin(table["index"], result.aligned.reference_indices)
+    return table
+
+
+def step_eftem_maps(ctx: PipelineContext, step: EFTEMMapsStep) -> StepOutput:
+    """Align an EFTEM series on its pre-edge images, then three-window and jump-ratio maps."""
+    from scherzer.processing.eftem import edge_windows, eftem_maps
+
+    stack = ctx.primary
+    energies, width, quantum = _eftem_inputs(stack, step)
+    frames = stack.frames * np.float32(quantum)  # counts at the first image's exposure
+    times = stack.column("time_s") + 0.5 * np.nan_to_num(stack.column("exposure_s"))
+    settings = step.settings
+    try:
+        result = eftem_maps(frames, energies, width, settings, times)
+        windows = edge_windows(energies, width, settings.edge_onset_ev, settings.margin_ev)
+    except ValueError as exc:
+        raise PipelineError(f"eftem_maps: {exc}") from exc
+    maps, pixel = result.maps, float(stack.pixel_size_nm[1])
+    signal = next(iter(ctx.stacks))
+    refs = [] if result.aligned is None else result.aligned.reference_indices.tolist()
+    names = ("pre1", "pre2", "post")
+    summary = {
+        "edge_onset_ev": settings.edge_onset_ev,
+        "windows": {k: {"index": i, "energy_ev": float(energies[i])}
+                    for k, i in zip(names, windows, strict=True)},
+        "reference_indices": refs,
+        "crop_origin_px": list(result.crop_origin_px),
+        "quantum_counts": quantum,
+        "median_exponent": float(np.median(maps.exponent)),
+        "fit_ok_fraction": float(np.mean(maps.fit_ok)),
+    }  # fmt: skip
+    out = StepOutput(
+        step="eftem_maps",
+        params=step_to_json(step),
+        summary=summary,
+        tables={"eftem_alignment": _eftem_alignment_table(energies, result)},
+    )
+    for name, image in (("eftem_map", maps.signal), ("eftem_jump_ratio", maps.jump_ratio),
+                        ("eftem_background", maps.background), ("eftem_exponent", maps.exponent),
+                        ("eftem_fit_ok", maps.fit_ok.astype(np.uint8))):  # fmt: skip
+        out.arrays[name] = image
+        out.dims[name] = _yx_dims(image.shape, pixel)
+    if result.aligned is not None:
+        out.stacks[f"aligned_{signal}"] = stack.with_frames(
+            result.aligned.frames, intensity_units="counts at the first exposure",
+            metadata={**stack.metadata, "crop_origin_px": list(result.crop_origin_px)},
+        )  # fmt: skip
+    ctx.results["eftem_maps"] = result
+    return out
+
+
 #: The dispatch table of named steps (no step is ever looked up by reflection); kept equal to
 #: :data:`scherzer.processing.steps.STEP_NAMES` by a test.
 STEPS: dict[str, StepFunction] = {
@@ -394,6 +478,7 @@ STEPS: dict[str, StepFunction] = {
     "focal_register": step_focal_register,
     "restore": step_restore,
     "structure_image": step_structure_image,
+    "eftem_maps": step_eftem_maps,
 }
 
 

@@ -11,7 +11,8 @@ The flat wire form of a step is its name plus keys from three groups: the instru
 declared in :mod:`scherzer.settings` (``voltage_kv`` … ``step_nm``), the camera curves ``mtf`` /
 ``nps`` (arrays, or names resolved to arrays by the edge's ``load_curve``), and the fields of the
 engine's settings dataclass (:class:`~scherzer.processing.registration.AlignParams`,
-:class:`~scherzer.processing.focal.FocalParams`) or of the step itself.
+:class:`~scherzer.processing.focal.FocalParams`, :class:`~scherzer.processing.eftem.EFTEMMapParams`)
+or of the step itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "STEP_NAMES",
     "AlignStep",
     "CameraCurves",
+    "EFTEMMapsStep",
     "FocalRegisterStep",
     "NonrigidStep",
     "RestoreStep",
@@ -134,10 +136,27 @@ class NonrigidStep:
     name = "nonrigid"
 
 
-Step = AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep | NonrigidStep
+@dataclass(frozen=True)
+class EFTEMMapsStep:
+    """EFTEM series: rigid alignment measured on the pre-edge images and applied to all, the
+    three-window elemental map and the jump-ratio map of one edge (``settings``:
+    eftem.EFTEMMapParams). ``energies_ev`` (slit centres, one per frame) and ``slit_width_ev``:
+    None = from the stack's ``eftem`` metadata (the daemon's job files carry it)."""
+
+    settings: Any  # eftem.EFTEMMapParams
+    energies_ev: tuple[float, ...] | None = None
+    slit_width_ev: float | None = None
+    name = "eftem_maps"
+
+
+Step = (
+    AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep | NonrigidStep | EFTEMMapsStep
+)
 
 #: The step names the pipeline knows, in the order users usually run them.
-STEP_NAMES: tuple[str, ...] = ("align", "nonrigid", "focal_register", "restore", "structure_image")
+STEP_NAMES: tuple[str, ...] = (
+    "align", "nonrigid", "focal_register", "restore", "structure_image", "eftem_maps",
+)  # fmt: skip
 
 
 def _split(params: dict[str, Any], step: str, load_curve: CurveLoader | None) -> tuple[Any, ...]:
@@ -221,21 +240,37 @@ def _nonrigid(params: dict[str, Any], load_curve: CurveLoader | None) -> Nonrigi
     return NonrigidStep(build_settings(NonrigidParams, params, "nonrigid"), signal, rotations)
 
 
+def _eftem_maps(params: dict[str, Any], load_curve: CurveLoader | None) -> EFTEMMapsStep:
+    from scherzer.processing.eftem import EFTEMMapParams
+
+    energies, width = params.pop("energies_ev", None), params.pop("slit_width_ev", None)
+    try:
+        energies = None if energies is None else tuple(float(e) for e in energies)
+        width = None if width is None else float(width)
+    except (TypeError, ValueError):
+        raise StepSettingsError(
+            f"eftem_maps: energies_ev must be numbers and slit_width_ev a number; got "
+            f"{energies!r}, {width!r}"
+        ) from None
+    if width is not None and not width > 0:
+        raise StepSettingsError(f"eftem_maps: slit_width_ev must be > 0; got {width}")
+    return EFTEMMapsStep(build_settings(EFTEMMapParams, params, "eftem_maps"), energies, width)
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], CurveLoader | None], Step]] = {
     "align": _align,
     "nonrigid": _nonrigid,
     "focal_register": _focal_register,
     "restore": _restore,
     "structure_image": _structure,
+    "eftem_maps": _eftem_maps,
 }
 
 
 def parse_step(spec: str | Mapping[str, Any] | Step, load_curve: CurveLoader | None = None) -> Step:
     """A typed step from its wire form (a name, or a mapping with ``step`` and flat settings);
     typed steps pass through. ``load_curve`` turns an ``mtf``/``nps`` name into an array."""
-    if isinstance(
-        spec, AlignStep | FocalRegisterStep | RestoreStep | StructureImageStep | NonrigidStep
-    ):
+    if isinstance(spec, Step):
         return spec
     if isinstance(spec, str):
         name, params = spec, {}
@@ -295,4 +330,9 @@ def step_to_json(step: Step) -> dict[str, Any]:
         out["signal"] = step.signal
     if isinstance(step, NonrigidStep) and step.rotations_deg is not None:
         out["scan_rotation_deg"] = list(step.rotations_deg)
+    if isinstance(step, EFTEMMapsStep):
+        if step.energies_ev is not None:
+            out["energies_ev"] = list(step.energies_ev)
+        if step.slit_width_ev is not None:
+            out["slit_width_ev"] = step.slit_width_ev
     return out
