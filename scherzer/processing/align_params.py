@@ -7,6 +7,7 @@ relative to the reference (frame_i(r) ≈ ref(r − s_i)); aligning applies −s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,19 @@ __all__ = ["OUTPUTS", "PAIR_GRAPHS", "WINDOWS", "AlignParams", "AlignmentError",
 WINDOWS = ("hann", "hamming", "tukey", "none")
 PAIR_GRAPHS = ("reference", "sequential", "neighbours", "all")
 OUTPUTS = ("crop", "expand", "expand-mean")
+#: Default memory budget of one alignment as a share of the machine's physical memory: room for
+#: the frames, their spectra and the work blocks, with the rest left to the process and others.
+DEFAULT_RAM_FRACTION = 0.5
+FALLBACK_RAM_MB = 4096.0  # when the physical memory cannot be determined
+_MB = 1 << 20
+
+
+def physical_ram_mb() -> float:
+    """The machine's physical memory in MB (2²⁰ bytes), or :data:`FALLBACK_RAM_MB`."""
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / _MB
+    except (AttributeError, OSError, ValueError):
+        return FALLBACK_RAM_MB
 
 
 class AlignmentError(ValueError):
@@ -40,6 +54,10 @@ class AlignParams:
     ``fine_window``: window for the final sub-pixel measurement, made on the area every frame
     shares once the frames are roughly aligned (None: on the whole field with ``window``);
     ``tukey_alpha``: the tapered fraction of each axis of a Tukey window.
+    ``memory_budget_mb``: memory (MB = 2²⁰ bytes) the measurement may use for its spectra and
+    work blocks (None: :data:`DEFAULT_RAM_FRACTION` of physical memory); a stack whose spectra
+    exceed half of it is measured in chunks when a scratch store is given. It bounds memory, it
+    never changes a result.
     """
 
     alpha: float = 0.5
@@ -61,6 +79,14 @@ class AlignParams:
     snr_weighting: bool = True
     fine_window: str | None = "tukey"
     tukey_alpha: float = 0.25
+    memory_budget_mb: float | None = None
+
+    def budget_bytes(self) -> int:
+        """The memory budget in bytes (default: a fraction of physical memory)."""
+        mb = self.memory_budget_mb
+        if mb is None:
+            mb = DEFAULT_RAM_FRACTION * physical_ram_mb()
+        return int(mb * _MB)
 
     def check(self, n_frames: int) -> None:
         """Raise AlignmentError naming every invalid setting."""
@@ -105,6 +131,9 @@ class AlignParams:
             problems.append(f"reference frame {self.reference} out of range 0..{n_frames - 1}")
         if self.max_shift_px is not None and not self.max_shift_px > 0:
             problems.append(f"max_shift_px must be positive; got {self.max_shift_px}")
+        budget = self.memory_budget_mb
+        if budget is not None and not 0 < budget < float("inf"):
+            problems.append(f"memory_budget_mb must be positive; got {budget}")
         if problems:
             raise AlignmentError("invalid alignment parameters: " + "; ".join(problems))
 

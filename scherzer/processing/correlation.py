@@ -9,20 +9,26 @@ Conventions
   r = s_i − s_j when frame_i(r) ≈ ref(r − s_i) (the registration module's shift convention).
 * Leave-one-out: frame i moved by −s_i (spectrum G_i·e^{2πi k·s_i}) against the sum of the
   others moved likewise.
-* Kernels (numba, parallel over frequency rows or frames) never store more than their output.
+* Streams: every function that takes a series' spectra accepts an array or a
+  :class:`~scherzer.processing.chunked.Store` and works through it a block of frames at a time
+  (NumPy products and small matrix products; no numba, so the first call costs no compilation
+  or cache loading). Sums over frames are accumulated frame by frame in index order: the block
+  size never changes a result.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import numba
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
 from scherzer.optics import fft_workers
+from scherzer.processing.chunked import as_store
 
 PEAK_TIE = 0.15  # relative height below the top within which correlation peaks count as equal
 
@@ -61,7 +67,7 @@ class Spectral:
         return (high * low).astype(np.float32)
 
 
-def snr_weight(spectra: np.ndarray) -> np.ndarray:
+def snr_weight(spectra: Any) -> np.ndarray:
     """Per-frequency signal fraction max(P − N, 0)/P of a series (float32, rfft layout).
 
     P is the power averaged over frames; N the noise floor, taken as the median power in the
@@ -69,10 +75,20 @@ def snr_weight(spectra: np.ndarray) -> np.ndarray:
     the detector. Noise is independent between frames, signal is not, so P − N estimates the
     signal power.
     """
-    power = np.mean(spectra.real**2 + spectra.imag**2, axis=0)
+    power = mean_power(spectra)
     noise = noise_floor(power)
     weight = np.clip(power - noise, 0.0, None) / np.maximum(power, 1e-30)
     return weight.astype(np.float32)
+
+
+def mean_power(spectra: Any) -> np.ndarray:
+    """Mean |G|² over frames (float32), accumulated frame by frame."""
+    store = as_store(spectra)
+    total = np.zeros(store.shape[1:], dtype=np.float32)
+    for _, block in store.blocks():
+        for g in block:
+            total += g.real**2 + g.imag**2
+    return total / np.float32(len(store))
 
 
 def noise_floor(power: np.ndarray) -> float:
@@ -84,7 +100,7 @@ def noise_floor(power: np.ndarray) -> float:
     return float(np.median(power[outer])) if outer.any() else 0.0
 
 
-def template_weight(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def template_weight(spectra: Any, shifts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Per-frequency weight S/(S + N/(n−1)) for matching a frame to the average of the n−1
     others, from frames already aligned to ``shifts`` (float32, rfft layout, maximum 1).
 
@@ -95,10 +111,17 @@ def template_weight(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, i
     average: single-frame weights S/(S + N) discard the many weak frequencies that the average
     still resolves at low dose.
     """
-    n = len(spectra)
-    aligned = shift_spectra(spectra, shifts, shape)
-    mean = aligned.mean(axis=0)
-    scatter = (np.abs(aligned - mean) ** 2).sum(axis=0) / (n - 1)
+    store = as_store(spectra)
+    n = len(store)
+    ramp_y, ramp_x = phase_ramps(shifts, shape)
+    mean = aligned_total(store, ramp_y, ramp_x) / np.float32(n)
+    scatter = np.zeros(mean.shape, dtype=np.float32)
+    for start, block in store.blocks():
+        for k, g in enumerate(block):
+            i = start + k
+            d = g * ramp_y[i][:, None] * ramp_x[i][None, :] - mean
+            scatter += d.real**2 + d.imag**2
+    scatter /= np.float32(n - 1)
     modes = ("wrap", "nearest")
     noise = ndimage.uniform_filter(scatter, 9, mode=modes)
     power = np.abs(mean) ** 2
@@ -127,35 +150,29 @@ def normalise_by_magnitude(cross: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def pair_cross(
-    spectra: np.ndarray, pairs: np.ndarray, alpha: float, band: np.ndarray | None,
-    groups: np.ndarray | None = None,
+    spectra: Any, pairs: np.ndarray, alpha: float, band: np.ndarray | None,
+    groups: np.ndarray | None = None, out: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Normalised, band-weighted cross-power G_i·G_j* / |G_i·G_j*|^α of every pair (i, j) —
     or, with ``groups`` (one integer per pair), the sum over the pairs of each group.
 
-    |G_i·G_j*|^α = |G_i|^α·|G_j|^α, so each frame is normalised once and every pair costs a
-    single complex product (one fused pass per frequency row).
-    """
-    normalised = np.ascontiguousarray(normalise_by_magnitude(spectra, alpha), dtype=np.complex64)
-    shape = spectra.shape[1:]
-    weight = np.ones(shape, np.float32) if band is None else np.ascontiguousarray(band, np.float32)
-    pairs = np.ascontiguousarray(pairs, dtype=np.int64)
-    target = np.arange(len(pairs)) if groups is None else np.asarray(groups)
-    target = np.ascontiguousarray(target, dtype=np.int64)
-    out = np.zeros((int(target.max()) + 1, *shape), dtype=np.complex64)
-    _pair_products(normalised, weight, pairs, target, out)
+    |G_i·G_j*|^α = |G_i|^α·|G_j|^α, so each frame is normalised once (per call) and every pair
+    costs a single complex product. Callers pass pairs a block at a time (the output holds one
+    spectrum per pair or group; ``out`` accumulates into a given array instead)."""
+    store = as_store(spectra)
+    pairs = np.asarray(pairs, dtype=int).reshape(-1, 2)
+    target = np.arange(len(pairs)) if groups is None else np.asarray(groups, dtype=int)
+    if out is None:
+        out = np.zeros((int(target.max()) + 1, *store.shape[1:]), dtype=np.complex64)
+    normalised = {int(i): normalise_by_magnitude(store.frame(int(i)), alpha)
+                  for i in np.unique(pairs)}  # fmt: skip
+    product = np.empty(store.shape[1:], dtype=np.complex64)
+    for (i, j), g in zip(pairs, target, strict=True):
+        np.multiply(normalised[int(i)], np.conj(normalised[int(j)]), out=product)
+        if band is not None:
+            product *= band
+        out[g] += product
     return out
-
-
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def _pair_products(spectra, weight, pairs, target, out):  # pragma: no cover - numba
-    """out[target[p]] += w·G_i·G_j* for every pair p = (i, j); parallel over frequency rows."""
-    ny, nkx = spectra.shape[1], spectra.shape[2]
-    for y in numba.prange(ny):
-        for p in range(pairs.shape[0]):
-            i, j, g = pairs[p, 0], pairs[p, 1], target[p]
-            for x in range(nkx):
-                out[g, y, x] += spectra[i, y, x] * np.conj(spectra[j, y, x]) * weight[y, x]
 
 
 def shift_mask(shape: tuple[int, int], max_shift: float) -> np.ndarray:
@@ -209,7 +226,7 @@ def integer_peaks(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.stack([dy[iy, 0], dx[0, ix]], axis=1).astype(np.float64)
 
 
-def _correlation_patches(
+def correlation_patches(
     cross: np.ndarray, centres: np.ndarray, half: int, shape: tuple[int, int]
 ) -> np.ndarray:
     """Values of the correlations F⁻¹[cross] (scaled as ``irfft2``) at the integer lags
@@ -233,7 +250,7 @@ def peaks_near(
     the ``predicted`` lag (and inside ``mask``), from small patches of the correlation."""
     centres = np.rint(predicted).astype(int)
     half = math.ceil(float(np.max(radius))) + 1
-    patches = _correlation_patches(cross, centres, half, shape)
+    patches = correlation_patches(cross, centres, half, shape)
     d = np.arange(-half, half + 1)
     ly = centres[:, 0, None, None] + d[None, :, None]
     lx = centres[:, 1, None, None] + d[None, None, :]
@@ -305,12 +322,16 @@ def refine_peaks(
     return r, value
 
 
-def peak_energy(spectra: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+def peak_energy(spectra: Any, w: np.ndarray, alpha: float) -> np.ndarray:
     """Σ w |F|^{2(1−α)} per frame: the Cauchy–Schwarz bound that normalises peak heights."""
-    mag2 = np.abs(spectra) if alpha == 0.5 else spectra.real**2 + spectra.imag**2
-    if alpha not in (0.0, 0.5):
-        mag2 = mag2 ** np.float32(1.0 - alpha)
-    return np.einsum("nyx,x->n", mag2, w).astype(np.float64)
+    store = as_store(spectra)
+    out = np.empty(len(store))
+    for start, block in store.blocks():
+        mag2 = np.abs(block) if alpha == 0.5 else block.real**2 + block.imag**2
+        if alpha not in (0.0, 0.5):
+            mag2 = mag2 ** np.float32(1.0 - alpha)
+        out[start : start + len(block)] = np.einsum("nyx,x->n", mag2, w)
+    return out
 
 
 def parabolic_peaks(maps: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -340,36 +361,15 @@ def shift_spectra(spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int
     return spectra * ramp_y[:, :, None] * ramp_x[:, None, :]
 
 
-@numba.njit(parallel=True, cache=True)
-def aligned_total(spectra, ramp_y, ramp_x):  # pragma: no cover - numba
-    """Σ_i G_i·ramp_y[i]·ramp_x[i]: the spectrum of the sum of the aligned frames."""
-    n, ny, nkx = spectra.shape
-    total = np.zeros((ny, nkx), dtype=np.complex64)
-    for y in numba.prange(ny):
-        for i in range(n):
-            ry = ramp_y[i, y]
-            for x in range(nkx):
-                total[y, x] += spectra[i, y, x] * ry * ramp_x[i, x]
+def aligned_total(spectra: Any, ramp_y: np.ndarray, ramp_x: np.ndarray) -> np.ndarray:
+    """Σ_i G_i·ramp_y[i]·ramp_x[i]: the spectrum of the sum of the aligned frames (complex64,
+    added frame by frame in index order)."""
+    store = as_store(spectra)
+    total = np.zeros(store.shape[1:], dtype=np.complex64)
+    for start, block in store.blocks():
+        for k, g in enumerate(block):
+            total += np.einsum("yx,y,x->yx", g, ramp_y[start + k], ramp_x[start + k])
     return total
-
-
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def _loo_cross_power(spectra, ramp_y, ramp_x, total, weight, alpha, out):  # pragma: no cover
-    """out[i] = w·c_i / |c_i|^α with c_i = a_i·(total − a_i)*, a_i the aligned frame i."""
-    n, ny, nkx = spectra.shape
-    for i in numba.prange(n):
-        for y in range(ny):
-            ry = ramp_y[i, y]
-            for x in range(nkx):
-                a = spectra[i, y, x] * ry * ramp_x[i, x]
-                c = a * np.conj(total[y, x] - a)
-                if alpha == 0.5:
-                    c = c / np.sqrt(abs(c) + np.float32(1e-30))
-                elif alpha == 1.0:
-                    c = c / (abs(c) + np.float32(1e-30))
-                elif alpha > 0.0:
-                    c = c / (abs(c) + np.float32(1e-30)) ** alpha
-                out[i, y, x] = c * weight[y, x]
 
 
 def phase_ramps(shifts: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -389,75 +389,143 @@ def full_weight(shape: tuple[int, int], band: np.ndarray | None, hermitian: bool
 
 
 def loo_cross(
-    spectra: np.ndarray, shifts: np.ndarray, shape: tuple[int, int], alpha: float,
-    band: np.ndarray | None,
+    spectra: Any, shifts: np.ndarray, shape: tuple[int, int], alpha: float,
+    band: np.ndarray | None, frames: slice = slice(None), total: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Cross-power of every aligned frame with the sum of the others, normalised by |·|^α and
-    weighted by ``band`` (one fused pass; the peak is where the leave-one-out average's is)."""
+    """Cross-power of every aligned frame (of ``frames``; default all) with the sum of the
+    others, normalised by |·|^α and weighted by ``band`` (the peak is where the leave-one-out
+    average's is). ``total``: :func:`aligned_total` at ``shifts``, when already known."""
+    store = as_store(spectra)
     ramp_y, ramp_x = phase_ramps(shifts, shape)
-    total = aligned_total(spectra, ramp_y, ramp_x)
-    out = np.empty_like(spectra)
+    if total is None:
+        total = aligned_total(store, ramp_y, ramp_x)
     weight = full_weight(shape, band, hermitian=False)
-    _loo_cross_power(spectra, ramp_y, ramp_x, total, weight, np.float32(alpha), out)
+    first, stop, _ = frames.indices(len(store))
+    block = store[first:stop]
+    aligned = np.einsum("nyx,ny,nx->nyx", block, ramp_y[first:stop], ramp_x[first:stop])
+    cross = aligned * np.conj(total[None] - aligned)
+    cross = normalise_product(cross, alpha)
+    cross *= weight
+    return cross
+
+
+def normalise_product(cross: np.ndarray, alpha: float) -> np.ndarray:
+    """``cross / |cross|^α`` with a fixed floor of 1e-30 (the leave-one-out products)."""
+    if alpha == 0:
+        return cross
+    mag = np.abs(cross) + np.float32(1e-30)
+    if alpha == 1:
+        return cross / mag
+    if alpha == 0.5:
+        return cross / np.sqrt(mag)
+    return cross / mag ** np.float32(alpha)
+
+
+def loo_blocks(
+    spectra: Any, shifts: np.ndarray, shape: tuple[int, int], alpha: float,
+    band: np.ndarray | None,
+) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """(start, :func:`loo_cross` of frames start:start + batch) over the whole series: the
+    leave-one-out cross-powers a block at a time."""
+    store = as_store(spectra)
+    ramp_y, ramp_x = phase_ramps(shifts, shape)
+    total = aligned_total(store, ramp_y, ramp_x)
+    for start in range(0, len(store), store.batch):
+        part = slice(start, min(start + store.batch, len(store)))
+        yield start, loo_cross(store, shifts, shape, alpha, band, part, total)
+
+
+def loo_patches(
+    spectra: Any, shifts: np.ndarray, shape: tuple[int, int], band: np.ndarray | None, half: int
+) -> np.ndarray:
+    """Every frame's α = 0 leave-one-out correlation (scaled as ``irfft2``) at the integer lags
+    −half … half around its current position: (n, 2·half + 1, 2·half + 1).
+
+    As in :func:`loo_newton`, a_i·(T − a_i)* = G_i·T*·e^{2πi k·s_i} − |G_i|²: the first term is
+    a patch of G_i·T* centred on s_i (a few rows of the inverse DFT), the second a patch that
+    does not depend on the shifts (computed once per weight)."""
+    store = as_store(spectra)
+    ramp_y, ramp_x = phase_ramps(shifts, shape)
+    weight = full_weight(shape, band, hermitian=False)
+    conj_total = np.conj(aligned_total(store, ramp_y, ramp_x)) * weight
+
+    def own() -> np.ndarray:
+        out = np.empty((len(store), 2 * half + 1, 2 * half + 1), dtype=np.float32)
+        zero = np.zeros((store.batch, 2))
+        for start, block in store.blocks():
+            power = ((block.real**2 + block.imag**2) * weight).astype(np.complex64)
+            out[start : start + len(block)] = correlation_patches(
+                power, zero[: len(block)], half, shape
+            )
+        return out
+
+    self_part = store.memo(f"self_patches_{half}", band, own)
+    out = np.empty((len(store), 2 * half + 1, 2 * half + 1))
+    for start, block in store.blocks():
+        part = slice(start, start + len(block))
+        out[part] = correlation_patches(block * conj_total, shifts[part], half, shape)
+    return out - self_part
+
+
+def self_moments(spectra: Any, weight: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+    """Σ w |G_i|² k_yᵖ k_xᵠ for p, q ≤ 2 of every frame, (n, 3, 3) float64: the part of a
+    frame's leave-one-out cross-power G_i·(T − G_i)* that does not depend on the shifts."""
+    store = as_store(spectra)
+    left = np.stack([np.ones_like(ky), ky, ky * ky]).astype(np.float32)  # (3, ny)
+    right = np.stack([np.ones_like(kx), kx, kx * kx], axis=1).astype(np.float64)  # (nkx, 3)
+    out = np.empty((len(store), 3, 3))
+    for start, block in store.blocks():
+        power = (block.real**2 + block.imag**2) * weight
+        rows = np.matmul(left, power).astype(np.float64)  # (k, 3, nkx)
+        out[start : start + len(block)] = np.matmul(rows, right)
     return out
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def _loo_moment_sums(spectra, ramp_y, ramp_x, total, weight, ky, kx, out):  # pragma: no cover
-    """Raw moment sums of every aligned frame's cross-power with the sum of the others.
-
-    a_i = G_i·ramp_y[i]·ramp_x[i] (frame i moved by −s_i), t_i = total − a_i and
-    c_i = w·a_i·t_i*; ``out[i]`` = Σ (Re c, k_y Im c, k_x Im c, k_y² Re c, k_y k_x Re c,
-    k_x² Re c) in float64. No cross-power array is stored.
-    """
-    n, ny, nkx = spectra.shape
-    for i in numba.prange(n):
-        v = gy = gx = hyy = hyx = hxx = 0.0
-        for y in range(ny):
-            ry = ramp_y[i, y]
-            fy = ky[y]
-            sv = sgx = shx = shxx = 0.0
-            sgy = 0.0
-            for x in range(nkx):
-                a = spectra[i, y, x] * ry * ramp_x[i, x]
-                c = a * np.conj(total[y, x] - a) * weight[y, x]
-                re, im = c.real, c.imag
-                fx = kx[x]
-                sv += re
-                sgy += im
-                sgx += fx * im
-                shx += fx * re
-                shxx += fx * fx * re
-            v += sv
-            gy += fy * sgy
-            gx += sgx
-            hyy += fy * fy * sv
-            hyx += fy * shx
-            hxx += shxx
-        out[i, 0], out[i, 1], out[i, 2] = v, gy, gx
-        out[i, 3], out[i, 4], out[i, 5] = hyy, hyx, hxx
-
-
 def loo_newton(
-    spectra: np.ndarray, shifts: np.ndarray, alpha_fine: float, shape: tuple[int, int],
-    band: np.ndarray | None,
+    spectra: Any, shifts: np.ndarray, alpha_fine: float, shape: tuple[int, int],
+    band: np.ndarray | None, self_terms: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """One Newton step for every frame against the leave-one-out average of the others, both
     at the current ``shifts``. Returns (steps (n, 2), correlation values at the current shifts).
-    """
-    n = len(spectra)
+
+    At α_fine = 0 the moments of c_i = w·a_i·(T − a_i)* (a_i = G_i·e^{2πi k·s_i}, T = Σ a) are
+    those of w·a_i·T* minus the shift-independent w·|G_i|² (:func:`self_moments`, computed once
+    when ``self_terms`` is given): one product per frame and two small matrix products, the
+    phase ramps folded into the DFT vectors. No cross-power array is stored."""
+    store = as_store(spectra)
+    n = len(store)
     sp = Spectral(shape)
     if alpha_fine != 0:
-        cross = loo_cross(spectra, shifts, shape, alpha_fine, band) / np.float32(n - 1)
-        value, grad, hess = fourier_moments(cross, sp.ky, sp.kx, sp.weights, np.zeros((n, 2)))
+        value, grad, hess = np.empty(n), np.empty((n, 2)), np.empty((n, 2, 2))
+        for start, cross in loo_blocks(store, shifts, shape, alpha_fine, band):
+            part = slice(start, start + len(cross))
+            zero = np.zeros((len(cross), 2))
+            value[part], grad[part], hess[part] = fourier_moments(
+                cross / np.float32(n - 1), sp.ky, sp.kx, sp.weights, zero
+            )
         return newton_step(grad, hess), value
     ramp_y, ramp_x = phase_ramps(shifts, shape)
-    total = aligned_total(spectra, ramp_y, ramp_x)
     weight = full_weight(shape, band, hermitian=True)
-    sums = np.empty((n, 6))
-    _loo_moment_sums(spectra, ramp_y, ramp_x, total, weight, sp.ky, sp.kx, sums)
+    conj_total = np.conj(aligned_total(store, ramp_y, ramp_x)) * weight
+    if self_terms is None:
+        self_terms = store.memo(
+            "self_moments", band, lambda: self_moments(store, weight, sp.ky, sp.kx)
+        )
+    ky, kx = sp.ky, sp.kx
+    sums = np.empty((n, 3, 3))
+    for start, block in store.blocks():
+        part = slice(start, start + len(block))
+        ry, rx = ramp_y[part], ramp_x[part]
+        left = np.stack([ry, ry * ky, ry * ky * ky], axis=1)  # (k, 3, ny)
+        right = np.stack([rx, rx * kx, rx * kx * kx], axis=2).astype(np.complex128)
+        rows = np.matmul(left, block * conj_total).astype(np.complex128)  # (k, 3, nkx)
+        s = np.matmul(rows, right)
+        sums[part, :, :] = s.real
+        sums[part, 1, 0], sums[part, 0, 1] = s[:, 1, 0].imag, s[:, 0, 1].imag
+    sums[:, [0, 2, 1, 0], [0, 0, 1, 2]] -= self_terms[:, [0, 2, 1, 0], [0, 0, 1, 2]]
     sums /= n - 1
     two_pi = 2.0 * np.pi
-    grad = -two_pi * sums[:, 1:3]
-    hess = -(two_pi**2) * sums[:, [3, 4, 4, 5]].reshape(n, 2, 2)
-    return newton_step(grad, hess), sums[:, 0]
+    grad = -two_pi * np.stack([sums[:, 1, 0], sums[:, 0, 1]], axis=1)
+    hyy, hyx, hxx = sums[:, 2, 0], sums[:, 1, 1], sums[:, 0, 2]
+    hess = -(two_pi**2) * np.stack([np.stack([hyy, hyx], 1), np.stack([hyx, hxx], 1)], 1)
+    return newton_step(grad, hess), sums[:, 0, 0]

@@ -67,17 +67,26 @@ from scherzer.processing.align_params import (
     AlignmentResult,
     AlignParams,
 )
+from scherzer.processing.chunked import (
+    ArraySource,
+    FrameSource,
+    MemoryPlan,
+    Scratch,
+    Store,
+    plan_memory,
+)
 from scherzer.processing.correlation import (
     PEAK_TIE,
     Spectral,
     aligned_total,
+    correlation_patches,
     fourier_moments,
     full_weight,
-    gather_block,
     integer_peaks,
-    lag_order,
-    loo_cross,
+    loo_blocks,
     loo_newton,
+    loo_patches,
+    mean_power,
     newton_step,
     noise_floor,
     pair_cross,
@@ -86,12 +95,18 @@ from scherzer.processing.correlation import (
     peaks_near,
     phase_ramps,
     refine_peaks,
-    rfft_frames,
     shift_mask,
-    snr_weight,
     template_weight,
 )
-from scherzer.processing.shifting import (  # re-exported: importers keep their names
+from scherzer.processing.rigid_spectra import (
+    Crop,
+    as_source,
+    coarse_factor,
+    common_crop,
+    region,
+)
+from scherzer.processing.rigid_spectra import spectra as rigid_spectra
+from scherzer.processing.shifting import (  # noqa: F401 - re-exported for importers
     apply_shifts,
     as_frames,
     combine,
@@ -219,7 +234,7 @@ RATE_STEP_PX = 0.25  # grid step of the steady-drift search, px per frame
 
 
 def _low_snr_rate(
-    spectra: np.ndarray, params: AlignParams, band: np.ndarray | None, shape: tuple[int, int]
+    spectra: Store, params: AlignParams, band: np.ndarray | None, shape: tuple[int, int]
 ) -> np.ndarray:
     """Drift per frame v (px) under a steady drift, from all pairs up to ``RATE_GAPS`` apart.
 
@@ -232,7 +247,12 @@ def _low_snr_rate(
     n = len(spectra)
     g_max = min(n - 1, RATE_GAPS)
     pairs = np.array([(i, i + g) for g in range(1, g_max + 1) for i in range(n - g)])
-    pooled = pair_cross(spectra, pairs, params.alpha, band, groups=pairs[:, 1] - pairs[:, 0] - 1)
+    groups = pairs[:, 1] - pairs[:, 0] - 1
+    pooled = np.zeros((g_max, *spectra.shape[1:]), dtype=np.complex64)
+    step = spectra.pair_batch()
+    for b in range(0, len(pairs), step):  # accumulated pair by pair, in order
+        part = slice(b, b + step)
+        pair_cross(spectra, pairs[part], params.alpha, band, groups[part], out=pooled)
     maps = sfft.irfft2(pooled, s=shape, workers=fft_workers())
     scale = -np.arange(1, g_max + 1, dtype=float)  # P_g peaks at d = −g·v
     reach = (params.max_shift_px or 0.25 * min(shape)) / g_max
@@ -261,7 +281,7 @@ def _low_snr_rate(
 
 
 def _measure_pairs(
-    spectra: np.ndarray,
+    spectra: Store,
     pairs: np.ndarray,
     params: AlignParams,
     shape: tuple[int, int],
@@ -279,47 +299,63 @@ def _measure_pairs(
     max_shift = params.max_shift_px or 0.25 * min(shape)
     mask = shift_mask(shape, max_shift)
     if positions is None:
-        coarse = pair_cross(spectra, pairs, params.alpha, band)
-        offsets, values = _coarse_peaks(coarse, pairs, rate, mask, shape, len(spectra))
+        offsets, values = _coarse_peaks(spectra, pairs, params.alpha, band, rate, mask, shape)
         energy = peak_energy(spectra, sp.weights, params.alpha)
         size = shape[0] * shape[1]
         return offsets, values * size / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     starts = positions[pairs[:, 0]] - positions[pairs[:, 1]]
-    fine = pair_cross(spectra, pairs, params.alpha_fine, band)
-    offsets, values = refine_peaks(fine, shape, starts)
+    offsets, values = np.zeros((len(pairs), 2)), np.zeros(len(pairs))
+    step = spectra.pair_batch()
+    for b in range(0, len(pairs), step):  # pairs a block at a time: no full set of spectra
+        part = slice(b, b + step)
+        fine = pair_cross(spectra, pairs[part], params.alpha_fine, band)
+        offsets[part], values[part] = refine_peaks(fine, shape, starts[part])
     energy = peak_energy(spectra, sp.weights, params.alpha_fine)
     heights = values / np.sqrt(energy[pairs[:, 0]] * energy[pairs[:, 1]])
     return offsets, heights
 
 
 def _coarse_peaks(
-    coarse: np.ndarray, pairs: np.ndarray, rate: np.ndarray | None, mask: np.ndarray,
-    shape: tuple[int, int], n: int,
+    spectra: Store, pairs: np.ndarray, alpha: float, band: np.ndarray | None,
+    rate: np.ndarray | None, mask: np.ndarray, shape: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Coarse offsets and peak values of every pair's NCF. The closest pairs search the whole
-    allowed range (whole maps); farther pairs search within 3 + g/2 px of the offset their
+    """Coarse offsets and peak values of every pair's NCF at α. The closest pairs search the
+    whole allowed range (whole maps); farther pairs search within 3 + g/2 px of the offset their
     closer pairs predict, so a lattice-equivalent peak is never taken (patches only). With a
-    steady drift ``rate`` every pair searches near −g·rate."""
+    steady drift ``rate`` every pair searches near −g·rate. Pairs go a block at a time."""
     gaps = pairs[:, 1] - pairs[:, 0]
     radius = 3.0 + 0.5 * gaps.astype(float)
-    if rate is not None:
-        return peaks_near(coarse, -gaps[:, None] * rate[None, :], radius, mask, shape)
     offsets, values = np.zeros((len(pairs), 2)), np.zeros(len(pairs))
-    first = gaps == gaps.min()
-    maps = sfft.irfft2(coarse[first], s=shape, workers=fft_workers())
-    offsets[first], values[first] = parabolic_peaks(maps, integer_peaks(maps, mask))
-    if first.all():
+    step = spectra.pair_batch()
+
+    def near(which: np.ndarray, predicted: np.ndarray) -> None:
+        for b in range(0, len(which), step):
+            idx = which[b : b + step]
+            cross = pair_cross(spectra, pairs[idx], alpha, band)
+            offsets[idx], values[idx] = peaks_near(
+                cross, predicted[b : b + step], radius[idx], mask, shape
+            )
+
+    if rate is not None:
+        near(np.arange(len(pairs)), -gaps[:, None] * rate[None, :])
+        return offsets, values
+    first = np.flatnonzero(gaps == gaps.min())
+    for b in range(0, len(first), step):
+        idx = first[b : b + step]
+        cross = pair_cross(spectra, pairs[idx], alpha, band)
+        maps = sfft.irfft2(cross, s=shape, workers=fft_workers())
+        offsets[idx], values[idx] = parabolic_peaks(maps, integer_peaks(maps, mask))
+    if len(first) == len(pairs):
         return offsets, values
     chain = [tuple(p) for p in pairs[first]]
-    positions, _ = solve_positions(n, chain, offsets[first], np.ones(first.sum()))
-    rest = ~first
-    predicted = positions[pairs[rest, 0]] - positions[pairs[rest, 1]]
-    offsets[rest], values[rest] = peaks_near(coarse[rest], predicted, radius[rest], mask, shape)
+    positions, _ = solve_positions(len(spectra), chain, offsets[first], np.ones(len(first)))
+    rest = np.flatnonzero(gaps != gaps.min())
+    near(rest, positions[pairs[rest, 0]] - positions[pairs[rest, 1]])
     return offsets, values
 
 
 def _template_passes(
-    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
+    spectra: Store, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
     band: np.ndarray | None, energy: np.ndarray, search_px: float | None = None,
     passes: int = 6,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -338,9 +374,10 @@ def _template_passes(
     for k in range(passes):
         jumped = False
         if searching and k < GLOBAL_PASSES:
-            coarse = loo_cross(spectra, shifts, shape, params.alpha, band)
-            maps = sfft.irfft2(coarse, s=shape, workers=fft_workers())
-            start = integer_peaks(maps, mask)
+            start = np.zeros_like(shifts)
+            for first, cross in loo_blocks(spectra, shifts, shape, params.alpha, band):
+                maps = sfft.irfft2(cross, s=shape, workers=fft_workers())
+                start[first : first + len(maps)] = integer_peaks(maps, mask)
             jumped = searching = bool(np.any(start != 0))
             shifts = shifts + start
         delta, values = loo_newton(spectra, shifts, params.alpha_fine, shape, band)
@@ -359,25 +396,30 @@ BASIN_PX = 3  # radius of the fine stage's search around the start, px
 
 
 def _basin_search(
-    spectra: np.ndarray, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
+    spectra: Store, shifts: np.ndarray, params: AlignParams, shape: tuple[int, int],
     band: np.ndarray | None, passes: int = 2,
 ) -> np.ndarray:  # fmt: skip
     """Move every frame to the highest point of its correlation with the leave-one-out average
     (at α_fine, fine-stage weights) within ``BASIN_PX`` of where it is, then a parabola.
 
     Newton steps climb the nearest hill; at low dose the surface near a start that is a pixel
-    off carries noise bumps, and the highest point nearby is the better basin."""
-    mask = shift_mask(shape, BASIN_PX)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    rows, cols = lag_order(rows, shape[0]), lag_order(cols, shape[1])
-    disc = gather_block(mask[None], rows, cols)[0]
+    off carries noise bumps, and the highest point nearby is the better basin. Only the
+    (2·BASIN_PX + 1)² lags around each frame are evaluated (a few rows of the inverse DFT)."""
+    d = np.arange(-BASIN_PX, BASIN_PX + 1)
+    disc = d[:, None] ** 2 + d[None, :] ** 2 <= BASIN_PX**2
+    centre = np.array([BASIN_PX, BASIN_PX])
     for _ in range(passes):
-        cross = loo_cross(spectra, shifts, shape, params.alpha_fine, band)
-        maps = sfft.irfft2(cross, s=shape, workers=fft_workers())
-        patches = gather_block(maps, rows, cols)
-        best = np.where(disc[None], patches, -np.inf).reshape(len(maps), -1).argmax(axis=1)
+        if params.alpha_fine == 0:
+            patches = loo_patches(spectra, shifts, shape, band, BASIN_PX)
+        else:
+            patches = np.empty((len(shifts), len(d), len(d)))
+            for first, cross in loo_blocks(spectra, shifts, shape, params.alpha_fine, band):
+                zero = np.zeros((len(cross), 2), dtype=int)
+                patches[first : first + len(cross)] = correlation_patches(
+                    cross, zero, BASIN_PX, shape
+                )
+        best = np.where(disc[None], patches, -np.inf).reshape(len(patches), -1).argmax(axis=1)
         by, bx = np.unravel_index(best, disc.shape)
-        centre = np.array([BASIN_PX, BASIN_PX])
         inner = (np.abs(np.stack([by, bx], 1) - centre) < BASIN_PX).all(axis=1)
         lags = np.stack([by, bx], axis=1).astype(float)
         lags[inner], _ = parabolic_peaks(patches[inner], lags[inner].astype(int))
@@ -389,7 +431,7 @@ def _basin_search(
 
 
 def _refine_against_average(
-    spectra: np.ndarray,
+    spectra: Store,
     shifts: np.ndarray,
     params: AlignParams,
     shape: tuple[int, int],
@@ -425,7 +467,7 @@ def _roughness(shifts: np.ndarray) -> float:
 
 
 def _robust_start(
-    spectra: np.ndarray,
+    spectra: Store,
     pair_positions: np.ndarray,
     consistent: float,
     params: AlignParams,
@@ -484,14 +526,17 @@ class _ScoreNoise:
     """
 
     def __init__(
-        self, spectra: np.ndarray, shape: tuple[int, int], band: np.ndarray | None,
+        self, spectra: Store, shape: tuple[int, int], band: np.ndarray | None,
         energy: np.ndarray,
     ) -> None:  # fmt: skip
-        power = spectra.real**2 + spectra.imag**2
         self.spectra, self.shape = spectra, shape
-        self.noise = noise_floor(power.mean(axis=0))
+        self.noise = noise_floor(mean_power(spectra))
         self.w2 = full_weight(shape, band, hermitian=True) ** 2
-        self.g_term = np.einsum("nyx,yx->n", power, self.w2) / max(len(spectra) - 1, 1)
+        self.g_term = np.empty(len(spectra))
+        for first, block in spectra.blocks():
+            power = block.real**2 + block.imag**2
+            self.g_term[first : first + len(block)] = np.einsum("nyx,yx->n", power, self.w2)
+        self.g_term /= max(len(spectra) - 1, 1)
         self.norm = np.sqrt(energy * energy.mean())
 
     def __call__(self, shifts: np.ndarray) -> np.ndarray:
@@ -524,8 +569,16 @@ def _most_plausible(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]])
     return min(near, key=_roughness)
 
 
-def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentResult:
+def measure_shifts(
+    frames: Any, params: AlignParams | None = None, *, scratch: Scratch | None = None
+) -> AlignmentResult:
     """Measure every frame's shift (see the module docstring); no frames are moved.
+
+    ``frames``: a (n, y, x) array or a :class:`~scherzer.processing.chunked.FrameSource` (e.g.
+    ``scherzer.io.chunks.FileFrames``, read a block at a time). ``scratch``: a factory of
+    frame-indexed scratch arrays (``scherzer.io.chunks.ScratchFactory``) where spectra go when
+    they would take more than half of ``params.memory_budget_mb``; without it they stay in
+    memory. Work blocks are sized from the budget; the shifts do not depend on it.
 
     BLAS runs single-threaded here: the correlation moments are many small batched products,
     for which BLAS threads cost more in start-up and, on a busy machine, in spin-waiting than
@@ -533,42 +586,31 @@ def measure_shifts(frames: Any, params: AlignParams | None = None) -> AlignmentR
     FFTs keep their workers.
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _measure_shifts(frames, params)
+        return _measure_shifts(frames, params or AlignParams(), scratch)
 
 
-def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
+def _measure_shifts(frames: Any, p: AlignParams, scratch: Scratch | None) -> AlignmentResult:
     t0 = time.perf_counter()
-    p = params or AlignParams()
-    arr = as_frames(frames)
-    n = len(arr)
+    source, unchecked = as_source(frames)
+    n = source.shape[0]
     p.check(n)
-    measured = crop_roi(arr, p.roi)
-    shape = measured.shape[1:]
-    spectra, band = _spectra(measured, p, p.window)
+    plan = plan_memory(p.budget_bytes(), scratch)
+    measured = region(p.roi, n, source.shape[1:])
     pairs = np.asarray(pair_graph(n, p), dtype=int)
-    rate = None
-    if p.low_snr and n > 2:
-        rate = _low_snr_rate(spectra, p, band, shape)
-    offsets, heights = _measure_pairs(spectra, pairs, p, shape, rate, band)
-    positions, keep = _solve(n, pairs, offsets, heights, p)
-    if n > 2:
-        residual = np.linalg.norm(
-            offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), axis=1
-        )
-        # a tree (sequential or reference graph) fits its pairs exactly: no evidence either way
-        cycles = len(pairs) > n - 1
-        consistent = float(np.mean(residual <= CONSISTENT_PX)) if cycles else 0.0
-        positions = _robust_start(spectra, positions, consistent, p, shape, band, pairs)
+    positions = _coarse_stage(source, measured, pairs, p, plan, unchecked)
     whole = np.zeros_like(positions, dtype=int)
-    cut = _common_crop(measured, positions) if p.fine_window is not None else None
+    cut = common_crop(measured, positions) if p.fine_window is not None else None
+    leave_one_out = p.snr_weighting and n > 2
     if cut is not None:
-        whole, common = cut
-        shape = common.shape[1:]
-        leave_one_out = p.snr_weighting and n > 2
-        spectra, band = _spectra(common, p, p.fine_window, snr=not leave_one_out)
-        if leave_one_out:
-            weight = template_weight(spectra, positions - whole, shape)
-            band = weight if band is None else band * weight
+        whole, crop = cut
+        spectra, band = rigid_spectra(source, crop, p, p.fine_window, plan, not leave_one_out)
+    else:
+        crop = measured
+        spectra, band = rigid_spectra(source, crop, p, p.window, plan)
+    shape = crop.shape
+    if cut is not None and leave_one_out:
+        weight = template_weight(spectra, positions - whole, shape)
+        band = weight if band is None else band * weight
     residual_shifts = positions - whole
     if n > 2:
         residual_shifts = _basin_search(spectra, residual_shifts, p, shape, band)
@@ -577,6 +619,67 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
     positions, updates = _refine_against_average(spectra, positions, p, shape, band)
     positions = positions + whole
     offsets = offsets + (whole[pairs[:, 0]] - whole[pairs[:, 1]])
+    result = _result(n, pairs, offsets, heights, positions, keep, p)
+    result.seconds = time.perf_counter() - t0
+    result.refinement_updates_px = updates
+    return result
+
+
+def _coarse_stage(
+    source: FrameSource, measured: Crop, pairs: np.ndarray, p: AlignParams, plan: MemoryPlan,
+    check: bool,
+) -> np.ndarray:  # fmt: skip
+    """Positions (px of the measured region) to start the fine stage from: pairs measured at
+    α on frames binned by :func:`coarse_factor`, solved, and a robust start (steps 1–5)."""
+    n = source.shape[0]
+    factor = coarse_factor(measured.size)
+    binned = replace(measured, factor=factor)
+    shape = binned.shape
+    pc = replace(p, max_shift_px=None if p.max_shift_px is None else p.max_shift_px / factor)
+    spectra, band = rigid_spectra(source, binned, pc, pc.window, plan, check=check)
+    rate = None
+    if pc.low_snr and n > 2:
+        rate = _low_snr_rate(spectra, pc, band, shape)
+    offsets, heights = _measure_pairs(spectra, pairs, pc, shape, rate, band)
+    positions, _ = _solve(n, pairs, offsets, heights, pc)
+    if n > 2:
+        residual = np.linalg.norm(
+            offsets - (positions[pairs[:, 0]] - positions[pairs[:, 1]]), axis=1
+        )
+        # a tree (sequential or reference graph) fits its pairs exactly: no evidence either way
+        cycles = len(pairs) > n - 1
+        consistent = float(np.mean(residual <= CONSISTENT_PX)) if cycles else 0.0
+        positions = _robust_start(spectra, positions, consistent, pc, shape, band, pairs)
+    return positions * factor
+
+
+def _spectra(
+    frames: np.ndarray, params: AlignParams, window: str, snr: bool = True
+) -> tuple[Store, np.ndarray | None]:
+    """Spectra of the prepared whole frames (in memory) and the correlation weight (band-pass ×
+    SNR weight; ``snr=False``: the band-pass alone)."""
+    arr = as_frames(frames)
+    crop = region(None, len(arr), arr.shape[1:])
+    plan = plan_memory(params.budget_bytes())
+    return rigid_spectra(ArraySource(arr), crop, params, window, plan, snr)
+
+
+def _common_crop(frames: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(integer offsets o_i, every frame cut to the area all share) of an in-memory stack, or
+    None (see :func:`~scherzer.processing.rigid_spectra.common_crop`)."""
+    arr = np.asarray(frames)
+    cut = common_crop(region(None, len(arr), arr.shape[1:]), shifts)
+    if cut is None:
+        return None
+    whole, crop = cut
+    return whole, crop.cut(arr, 0)
+
+
+def _result(
+    n: int, pairs: np.ndarray, offsets: np.ndarray, heights: np.ndarray, positions: np.ndarray,
+    keep: np.ndarray, p: AlignParams,
+) -> AlignmentResult:  # fmt: skip
+    """The result of a measurement from its pairs and positions."""
     shifts = _gauge(positions, p.reference)
     pair_offsets = np.full((n, n, 2), np.nan)
     similarity = np.full((n, n), np.nan)
@@ -593,69 +696,18 @@ def _measure_shifts(frames: Any, params: AlignParams | None) -> AlignmentResult:
         used = mine & keep
         residuals[f] = float(np.sqrt(np.mean(pair_residual[used] ** 2))) if used.any() else np.nan
         peak[f] = float(np.mean(heights[mine]))
-    flagged = _flag(peak, residuals, p)
     return AlignmentResult(
         shifts_px=shifts,
         peak_heights=peak,
         pair_offsets=pair_offsets,
         similarity=similarity,
         residuals_px=residuals,
-        flagged=flagged,
+        flagged=_flag(peak, residuals, p),
         reference=p.reference,
         params=p,
-        seconds=time.perf_counter() - t0,
+        seconds=0.0,
         rejected_pairs=[(int(i), int(j)) for (i, j), k in zip(pairs, keep, strict=True) if not k],
-        refinement_updates_px=updates,
     )
-
-
-def _spectra(
-    frames: np.ndarray, params: AlignParams, window: str, snr: bool = True
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Spectra of the prepared frames and the correlation weight (band-pass × SNR weight;
-    ``snr=False``: the band-pass alone)."""
-    spectra = rfft_frames(prepare(frames, replace(params, window=window)))
-    band = Spectral(frames.shape[1:]).bandpass(params.bandpass)
-    if params.snr_weighting and snr:
-        weight = snr_weight(spectra)
-        band = weight if band is None else band * weight
-    return spectra, band
-
-
-def _fast_length_below(n: int) -> int:
-    """The largest m ≤ n whose real FFT is fast (5-smooth)."""
-    m = n
-    while m > 8 and sfft.next_fast_len(m, real=True) != m:
-        m -= 1
-    return m
-
-
-MIN_COMMON_PX = 8  # the fine stage needs this much shared field along each axis (as frames do)
-
-
-def _common_crop(frames: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every frame cut to the area all frames share at the integer parts of ``shifts``
-    (:func:`_common_area`), or None when that is under ``MIN_COMMON_PX`` along an axis.
-
-    Returns (integer offsets o_i, cropped frames); cropped frame i holds frame_i(r + lo + o_i),
-    so its content sits at s_i − o_i relative to the common crop. The crop is trimmed
-    symmetrically to a fast FFT length.
-    """
-    whole = np.rint(shifts).astype(int)
-    try:
-        area = common_area(frames.shape[1:], whole.astype(float))
-    except AlignmentError:
-        return None
-    if min(a.stop - a.start for a in area) < MIN_COMMON_PX:
-        return None
-    slices = []
-    for a in area:
-        length = _fast_length_below(a.stop - a.start)
-        slices.append((a.start + (a.stop - a.start - length) // 2, length))
-    (y0, h), (x0, w) = slices
-    cropped = np.stack([f[y0 + oy : y0 + oy + h, x0 + ox : x0 + ox + w]
-                        for f, (oy, ox) in zip(frames, whole, strict=True)])  # fmt: skip
-    return whole, cropped
 
 
 def _solve(

@@ -23,6 +23,7 @@ from scherzer.processing.correlation import rfft_frames, shift_spectra
 __all__ = [
     "apply_shifts",
     "as_frames",
+    "check_values",
     "combine",
     "common_area",
     "crop_roi",
@@ -34,6 +35,11 @@ __all__ = [
     "window_1d",
     "window_2d",
 ]
+
+
+#: Temporaries of one block when shifts are applied (spectra, moved frames): bounds the memory
+#: :func:`apply_shifts` needs beyond its input and output.
+APPLY_BLOCK_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,18 +117,25 @@ def as_frames(frames: Any) -> np.ndarray:
     if ny < 8 or nx < 8:
         raise AlignmentError(f"frames must be at least 8×8 pixels; got {ny}×{nx}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr).all(axis=(1, 2))
+    check_values(arr)
+    return arr
+
+
+def check_values(block: np.ndarray, start: int = 0) -> None:
+    """Raise AlignmentError naming the frames (numbered from ``start``) of a block that hold
+    NaN or infinite values or are constant."""
+    finite = np.isfinite(block).all(axis=(1, 2))
     if not finite.all():
         raise AlignmentError(
-            f"frames {np.flatnonzero(~finite).tolist()} contain NaN or infinite values"
+            f"frames {(start + np.flatnonzero(~finite)).tolist()} contain NaN or infinite values"
         )
-    flat = arr.reshape(n, -1)
+    flat = block.reshape(len(block), -1)
     constant = flat.max(axis=1) == flat.min(axis=1)
     if constant.any():
         raise AlignmentError(
-            f"frames {np.flatnonzero(constant).tolist()} are constant: nothing to correlate"
+            f"frames {(start + np.flatnonzero(constant)).tolist()} are constant: "
+            "nothing to correlate"
         )
-    return arr
 
 
 def crop_roi(frames: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
@@ -147,8 +160,11 @@ def window_2d(shape: tuple[int, int], kind: str, tukey_alpha: float = 0.25) -> n
     return np.outer(wy, wx).astype(np.float32)
 
 
-def prepare(frames: np.ndarray, params: AlignParams) -> np.ndarray:
-    """Correlation-only preparation: prefilter, mean removal, window (float32 copy)."""
+def prepare(
+    frames: np.ndarray, params: AlignParams, window: np.ndarray | None = None
+) -> np.ndarray:
+    """Correlation-only preparation: prefilter, mean removal, window (float32 copy).
+    ``window``: the (y, x) window when already made (default: from ``params``)."""
     f = frames
     if params.prefilter == "median3":
         f = ndimage.median_filter(f, size=(1, 3, 3), mode="reflect")
@@ -157,7 +173,10 @@ def prepare(frames: np.ndarray, params: AlignParams) -> np.ndarray:
     f = f.astype(np.float32) - f.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(
         np.float32
     )
-    return f * window_2d(f.shape[1:], params.window, params.tukey_alpha)
+    if window is None:
+        window = window_2d(f.shape[1:], params.window, params.tukey_alpha)
+    f *= window
+    return f
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,17 +210,14 @@ def apply_shifts(
     if output not in OUTPUTS:
         raise AlignmentError(f"output must be one of {OUTPUTS}; got {output!r}")
     if output == "crop":
-        if method == "fourier":
-            moved = sfft.irfft2(shift_spectra(rfft_frames(arr), s, arr.shape[1:]), s=arr.shape[1:],
-                                workers=fft_workers()).astype(np.float32)  # fmt: skip
-        elif method == "spline":
-            moved = np.stack(
-                [ndimage.shift(f, -d, order=3, mode="nearest") for f, d in zip(arr, s, strict=True)]
-            )
-        else:
+        if method not in ("fourier", "spline"):
             raise AlignmentError(f"method must be 'fourier' or 'spline'; got {method!r}")
         ys, xs = common_area(arr.shape[1:], s)
-        return np.ascontiguousarray(moved[:, ys, xs], dtype=np.float32), None
+        out = np.empty((len(arr), ys.stop - ys.start, xs.stop - xs.start), dtype=np.float32)
+        step = max(1, APPLY_BLOCK_BYTES // max(arr[0].nbytes * 6, 1))
+        for i in range(0, len(arr), step):  # a block at a time: no full-stack spectra
+            out[i : i + step] = _moved(arr[i : i + step], s[i : i + step], method)[:, ys, xs]
+        return out, None
     lo = np.floor(np.min(-s, axis=0)).astype(int)
     hi = np.ceil(np.max(-s, axis=0)).astype(int)
     pad = (max(0, -lo[0]), max(0, hi[0]), max(0, -lo[1]), max(0, hi[1]))
@@ -218,6 +234,17 @@ def apply_shifts(
         out[i] *= moved_mask
         count += moved_mask
     return out, count
+
+
+def _moved(block: np.ndarray, shifts: np.ndarray, method: str) -> np.ndarray:
+    """Frames of ``block`` moved by −shifts on the full field (Fourier ramp or cubic spline)."""
+    if method == "fourier":
+        shape = block.shape[1:]
+        spectra = shift_spectra(rfft_frames(block), shifts, shape)
+        return sfft.irfft2(spectra, s=shape, workers=fft_workers()).astype(np.float32)
+    return np.stack(
+        [ndimage.shift(f, -d, order=3, mode="nearest") for f, d in zip(block, shifts, strict=True)]
+    )
 
 
 def combine(aligned: np.ndarray, count: np.ndarray | None, params: AlignParams) -> np.ndarray:
