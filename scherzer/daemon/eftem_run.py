@@ -218,14 +218,24 @@ def _write_image(s: _Series, i: int, stored: np.ndarray, row: dict[str, Any]) ->
     ex._publish_progress(run)
 
 
+#: Per-image truth values kept (simulators): the true energy offset and the field means of the
+#: noiseless net counts and of the expected dark read-out (offset + dark current), ADU.
+_TRUTH_SERIES = {
+    "energy_ev": lambda t: float(t.get("energy_ev", np.nan)),
+    "expected_counts_mean": lambda t: float(np.mean(t.get("expected_counts", np.nan))),
+    "expected_dark_counts_mean": lambda t: float(np.mean(t.get("expected_dark_counts", np.nan))),
+}
+
+
 def _add_truth(s: _Series, truth: dict[str, Any]) -> None:
-    """Simulators: the true shift and energy of each image; the element maps of the first."""
+    """Simulators: per image the true shift, energy and mean expected counts; the element maps
+    (atoms/nm²) at the first image's content position."""
     if "shift_px" not in truth:
         return
     s.run.add_truth({"shift_px": np.asarray(truth["shift_px"], dtype=np.float64)})
-    energies = s.run.extra_truth.setdefault("energy_ev", [])
-    energies.append(float(truth.get("energy_ev", np.nan)))
-    if len(energies) == 1:
+    for key, value in _TRUTH_SERIES.items():
+        s.run.extra_truth.setdefault(key, []).append(value(truth))
+    if len(s.run.extra_truth["energy_ev"]) == 1:
         for element, amap in (truth.get("element_maps") or {}).items():
             s.run.extra_truth[f"element_map_{element}"] = np.asarray(amap, dtype=np.float32)
 
@@ -234,8 +244,9 @@ def _finish_file(s: _Series, jlog: Any) -> None:
     """Close the file (ground truth in), then add the per-image table and the counts; never
     raises (the images are on disk whatever happens here)."""
     run = s.run
-    if "energy_ev" in run.extra_truth:
-        run.extra_truth["energy_ev"] = np.asarray(run.extra_truth["energy_ev"])
+    for key in _TRUTH_SERIES:
+        if key in run.extra_truth:
+            run.extra_truth[key] = np.asarray(run.extra_truth[key], dtype=np.float64)
     s.ex._close_file(run, jlog)
     if not s.rows or not run.path.exists() or s.acquisition is None:
         return
