@@ -250,3 +250,28 @@ def test_job_files_are_numbered_and_never_overwritten(tmp_path):
     assert output_path(tmp_path, job).name == "edge-run-1_004.hspy"
     unnamed = job.model_copy(update={"name": ""})
     assert output_path(tmp_path, unnamed).name == "focal_series_001.hspy"
+
+
+def test_eftem_series_plan_estimate_limits_and_cli_flags():
+    import argparse
+
+    from scherzer.cli.plan_cmds import _add_plan_options
+    from scherzer.daemon.plans import PLAN_MODELS, EftemSeries
+
+    plan = parse_plan({"kind": "eftem_series", "start_ev": 400, "step_ev": -10, "n_images": 4,
+                       "max_exposure_s": 16, "min_exposure_s": 0.25})  # fmt: skip
+    assert isinstance(plan, EftemSeries) and EftemSeries in PLAN_MODELS
+    assert plan.energies_ev() == [400, 390, 380, 370] and plan.signals() == ("eftem",)
+    est = plan.estimate((64, 64))
+    # upper bound: 4 images and at most 4 darks (exposures 0.25…16 s: 7 possible) at 16 s
+    assert est.duration_s == 8 * 16.0 and est.disk_bytes == 4 * 64 * 64 * 4
+    too_long = parse_plan({"kind": "eftem_series", "max_exposure_s": 128})
+    assert any("max_exposure_s 128" in p for p in too_long.problems(LIMITS, (64, 64)))
+    assert plan.problems(LIMITS, (64, 64)) == []
+    # CLI flags are generated from the model, one per field, with their bounds enforced later
+    parser = argparse.ArgumentParser()
+    _add_plan_options(parser, EftemSeries)
+    args = parser.parse_args(["--start-ev", "250", "--n-images", "3", "--slit-width-ev", "5"])
+    assert (args.plan__start_ev, args.plan__n_images, args.plan__slit_width_ev) == (250, 3, 5)
+    with pytest.raises(ValidationError, match="n_images"):
+        parse_plan({"kind": "eftem_series", "n_images": 0})

@@ -155,3 +155,46 @@ def test_serial_lens_drives_the_simulated_microscope(tmp_path):
             assert abs(stack.records[0].defocus_readback_nm - target) < 1.0
             true_defocus = float(np.asarray(stack.ground_truth["defocus_nm"]).reshape(-1)[0])
             assert abs(true_defocus - target) <= 1.6  # within the lens's hysteresis band
+
+
+# --- EFTEM: energy filter, the camera after it, beam blanker ----------------------------------
+def test_eftem_devices_contract_limits_blanking_and_read_only():
+    from scherzer.drivers.base import BeamBlanker, DeviceReadOnly, EnergyFilter
+    from scherzer.drivers.sim import eftem_devices
+
+    scope = VirtualMicroscope("crystal_edge", camera_shape=(32, 32), seed=2)
+    filt, camera, blanker = eftem_devices(scope, speedup=1e6, seed=2)
+    assert isinstance(filt, EnergyFilter) and isinstance(camera, Camera)
+    assert isinstance(blanker, BeamBlanker)
+    hi = filt.limits.energy_offset_ev[1]
+    with pytest.raises(LimitExceeded) as err:
+        filt.set_energy_offset_ev(hi + 1.0)
+    assert err.value.code == "limit_exceeded" and err.value.device == "sim-energy-filter"
+    assert filt.get_energy_offset_ev() == 0.0  # nothing changed
+    with pytest.raises(LimitExceeded):
+        filt.set_slit_width_ev(filt.limits.slit_width_ev[1] * 2)
+    filt.set_energy_offset_ev(300.0)
+    filt.set_slit_width_ev(20.0)
+    t0 = scope.clock.now_s()
+    lit = camera.acquire(2.0)
+    assert scope.clock.now_s() - t0 >= 2.0  # the exposure passed on the microscope's clock
+    blanker.set_beam_blanked(True)
+    dark = camera.acquire(2.0)
+    blanker.set_beam_blanked(False)
+    assert dark.record.signal == "dark" and lit.record.signal == "eftem"
+    offset = scope.camera.offset_counts if scope.camera is not None else 100.0
+    assert abs(float(dark.image.mean()) - offset) < 0.1 * offset  # offset + a little dark current
+    assert lit.image.mean() > dark.image.mean() + 100  # electrons arrive when not blanked
+    binned = camera.acquire(1.0, binning=2, region=(0, 0, 16, 16))
+    assert binned.image.shape == (8, 8) and binned.pixel_size_nm == (1.0, 1.0)
+
+    ro_filter, ro_camera, ro_blanker = eftem_devices(scope, seed=2, read_only=True)
+    ro_filter.set_slit_width_ev(ro_filter.get_slit_width_ev())  # no change: allowed
+    for change in (lambda: ro_filter.set_energy_offset_ev(100.0), ro_filter.slit_out,
+                   lambda: ro_blanker.set_beam_blanked(True)):  # fmt: skip
+        with pytest.raises(DeviceReadOnly) as err:
+            change()
+        assert err.value.code == "device_read_only"
+    assert ro_filter.get_energy_offset_ev() == 0.0 and ro_filter.is_slit_in()
+    assert not ro_blanker.is_beam_blanked()
+    assert ro_camera.acquire(0.5).image.shape == (32, 32)  # acquisitions still work
