@@ -72,3 +72,28 @@ def test_align_bad_input_is_a_clear_error(
     code, result = run(["align", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "p.h5"),
                         "--json"], capsys)  # fmt: skip
     assert code == 2 and "missing.h5" in result["error"]["message"]
+
+
+def test_a_stack_over_the_memory_budget_is_aligned_in_chunks_with_the_same_shifts(
+    drifting_file, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """8 × 256² float32 is 2 MB: on a 1 MB budget the frames are read from the file in chunks
+    and the spectra go to scratch; the shifts are the in-memory path's (to 1e-4 px) and OUT holds
+    the aligned frames, their average and the alignment record."""
+    path, truth = drifting_file
+    _, whole = run(["align", str(path), "--out", str(tmp_path / "a.h5"), "--json"], capsys)
+    out = tmp_path / "chunked.h5"
+    argv = ["align", str(path), "--out", str(out), "--json", "--memory-budget-mb", "1"]
+    code, chunked = run(argv, capsys)
+    assert code == 0 and chunked["chunked"] is True and "chunked" not in whole
+    np.testing.assert_allclose(chunked["shifts_px"], whole["shifts_px"], rtol=0, atol=1e-4)
+    shifts = np.asarray(chunked["shifts_px"])
+    error = np.linalg.norm((shifts - shifts.mean(0)) - (truth - truth.mean(0)), axis=1)
+    assert error.max() < 0.05, error
+    aligned = sio.read_stack(out, "aligned_HAADF")
+    assert aligned.n_frames == 8 and aligned.pixel_size_nm == (0.01, 0.01)
+    spread = np.ptp(np.asarray(whole["shifts_px"]), axis=0)
+    assert aligned.frame_shape[0] <= 256 - np.floor(spread[0])
+    average = sio.read_result(out, "average_HAADF")
+    np.testing.assert_allclose(average, aligned.frames.mean(axis=0), rtol=1e-5, atol=1e-4)
+    assert "align" in sio.describe(out)["processing"]

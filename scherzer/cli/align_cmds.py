@@ -9,6 +9,7 @@ float32 TIFF in frame 0's orientation with the same pixel size, NaN where no fra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def _rigid_step(args: argparse.Namespace) -> Any:
         "roi": args.roi,
         "reference": int(ref) if ref.isdigit() else "mean",
         "output": "expand" if args.expand else "crop",
+        "memory_budget_mb": args.memory_budget_mb,
     }
     if ref == "local":
         raise ValueError("--reference local is a non-rigid reference: add --nonrigid")
@@ -94,6 +96,10 @@ def _save_average(path: Path, average: np.ndarray, pixel_nm: float) -> None:
 
 def _align(args: argparse.Namespace) -> Outcome:
     step = _nonrigid_step(args) if args.nonrigid else _rigid_step(args)
+    if not args.nonrigid:
+        found = _chunked_input(args.file, args.signal, step.settings)
+        if found is not None:
+            return _align_chunked(args, step.settings, found)
     code, result, text, outputs = process(args, [step], args.signal)
     out_step = outputs.outputs[0]
     signal = out_step.params["signal"]
@@ -124,6 +130,129 @@ def _align(args: argparse.Namespace) -> Outcome:
     return code, out, "\n".join([*lines, text])
 
 
+# --- stacks larger than the memory budget -------------------------------------------------------
+#: The in-memory path holds about this many stack-sized float32 arrays at once (the frames as
+#: read, the aligned frames, the spectra); a stack whose copies exceed the budget is aligned in
+#: chunks from the file instead.
+IN_MEMORY_COPIES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkedInput:
+    """A stack to align in chunks: its signal name, shape and pixel size (nm)."""
+
+    signal: str
+    shape: tuple[int, int, int]
+    pixel_nm: tuple[float, float]
+
+
+def _chunked_input(path: Path, signal: str | None, params: Any) -> _ChunkedInput | None:
+    """The stack to align in chunks, or None when it fits the budget (or is in a format the
+    chunked reader does not read: only our EMD/.hspy files and multi-page TIFFs are)."""
+    from scherzer import io as sio
+    from scherzer.io.axes import nm_per_unit
+
+    path = Path(path)
+    budget = params.budget_bytes()
+    if not path.is_file():
+        return None  # the in-memory path reports it
+    if (
+        path.suffix.lower() in (".tif", ".tiff")
+        and IN_MEMORY_COPIES * 4 * path.stat().st_size <= budget
+    ):
+        return None  # uncompressed samples take ≥ 1 byte: it fits (and rosettasciio stays unloaded)
+    summary = sio.describe(path)
+    if summary.get("format") == "scherzer-emd":
+        stacks = {k: v for k, v in summary.get("data", {}).items() if v.get("kind") == "stack"}
+        name = signal if signal is not None else next(iter(stacks), None)
+        if name not in stacks:
+            return None
+        info = stacks[name]
+        pixel = tuple(float(v) for v in info["pixel_size_nm"])
+        rotation = info.get("records", {}).get("scan_rotation_deg") or {}
+        rotated = rotation.get("min", 0.0) != rotation.get("max", 0.0)
+    elif summary.get("format") == "tiff":
+        signals = [s for s in summary.get("signals", []) if s.get("is_image")]
+        if len(signals) != 1 or len(signals[0]["shape"]) != 3:
+            return None
+        info, name, rotated = signals[0], signal or signals[0]["name"], False
+        axis = info["axes"][1]
+        scale = float(axis.get("scale") or 1.0) * (nm_per_unit(axis.get("units")) or 1.0)
+        pixel = (scale, scale)
+    else:
+        return None
+    shape = tuple(int(v) for v in info["shape"])
+    if len(shape) != 3 or IN_MEMORY_COPIES * 4 * int(np.prod(shape)) <= budget:
+        return None
+    if rotated:
+        raise ValueError(
+            f"{path} ({shape}) exceeds --memory-budget-mb, and its frames have different scan "
+            "rotations, which the chunked path does not undo: give a larger budget"
+        )
+    if params.output != "crop":
+        raise ValueError("stacks larger than the memory budget are aligned with --crop only")
+    return _ChunkedInput(str(name), shape, pixel)  # type: ignore[arg-type]
+
+
+def _align_chunked(args: argparse.Namespace, params: Any, found: _ChunkedInput) -> Outcome:
+    """Measure on frames read from the file in chunks (spectra in scratch files beside OUT),
+    then write the aligned frames to OUT one at a time with their average, the alignment table
+    and the parameters. OUT holds the aligned stack only (not a copy of the input)."""
+    import time
+
+    from scherzer import io as sio
+    from scherzer.io.chunks import FileFrames, ScratchFactory
+    from scherzer.processing.pipeline import StepOutput, _alignment_table
+    from scherzer.processing.registration import measure_shifts
+    from scherzer.processing.shifting import aligned_blocks
+    from scherzer.stack import FrameRecord
+
+    t0 = time.perf_counter()
+    with FileFrames(args.file, signal=found.signal) as source:
+        with ScratchFactory(Path(args.out).resolve().parent) as scratch:
+            result = measure_shifts(source, params, scratch=scratch)
+        n, ny, nx = source.shape
+        total: np.ndarray | None = None
+        name = f"aligned_{found.signal}"
+        writer: Any = None
+        try:
+            for start, block in aligned_blocks(source.read, source.shape, result.shifts_px):
+                if writer is None:
+                    writer = sio.StackWriter(
+                        args.out, pixel_size_nm=found.pixel_nm, frame_shape=block.shape[1:],
+                        names=(name,), overwrite=True,
+                    )  # fmt: skip
+                    total = np.zeros(block.shape[1:])
+                for k, frame in enumerate(block):
+                    writer.append(frame, FrameRecord(index=start + k), name=name)
+                    total += frame
+        finally:
+            if writer is not None:
+                writer.close()
+    average = (total if params.combine == "sum" else total / n).astype(np.float32)
+    out = StepOutput(
+        step="align",
+        params={"signal": found.signal, **dataclasses.asdict(params)},
+        summary=result.to_json(),
+        tables={"alignment": _alignment_table(result)},
+    )
+    out.arrays[f"average_{found.signal}"] = average
+    out.arrays["similarity"] = np.asarray(result.similarity, dtype=np.float32)
+    out.seconds = result.seconds
+    sio.store_pipeline_result(args.out, types.SimpleNamespace(outputs=[out]))
+    if args.save_average is not None:
+        _save_average(args.save_average, average, found.pixel_nm[1])
+    keys = ("shifts_px", "peak_heights", "reference", "flagged")
+    summary = {k: v for k, v in result.to_json().items() if k in keys}
+    summary.update(seconds=result.seconds, wall_s=time.perf_counter() - t0, chunked=True)
+    lines = [
+        f"frame {i:3d}: dy {sh[0]:+8.3f}  dx {sh[1]:+8.3f} px  peak {p:.3f}"
+        for i, (sh, p) in enumerate(zip(result.shifts_px, result.peak_heights, strict=True))
+    ]
+    lines.append(f"aligned in chunks ({n} × {ny}×{nx} over the memory budget); wrote {args.out}")
+    return 0, summary, "\n".join(lines)
+
+
 def _add_rigid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alpha",
@@ -148,6 +277,13 @@ def _add_rigid_options(p: argparse.ArgumentParser) -> None:
         type=box,
         default=None,
         help="measured region y0,x0,height,width px (default: whole field)",
+    )
+    p.add_argument(
+        "--memory-budget-mb",
+        type=positive_float,
+        default=None,
+        help="memory the alignment may use (MB; default half the RAM); larger stacks in our "
+        "HDF5 files or multi-page TIFFs are aligned in chunks from the file",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--crop", action="store_true", help="crop to the common area (default)")

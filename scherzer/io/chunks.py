@@ -59,6 +59,7 @@ class FileFrames:
     :meth:`read` returned (what the caller's budget had to hold)."""
 
     def __init__(self, path: str | Path, signal: str | None = None) -> None:
+        """``signal``: the signal of one of our files (default the first); TIFFs hold one."""
         self.path = existing_file(path)
         self.largest_read = 0
         self._h5: h5py.File | None = None

@@ -9,7 +9,7 @@ rotations in degrees, multiples of 90° (undone exactly with ``np.rot90``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from scherzer.processing.align_params import OUTPUTS, AlignmentError, AlignParam
 from scherzer.processing.correlation import rfft_frames, shift_spectra
 
 __all__ = [
+    "aligned_blocks",
     "apply_shifts",
     "as_frames",
     "check_values",
@@ -214,9 +215,8 @@ def apply_shifts(
             raise AlignmentError(f"method must be 'fourier' or 'spline'; got {method!r}")
         ys, xs = common_area(arr.shape[1:], s)
         out = np.empty((len(arr), ys.stop - ys.start, xs.stop - xs.start), dtype=np.float32)
-        step = max(1, APPLY_BLOCK_BYTES // max(arr[0].nbytes * 6, 1))
-        for i in range(0, len(arr), step):  # a block at a time: no full-stack spectra
-            out[i : i + step] = _moved(arr[i : i + step], s[i : i + step], method)[:, ys, xs]
+        for i, block in aligned_blocks(lambda a, b: arr[a:b], arr.shape, s, method):
+            out[i : i + len(block)] = block
         return out, None
     lo = np.floor(np.min(-s, axis=0)).astype(int)
     hi = np.ceil(np.max(-s, axis=0)).astype(int)
@@ -234,6 +234,23 @@ def apply_shifts(
         out[i] *= moved_mask
         count += moved_mask
     return out, count
+
+
+def aligned_blocks(
+    read: Callable[[int, int], np.ndarray], shape: tuple[int, int, int], shifts_px: np.ndarray,
+    method: str = "fourier",
+) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """(start, frames start:start + k moved by −s_i and cropped to the area every frame covers)
+    over a stack of ``shape`` (n, y, x) whose frames ``read(start, stop)`` gives: the ``crop``
+    output of :func:`apply_shifts` a block at a time (:data:`APPLY_BLOCK_BYTES` of
+    temporaries), for stacks that are not in memory."""
+    n, ny, nx = shape
+    s = np.asarray(shifts_px, dtype=np.float64).reshape(n, 2)
+    ys, xs = common_area((ny, nx), s)
+    step = max(1, APPLY_BLOCK_BYTES // max(ny * nx * 4 * 6, 1))
+    for i in range(0, n, step):
+        block = np.asarray(read(i, min(i + step, n)), dtype=np.float32)
+        yield i, _moved(block, s[i : i + len(block)], method)[:, ys, xs]
 
 
 def _moved(block: np.ndarray, shifts: np.ndarray, method: str) -> np.ndarray:
