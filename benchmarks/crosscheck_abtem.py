@@ -522,6 +522,155 @@ def compare_images(abtem, spec, n, pixel_A, abtem_wave, focal_samples) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------- focal series
+# Issue #15's held-out-style focal series made by abTEM (independent physics: abTEM's potential,
+# multislice, CTF with an incoherent focal-spread integral); only the specimen's atom positions
+# are ours (make_specimen("crystal_edge"): SrTiO3 [001] over the left half of the field under an
+# amorphous carbon film over all of it). The series is simulated on a field wider than the image
+# by FOCAL_MARGIN_PX on every side and the image cropped from its centre, so content delocalised
+# from outside the image enters it as it does in a real image (the field is not periodic).
+FOCAL_PIXEL_NM = 0.02
+FOCAL_MARGIN_PX = 128  # ≥ the largest delocalisation |∇χ|/2π within 8 nm⁻¹ over −150…+40 nm
+FOCAL_FILM_NM = 2.0  # a-C film downstream of the crystal
+FOCAL_STEP_ERROR = 0.03  # true step = nominal × 1.03
+FOCAL_A1 = (4.0, 30.0)  # true two-fold astigmatism (nm, deg); unknown to the restoration
+FOCAL_DRIFT_PX = (0.7, -0.4)  # steady drift per frame (dy, dx) …
+FOCAL_JITTER_PX = 0.3  # … plus Gaussian jitter (std) per axis
+FOCAL_SPREAD_SAMPLES = 15  # abTEM's Gaussian defocus samples (±3σ) of the focal spread
+FOCAL_CASES = {
+    # the issue's two series: 8 cells, 11 images, 150 e/Å² (its last image is nearest Scherzer)
+    "8cells": dict(cells=8, n=11, start_nm=-150.0, step_nm=10.0, dose=150.0, size=512),
+    # … and 4 cells, 20 images, 400 e/Å² (start −150 nm, 5 nm steps: again last near Scherzer)
+    "4cells": dict(cells=4, n=20, start_nm=-150.0, step_nm=5.0, dose=400.0, size=512),
+    # the small copy in tests/data (tests/test_focal_abtem.py): the 8-cell edge on 11 × 256²
+    "testdata": dict(cells=8, n=11, start_nm=-150.0, step_nm=10.0, dose=150.0, size=256),
+}
+
+
+def focal_optics() -> Optics:
+    """The instrument of the abTEM focal series (the simulator's default HRTEM: 300 kV, Cs
+    0.6 mm, σ_f 2.8 nm, 0.15 mrad, vibration 0.01 nm); no A1 (that is the unknown)."""
+    from scherzer.simulators.hrtem import default_hrtem_optics
+
+    return default_hrtem_optics()
+
+
+def fourier_shift_wave(wave: np.ndarray, shift_px) -> np.ndarray:
+    """The periodic wave with its content moved by +shift_px (dy, dx): ψ(k)·exp(−2πi k·s)."""
+    ky = np.fft.fftfreq(wave.shape[0])[:, None]
+    kx = np.fft.fftfreq(wave.shape[1])[None, :]
+    ramp = np.exp(-2j * np.pi * (ky * shift_px[0] + kx * shift_px[1]))
+    return np.fft.ifft2(np.fft.fft2(wave) * ramp)
+
+
+def abtem_focal_series(abtem, atoms_cls, case: str, seed: int = 0) -> dict:
+    """One focal series of :data:`FOCAL_CASES` by abTEM (see the section comment): frames as
+    Poisson counts (uint16) with their nominal defocus, and the truth (defocus, shifts, A1,
+    the exit wave on the image field at zero shift). Frame i has nominal defocus start + i·step
+    and true defocus start + i·step·(1 + FOCAL_STEP_ERROR); its content sits at shifts_px[i]
+    (frame_i(r) ≈ frame_0-content(r − s_i)). Incoherent focal spread (abTEM's Gaussian defocus
+    ensemble), quasi-coherent beam divergence, the vibration as a Gaussian blur of the image
+    (σ = vibration_nm), vacuum intensity 1 → dose × pixel area counts per pixel."""
+    c = FOCAL_CASES[case]
+    size, n, rng = c["size"], c["n"], np.random.default_rng(seed)
+    full = size + 2 * FOCAL_MARGIN_PX
+    pixel_A = FOCAL_PIXEL_NM * 10.0
+    spec = make_specimen(
+        "crystal_edge", (full * FOCAL_PIXEL_NM,) * 2, seed,
+        crystal_thickness_nm=c["cells"] * SRTIO3_A / 10.0, film_thickness_nm=FOCAL_FILM_NM,
+    )  # fmt: skip
+    pot = abtem_potential(abtem, atoms_cls, spec, full, slice_thicknesses(spec))
+    wave = abtem_array(abtem.PlaneWave(energy=VOLTAGE_KV * 1e3).multislice(pot, lazy=False))
+    wave = wave / math.sqrt(float(np.mean(np.abs(wave) ** 2)))
+    opt = focal_optics()
+    idx = np.arange(n, dtype=np.float64)
+    nominal = c["start_nm"] + c["step_nm"] * idx
+    true_df = c["start_nm"] + c["step_nm"] * (1.0 + FOCAL_STEP_ERROR) * idx
+    shifts = idx[:, None] * np.array(FOCAL_DRIFT_PX) + rng.normal(0, FOCAL_JITTER_PX, (n, 2))
+    shifts -= shifts[0]
+    k2 = np.fft.fftfreq(full)[:, None] ** 2 + np.fft.rfftfreq(full)[None, :] ** 2
+    blur = np.exp(-2.0 * np.pi**2 * (opt.vibration_nm / FOCAL_PIXEL_NM) ** 2 * k2)
+    crop = slice(FOCAL_MARGIN_PX, FOCAL_MARGIN_PX + size)
+    frames = np.empty((n, size, size), np.uint16)
+    counts_per_unit = c["dose"] * pixel_A**2
+    for i in range(n):
+        dist = abtem.distributions.gaussian(
+            standard_deviation=opt.focal_spread_nm * 10.0, num_samples=FOCAL_SPREAD_SAMPLES,
+            center=-true_df[i] * 10.0, sampling_limit=3.0,
+        )  # fmt: skip
+        ctf = abtem.CTF(
+            defocus=dist, C12=FOCAL_A1[0] * 10.0, phi12=math.radians(FOCAL_A1[1]),
+            C30=opt.cs_mm * 1e7, angular_spread=opt.beam_divergence_mrad,
+            energy=VOLTAGE_KV * 1e3,
+        )  # fmt: skip
+        img = abtem_image(abtem, fourier_shift_wave(wave, shifts[i]), pixel_A, ctf)
+        img = np.fft.irfft2(np.fft.rfft2(img) * blur, s=img.shape)[crop, crop]
+        frames[i] = rng.poisson(np.clip(img, 0, None) * counts_per_unit)
+    return {
+        "frames": frames,
+        "nominal_defocus_nm": nominal,
+        "true_defocus_nm": true_df,
+        "true_shifts_px": shifts,
+        "true_a1": np.array(FOCAL_A1),
+        "exit_wave": wave[crop, crop].astype(np.complex64),
+        "pixel_nm": np.array(FOCAL_PIXEL_NM),
+        "dose_e_per_A2": np.array(c["dose"]),
+        "optics_json": np.array(json.dumps(opt.model_dump())),
+        "case_json": np.array(json.dumps({"case": case, "seed": seed, **c})),
+    }
+
+
+def focal_stack(data):
+    """An ImageStack (counts as float32, nominal defocus and dose per frame, the instrument
+    without A1, the truth as ground_truth) from :func:`abtem_focal_series`'s arrays (or a
+    loaded .npz of them)."""
+    from scherzer.stack import FrameRecord, ImageStack
+
+    n = data["frames"].shape[0]
+    dose = float(data["dose_e_per_A2"])
+    records = [
+        FrameRecord(index=i, time_s=2.0 * i, exposure_s=1.0, dose_e_per_A2=dose, signal="HRTEM",
+                    defocus_nominal_nm=float(data["nominal_defocus_nm"][i]))
+        for i in range(n)
+    ]  # fmt: skip
+    pix = float(data["pixel_nm"])
+    return ImageStack(
+        frames=np.asarray(data["frames"], np.float32),
+        pixel_size_nm=(pix, pix),
+        records=records,
+        instrument={"optics": json.loads(str(data["optics_json"]))},
+        metadata={"source": "abTEM focal series", **json.loads(str(data["case_json"]))},
+        ground_truth={
+            "defocus_nm": np.asarray(data["true_defocus_nm"], np.float64),
+            "shifts_px": np.asarray(data["true_shifts_px"], np.float64),
+            "exit_wave": np.asarray(data["exit_wave"]),
+            "a1_nm": float(data["true_a1"][0]),
+            "a1_deg": float(data["true_a1"][1]),
+        },
+    )
+
+
+def save_focal_series(path, data: dict) -> int:
+    """Write the series as a compressed .npz (no pickles); returns its size in bytes."""
+    from pathlib import Path
+
+    np.savez_compressed(path, **data)
+    return Path(path).stat().st_size
+
+
+def focal_main(args) -> int:
+    """``--focal-series CASE --focal-out FILE.npz``: make one series with abTEM and save it."""
+    abtem, atoms_cls, versions = load_abtem(False)
+    t0 = time.perf_counter()
+    data = abtem_focal_series(abtem, atoms_cls, args.focal_series, args.seed)
+    data["versions_json"] = np.array(json.dumps(versions))
+    size = save_focal_series(args.focal_out, data)
+    out = {"case": args.focal_series, "file": str(args.focal_out), "bytes": size,
+           "seconds": time.perf_counter() - t0, "versions": versions}  # fmt: skip
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 def specimens(cells: int, px_per_cell: int, film_nm: float, crystal_cells: int, seed: int):
     n = cells * px_per_cell
@@ -605,7 +754,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep abTEM's tapered antialias aperture (default: hard 2/3 cut like ours)",
     )
+    p.add_argument(
+        "--focal-series",
+        choices=sorted(FOCAL_CASES),
+        default=None,
+        help="instead: make this abTEM focal series (issue #15) into --focal-out",
+    )
+    p.add_argument("--focal-out", default=None, help="the series' .npz")  # fmt: skip
     args = p.parse_args(argv)
+    if args.focal_series is not None:
+        return focal_main(args)
     try:
         abtem, atoms_cls, versions = load_abtem(args.abtem_default_antialias)
     except Exception as exc:  # report cleanly what failed

@@ -391,6 +391,7 @@ def test_reference_exclusion_table_and_json(tmp_path):
         "images",
         "absolute_model_agreement",
         "absolute_model_fits",
+        "model_fit",
     }
     assert len(js["shifts_px"]) == 7 and len(js["shifts_px"][0]) == 2
     # per image as FTSR prints it: defocus, drift, peak, suspect below 0.01

@@ -43,16 +43,27 @@ def joint_defocus(
     peaks: np.ndarray,
     ok: np.ndarray,
     line_sigma_nm: float | None = FOCUS_LINE_SIGMA_NM,
+    slope: float | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The joint solution d (n,) nm (module doc) and its diagnostics (``measurement_sigma_nm``
     σ_m, ``shrink`` the mean factor σ_p²/(σ_p² + σ_i²) applied to the residuals about the line;
-    1 = unchanged)."""
+    1 = unchanged). ``slope`` (the step scale measured otherwise, e.g. on a thick crystal's
+    Bragg spots, :mod:`.misfit`) replaces the slope of the per-image estimates first: they are
+    tilted about their weighted centroid (the mean defocus stays), keeping their deviations
+    from a line (focal drift, hysteresis) but not the trend they share."""
     m = np.asarray(defocus_nm, np.float64)
-    if line_sigma_nm is None or int(np.sum(ok)) < MIN_LINE_IMAGES:
+    if int(np.sum(ok)) < MIN_LINE_IMAGES or (line_sigma_nm is None and slope is None):
         return m.copy(), {"measurement_sigma_nm": float("nan"), "shrink": 1.0}
     x, h = np.asarray(nominal_nm, np.float64)[ok], np.maximum(np.asarray(peaks)[ok], PEAK_FLOOR)
     rel_var = (np.mean(h) / h) ** 2  # σ_i² / σ_m²
     coef = _weighted_line(x, m[ok], 1.0 / rel_var)
+    if slope is not None:
+        centroid = float(np.sum(x / rel_var) / np.sum(1.0 / rel_var))
+        m = m.copy()
+        m[ok] += (float(slope) - coef[1]) * (x - centroid)
+        coef = _weighted_line(x, m[ok], 1.0 / rel_var)
+        if line_sigma_nm is None:  # no prior: the tilt alone
+            return m, {"measurement_sigma_nm": float("nan"), "shrink": 1.0}
     resid = m[ok] - (coef[0] + coef[1] * x)
     s2 = float(np.sum(resid**2 / rel_var) / np.sum(1.0 / rel_var)) * ok.sum() / (ok.sum() - 2)
     sp2 = float(line_sigma_nm) ** 2

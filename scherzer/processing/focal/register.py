@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,12 @@ from scherzer.processing.focal.inputs import (
     used_mask,
 )
 from scherzer.processing.focal.joint import joint_defocus
+from scherzer.processing.focal.misfit import (
+    MAX_SPOT_RATIO,
+    ModelFit,
+    model_fit,
+    step_scale_line,
+)
 from scherzer.processing.focal.problem import PassState, Problem, Strategy
 from scherzer.processing.focal.relative import AmorphousStrategy, reference_by_peak
 from scherzer.processing.focal.settings import MIN_IMAGES, FocalParams
@@ -76,6 +83,7 @@ class FocalRegistration:
     passes: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     absolute_model_agreement: float = math.nan
+    model_fit: dict[str, Any] | None = None
 
     @property
     def absolute_model_fits(self) -> bool | None:
@@ -124,13 +132,15 @@ class FocalRegistration:
             "suspect_below": SUSPECT_PEAK,
             "absolute_model_agreement": _finite_or_none(self.absolute_model_agreement),
             "absolute_model_fits": self.absolute_model_fits,
+            "model_fit": self.model_fit,
             "images": self.images(),
         }
 
     def images(self) -> list[dict[str, Any]]:
         """Per image, as FTSR prints it: fitted defocus, drift, correlation peak, and whether the
         peak is suspect (below ``SUSPECT_PEAK``), flagged (left out by the registration's own
-        test) or used."""
+        test) or used; and how well the imaging model predicts it (``model_residual``,
+        ``spot_residual_ratio``: :class:`~.misfit.ModelFit`)."""
         return [
             {
                 "index": i,
@@ -141,9 +151,20 @@ class FocalRegistration:
                 "suspect": bool(self.peak_heights[i] < SUSPECT_PEAK),
                 "flagged": bool(self.flagged[i]),
                 "used": bool(self.used[i]),
+                **self._image_fit(i),
             }
             for i in range(len(self.defocus_nm))
         ]
+
+    def _image_fit(self, i: int) -> dict[str, Any]:
+        """Image i's prediction residual (fraction of its power) and spot residual over the
+        noise (:mod:`~.misfit`), when the model was checked."""
+        if not self.model_fit:
+            return {}
+        return {
+            "model_residual": self.model_fit["residual_fraction"][i],
+            "spot_residual_ratio": self.model_fit["spot_ratio"][i],
+        }
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -194,10 +215,13 @@ def register_focal_series(
             ref, _ = reference_by_peak(prob, candidates, nominal, used, rng_nm)
     run = _Run(prob, choose_strategy(p), ref, nominal, used, rng_nm)
     a1_c = run.rounds(optics)
+    fit, slope = run.check_model()
     d_abs, shifts = run.strategy.finish(prob, ref, run.d_abs, run.shifts, run.peaks, used)
     flagged = run.peaks < run.flag_level()
     flagged[ref] = False
-    d_abs, joint = joint_defocus(d_abs, nominal, run.peaks, used & ~flagged, p.focus_line_sigma_nm)
+    d_abs, joint = joint_defocus(
+        d_abs, nominal, run.peaks, used & ~flagged, p.focus_line_sigma_nm, slope
+    )
     run.history.append({"joint": joint})
     shifts = run.strategy.shifts_of_flagged(shifts, used, flagged)
     mag, ang = polar_a1(a1_c)
@@ -216,6 +240,7 @@ def register_focal_series(
         passes=run.passes,
         history=run.history,
         absolute_model_agreement=run.model_agreement,
+        model_fit=fit,
     )
 
 
@@ -282,6 +307,34 @@ class _Run:
             ):
                 break
         return a1_c
+
+    def check_model(self) -> tuple[dict[str, Any], float | None]:
+        """Whether the one-object-term model predicts the images (:func:`~.misfit.model_fit`);
+        when it does not and ``FocalParams.model_fallback``, the step scale fitted on the Bragg
+        spots (:func:`~.misfit.step_scale_line`) for the joint solution's line. Crystal mode
+        fits that scale in its passes already: there the fit is only reported. Returns (the
+        report, the slope or None); warns when the model does not fit."""
+        p, ok = self.prob.params, self.ok()
+        fit: ModelFit = model_fit(self.prob, self.d_abs, self.shifts, ok)
+        report: dict[str, Any] = fit.to_json()
+        slope = None
+        if not fit.fits:
+            action = "reported only"
+            if p.model_fallback and not p.crystal and ok.sum() >= MIN_IMAGES:
+                slope, resid = step_scale_line(
+                    self.prob, self.d_abs, self.shifts, ok, self.nominal, self.ref
+                )
+                report["fallback"] = {"step_scale": slope, "spot_residual_fraction": resid}
+                action = f"the focus steps put on one step scale fitted on the spots ({slope:.4f})"
+            warnings.warn(
+                f"focal series: the one-object-term model does not fit the Bragg spots "
+                f"(residual {fit.series_spot_ratio:.1f}× the noise, limit {MAX_SPOT_RATIO:g}; "
+                f"a thick crystal?): {action}",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.history.append({"model_fit": report})
+        return report, slope
 
     def passes_until_settled(self) -> None:
         """Up to ``FocalParams.iterations`` wave passes, until defocus and shifts change by

@@ -130,6 +130,12 @@ class FocalParams:
     (:func:`~.joint.joint_defocus`): the expected scatter of the true focus about a straight
     line in the nominal defocus; estimates scattering more than that are pulled towards the
     line in proportion to their noise (None: off, each image's own estimate).
+    ``model_fallback``: when the one-object-term model does not predict the Bragg spots
+    (a thick crystal, :mod:`~.misfit`; always reported, with a warning), the joint solution's
+    line takes the step scale fitted on the spots with the restored wave updated, instead of
+    the line through the per-image estimates (False: report only). Measured on the abTEM
+    SrTiO3 edges (issue #15) and the simulator's crystal edge: step scale error 0.2–2.1 % →
+    0.0–0.3 % (benchmarks/crosscheck_abtem.py).
     """
 
     __pydantic_config__ = pydantic.ConfigDict(extra="forbid")
@@ -162,6 +168,7 @@ class FocalParams:
     per_image_delocalisation: bool | None = None
     shift_prior_scale: float | None = 1.0
     focus_line_sigma_nm: float | None = FOCUS_LINE_SIGMA_NM
+    model_fallback: bool = True
 
     def resolved(self) -> FocalParams:
         """A copy with the automatic (None) settings filled in: ``per_image_delocalisation``
