@@ -620,36 +620,6 @@ def abtem_focal_series(abtem, atoms_cls, case: str, seed: int = 0) -> dict:
     }
 
 
-def focal_stack(data):
-    """An ImageStack (counts as float32, nominal defocus and dose per frame, the instrument
-    without A1, the truth as ground_truth) from :func:`abtem_focal_series`'s arrays (or a
-    loaded .npz of them)."""
-    from scherzer.stack import FrameRecord, ImageStack
-
-    n = data["frames"].shape[0]
-    dose = float(data["dose_e_per_A2"])
-    records = [
-        FrameRecord(index=i, time_s=2.0 * i, exposure_s=1.0, dose_e_per_A2=dose, signal="HRTEM",
-                    defocus_nominal_nm=float(data["nominal_defocus_nm"][i]))
-        for i in range(n)
-    ]  # fmt: skip
-    pix = float(data["pixel_nm"])
-    return ImageStack(
-        frames=np.asarray(data["frames"], np.float32),
-        pixel_size_nm=(pix, pix),
-        records=records,
-        instrument={"optics": json.loads(str(data["optics_json"]))},
-        metadata={"source": "abTEM focal series", **json.loads(str(data["case_json"]))},
-        ground_truth={
-            "defocus_nm": np.asarray(data["true_defocus_nm"], np.float64),
-            "shifts_px": np.asarray(data["true_shifts_px"], np.float64),
-            "exit_wave": np.asarray(data["exit_wave"]),
-            "a1_nm": float(data["true_a1"][0]),
-            "a1_deg": float(data["true_a1"][1]),
-        },
-    )
-
-
 def save_focal_series(path, data: dict) -> int:
     """Write the series as a compressed .npz (no pickles); returns its size in bytes."""
     from pathlib import Path

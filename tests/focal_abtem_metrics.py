@@ -1,5 +1,6 @@
-"""Ground-truth metrics of the abTEM focal series (tests/test_focal_abtem.py and
-benchmarks/crosscheck_abtem.py share them).
+"""The abTEM focal series as an ImageStack and its ground-truth metrics (tests/test_focal_abtem.py
+and benchmarks/crosscheck_abtem.py share them; the series are made by
+``benchmarks/crosscheck_abtem.py --focal-series CASE``, abTEM 1.0.11, seed 0).
 
 Conventions: the restored wave sits in the reference image's frame (ARCHITECTURE.md shifts:
 frame_i(r) ≈ ref(r − s_i)), so the true exit wave (recorded at zero shift) is moved by the
@@ -9,10 +10,52 @@ reference's true shift before comparing; the comparison leaves out a border of
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 PHASE_LOWPASS_PER_NM = 8.0  # issue #15: both waves low-passed to 8 nm⁻¹ before comparing
 PHASE_BORDER_PX = 32  # border left out of the phase correlation (≥ the drift, the taper)
+#: 11 × 256² SrTiO3 [001] edge, 8 cells (3.1 nm) under 2 nm a-C, 150 e/Å², −150 nm + 10 nm
+#: steps (true step 3 % larger), A1 4 nm at 30°, drift 0.7/−0.4 px per frame + 0.3 px jitter
+TESTDATA = Path(__file__).resolve().parent / "data" / "abtem_srtio3_edge_8cells_11x256.npz"
+
+
+def load_series(path=TESTDATA):
+    """The .npz of ``crosscheck_abtem.py --focal-series`` as an ImageStack (no pickles)."""
+    with np.load(path, allow_pickle=False) as data:
+        return focal_stack({k: data[k] for k in data.files})
+
+
+def focal_stack(data):
+    """An ImageStack (counts as float32, nominal defocus and dose per frame, the instrument
+    without A1, the truth as ground_truth) from :func:`abtem_focal_series`'s arrays (or a
+    loaded .npz of them)."""
+    from scherzer.stack import FrameRecord, ImageStack
+
+    n = data["frames"].shape[0]
+    dose = float(data["dose_e_per_A2"])
+    records = [
+        FrameRecord(index=i, time_s=2.0 * i, exposure_s=1.0, dose_e_per_A2=dose, signal="HRTEM",
+                    defocus_nominal_nm=float(data["nominal_defocus_nm"][i]))
+        for i in range(n)
+    ]  # fmt: skip
+    pix = float(data["pixel_nm"])
+    return ImageStack(
+        frames=np.asarray(data["frames"], np.float32),
+        pixel_size_nm=(pix, pix),
+        records=records,
+        instrument={"optics": json.loads(str(data["optics_json"]))},
+        metadata={"source": "abTEM focal series", **json.loads(str(data["case_json"]))},
+        ground_truth={
+            "defocus_nm": np.asarray(data["true_defocus_nm"], np.float64),
+            "shifts_px": np.asarray(data["true_shifts_px"], np.float64),
+            "exit_wave": np.asarray(data["exit_wave"]),
+            "a1_nm": float(data["true_a1"][0]),
+            "a1_deg": float(data["true_a1"][1]),
+        },
+    )
 
 
 def shift_wave(wave: np.ndarray, shift_px) -> np.ndarray:
