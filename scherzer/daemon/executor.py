@@ -331,7 +331,8 @@ class Executor(OpticsControl):
         try:
             plan = parse_plan(job.plan)
             run = JobRun(job, plan, path)
-            self.live.begin(job.job_id, plan.kind_name(), tuple(plan.signals()))
+            self.live.begin(job.job_id, plan.kind_name(), tuple(plan.signals()),
+                            instrument=self.instruments.instrument)  # fmt: skip
             saved = self._snapshot(plan)
             if self.instruments.mark_truth_origin is not None:
                 self.instruments.mark_truth_origin()
@@ -513,7 +514,7 @@ class Executor(OpticsControl):
         for name, image in images.items():
             record = self._complete_record(got.records[name], step.index, readback_nm)
             writer.append(image, record, name=name)
-            self.live.add(run.job.job_id, name, image, got.pixel_size_nm)
+            self.live.add(run.job.job_id, name, image, got.pixel_size_nm, record=record)
             info = self.frames.put(image, record, got.pixel_size_nm, job_id=run.job.job_id)
             self.publish(
                 "frame",

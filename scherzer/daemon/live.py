@@ -1,4 +1,5 @@
-"""Live processing while a job acquires: a running, drift-compensated average per job.
+"""Live processing while a job acquires: a running, drift-compensated average per job, and for
+focal series an incremental registration.
 
 For time series and rotated-scan series, every frame of the plan's first signal is folded into a
 :class:`~scherzer.processing.live.RunningAverage` in a worker thread of its own, so acquisition is
@@ -7,6 +8,15 @@ machine), frames are left out of the preview and counted. After each fold the av
 the frame cache (clients fetch it with ``frame_get`` by the ``frame_id`` the ``live`` event
 names) and a ``live`` event is published. When the job's file is closed the average is stored in
 it as ``live_average_<signal>`` (with the frames folded and skipped as attributes).
+
+For focal series each image is registered once, as it arrives, against the images before it
+(:class:`~scherzer.processing.live_focal.IncrementalFocal`: defocus relative to the first image,
+the step from the previous one, the drift) in the same worker thread; images are never left out
+(each estimate builds on the earlier ones; a focal series' images come seconds apart). Each
+estimate is a ``live`` event with ``kind: "focal_registration"``; when the job ends the final
+values are stored as the ``live_focal_registration`` table. A live estimate needs the recorded
+optics (``instrument["optics"]``) and each frame's nominal defocus; without them the job simply
+has none.
 """
 
 from __future__ import annotations
@@ -25,12 +35,14 @@ from scherzer.daemon.frames import FrameCache
 from scherzer.processing.live import RunningAverage
 from scherzer.stack import FrameRecord
 
-__all__ = ["LIVE_KINDS", "MAX_BACKLOG", "LiveProcessing"]
+__all__ = ["FOCAL_KINDS", "LIVE_KINDS", "MAX_BACKLOG", "LiveProcessing"]
 
 log = structlog.get_logger("scherzer.live")
 
 #: Plan kinds whose frames are averaged live (one field of view, drifting).
 LIVE_KINDS = ("time_series", "rotated_scan")
+#: Plan kinds registered live as focal series.
+FOCAL_KINDS = ("focal_series",)
 #: Frames waiting for the live worker before new ones are left out of the preview.
 MAX_BACKLOG = 4
 #: Seconds to wait at the end of a job for the frames still being folded in.
@@ -46,6 +58,17 @@ class _LiveJob:
     last: Future | None = None
 
 
+@dataclass
+class _LiveFocal:
+    """A focal series registered live; the registrar is built at the first frame (its pixel)."""
+
+    signal: str
+    instrument: dict[str, Any]
+    registrar: Any = None
+    last: Future | None = None
+    failed: bool = False
+
+
 class LiveProcessing:
     """Running averages of the jobs being acquired (see the module docstring)."""
 
@@ -54,17 +77,35 @@ class LiveProcessing:
         self._publish = publish
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live")
         self._jobs: dict[int, _LiveJob] = {}
+        self._focal: dict[int, _LiveFocal] = {}
         self._lock = threading.Lock()
 
-    def begin(self, job_id: int, kind: str, signals: tuple[str, ...]) -> None:
-        """Start a running average for ``job_id`` if its kind is averaged live."""
+    def begin(
+        self, job_id: int, kind: str, signals: tuple[str, ...],
+        instrument: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Start a running average for ``job_id`` if its kind is averaged live, or a live focal
+        registration (``instrument``: what the job file records, with the optics)."""
         if kind in LIVE_KINDS and signals:
             with self._lock:
                 self._jobs[job_id] = _LiveJob(signals[0])
+        elif kind in FOCAL_KINDS and signals and (instrument or {}).get("optics"):
+            with self._lock:
+                self._focal[job_id] = _LiveFocal(signals[0], dict(instrument or {}))
 
-    def add(self, job_id: int, signal: str, image: np.ndarray, pixel_nm: tuple) -> None:
-        """Queue a frame for folding in (never blocks; left out when the worker lags)."""
+    def add(
+        self, job_id: int, signal: str, image: np.ndarray, pixel_nm: tuple,
+        record: FrameRecord | None = None,
+    ) -> None:  # fmt: skip
+        """Queue a frame for folding in (never blocks; left out when the worker lags) or, for a
+        focal series, for live registration (``record``: its nominal defocus)."""
         with self._lock:
+            focal = self._focal.get(job_id)
+            if focal is not None and signal == focal.signal and record is not None:
+                focal.last = self._pool.submit(
+                    self._register, job_id, focal, image.copy(), pixel_nm, record
+                )
+                return
             job = self._jobs.get(job_id)
             if job is None or signal != job.signal:
                 return
@@ -91,6 +132,32 @@ class LiveProcessing:
             with self._lock:
                 job.pending -= 1
 
+    def _register(
+        self, job_id: int, job: _LiveFocal, image: np.ndarray, pixel_nm: tuple,
+        record: FrameRecord,
+    ) -> None:  # fmt: skip
+        """One image into the job's incremental focal registration, then a ``live`` event."""
+        if job.failed:
+            return
+        try:
+            if job.registrar is None:
+                from scherzer.optics import Optics
+                from scherzer.processing.live_focal import IncrementalFocal
+
+                optics = Optics(**job.instrument["optics"]).with_(defocus_nm=0.0)
+                offset = float((job.instrument.get("camera") or {}).get("offset_counts", 0.0))
+                job.registrar = IncrementalFocal(optics, float(pixel_nm[1]),
+                                                 camera_offset_counts=offset)  # fmt: skip
+            est = job.registrar.add(image, record.defocus_nominal_nm)
+            self._publish("live", {
+                "job_id": job_id, "signal": job.signal, "kind": "focal_registration",
+                "frames_registered": est.index + 1, **est.to_json(),
+            })  # fmt: skip
+        except Exception:  # a preview must never disturb the acquisition
+            job.failed = True
+            log.exception("live focal registration failed; none for the rest of the job",
+                          job=job_id)  # fmt: skip
+
     def latest_shift_px(self, job_id: int, timeout_s: float = FINISH_TIMEOUT_S) -> tuple:
         """(frames folded, the newest folded frame's shift (dy, dx) px relative to the average)
         once the frames queued so far are folded in; (0, None) for a job not averaged."""
@@ -107,6 +174,9 @@ class LiveProcessing:
         forget the job. Returns its summary, or None if the job was not averaged."""
         with self._lock:
             job = self._jobs.pop(job_id, None)
+            focal = self._focal.pop(job_id, None)
+        if focal is not None:
+            return self._finish_focal(job_id, focal, path)
         if job is None or job.last is None:
             return None
         try:
@@ -120,6 +190,23 @@ class LiveProcessing:
             return {"signal": job.signal, **attrs}
         except Exception:
             log.exception("storing the live average failed", job=job_id)
+            return None
+
+    def _finish_focal(self, job_id: int, job: _LiveFocal, path: Path) -> dict[str, Any] | None:
+        """Wait for the images still queued; store the final estimates as the
+        ``live_focal_registration`` table."""
+        try:
+            if job.last is not None:
+                job.last.result(timeout=FINISH_TIMEOUT_S)
+            if job.registrar is None or job.failed or not path.exists():
+                return None
+            from scherzer.io import write_table
+
+            table = job.registrar.table()
+            write_table(path, "live_focal_registration", table)
+            return {"signal": job.signal, "frames_registered": len(table)}
+        except Exception:
+            log.exception("storing the live focal registration failed", job=job_id)
             return None
 
     def shutdown(self) -> None:
