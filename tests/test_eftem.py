@@ -306,3 +306,40 @@ def test_the_simulated_filter_satisfies_the_device_contract():
 
     f = VirtualEnergyFilter(make_eftem_specimen((32, 32), 0.5, seed=0))
     assert isinstance(f, EnergyFilter) and isinstance(f.limits, EnergyFilterLimits)
+
+
+# ------------------------------------------------------------------------------ one step, one image
+def test_series_acquisition_one_image_at_a_time_matches_the_loop(series) -> None:
+    """SeriesAcquisition (what the daemon drives) replays the loop exactly: the same devices
+    answers give the same stored images, exposures and dark counts."""
+    s = series["series"]
+    raws = iter(series["raws"])
+    darks = iter(image for _, image in series["darks"])
+    run = eftem.SeriesAcquisition(lambda e, t: (next(raws), 0.0), lambda t: next(darks), SETTINGS)
+    for i, energy in enumerate(s.energies_ev):
+        assert run.exposure_s == s.exposures_s[i]
+        stored, row = run.take(energy)
+        np.testing.assert_array_equal(stored, s.stored[i])
+        assert row["index"] == i and row["scale_to_first"] == s.scale_to_first[i]
+    assert (run.darks.acquired, run.darks.reused) == (s.darks_acquired, s.darks_reused)
+    assert run.quantum_counts == s.quantum_counts
+
+
+def test_eftem_maps_params_and_the_combined_step(series, aligned) -> None:
+    s = series["series"]
+    params = eftem.EFTEMMapParams(edge_onset_ev=TI_ONSET_EV, reference_min_energy_ev=300.0)
+    both = eftem.eftem_maps(s.scaled(), s.energies_ev, SLIT_EV, params, s.times_s)
+    np.testing.assert_array_equal(both.aligned.shifts_px, aligned.shifts_px)
+    alone = eftem.three_window_map(aligned.frames, s.energies_ev, SLIT_EV, TI_ONSET_EV)
+    np.testing.assert_array_equal(both.maps.signal, alone.signal)
+    unaligned = eftem.eftem_maps(s.scaled(), s.energies_ev, SLIT_EV,
+                                 dataclasses.replace(params, align=False))  # fmt: skip
+    assert unaligned.aligned is None and unaligned.crop_origin_px == (0, 0)
+    adapter = pydantic.TypeAdapter(eftem.EFTEMMapParams)
+    for bad in ({}, {"edge_onset_ev": -5.0}, {"edge_onset_ev": 456.0, "drift_order": 9},
+                {"edge_onset_ev": 456.0, "smoothing_px": -1.0}):  # fmt: skip
+        with pytest.raises(pydantic.ValidationError):
+            adapter.validate_python(bad)
+    with pytest.raises(ValueError, match="no pre-edge image"):
+        eftem.eftem_maps(s.scaled(), s.energies_ev, SLIT_EV,
+                         dataclasses.replace(params, reference_min_energy_ev=450.0))  # fmt: skip
