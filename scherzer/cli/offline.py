@@ -227,7 +227,8 @@ def _restore(args: argparse.Namespace) -> Outcome:
     code, result, text, _ = process(args, _restore_steps(args))
     reg = result["focal_register"]
     keys = ("reference_index", "defocus_nm", "relative_defocus_nm", "shifts_px", "peak_heights",
-            "astigmatism_nm", "astigmatism_deg", "images", "suspect_below")  # fmt: skip
+            "astigmatism_nm", "astigmatism_deg", "images", "suspect_below",
+            "model_fit")  # fmt: skip
     out = {k: reg[k] for k in keys if k in reg}
     out.update(seconds=result["seconds"], wall_s=result["wall_s"])
     low = float(reg.get("suspect_below", 0.01))  # FTSR: peaks below ~0.01 are suspect
@@ -239,6 +240,14 @@ def _restore(args: argparse.Namespace) -> Outcome:
         )
     ]
     lines.append(f"A1 {reg['astigmatism_nm']:.2f} nm at {reg['astigmatism_deg']:.1f}°")
+    fit = reg.get("model_fit") or {}
+    if fit.get("fits") is False:  # a thick crystal: the one-object-term model fails on its spots
+        fallback = fit.get("fallback")
+        lines.append(
+            f"MODEL MISFIT: Bragg-spot residual {fit['series_spot_ratio']:.1f}x the noise; "
+            + (f"focus steps on the spots' step scale {fallback['step_scale']:.4f}"
+               if fallback else "per-image defocus kept")
+        )  # fmt: skip
     return code, out, "\n".join([*lines, text])
 
 

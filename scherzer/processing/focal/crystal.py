@@ -16,6 +16,7 @@ frame_i(r) ≈ ref(r − s_i); the reference's shift is 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -33,7 +34,13 @@ from scherzer.processing.focal.settings import MIN_IMAGES
 from scherzer.processing.spectral import shift_phase
 from scherzer.processing.wiener import linear_prediction, solve_series
 
-__all__ = ["CrystalStrategy", "crystal_pass", "first_pass_crystal", "fit_step_scale"]
+__all__ = [
+    "CrystalStrategy",
+    "crystal_pass",
+    "first_pass_crystal",
+    "fit_step_scale",
+    "step_scale_residual",
+]
 
 CRYSTAL_STEP_WINDOW_PX = 3.0
 CRYSTAL_MAX_DCHI = math.pi / 2  # rad: frequencies whose χ changes less over one step
@@ -117,21 +124,17 @@ def nearest_strong_peak(corr: Correlator, z: np.ndarray, radius: float) -> np.nd
     return best
 
 
-def fit_step_scale(
+def step_scale_residual(
     prob: Problem,
     aligned: np.ndarray,
     nominal: np.ndarray,
     ref: int,
     ref_defocus_nm: float,
-    half_range: float = CRYSTAL_STEP_SCALE_RANGE,
     mask: np.ndarray | None = None,
-    center: float = 1.0,
-) -> tuple[float, float]:
-    """Scale κ of the nominal step (defocus_n = ref + κ·(nominal_n − nominal_ref)) that best
-    explains the aligned series by the two-sided linear model (+ quadratic term), and the
-    residual fraction at it. The residual is taken on the Bragg spots only (:func:`spot_mask`):
-    a crystal's per-image defocus is poorly determined (a defocus change only rescales each
-    reflection), but one step scale for the whole series is well determined."""
+) -> Callable[[float], float]:
+    """The residual fraction on the Bragg spots (:func:`spot_mask`) of the aligned series
+    explained by the two-sided linear model (+ quadratic term) with the wave restored at
+    defocus_n = ref + κ·(nominal_n − nominal_ref), as a function of κ."""
     spots = spot_mask(aligned)
     total = float(np.sum(np.abs(aligned[:, spots]) ** 2)) + 1e-30
 
@@ -144,6 +147,25 @@ def fit_step_scale(
         res = aligned - pred if mask is None else (aligned - pred) * mask
         return float(np.sum(np.abs(res[:, spots]) ** 2)) / total
 
+    return resid
+
+
+def fit_step_scale(
+    prob: Problem,
+    aligned: np.ndarray,
+    nominal: np.ndarray,
+    ref: int,
+    ref_defocus_nm: float,
+    half_range: float = CRYSTAL_STEP_SCALE_RANGE,
+    mask: np.ndarray | None = None,
+    center: float = 1.0,
+) -> tuple[float, float]:
+    """Scale κ of the nominal step (defocus_n = ref + κ·(nominal_n − nominal_ref)) that best
+    explains the aligned series by the two-sided linear model (+ quadratic term), and the
+    residual fraction at it (:func:`step_scale_residual`). The residual is taken on the Bragg
+    spots only: a crystal's per-image defocus is poorly determined (a defocus change only
+    rescales each reflection), but one step scale for the whole series is well determined."""
+    resid = step_scale_residual(prob, aligned, nominal, ref, ref_defocus_nm, mask)
     spacing = CRYSTAL_STEP_SCALE_SPACING
     best = center
     if half_range > spacing:  # a grid first (the residual has side minima); else Brent alone
