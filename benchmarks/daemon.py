@@ -21,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from scherzer.clients.client import LocalDaemon, free_tcp_port
+from scherzer.clients.client import LocalDaemon
 
+# The echo server binds a port the kernel chooses at bind time and prints its endpoint: a port
+# chosen beforehand could be taken by another process before the bind.
 ECHO_SERVER = """
-import sys, zmq
+import zmq
 s = zmq.Context().socket(zmq.REP)
-s.bind(sys.argv[1])
+s.bind("tcp://127.0.0.1:*")
+print(s.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
 while True:
     s.send(s.recv())
 """
@@ -42,8 +45,13 @@ class Echo:
     """A bare REQ/REP echo server in its own process and a REQ peer."""
 
     def __init__(self) -> None:
-        endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
-        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True
+        )
+        endpoint = self.proc.stdout.readline().strip()
+        if not endpoint.startswith("tcp://"):
+            self.proc.kill()
+            raise RuntimeError(f"the echo server did not start (exit {self.proc.wait()})")
         self.sock = zmq.Context.instance().socket(zmq.REQ)
         self.sock.linger = 0
         self.sock.connect(endpoint)

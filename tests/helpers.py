@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+#: Fresh ports tried when a server loses the race for its chosen port to another process
+#: (another xdist worker, an outgoing connection) before giving up.
+PORT_ATTEMPTS = 5
+#: Longest wait for a test server to listen or exit (s): a hang guard, not an expected time.
+SERVER_START_GUARD_S = 120.0
+#: What the kernel's EADDRINUSE looks like in a server's error output (any case).
+ADDRESS_IN_USE = "address already in use"
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float = 20.0, every_s: float = 0.02) -> T:
@@ -18,3 +30,95 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = 20.0, every_s: float
             return value
         time.sleep(every_s)
     raise AssertionError(f"condition not reached within {timeout_s} s")
+
+
+class PortTaken(Exception):
+    """A server could not bind the port it was given: another process took it first."""
+
+
+def lost_port_race(text: str) -> bool:
+    """True when a server's error output says its address was already in use."""
+    return ADDRESS_IN_USE in text.lower()
+
+
+def on_free_port(start: Callable[[int], T], attempts: int = PORT_ATTEMPTS) -> tuple[int, T]:
+    """``(port, start(port))`` for a port from :func:`scherzer.clients.client.free_tcp_port`.
+
+    A port found free can be taken by another process before the server binds it; ``start``
+    raises :class:`PortTaken` then, and a new port is tried (up to ``attempts`` ports).
+    """
+    from scherzer.clients.client import free_tcp_port
+
+    for attempt in range(1, attempts + 1):
+        port = free_tcp_port()
+        try:
+            return port, start(port)
+        except PortTaken:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def listens(pid: int, port: int) -> bool:
+    """True when process ``pid`` holds a listening socket on ``port`` (Linux /proc)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+        tables = [Path(f"/proc/{pid}/net/{name}") for name in ("tcp", "tcp6")]
+        lines = [ln for t in tables if t.exists() for ln in t.read_text().splitlines()[1:]]
+    except OSError:  # the process is gone (or going)
+        return False
+    for line in lines:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+            return True
+    return False
+
+
+def serve_process(
+    command: Callable[[int], Sequence[str]], port: int, **popen: object
+) -> subprocess.Popen:
+    """Start ``command(port)`` and return once that very process listens on ``port``.
+
+    Raises :class:`PortTaken` when it exited because the address was in use, and fails with
+    its error output when it exited for another reason. stderr goes to a temporary file (a
+    pipe nobody reads could fill and stall a chatty server).
+    """
+    err = tempfile.TemporaryFile()
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    proc = subprocess.Popen(list(command(port)), stderr=err, **popen)  # type: ignore[call-overload]
+    wait_for(lambda: proc.poll() is not None or listens(proc.pid, port), SERVER_START_GUARD_S)
+    if proc.poll() is None:
+        return proc
+    err.seek(0)
+    text = err.read().decode(errors="replace")
+    if lost_port_race(text):
+        raise PortTaken(text[-500:])
+    raise AssertionError(f"{command(port)[0]} exited with {proc.returncode}: {text[-2000:]}")
+
+
+def serve_process_on_free_port(
+    command: Callable[[int], Sequence[str]], **popen: object
+) -> tuple[int, subprocess.Popen]:
+    """:func:`serve_process` on a free port, on a new one when another process took it."""
+    return on_free_port(lambda port: serve_process(command, port, **popen))
+
+
+def processes_with_argument(argument: str) -> list[int]:
+    """Pids of live (not zombie) processes with ``argument`` on their command line (Linux)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if argument.encode() in args and state != "Z":
+            found.append(int(proc.name))
+    return found

@@ -5,25 +5,18 @@ observer's token gets the page; `scherzer web` refuses a public bind with one er
 from __future__ import annotations
 
 import base64
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import PortTaken, listens, lost_port_race, on_free_port, wait_for
 
 from scherzer.cli import main
-from scherzer.clients.client import LocalDaemon
+from scherzer.clients.client import LocalDaemon, free_tcp_port
 
 TOKEN = "observer-token-0123456789abcdef"
 PATTERN = {"kind": "pattern", "camera_shape": [64, 64], "speedup": 100.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status(url: str, headers: dict[str, str] | None = None) -> int:
@@ -44,20 +37,36 @@ def _web_section(tmp_path: Path, port: int, enabled: bool) -> dict:
     return {"enabled": enabled, "port": port, "users": [user]}
 
 
-def test_daemon_serves_the_web_view_when_enabled(tmp_path: Path) -> None:
-    port = _free_port()
+def _web_daemon(tmp_path: Path, port: int) -> LocalDaemon:
+    """A daemon serving the web view on ``port``; :class:`PortTaken` when any of its ports
+    (web, requests, events) was taken by another process first."""
     config = {"devices": dict(PATTERN), "web": _web_section(tmp_path, port, enabled=True)}
-    with LocalDaemon(config, tmp_path):
+    daemon = LocalDaemon(config, tmp_path / f"daemon-{port}")
+    daemon.PORT_ATTEMPTS = 1  # one retry loop for all three ports: on_free_port's
+    try:
+        return daemon.start()
+    except RuntimeError as exc:
+        if lost_port_race(daemon.stderr_tail(since_start=True)):
+            raise PortTaken(str(exc)) from exc
+        raise
+
+
+def test_daemon_serves_the_web_view_when_enabled(tmp_path: Path) -> None:
+    port, daemon = on_free_port(lambda p: _web_daemon(tmp_path, p))
+    try:
+        assert listens(daemon.proc.pid, port)  # this daemon serves the page, no other process
         url = f"http://127.0.0.1:{port}/"
         wait_for(lambda: _status(url) != 0, timeout_s=60)
         assert _status(url) == 401  # no token, no page
         basic = base64.b64encode(f"olga:{TOKEN}".encode()).decode()
         assert _status(url, {"Authorization": f"Basic {basic}"}) == 200
+    finally:
+        daemon.stop()
 
 
 def test_web_command_refuses_a_public_bind(tmp_path: Path, capsys) -> None:
     cfg = tmp_path / "scherzer.toml"
-    section = _web_section(tmp_path, _free_port(), enabled=False)
+    section = _web_section(tmp_path, free_tcp_port(), enabled=False)
     user = section["users"][0]
     cfg.write_text(
         f'[web]\nport = {section["port"]}\n[[web.users]]\nname = "{user["name"]}"\n'

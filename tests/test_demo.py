@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
-import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import processes_with_argument, wait_for
 
 from scherzer.io import read_stack, read_stacks
 
@@ -20,14 +18,13 @@ pytestmark = pytest.mark.timeout(150)
 SMALL = ["--size", "64", "--images", "5", "--frames", "4"]
 
 
-def port_is_free(endpoint: str) -> bool:
-    port = int(endpoint.rsplit(":", 1)[1])
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def daemons_of(out: Path) -> list[int]:
+    """Live daemon processes started with the demo's config file (the embedded daemon).
+
+    Asked of the process table rather than by binding the daemon's port: a port found bound
+    may be another test's by now, and binding it could take it from a daemon that chose it.
+    """
+    return processes_with_argument(str(out / "scherzer.toml"))
 
 
 def test_demo_runs_small_and_cleans_up(tmp_path):
@@ -51,7 +48,8 @@ def test_demo_runs_small_and_cleans_up(tmp_path):
     text = report.read_text()
     assert "| **done** |" in text and "Demo: fitted against the simulator's truth" in text
     assert any(report.with_suffix("").glob("*.png"))
-    assert port_is_free(summary["endpoint"])  # the embedded daemon is gone
+    assert summary["endpoint"].startswith("tcp://127.0.0.1:")
+    assert daemons_of(out) == []  # the embedded daemon is gone
     assert proc.returncode == 0 and summary["ok"] and scan["state"] == "done"
     assert "rms_error_px" in scan
 
@@ -62,12 +60,10 @@ def test_demo_stops_its_daemon_on_sigterm(tmp_path):
            "--speedup", "0.5"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not list((out / "data" / "jobs").glob("*.hspy")) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the daemon is up and acquiring
-        config = tomllib.loads((out / "scherzer.toml").read_text())
-        endpoint = config["server"]["endpoint"]
-        assert not port_is_free(endpoint)
+        # the daemon is up and acquiring
+        wait_for(lambda: list((out / "data" / "jobs").glob("*.hspy")), timeout_s=120)
+        daemon_pids = daemons_of(out)
+        assert len(daemon_pids) == 1, daemon_pids
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
@@ -75,7 +71,4 @@ def test_demo_stops_its_daemon_on_sigterm(tmp_path):
             proc.kill()
             proc.wait(10)
     assert proc.returncode != 0
-    deadline = time.monotonic() + 10
-    while not port_is_free(endpoint) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert port_is_free(endpoint)
+    wait_for(lambda: daemons_of(out) == [], timeout_s=60)  # the daemon went with it

@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import (
+    PortTaken,
+    lost_port_race,
+    on_free_port,
+    serve_process,
+    serve_process_on_free_port,
+)
 
+from scherzer.clients.client import free_tcp_port
 from scherzer.drivers.base import (
     Camera,
     DeviceDisconnected,
@@ -62,30 +69,39 @@ server.serve_forever()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accepting(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+def null_server_command(port: int) -> list[str]:
+    return [str(SERVER_SCRIPT), "--null", "--host", "127.0.0.1", "--port", str(port)]
 
 
 def start_null_server(port: int) -> subprocess.Popen:
-    """``temscript-server --null`` on 127.0.0.1:port, once it accepts connections."""
-    proc = subprocess.Popen(
-        [str(SERVER_SCRIPT), "--null", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: accepting(port) or proc.poll() is not None)
-    assert proc.poll() is None, "temscript-server exited at start"
-    return proc
+    """``temscript-server --null`` on 127.0.0.1:port, once that process listens there."""
+    return serve_process(null_server_command, port)
+
+
+def null_server_on_free_port() -> tuple[int, subprocess.Popen]:
+    """``temscript-server --null`` on a free port (a new one when another process took it)."""
+    return serve_process_on_free_port(null_server_command)
+
+
+def script_server_on_free_port(script: str) -> tuple[int, subprocess.Popen]:
+    """``python -c script PORT`` that prints ``ready`` once it listens (stdout: a text pipe for
+    its announcements), on a free port (a new one when another process took it)."""
+
+    def start(port: int) -> subprocess.Popen:
+        err = tempfile.TemporaryFile()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(port)], stdout=subprocess.PIPE, stderr=err, text=True
+        )
+        if proc.stdout.readline().strip() == "ready":
+            return proc
+        proc.wait(timeout=30)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+        if lost_port_race(text):
+            raise PortTaken(text[-500:])
+        raise AssertionError(f"scripted server exited with {proc.returncode}: {text[-2000:]}")
+
+    return on_free_port(start)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -96,8 +112,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def null_server() -> Iterator[str]:
-    port = free_port()
-    proc = start_null_server(port)
+    port, proc = null_server_on_free_port()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -218,15 +233,8 @@ def test_no_stem_detectors_on_the_null_microscope_is_a_clear_refusal(null_server
 
 
 def test_server_killed_mid_call_is_device_disconnected_and_recovers():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", ANNOUNCING_SERVER, str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    port, proc = script_server_on_free_port(ANNOUNCING_SERVER)
     try:
-        assert proc.stdout.readline().strip() == "ready"
         ins = open_temscript(TemscriptSettings(url=f"http://127.0.0.1:{port}"))
         ins.lens.set_defocus_nm(-5.0)
         errors: list[BaseException] = []
@@ -259,7 +267,7 @@ def test_server_killed_mid_call_is_device_disconnected_and_recovers():
 
 def test_unreachable_server_is_device_disconnected():
     with pytest.raises(DeviceDisconnected, match="refused"):
-        open_temscript(TemscriptSettings(url=f"http://127.0.0.1:{free_port()}"))
+        open_temscript(TemscriptSettings(url=f"http://127.0.0.1:{free_tcp_port()}"))
 
 
 # --- scripted stdlib servers: 500, malformed replies, silence ----------------------------
