@@ -25,16 +25,26 @@ def test_events_endpoint_default_is_port_plus_one():
         events_endpoint_for("ipc:///tmp/x")
 
 
-def test_no_daemon_times_out_after_bounded_retries():
+def test_no_daemon_times_out_after_bounded_retries(monkeypatch):
     c = Client(f"tcp://127.0.0.1:{free_tcp_port()}", timeout_s=0.2, retries=2)
+    waits: list[float] = []  # one reply wait per request sent
+    real_await = c._await
+
+    def counted(sock, rid, timeout_s):
+        waits.append(timeout_s)
+        return real_await(sock, rid, timeout_s)
+
+    monkeypatch.setattr(c, "_await", counted)
     t0 = time.monotonic()
     with pytest.raises(DaemonTimeout, match="3 attempt"):
         c.status()
-    assert 0.6 <= time.monotonic() - t0 < 2.0
-    t0 = time.monotonic()
+    # a reply wait cannot end before its timeout: three of them take at least 3 x 0.2 s
+    assert time.monotonic() - t0 >= 0.6
+    assert waits == [0.2, 0.2, 0.2]  # bounded: the first try and two retries, then it gives up
+    waits.clear()
     with pytest.raises(DaemonTimeout, match="1 attempt"):  # not idempotent: never re-sent
         c.submit({"kind": "camera_image"})
-    assert time.monotonic() - t0 < 0.6
+    assert waits == [0.2]
     c.close()
 
 
@@ -53,7 +63,9 @@ def test_client_reconnects_when_the_daemon_restarts(tmp_path):
 def test_wait_uses_events_and_falls_back_to_polling(tmp_path):
     with LocalDaemon({"devices": dict(PATTERN)}, tmp_path) as d:
         with d.client() as c:
-            job = c.submit({"kind": "camera_image", "exposure_s": 1.0, "repeat": 5})
+            # five frames of 0.6 s (speed-up 100), so progress events go on well after wait()
+            # subscribed (a subscription takes effect a moment after it is made)
+            job = c.submit({"kind": "camera_image", "exposure_s": 60.0, "repeat": 5})
             seen = []
             done = c.wait(job.job_id, timeout_s=20, on_event=lambda e: seen.append(e.topic))
             assert done.state == "done" and "progress" in seen

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import serial
+from helpers import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,9 @@ from scherzer.simulators.lens_controller import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+#: Read timeout of the raw pyserial clients (s): a hang guard for replies that will come. No
+#: test waits for a reply NOT to come: each proves it by what arrives next instead.
+REPLY_GUARD_S = 20.0
 
 
 class FakeClock:
@@ -231,7 +235,7 @@ def emulator(lens_clock: FakeClock) -> LensControllerEmulator:
 
 @pytest.fixture
 def client(emulator: LensControllerEmulator) -> serial.Serial:
-    port = serial.Serial(emulator.port, 115200, timeout=2.0)
+    port = serial.Serial(emulator.port, 115200, timeout=REPLY_GUARD_S)
     yield port
     port.close()
 
@@ -240,6 +244,14 @@ def ask(port: serial.Serial, seq: int, command: str) -> tuple[str, ...]:
     """Send one framed request and return the words of its reply (checked CRC and seq)."""
     port.write(encode_frame(seq, command))
     return reply_for(port, seq)
+
+
+def next_reply(port: serial.Serial) -> tuple[int | None, tuple[str, ...]]:
+    """(seq, words) of the very next line on the port (checked CRC)."""
+    line = port.readline()
+    assert line.endswith(b"\r\n"), f"no complete reply (got {line!r})"
+    frame = decode_frame(line[:-1])
+    return frame.seq, frame.words
 
 
 def reply_for(port: serial.Serial, seq: int | None) -> tuple[str, ...]:
@@ -346,7 +358,7 @@ def test_fuzz_random_bytes_never_kill_the_emulator(
 def test_fault_injection_seen_by_a_raw_client(
     emulator: LensControllerEmulator, client: serial.Serial
 ) -> None:
-    client.timeout = 0.3
+    idn = ("OK", *EMULATOR_IDN.split())
     emulator.inject("corrupt")
     client.write(encode_frame(1, "IDN"))
     with pytest.raises(FrameError) as exc:
@@ -354,22 +366,27 @@ def test_fault_injection_seen_by_a_raw_client(
     assert exc.value.code == ErrorCode.CHECKSUM
     emulator.inject("drop")
     client.write(encode_frame(2, "SET DEF -10"))
-    assert client.readline() == b""
+    client.write(encode_frame(3, "IDN"))
+    # the controller answers in order: the next reply is to request 3, so none came for 2
+    assert next_reply(client) == (3, idn)
     assert emulator.model.defocus_setpoint_nm() == -10.0  # executed, only the reply was lost
     emulator.inject("partial")
-    client.write(encode_frame(3, "IDN"))
-    partial = client.readline()
-    assert partial and not partial.endswith(b"\n")
+    client.write(encode_frame(4, "IDN"))
+    full = encode_frame(4, f"OK {EMULATOR_IDN}")
+    partial = client.read(len(full) // 2)
+    assert partial == full[: len(full) // 2]  # the first half, without its line end
     client.write(b"\r\n")
     emulator.inject("busy")
-    assert ask(client, 4, "SET DEF -20")[:3] == ("ERR", "40", "BUSY")
+    # the next line is the BUSY reply: nothing more of the partial line came
+    assert ask(client, 5, "SET DEF -20")[:3] == ("ERR", "40", "BUSY")
     assert emulator.model.defocus_setpoint_nm() == -10.0  # busy: not executed
+    lines = emulator.lines
     emulator.inject("silent")
-    client.write(encode_frame(5, "IDN"))
-    assert client.readline() == b""
+    client.write(encode_frame(6, "IDN"))
+    wait_for(lambda: emulator.lines == lines + 1, REPLY_GUARD_S)  # heard while silent
     emulator.clear_faults()
-    client.timeout = 2.0
-    assert ask(client, 6, "IDN")[0] == "OK"
+    client.write(encode_frame(7, "IDN"))
+    assert next_reply(client) == (7, idn)  # request 6 was never answered
     with pytest.raises(ValueError, match="unknown fault"):
         emulator.inject("explode")
 
@@ -382,7 +399,7 @@ def test_reply_delay(emulator: LensControllerEmulator, client: serial.Serial) ->
 
 
 def test_disconnect_and_reconnect_keep_the_port_name(emulator: LensControllerEmulator) -> None:
-    port = serial.Serial(emulator.port, 115200, timeout=1.0)
+    port = serial.Serial(emulator.port, 115200, timeout=REPLY_GUARD_S)
     assert ask(port, 1, "SET DEF -75") == ("OK", "-75.000")
     emulator.disconnect()
     assert not os.path.exists(emulator.port)
@@ -391,10 +408,10 @@ def test_disconnect_and_reconnect_keep_the_port_name(emulator: LensControllerEmu
         port.read(1)
     port.close()
     with pytest.raises(serial.SerialException):
-        serial.Serial(emulator.port, 115200, timeout=1.0)
+        serial.Serial(emulator.port, 115200, timeout=REPLY_GUARD_S)
     emulator.reconnect()
     assert os.path.realpath(emulator.port) == emulator.device
-    port = serial.Serial(emulator.port, 115200, timeout=1.0)
+    port = serial.Serial(emulator.port, 115200, timeout=REPLY_GUARD_S)
     assert ask(port, 3, "STATUS")[0] == "OK"
     assert emulator.model.defocus_setpoint_nm() == -75.0  # the controller kept its state
     port.close()
@@ -402,19 +419,19 @@ def test_disconnect_and_reconnect_keep_the_port_name(emulator: LensControllerEmu
 
 def test_stop_is_prompt_and_cleans_up() -> None:
     emu = LensControllerEmulator(seed=5).start()
-    emu.set_reply_delay_s(10.0)
-    port = serial.Serial(emu.port, 115200, timeout=0.1)
+    # a reply delay far beyond the test's hang guard: only an interrupted wait can end in time
+    emu.set_reply_delay_s(3600.0)
+    port = serial.Serial(emu.port, 115200, timeout=REPLY_GUARD_S)
     port.write(encode_frame(1, "IDN"))
-    time.sleep(0.1)  # the serving thread is now inside the 10 s reply delay
-    t0 = time.monotonic()
+    wait_for(lambda: emu.requests == 1, REPLY_GUARD_S)  # executed: its reply is being delayed
     emu.stop()
-    assert time.monotonic() - t0 < 1.0
-    assert not emu.running
+    assert not emu.running  # the serving thread ended inside its hour-long reply delay
+    assert emu.replies == 0
     assert not os.path.exists(os.path.dirname(emu.port))
     port.close()
     with emu:  # restartable after stop()
         emu.set_reply_delay_s(0.0)
-        port = serial.Serial(emu.port, 115200, timeout=2.0)
+        port = serial.Serial(emu.port, 115200, timeout=REPLY_GUARD_S)
         assert ask(port, 2, "IDN")[0] == "OK"
         port.close()
 

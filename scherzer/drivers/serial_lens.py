@@ -133,6 +133,9 @@ class SerialLens:
         self._seq = 0
         self._sent: deque[int] = deque(maxlen=32)  # recent seqs, to skip their late replies
         self._resync = True  # send a bare CR LF before the next request
+        #: Why each failed attempt of the most recent exchange failed ("kind: detail"; empty
+        #: when the first attempt succeeded): diagnostics without timing.
+        self.last_failures: list[str] = []
         try:
             if limits is None:
                 self.limits = self._limits_from_controller()
@@ -246,6 +249,7 @@ class SerialLens:
     def _exchange_locked(self, command: str) -> tuple[str, ...]:
         """Attempts of one exchange (lock held); the last failure decides the exception."""
         failures: list[_Failure] = []
+        self.last_failures = []
         for attempt in range(self.retries + 1):
             if failures and failures[-1].kind == "busy":
                 time.sleep(BUSY_BACKOFF_S)
@@ -253,6 +257,7 @@ class SerialLens:
                 frame = self._attempt_reopening(command)
             except _AttemptFailed as exc:
                 failures.append(exc.failure)
+                self.last_failures.append(f"{exc.failure.kind}: {exc.failure.detail}")
                 self._resync = True
                 _log.warning(
                     "lens_retry",

@@ -76,6 +76,10 @@ class LensControllerEmulator:
         self.requests = 0
         self.errors = 0
         self.last_error = 0
+        #: Non-empty lines received (answered or not) and replies put on the line: what tests
+        #: wait for instead of sleeping.
+        self.lines = 0
+        self.replies = 0
         self._handlers: dict[str, Callable[[tuple[str, ...]], str]] = {
             "IDN": self._cmd_idn,
             "STATUS": self._cmd_status,
@@ -243,6 +247,7 @@ class LensControllerEmulator:
         if line in (b"", b"\r"):
             return  # empty lines resynchronise and are ignored
         with self._lock:
+            self.lines += 1
             if self._silent:
                 return
             fault = self._faults.popleft() if self._faults else None
@@ -301,6 +306,8 @@ class LensControllerEmulator:
         elif fault == "partial":
             data = data[: len(data) // 2]
         self._write(data)
+        with self._lock:
+            self.replies += 1
 
     def _write(self, data: bytes) -> None:
         """Write to the master without blocking; bytes nobody reads are lost, as on a wire."""
