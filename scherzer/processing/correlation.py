@@ -149,6 +149,16 @@ def normalise_by_magnitude(cross: np.ndarray, alpha: float) -> np.ndarray:
     return cross / mag ** np.float32(alpha)
 
 
+def normalised_store(store: Any, alpha: float) -> np.ndarray:
+    """Every spectrum of an in-memory store divided by |G|^α (as :func:`normalise_by_magnitude`,
+    frame by frame)."""
+    out = np.empty(store.shape, dtype=np.complex64)
+    for start, block in store.blocks():
+        for k, g in enumerate(block):
+            out[start + k] = normalise_by_magnitude(g, alpha)
+    return out
+
+
 def pair_cross(
     spectra: Any, pairs: np.ndarray, alpha: float, band: np.ndarray | None,
     groups: np.ndarray | None = None, out: np.ndarray | None = None,
@@ -164,8 +174,12 @@ def pair_cross(
     target = np.arange(len(pairs)) if groups is None else np.asarray(groups, dtype=int)
     if out is None:
         out = np.zeros((int(target.max()) + 1, *store.shape[1:]), dtype=np.complex64)
-    normalised = {int(i): normalise_by_magnitude(store.frame(int(i)), alpha)
-                  for i in np.unique(pairs)}  # fmt: skip
+    if alpha != 0 and store.in_memory:  # every frame normalised once per store and α
+        whole = store.memo(f"normalised_{alpha}", None, lambda: normalised_store(store, alpha))
+        normalised = {int(i): whole[int(i)] for i in np.unique(pairs)}
+    else:
+        normalised = {int(i): normalise_by_magnitude(store.frame(int(i)), alpha)
+                      for i in np.unique(pairs)}  # fmt: skip
     product = np.empty(store.shape[1:], dtype=np.complex64)
     for (i, j), g in zip(pairs, target, strict=True):
         np.multiply(normalised[int(i)], np.conj(normalised[int(j)]), out=product)

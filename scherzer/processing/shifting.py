@@ -171,9 +171,8 @@ def prepare(
         f = ndimage.median_filter(f, size=(1, 3, 3), mode="reflect")
     elif params.prefilter == "wiener5":
         f = np.stack([wiener_prefilter(fr, 5) for fr in f])
-    f = f.astype(np.float32) - f.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(
-        np.float32
-    )
+    mean = f.mean(axis=(1, 2), keepdims=True, dtype=np.float64).astype(np.float32)
+    f = np.subtract(f, mean, dtype=np.float32)  # the one copy
     if window is None:
         window = window_2d(f.shape[1:], params.window, params.tukey_alpha)
     f *= window
