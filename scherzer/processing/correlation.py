@@ -116,11 +116,15 @@ def template_weight(spectra: Any, shifts: np.ndarray, shape: tuple[int, int]) ->
     ramp_y, ramp_x = phase_ramps(shifts, shape)
     mean = aligned_total(store, ramp_y, ramp_x) / np.float32(n)
     scatter = np.zeros(mean.shape, dtype=np.float32)
+    d = np.empty_like(mean)
+    d2 = np.empty(mean.shape, dtype=np.float32)
     for start, block in store.blocks():
         for k, g in enumerate(block):
-            i = start + k
-            d = g * ramp_y[i][:, None] * ramp_x[i][None, :] - mean
-            scatter += d.real**2 + d.imag**2
+            np.einsum("yx,y,x->yx", g, ramp_y[start + k], ramp_x[start + k], out=d)
+            d -= mean
+            np.abs(d, out=d2)
+            d2 *= d2
+            scatter += d2
     scatter /= np.float32(n - 1)
     modes = ("wrap", "nearest")
     noise = ndimage.uniform_filter(scatter, 9, mode=modes)
@@ -172,6 +176,7 @@ def pair_cross(
     store = as_store(spectra)
     pairs = np.asarray(pairs, dtype=int).reshape(-1, 2)
     target = np.arange(len(pairs)) if groups is None else np.asarray(groups, dtype=int)
+    fresh = out is None and groups is None  # one output per pair: written in place
     if out is None:
         out = np.zeros((int(target.max()) + 1, *store.shape[1:]), dtype=np.complex64)
     if alpha != 0 and store.in_memory:  # every frame normalised once per store and α
@@ -180,12 +185,15 @@ def pair_cross(
     else:
         normalised = {int(i): normalise_by_magnitude(store.frame(int(i)), alpha)
                       for i in np.unique(pairs)}  # fmt: skip
-    product = np.empty(store.shape[1:], dtype=np.complex64)
+    product = None if fresh else np.empty(store.shape[1:], dtype=np.complex64)
     for (i, j), g in zip(pairs, target, strict=True):
-        np.multiply(normalised[int(i)], np.conj(normalised[int(j)]), out=product)
+        into = out[g] if product is None else product  # no temporaries of a spectrum's size
+        np.conjugate(normalised[int(j)], out=into)
+        into *= normalised[int(i)]
         if band is not None:
-            product *= band
-        out[g] += product
+            into *= band
+        if product is not None:
+            out[g] += product
     return out
 
 
@@ -380,9 +388,11 @@ def aligned_total(spectra: Any, ramp_y: np.ndarray, ramp_x: np.ndarray) -> np.nd
     added frame by frame in index order)."""
     store = as_store(spectra)
     total = np.zeros(store.shape[1:], dtype=np.complex64)
+    aligned = np.empty_like(total)
     for start, block in store.blocks():
         for k, g in enumerate(block):
-            total += np.einsum("yx,y,x->yx", g, ramp_y[start + k], ramp_x[start + k])
+            np.einsum("yx,y,x->yx", g, ramp_y[start + k], ramp_x[start + k], out=aligned)
+            total += aligned
     return total
 
 
@@ -475,9 +485,11 @@ def loo_patches(
 
     self_part = store.memo(f"self_patches_{half}", band, own)
     out = np.empty((len(store), 2 * half + 1, 2 * half + 1))
+    product = np.empty((store.batch, *store.shape[1:]), dtype=np.complex64)
     for start, block in store.blocks():
         part = slice(start, start + len(block))
-        out[part] = correlation_patches(block * conj_total, shifts[part], half, shape)
+        here = np.multiply(block, conj_total, out=product[: len(block)])
+        out[part] = correlation_patches(here, shifts[part], half, shape)
     return out - self_part
 
 
@@ -527,12 +539,14 @@ def loo_newton(
         )
     ky, kx = sp.ky, sp.kx
     sums = np.empty((n, 3, 3))
+    product = np.empty((store.batch, *store.shape[1:]), dtype=np.complex64)
     for start, block in store.blocks():
         part = slice(start, start + len(block))
         ry, rx = ramp_y[part], ramp_x[part]
         left = np.stack([ry, ry * ky, ry * ky * ky], axis=1)  # (k, 3, ny)
         right = np.stack([rx, rx * kx, rx * kx * kx], axis=2).astype(np.complex128)
-        rows = np.matmul(left, block * conj_total).astype(np.complex128)  # (k, 3, nkx)
+        here = np.multiply(block, conj_total, out=product[: len(block)])
+        rows = np.matmul(left, here).astype(np.complex128)  # (k, 3, nkx)
         s = np.matmul(rows, right)
         sums[part, :, :] = s.real
         sums[part, 1, 0], sums[part, 0, 1] = s[:, 1, 0].imag, s[:, 0, 1].imag

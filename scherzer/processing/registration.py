@@ -9,15 +9,22 @@ Conventions
 * Pair offsets: ``pair_offsets[i, j] = s_i − s_j`` as measured from the pair alone (NaN where
   the pair graph has no edge).
 * Frequencies are in cycles per pixel; spectra are single-precision ``rfft2`` of the prepared
-  (mean-subtracted, optionally prefiltered, windowed) frames, computed once per frame.
+  (mean-subtracted, optionally prefiltered, windowed) frames, computed once per frame and
+  stage.
+* Memory: frames come from a :class:`~scherzer.processing.chunked.FrameSource` and spectra live
+  in a :class:`~scherzer.processing.chunked.Store` (in memory, or on disk when a scratch
+  factory is given and they exceed half of ``memory_budget_mb``); every stream over frames or
+  pairs holds one block of temporaries. The result does not depend on the budget.
 
 Method (in the manner of SmartAlign, with our own estimator)
 -----------------------------------------------------------
 1. Correlation-only preparation: optional 3×3 median or 5×5 Wiener prefilter, mean removal and a
    Hann/Hamming/Tukey window. The output frames are never filtered.
-2. For every edge (i, j) of the pair graph (reference | sequential | k nearest neighbours | all
-   pairs) the normalised correlation NCF = F⁻¹[G·H* / |G·H*|^α] (optionally band-passed) gives an
-   integer peak inside the maximum shift. Pairs farther apart in the series search only near the
+2. (Coarse stage, on frames binned to at most ``COARSE_MAX_PX`` pixels along their longer side;
+   positions are scaled back before the fine stage.) For every edge (i, j) of the pair graph
+   (reference | sequential | k nearest neighbours | all pairs) the normalised correlation
+   NCF = F⁻¹[G·H* / |G·H*|^α] (optionally band-passed) gives an integer peak inside the
+   maximum shift. Pairs farther apart in the series search only near the
    offset predicted by the closer pairs, so a crystal's lattice-equivalent peaks are not chosen.
 3. The peak is refined to sub-pixel precision on the band-limited correlation at α_fine (0 =
    plain cross-correlation, the efficient estimator under Poisson noise): Newton steps on the
@@ -38,14 +45,15 @@ Method (in the manner of SmartAlign, with our own estimator)
    field keeps Σw²/N = 14 % of a frame's pixels, this 71 %): spectra again, a weight
    S/(S + N/(n−1)) measured from the roughly aligned frames (the Wiener factor of the
    leave-one-out average), every frame moved to the highest point of its correlation with the
-   others' average within 3 px, the pairs refined from there and solved, then refinement passes
-   against the leave-one-out average until the largest update is below
-   ``refine_tolerance_px``. The leave-one-out moments are one fused numba kernel (no
-   cross-power array is stored).
+   others' average within 3 px (a few rows of the inverse DFT per frame), the pairs refined
+   from there and solved, then refinement passes against the leave-one-out average until the
+   largest update is below ``refine_tolerance_px``. The leave-one-out moments are one product
+   per frame and two small matrix products (no cross-power array of the series is stored).
 7. Low-SNR mode (``low_snr``): the pooled steady-drift rate guides every pair's first search.
 
-The spectral primitives (weights, cross-power, peak search, Newton steps, numba kernels) live in
-:mod:`scherzer.processing.correlation`; this module holds the method and its results.
+The spectral primitives (weights, cross-power, peak search, Newton steps) live in
+:mod:`scherzer.processing.correlation`, the frames-to-spectra side (region, binning, common crop)
+in :mod:`scherzer.processing.rigid_spectra`; this module holds the method and its results.
 """
 
 from __future__ import annotations
@@ -78,22 +86,17 @@ from scherzer.processing.chunked import (
 from scherzer.processing.correlation import (
     PEAK_TIE,
     Spectral,
-    aligned_total,
     correlation_patches,
     fourier_moments,
-    full_weight,
     integer_peaks,
     loo_blocks,
     loo_newton,
     loo_patches,
-    mean_power,
     newton_step,
-    noise_floor,
     pair_cross,
     parabolic_peaks,
     peak_energy,
     peaks_near,
-    phase_ramps,
     refine_peaks,
     shift_mask,
     template_weight,
@@ -106,6 +109,7 @@ from scherzer.processing.rigid_spectra import (
     region,
 )
 from scherzer.processing.rigid_spectra import spectra as rigid_spectra
+from scherzer.processing.rigid_start import ScoreNoise, most_plausible
 from scherzer.processing.shifting import (  # noqa: F401 - re-exported for importers
     apply_shifts,
     as_frames,
@@ -118,6 +122,8 @@ from scherzer.processing.shifting import (  # noqa: F401 - re-exported for impor
 )
 from scherzer.stack import ImageStack
 
+_most_plausible = most_plausible  # the name tests and older callers import
+
 __all__ = [
     "AlignParams",
     "AlignmentError",
@@ -129,12 +135,6 @@ __all__ = [
     "rotate_to_common",
 ]
 
-# Candidates whose mean template score is below the best by less than this many standard errors
-# of the score difference (from the noise alone, :class:`_ScoreNoise`, or from the frame-by-frame
-# scatter of the difference, whichever is larger) fit equally well: only then may the smoothness
-# prior choose. Larger values let the prior override real (if small) differences in fit; smaller
-# values let noise decide between lattice-equivalent trajectories at low dose.
-TIE_SIGMAS = 2.0
 # The pair solution alone is trusted when this fraction of pairs lies within CONSISTENT_PX of
 # it (coarse offsets are good to ~0.1 px; at 1 e/px on a crystal, pairs locked onto lattice-
 # equivalent peaks agree to within 1 px in 70–80 % of pairs but within 0.5 px in only 33–43 %).
@@ -459,13 +459,6 @@ def _refine_against_average(
     return shifts, updates
 
 
-def _roughness(shifts: np.ndarray) -> float:
-    """RMS second difference of a trajectory (px): drift is smooth, lattice jumps are not."""
-    if len(shifts) < 3:
-        return 0.0
-    return float(np.sqrt(np.mean(np.sum(np.diff(shifts, n=2, axis=0) ** 2, axis=1))))
-
-
 def _robust_start(
     spectra: Store,
     pair_positions: np.ndarray,
@@ -484,10 +477,10 @@ def _robust_start(
     (noise-dominated pairs), two more candidates compete: a steady drift found by pooling all
     pairs (:func:`_low_snr_rate`, improved locally) and a global search from no shift at all.
     Each candidate's scores (how well its frames match the average of the others) are marked
-    down by what noise alone gains a search of its breadth (:class:`_ScoreNoise`); the
+    down by what noise alone gains a search of its breadth (:class:`.rigid_start.ScoreNoise`); the
     candidates that then score as well as the best within noise are equally likely, and of
     those the smoothest trajectory wins (drift is smooth, lattice jumps are not). A clearly
-    better fit always wins (:func:`_most_plausible`).
+    better fit always wins (:func:`~scherzer.processing.rigid_start.most_plausible`).
     """
     local_px = 2.0
     energy = peak_energy(spectra, Spectral(shape).weights, params.alpha_fine)
@@ -507,66 +500,12 @@ def _robust_start(
          float(mask.sum())),
     ]  # fmt: skip
     candidates = []
-    score_noise = _ScoreNoise(spectra, shape, band, energy)
+    score_noise = ScoreNoise(spectra, shape, band, energy)
     for (shifts, score), area_px2 in searched:
         noise = score_noise(shifts)
         marked = score - noise * math.sqrt(2.0 * math.log(max(area_px2, 1.0)))
         candidates.append((shifts, marked, noise))
-    return _most_plausible(candidates)
-
-
-class _ScoreNoise:
-    """Standard deviation, per frame, of the normalised template score that noise alone gives.
-
-    Var Σ_k w Re[A_i T_i*] ≈ ½ N Σ_k w² (|T|² + |G_i|²/(n−1)) with N the white-noise power,
-    T the mean of the aligned frames and G_i frame i. A frame that searched M lags for its
-    best place gains about σ·√(2 ln M) from noise alone: candidates found by wider searches
-    are marked down by that much before they are compared. The shift-independent terms are
-    computed once; calling with shifts adds the template term.
-    """
-
-    def __init__(
-        self, spectra: Store, shape: tuple[int, int], band: np.ndarray | None,
-        energy: np.ndarray,
-    ) -> None:  # fmt: skip
-        self.spectra, self.shape = spectra, shape
-        self.noise = noise_floor(mean_power(spectra))
-        self.w2 = full_weight(shape, band, hermitian=True) ** 2
-        self.g_term = np.empty(len(spectra))
-        for first, block in spectra.blocks():
-            power = block.real**2 + block.imag**2
-            self.g_term[first : first + len(block)] = np.einsum("nyx,yx->n", power, self.w2)
-        self.g_term /= max(len(spectra) - 1, 1)
-        self.norm = np.sqrt(energy * energy.mean())
-
-    def __call__(self, shifts: np.ndarray) -> np.ndarray:
-        ramp_y, ramp_x = phase_ramps(shifts, self.shape)
-        template = aligned_total(self.spectra, ramp_y, ramp_x) / np.float32(len(shifts))
-        t_term = float(np.sum(self.w2 * (template.real**2 + template.imag**2)))
-        return np.sqrt(0.5 * self.noise * (t_term + self.g_term)) / self.norm
-
-
-def _most_plausible(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Of (shifts, per-frame template scores, per-frame score noise σ) candidates, the
-    smoothest trajectory among those that fit as well as the best *within noise*: a mean
-    score deficit within ``TIE_SIGMAS`` standard errors of the difference — the larger of
-    what noise alone gives (σ of both candidates' scores, per frame, over √n) and the
-    frame-by-frame scatter of the deficits. At high dose σ is small and the better fit wins
-    however rough its trajectory (real drift changes between frames); at low dose frames that
-    search freely fit the noise of the others' average a little, so a small advantage over a
-    smooth trajectory is no evidence and the prior breaks the tie."""
-    means = [float(np.mean(score)) for _, score, _ in candidates]
-    best = int(np.argmax(means))
-    top, top_noise = candidates[best][1], candidates[best][2]
-    near = []
-    for shifts, score, noise in candidates:
-        deficit = top - score
-        n = len(deficit)
-        from_noise = math.sqrt(float(np.mean(noise**2 + top_noise**2)) / n)
-        from_scatter = float(np.std(deficit)) / math.sqrt(n)
-        if float(np.mean(deficit)) <= TIE_SIGMAS * max(from_noise, from_scatter):
-            near.append(shifts)
-    return min(near, key=_roughness)
+    return most_plausible(candidates)
 
 
 def measure_shifts(
