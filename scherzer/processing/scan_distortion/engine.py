@@ -108,6 +108,9 @@ class _Engine:
         ]
         self.shape = self.scan[0].shape
         self.coeffs = [spline_coefficients(s) for s in self.scan]
+        self.smoothing_px = params.smoothing_for(turns)
+        self.penalty = len({t % 2 for t in turns}) > 1  # line smoother: see smoothing_for
+        self.jitter = params.jitter_for(turns)
         self.active = np.ones(len(frames), bool)
         self.ncc = np.zeros(len(frames))
 
@@ -155,7 +158,7 @@ class _Engine:
             total = 0.0
             for _ in range(INNER_STEPS):
                 step = gauss_newton_step(self.scan[i], target, model, i, stage, self.p.mode,
-                                         self.p.smoothing_px, self.p.row_jitter)  # fmt: skip
+                                         self.smoothing_px, self.jitter, self.penalty)  # fmt: skip
                 total += step
                 if step < tolerance:
                     break
@@ -193,7 +196,7 @@ def _check_frames(engine: _Engine, model: FrameModel, start: FrameModel) -> None
         if not big <= engine.p.max_field_px + float(np.hypot(*start.affine[i, [0, 3]])):
             engine.active[i] = False
             model.affine[i] = start.affine[i]
-            model.rows[i], model.theta[i] = 0.0, 0.0
+            model.rows[i], model.theta[i], model.jitter[i] = 0.0, 0.0, 0.0
             if model.field is not None:
                 model.field[i] = 0.0
 
@@ -342,7 +345,7 @@ def _field_rms(fields, model, turns, shape) -> np.ndarray:
     out = []
     for i in range(len(fields)):
         only = model.copy()
-        only.rows[:], only.theta[:] = 0.0, 0.0
+        only.rows[:], only.theta[:], only.jitter[:] = 0.0, 0.0, 0.0
         if only.field is not None:
             only.field[:] = 0.0
         dy, dx = only.grid_displacement(i, shape)

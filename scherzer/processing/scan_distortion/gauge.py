@@ -70,13 +70,14 @@ def fix_gauge(
         # one scan direction: the frames' common non-affine part is a gauge freedom too (noise
         # would let it wander from cycle to cycle); it is held at 0 (fix_row_gauge sets it last)
         model.rows -= model.rows[idx].mean(axis=0)
+        model.jitter -= model.jitter[idx].mean(axis=0)
         model.theta -= model.theta[idx].mean(axis=0)
         if model.field is not None:
             model.field -= model.field[idx].mean(axis=0)
     means = []
     for i in idx:
         my = model.affine[i, 0] + model.rows[i, :, 0].mean()
-        mx = model.affine[i, 3] + model.rows[i, :, 1].mean()
+        mx = model.affine[i, 3] + model.rows[i, :, 1].mean() + model.jitter[i].mean()
         if model.field is not None:
             my += float(model.field[i, 0].mean())
             mx += float(model.field[i, 1].mean())

@@ -8,8 +8,10 @@ with u_i(p) = affine_i(p) + rows_i[r] + θ_i[r]·(c − c₀)·ŷ + field_i(p):
 * ``affine`` (n, 6): (a0, a1, a2, a3, a4, a5) with dy = a0 + a1·ŕ + a2·ć, dx = a3 + a4·ŕ + a5·ć,
   ŕ = r − (ny−1)/2, ć = c − (nx−1)/2 (drift during a scan is a shear/stretch of the slow axis:
   a1, a4; a2, a5 are the fast axis);
-* ``rows`` (n, ny, 2): one (dy, dx) per scan line (row-locked), ``theta`` (n, ny): a small
-  rotation per line (row-fitting), ``field`` (n, 2, ny, nx): a smooth 2-D field (unconstrained).
+* ``rows`` (n, ny, 2): one (dy, dx) per scan line (row-locked, smooth along the slow axis),
+  ``jitter`` (n, ny): a fast-axis offset per line on top of it (line jitter, not smoothed),
+  ``theta`` (n, ny): a small rotation per line (row-fitting), ``field`` (n, 2, ny, nx): a
+  smooth 2-D field (unconstrained).
 
 Fields for users are in the common orientation (see :func:`common_fields`), with the shift
 convention of :mod:`scherzer.processing.registration`: frame_i(q) ≈ ref(q − f_i(q)).
@@ -55,16 +57,25 @@ class FrameModel:
     rows: np.ndarray  # (n, ny, 2)
     theta: np.ndarray  # (n, ny)
     field: np.ndarray | None  # (n, 2, ny, nx)
+    jitter: np.ndarray  # (n, ny)
 
     @classmethod
     def zeros(cls, n: int, shape: tuple[int, int], dense: bool) -> FrameModel:
         ny, nx = shape
         field = np.zeros((n, 2, ny, nx), np.float32) if dense else None
-        return cls(np.zeros((n, 6)), np.zeros((n, ny, 2)), np.zeros((n, ny)), field)
+        return cls(np.zeros((n, 6)), np.zeros((n, ny, 2)), np.zeros((n, ny)), field,
+                   np.zeros((n, ny)))  # fmt: skip
 
     def copy(self) -> FrameModel:
         f = None if self.field is None else self.field.copy()
-        return FrameModel(self.affine.copy(), self.rows.copy(), self.theta.copy(), f)
+        return FrameModel(self.affine.copy(), self.rows.copy(), self.theta.copy(), f,
+                          self.jitter.copy())  # fmt: skip
+
+    def lines(self, i: int) -> np.ndarray:
+        """Frame i's line offsets (ny, 2) with the jitter added to the fast axis."""
+        out = self.rows[i].copy()
+        out[:, 1] += self.jitter[i]
+        return out
 
     def blend(self, old: FrameModel, factor: float) -> FrameModel:
         """old + factor·(self − old): over-relaxation of a cycle's update."""
@@ -76,6 +87,7 @@ class FrameModel:
             old.rows + factor * (self.rows - old.rows),
             old.theta + factor * (self.theta - old.theta),
             f,
+            old.jitter + factor * (self.jitter - old.jitter),
         )
 
     @property
@@ -94,7 +106,7 @@ class FrameModel:
         r0 = np.minimum(rc.astype(np.intp), max(ny - 2, 0))
         r1 = np.minimum(r0 + 1, ny - 1)
         t = rc - r0
-        rows, theta = self.rows[i], self.theta[i]
+        rows, theta = self.lines(i), self.theta[i]
         dy = a[0] + a[1] * rr + a[2] * cc + rows[r0, 0] + t * (rows[r1, 0] - rows[r0, 0])
         dy += (theta[r0] + t * (theta[r1] - theta[r0])) * cc
         dx = a[3] + a[4] * rr + a[5] * cc + rows[r0, 1] + t * (rows[r1, 1] - rows[r0, 1])
@@ -109,8 +121,9 @@ class FrameModel:
         a = self.affine[i]
         rr = (np.arange(ny) - (ny - 1) / 2.0)[:, None]
         cc = (np.arange(nx) - (nx - 1) / 2.0)[None, :]
-        dy = (a[0] + a[1] * rr + self.rows[i, :, :1]) + (a[2] + self.theta[i][:, None]) * cc
-        dx = (a[3] + a[4] * rr + self.rows[i, :, 1:]) + a[5] * cc
+        rows = self.lines(i)
+        dy = (a[0] + a[1] * rr + rows[:, :1]) + (a[2] + self.theta[i][:, None]) * cc
+        dx = (a[3] + a[4] * rr + rows[:, 1:]) + a[5] * cc
         if self.field is not None:
             dy = dy + self.field[i, 0]
             dx = dx + self.field[i, 1]
@@ -124,7 +137,7 @@ class FrameModel:
         whose p lies inside the scan."""
         ny, nx = shape
         if self.field is None:
-            py, px = invert_rows(self.affine[i], self.rows[i], self.theta[i], nx, INVERSE_STEPS)
+            py, px = invert_rows(self.affine[i], self.lines(i), self.theta[i], nx, INVERSE_STEPS)
         else:
             qy, qx = np.meshgrid(np.arange(ny, dtype=float), np.arange(nx, dtype=float),
                                  indexing="ij")  # fmt: skip

@@ -3,10 +3,13 @@
 The frame S (scan coordinates) is compared with the reference R seen in the same orientation
 at the model's positions q = p + u(p): S(p) ≈ g·R(q) + o (a gain and offset fitted per step).
 Linearising R(q + δ) ≈ R(q) + ∇R·δ gives the normal equations of every model component:
-6×6 for the affine, one 2×2 (row-locked) or 3×3 (row-fitting) system per scan line whose
-sums are smoothed along the slow axis (Gaussian σ = ``smoothing_px``), or a 2×2 system per
-pixel smoothed in 2-D (unconstrained). A damping term keeps directions without contrast (a
-line along a lattice plane) from moving.
+6×6 for the affine, one 2×2 (row-locked) or 3×3 (row-fitting) system per scan line coupled
+by a penalty on the second differences of the line functions along the slow axis (a weighted
+Whittaker smoother: lines without contrast — between the atom rows of a crystal aligned with
+the scan — are interpolated, lines with contrast keep their own value), plus an unsmoothed
+fast-axis offset per line (jitter) where the line has fast-axis contrast; or a 2×2 system
+per pixel smoothed in 2-D (unconstrained). A damping term keeps directions without contrast
+from moving.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import linalg, ndimage
 
 from scherzer.processing.scan_distortion.kernels import sample_bilinear, sample_spline
 from scherzer.processing.scan_distortion.model import FrameModel
@@ -24,6 +27,12 @@ __all__ = ["Target", "gauss_newton_step"]
 DAMPING = 1e-3  # Levenberg damping relative to the mean curvature: stability against speed
 ROW_START_SKIP = 0.03  # fraction of each line (after flyback, probe settling) that does not vote
 MIN_SEEN = 0.999  # a sample counts only if the reference is seen there (bilinear seen-mask)
+# σ (lines) of the Gaussian whose half-power frequency matches the line penalty at λ = 1
+# (λ = (σ/PENALTY_SIGMA_PX)⁴, see roughness_weight)
+PENALTY_SIGMA_PX = 2.0 * np.sqrt(np.log(2.0) / 2.0)
+# lines above this quantile of fast-axis curvature estimate the jitter variance (the others
+# carry too little contrast to tell jitter from noise)
+JITTER_QUANTILE = 0.75
 
 
 @dataclass
@@ -90,21 +99,88 @@ def _row_sums(w, e, terms) -> tuple[np.ndarray, np.ndarray]:
     return h, b
 
 
-def _row_step(w, e, gy, gx, nx, sigma, rotation, jitter) -> tuple[np.ndarray, np.ndarray]:
-    """(rows update (ny, 2), theta update (ny,))."""
+def roughness_weight(smoothing_px: float) -> float:
+    """λ of the second-difference penalty for a smoothing of ``smoothing_px`` lines: an evenly
+    contrasted frame follows a ripple of frequency f (cycles per line) by 1/(1 + λ(2 sin πf)⁴),
+    which halves at the frequency where a Gaussian of σ = ``smoothing_px`` does."""
+    return (smoothing_px / PENALTY_SIGMA_PX) ** 4
+
+
+def penalised_rows(h: np.ndarray, b: np.ndarray, current: np.ndarray, lam: float) -> np.ndarray:
+    """Step δ (ny, k) minimising Σ_r (δ_r − H_r⁻¹b_r)ᵀH_r(…) + Σ_c s_c‖D²(current + δ)_c‖²:
+    every line's own normal equations plus a penalty on the second differences of the line
+    functions (a weighted Whittaker smoother: lines without contrast are interpolated from
+    their neighbours, lines with contrast keep their own value up to the ripple the penalty
+    allows). s_c = λ·mean H_cc puts every component on the scale of its own curvature.
+    Solved as one symmetric banded system, lines interleaved (bandwidth 2k)."""
+    ny, k = b.shape
+    if ny < 3 or lam <= 0:
+        return _solve_batched(h, b)
+    s = lam * np.maximum(np.mean(np.diagonal(h, axis1=1, axis2=2), axis=0), 1e-12)  # (k,)
+
+    # D^T D of second differences: a pentadiagonal (ny, ny) band, rows 0..2 = offsets 0..2
+    d0 = np.full(ny, 6.0)
+    d0[[0, -1]], d0[[1, -2]] = 1.0, 5.0
+    d1 = np.full(ny - 1, -4.0)
+    d1[[0, -1]] = -2.0
+    d2 = np.ones(ny - 2)
+    bandwidth = 2 * k
+    ab = np.zeros((bandwidth + 1, ny * k))  # upper form: ab[bandwidth + i - j, j] = A[i, j]
+    for c in range(k):
+        for off, diag in ((0, d0), (1, d1), (2, d2)):
+            j = np.arange(off, ny) * k + c
+            ab[bandwidth - off * k, j] += s[c] * diag
+    for a in range(k):
+        for c in range(a, k):
+            j = np.arange(ny) * k + c  # element (r·k + a, r·k + c)
+            ab[bandwidth - (c - a), j] += h[:, a, c]
+    ab[bandwidth] += DAMPING * 1e-3 * float(np.mean(s))  # keeps A positive definite
+    rough = _second_difference_normal(current, d0, d1, d2)
+    rhs = (b - s[None, :] * rough).reshape(-1)
+    return linalg.solveh_banded(ab, rhs, check_finite=False).reshape(ny, k)
+
+
+def _second_difference_normal(x, d0, d1, d2) -> np.ndarray:
+    """(DᵀD)·x along axis 0 from the pentadiagonal bands."""
+    out = d0[:, None] * x
+    out[:-1] += d1[:, None] * x[1:]
+    out[1:] += d1[:, None] * x[:-1]
+    out[:-2] += d2[:, None] * x[2:]
+    out[2:] += d2[:, None] * x[:-2]
+    return out
+
+
+def _row_step(w, e, gy, gx, nx, sigma, rotation, current, penalty) -> tuple[np.ndarray, np.ndarray]:
+    """(rows update (ny, 2), theta update (ny,)); ``current`` (ny, k) the line functions.
+    Also returns the normal equations' fast-axis remainder for the jitter term."""
     cc = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2)[None, :]
     terms = [gy, gx, gy * cc] if rotation else [gy, gx]
     h, b = _row_sums(w, e, terms)
-    hs = ndimage.gaussian_filter1d(h, sigma, axis=0, mode="nearest") if sigma > 0 else h
-    bs = ndimage.gaussian_filter1d(b, sigma, axis=0, mode="nearest") if sigma > 0 else b
-    step = _solve_batched(hs, bs)
-    if jitter and sigma > 0:
-        # line jitter: an unsmoothed fast-axis offset per line, on top of the smooth solution
-        rest = b[:, 1] - np.einsum("rk,rk->r", h[:, 1, :], step)
-        raw = rest / (h[:, 1, 1] + DAMPING * max(float(np.mean(h[:, 1, 1])), 1e-12))
-        step[:, 1] += raw - ndimage.gaussian_filter1d(raw, sigma, mode="nearest")
+    if penalty:
+        step = penalised_rows(h, b, current, roughness_weight(sigma))
+    else:  # a Gaussian window over the lines' normal equations
+        hs = ndimage.gaussian_filter1d(h, sigma, axis=0, mode="nearest") if sigma > 0 else h
+        bs = ndimage.gaussian_filter1d(b, sigma, axis=0, mode="nearest") if sigma > 0 else b
+        step = _solve_batched(hs, bs)
     theta = step[:, 2] if rotation else np.zeros(len(step))
-    return step[:, :2], theta
+    rest = b[:, 1] - np.einsum("rk,rk->r", h[:, 1, :], step)
+    return step[:, :2], theta, rest, h[:, 1, 1]
+
+
+def jitter_update(jitter, rest, hxx, noise_var) -> np.ndarray:
+    """New per-line jitter: the Wiener estimate of a random fast-axis offset per line. Each
+    line's total offset beyond the smooth solution, o = j + rest/H (variance noise/H), is
+    shrunk by H/(H + noise/σ²) with the jitter variance σ² estimated from the lines with the
+    most fast-axis contrast (mean of o² − noise/H, ≥ 0): no jitter in the data, none in the
+    model; lines without contrast keep the smooth solution."""
+    strong = hxx >= max(float(np.quantile(hxx, JITTER_QUANTILE)), 1e-12)
+    if not strong.any() or noise_var <= 0:
+        return np.zeros_like(jitter)
+    offset = jitter[strong] + rest[strong] / hxx[strong]
+    var = float(np.mean(offset**2 - noise_var / hxx[strong]))
+    if var <= 0:
+        return np.zeros_like(jitter)
+    return (jitter * hxx + rest) / (hxx + noise_var / var)
 
 
 def _dense_step(w, e, gy, gx, sigma) -> np.ndarray:
@@ -120,7 +196,7 @@ def _dense_step(w, e, gy, gx, sigma) -> np.ndarray:
 
 def gauss_newton_step(
     frame: np.ndarray, target: Target, model: FrameModel, i: int, stage: str, mode: str,
-    smoothing_px: float, jitter: bool,
+    smoothing_px: float, jitter: bool, penalty: bool = True,
 ) -> float:  # fmt: skip
     """Update frame i of ``model`` in place by one step; returns the mean |update| (px)."""
     ny, nx = frame.shape
@@ -139,7 +215,16 @@ def gauss_newton_step(
         d = _dense_step(w, e, gy, gx, smoothing_px)
         model.field[i] += d
         return float(np.mean(np.hypot(d[0], d[1])))
-    rows, theta = _row_step(w, e, gy, gx, nx, smoothing_px, mode == "row-fitting", jitter)
+    rotation = mode == "row-fitting"
+    current = np.concatenate([model.rows[i], model.theta[i][:, None]], axis=1)
+    lines = current if rotation else current[:, :2]
+    rows, theta, rest, hxx = _row_step(w, e, gy, gx, nx, smoothing_px, rotation, lines, penalty)
     model.rows[i] += rows
     model.theta[i] += theta
-    return float(np.mean(np.hypot(rows[:, 0], rows[:, 1])) + np.mean(np.abs(theta)) * nx / 4)
+    change = float(np.mean(np.hypot(rows[:, 0], rows[:, 1])) + np.mean(np.abs(theta)) * nx / 4)
+    if jitter:
+        noise_var = float((e * e).sum() / max(float(w.sum()), 1.0))
+        new = jitter_update(model.jitter[i], rest, hxx, noise_var)
+        change += float(np.mean(np.abs(new - model.jitter[i])))
+        model.jitter[i] = new
+    return change
