@@ -11,6 +11,11 @@ from helpers import serve_process_on_free_port
 
 from scherzer.drivers.temscript import TemscriptSettings, open_temscript
 
+#: Driver deadlines (s) that are hang guards: the simulator computes each image inside the
+#: request, which can take many seconds on a busy machine with cold caches (not the instrument
+#: time the driver's defaults are made for).
+SIM_DEADLINES = {"timeout_s": 120.0, "acquire_margin_s": 300.0}
+
 
 def _sim_command(port: int) -> list[str]:
     return [sys.executable, "-m", "scherzer", "temscript-sim", "--port", str(port),
@@ -21,7 +26,7 @@ def test_temscript_sim_command_serves_a_microscope_the_driver_can_drive():
     # the server process itself listens on the port (a new port if another process took it)
     port, proc = serve_process_on_free_port(_sim_command)
     try:
-        ins = open_temscript(TemscriptSettings(url=f"http://127.0.0.1:{port}"))
+        ins = open_temscript(TemscriptSettings(url=f"http://127.0.0.1:{port}", **SIM_DEADLINES))
         ins.lens.set_defocus_nm(-42.0)
         assert ins.lens.get_defocus_nm() == pytest.approx(-42.0, abs=1e-6)
         frame = ins.camera.acquire(exposure_s=0.01)

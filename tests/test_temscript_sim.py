@@ -23,7 +23,15 @@ from scherzer.drivers.temscript_sim import (
 from scherzer.simulators.detector import CameraModel
 from scherzer.simulators.microscope import DriftModel, VirtualMicroscope
 
-pytestmark = pytest.mark.timeout(120)
+#: Hang guard of each test (s); a cold start on a busy machine (numba compiling the
+#: simulator's kernels) has taken minutes, a warm one takes seconds.
+TEST_GUARD_S = 600
+pytestmark = pytest.mark.timeout(TEST_GUARD_S)
+#: The simulated microscope computes each image inside the driver's request (its first took
+#: 14 s on a busy machine with cold caches). Driver deadlines made for a real instrument must
+#: not fire on compute time: a retried acquisition would be acquired twice and every later
+#: image would differ from the in-process reference. So they are hang guards here.
+DEADLINES = {"timeout_s": 120.0, "acquire_margin_s": 300.0}
 
 SHAPE = (96, 96)
 EXPOSURE_S = 0.1
@@ -45,7 +53,7 @@ def local_image(ref: VirtualMicroscope, exposure_s: float = EXPOSURE_S) -> tuple
 @pytest.fixture
 def served():
     with start_simulated(scope=scope(), speedup=1e4) as server:
-        yield server, open_temscript(sim_temscript_settings(server.url))
+        yield server, open_temscript(sim_temscript_settings(server.url, **DEADLINES))
 
 
 def test_camera_images_equal_the_built_in_simulator_through_focus_stigmator_tilt_and_drift(
@@ -116,7 +124,9 @@ def test_out_of_limit_defocus_is_refused_by_the_driver_and_by_the_served_lens(se
     with pytest.raises(LimitExceeded):
         ins.lens.set_defocus_nm(-3000.0)  # driver limits: ±2000 nm
     wide = open_temscript(
-        sim_temscript_settings(server.url, limits=ins.lens.limits.__class__((-1e5, 1e5)))
+        sim_temscript_settings(
+            server.url, limits=ins.lens.limits.__class__((-1e5, 1e5)), **DEADLINES
+        )
     )
     with pytest.raises(Exception) as err:  # the simulated lens's own limit: an HTTP 500
         wide.lens.set_defocus_nm(-9000.0)
@@ -145,7 +155,7 @@ def test_read_only_scans_at_the_instruments_settings_but_refuses_rotation_and_fi
     from scherzer.drivers.temscript import ReadOnlyRefused
 
     server, _ = served
-    ro = open_temscript(sim_temscript_settings(server.url, read_only=True))
+    ro = open_temscript(sim_temscript_settings(server.url, read_only=True, **DEADLINES))
     current = ro.scan.settings
     for change in ({"rotation_deg": 30.0}, {"pixel_nm": current.pixel_nm * 2}):
         with pytest.raises(ReadOnlyRefused):
