@@ -7,7 +7,8 @@ never delayed: when the worker falls :data:`MAX_BACKLOG` frames behind (big fram
 machine), frames are left out of the preview and counted. After each fold the average is put in
 the frame cache (clients fetch it with ``frame_get`` by the ``frame_id`` the ``live`` event
 names) and a ``live`` event is published. When the job's file is closed the average is stored in
-it as ``live_average_<signal>`` (with the frames folded and skipped as attributes).
+it as ``live_average_<signal>`` (attributes: frames folded and skipped, and ``folded_frames``,
+the indices of the frames in the average).
 
 For focal series each image is registered once, as it arrives, against the images before it
 (:class:`~scherzer.processing.live_focal.IncrementalFocal`: defocus relative to the first image,
@@ -55,6 +56,7 @@ class _LiveJob:
     average: RunningAverage = field(default_factory=RunningAverage)
     pending: int = 0
     skipped: int = 0
+    folded: list[int] = field(default_factory=list)  # frame indices in the average
     last: Future | None = None
 
 
@@ -113,11 +115,17 @@ class LiveProcessing:
                 job.skipped += 1
                 return
             job.pending += 1
-            job.last = self._pool.submit(self._fold, job_id, job, image.copy(), pixel_nm)
+            index = job.average.count + job.pending - 1 if record is None else record.index
+            job.last = self._pool.submit(
+                self._fold, job_id, job, image.copy(), pixel_nm, int(index)
+            )
 
-    def _fold(self, job_id: int, job: _LiveJob, image: np.ndarray, pixel_nm: tuple) -> None:
+    def _fold(
+        self, job_id: int, job: _LiveJob, image: np.ndarray, pixel_nm: tuple, index: int
+    ) -> None:
         try:
             shift = job.average.add(image)
+            job.folded.append(index)
             avg = job.average
             record = FrameRecord(index=avg.count - 1, signal=f"live_average_{job.signal}")
             info = self._frames.put(avg.average, record, pixel_nm, job_id=job_id)
@@ -185,7 +193,8 @@ class LiveProcessing:
                 return None
             from scherzer.io import write_result
 
-            attrs = {"frames_averaged": job.average.count, "frames_skipped": job.skipped}
+            attrs = {"frames_averaged": job.average.count, "frames_skipped": job.skipped,
+                     "folded_frames": list(job.folded)}  # fmt: skip
             write_result(path, f"live_average_{job.signal}", job.average.average, attrs=attrs)
             return {"signal": job.signal, **attrs}
         except Exception:
