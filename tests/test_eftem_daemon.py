@@ -120,6 +120,7 @@ def test_stored_as_integers_with_an_energy_loss_axis_in_hyperspy(series) -> None
     loaded = hs.load(series["path"])
     signal = next(s for s in loaded if s.metadata.General.title == "eftem")
     assert signal.data.dtype == np.int32 and signal.data.shape == (N, 128, 128)
+    assert "max_exposure_s / exposure_s" in signal.metadata.Signal.quantity  # what a unit is
     (axis,) = signal.axes_manager.navigation_axes
     assert (axis.name, axis.units, axis.size) == ("Energy loss", "eV", N)
     assert axis.offset == pytest.approx(START_EV) and axis.scale == pytest.approx(STEP_EV)

@@ -53,6 +53,8 @@ STORAGE_RULE = (
     "image's exposure = stored × quantum_counts; at image i's own exposure = stored × "
     "exposure_s[i] / max_exposure_s"
 )
+#: The stored stack's intensity units (HyperSpy's ``Signal.quantity`` says "Intensity (…)").
+STORED_UNITS = "counts × max_exposure_s / exposure_s (metadata eftem.storage)"
 _TABLE_DTYPE = np.dtype(
     [("index", "<i8"), ("energy_ev", "<f8"), ("exposure_s", "<f8"), ("time_s", "<f8"),
      ("scale_to_first", "<f8"), ("counts_per_unit", "<f8"), ("statistic", "<f8"),
@@ -196,6 +198,7 @@ def _write_image(s: _Series, i: int, stored: np.ndarray, row: dict[str, Any]) ->
             run.path, pixel_size_nm=frame.pixel_size_nm, frame_shape=tuple(stored.shape),
             names=(EFTEM_SIGNAL,), instrument=ex.instruments.instrument, metadata=md,
             dtype=np.int32, frame_axis=(axis[0], float(axis[1]), float(axis[2]), axis[3]),
+            intensity_units=STORED_UNITS,
         )  # fmt: skip
     record = dataclasses.replace(frame.record, index=i, signal=EFTEM_SIGNAL)
     run.writer.append(stored, record, name=EFTEM_SIGNAL)

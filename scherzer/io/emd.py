@@ -269,7 +269,8 @@ class StackWriter:
     created up front. Refuses to overwrite an existing file unless ``overwrite=True``.
     ``dtype``: float32 (default) or int32 (integer frames only, stored exactly); ``frame_axis``
     (name, scale, offset, units): the first axis as a calibrated quantity (e.g.
-    ``("Energy loss", 10.0, 400.0, "eV")``), which the HyperSpy view navigates.
+    ``("Energy loss", 10.0, 400.0, "eV")``), which the HyperSpy view navigates;
+    ``intensity_units`` what one stored unit is (HyperSpy's ``Signal.quantity``).
     """
 
     def __init__(
@@ -284,6 +285,7 @@ class StackWriter:
         overwrite: bool = False,
         dtype: Any = np.float32,
         frame_axis: tuple[str, float, float, str] | None = None,
+        intensity_units: str = "counts",
     ) -> None:
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
@@ -306,8 +308,8 @@ class StackWriter:
             init_root(f)
             for n in self.names:
                 _create_stack_group(
-                    f, n, self.frame_shape, self.pixel_size_nm, dtype=self.dtype,
-                    frame_axis=frame_axis,
+                    f, n, self.frame_shape, self.pixel_size_nm, intensity_units,
+                    dtype=self.dtype, frame_axis=frame_axis,
                 )  # fmt: skip
                 _write_context(f, n, instrument, metadata, None)
             f.swmr_mode = True
