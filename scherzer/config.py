@@ -94,7 +94,10 @@ class DeviceSettings(_Section):
     )
     # --- temscript only (drivers/temscript.py; None = the driver's default) ---------------------
     temscript_url: str | None = Field(None, description="temscript-server, e.g. http://tem:8080")
-    read_only: bool | None = Field(None, description="temscript: reads and acquisitions only")
+    read_only: bool | None = Field(
+        None,
+        description="temscript and the simulated EFTEM devices: reads and acquisitions only",
+    )
     temscript_timeout_s: float | None = Field(None, gt=0)
     temscript_acquire_margin_s: float | None = Field(None, ge=0)
     temscript_camera: str | None = None

@@ -206,26 +206,22 @@ def test_energies_outside_the_filter_limits_are_named() -> None:
 
 
 def test_refused_energies_and_a_fault_mid_series_on_one_daemon(tmp_path) -> None:
-    """Energies beyond the filter are refused before any image: at submission when admission
-    checks the devices, else when the job starts (failed, ``limit_exceeded``, no image). Then a
-    device fault mid-series (after 7 acquisitions, images and darks) ends the job with every
-    image taken before it in the file."""
+    """Energies beyond the filter are refused at submission (admission checks the devices: no
+    job is queued). Then a device fault mid-series (after 7 acquisitions, images and darks) ends
+    the job with every image taken before it in the file."""
     from scherzer.clients.client import DaemonError
 
     beyond = {"kind": "eftem_series", "start_ev": 2000.0, "step_ev": 100.0, "n_images": 10}
     plan = {"kind": "eftem_series", "start_ev": 100.0, "step_ev": 20.0, "n_images": 12,
             "slit_width_ev": 20.0, "on_error": "abort"}  # fmt: skip
     devices = {**DEVICES, "camera_shape": [32, 32], "fault": "disconnected:7"}
-    refused = None
     with LocalDaemon({"devices": devices}, tmp_path) as d, d.client(timeout_s=30) as c:
-        try:
-            refused = c.wait(c.submit(beyond).job_id, timeout_s=60)
-        except DaemonError as exc:
-            assert exc.code == "limit_exceeded" and "energy filter's limits" in str(exc)
+        with pytest.raises(DaemonError) as refused:
+            c.submit(beyond)
+        assert refused.value.code == "limit_exceeded"
+        assert "energy filter's limits" in str(refused.value) and "2000" in str(refused.value)
+        assert c.queue().jobs == [] and c.history() == []  # nothing was queued
         job = c.wait(c.submit(plan).job_id, timeout_s=60)
-    if refused is not None:
-        assert refused.state == "failed" and refused.error.code == "limit_exceeded"
-        assert "2000…2900 eV" in refused.error.message and refused.frames_done == 0
     assert job.state == "failed" and job.error.code == "device_disconnected"
     stack = sio.read_stack(job.output_file, "eftem")
     assert 1 <= stack.n_frames == job.frames_done < 7

@@ -34,7 +34,13 @@ from scherzer.cli.daemon_cmds import (
 )
 from scherzer.cli.maintenance_cmds import add_db, add_repair
 from scherzer.cli.offline import add_demo, add_info, add_restore, add_simulate
-from scherzer.cli.plan_cmds import add_focal_series, add_rotated_scan, add_submit, add_time_series
+from scherzer.cli.plan_cmds import (
+    add_eftem_series,
+    add_focal_series,
+    add_rotated_scan,
+    add_submit,
+    add_time_series,
+)
 
 __all__ = ["COMMANDS", "Outcome", "build_parser", "main"]
 
@@ -57,6 +63,7 @@ COMMANDS: dict[str, Callable[[Any], None]] = {
     "focal-series": add_focal_series,
     "rotated-scan": add_rotated_scan,
     "time-series": add_time_series,
+    "eftem-series": add_eftem_series,
     "submit": add_submit,
     "keys": add_keys,
     "simulate": add_simulate,

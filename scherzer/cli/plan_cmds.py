@@ -21,7 +21,13 @@ from scherzer.cli.common import (
     when,
 )
 
-__all__ = ["add_focal_series", "add_rotated_scan", "add_submit", "add_time_series"]
+__all__ = [
+    "add_eftem_series",
+    "add_focal_series",
+    "add_rotated_scan",
+    "add_submit",
+    "add_time_series",
+]
 
 
 def _plan_value(text: str, annotation: Any) -> Any:
@@ -130,6 +136,9 @@ def _plan_command(name: str, kind: str, help_text: str) -> Any:
 add_focal_series = _plan_command("focal-series", "focal_series", "submit a focal series")
 add_rotated_scan = _plan_command("rotated-scan", "rotated_scan", "submit a rotated-scan series")
 add_time_series = _plan_command("time-series", "time_series", "submit a time series")
+add_eftem_series = _plan_command(
+    "eftem-series", "eftem_series", "submit an EFTEM series (automatic exposure)"
+)
 
 
 def _submit(args: argparse.Namespace) -> Outcome:

@@ -114,6 +114,7 @@ def plan_problems(
         problems = list(plan.problems(settings.limits, instruments.camera_shape))
     except (ArithmeticError, ValueError) as exc:
         problems = [f"the plan's numbers are out of range ({type(exc).__name__})"]
+    problems += plan.device_problems(instruments)  # e.g. energies beyond the energy filter
     invalid = _calibration_problems(plan, settings.calibrations_path)
     est = estimate_plan(plan, instruments)
     if est is None:

@@ -63,13 +63,19 @@ ERROR_DOCS: dict[ErrorCode, str] = {
 #: What each event topic carries.
 EVENT_DOCS: dict[str, str] = {
     "job": "`{job: JobInfo}` whenever a job changes state",
-    "frame": "`{job_id, frame_id, index, total, signal, record}` after each frame is on disk",
+    "frame": "`{job_id, frame_id, index, total, signal, record}` after each frame is on disk; an "
+    "EFTEM series adds `eftem: {energy_ev, exposure_s, scale_to_first, statistic, dark_acquired, "
+    "darks_acquired}`",
     "progress": "`{job_id, frames_done, frames_total, skipped}` (`skipped`: frame indices left "
     "out under the `skip` error policy)",
     "live": "`{job_id, signal, frame_id, frames_averaged, frames_skipped, shift_px, peak}` after "
     "each frame of a time series or rotated-scan series is folded into the job's running, "
     "drift-compensated average (fetch it with `frame_get` by `frame_id`; stored in the file as "
-    "`live_average_<signal>` when the job ends)",
+    "`live_average_<signal>` when the job ends, with the indices folded in `folded_frames`); "
+    "for a focal series, after each image is registered against the ones before it: "
+    "`{job_id, signal, kind: \"focal_registration\", index, frames_registered, "
+    "relative_defocus_nm, defocus_step_nm, shift_px, drift_step_px, peak, used}` (stored as the "
+    "`live_focal_registration` table)",
     "log": "`{level, event, ...}` warnings and errors from the daemon log",
     "heartbeat": "`{state, uptime_s, current_job, counters}` every `heartbeat_s`",
     "queue": "`{paused, queued, counters}` when the queue changes",
