@@ -8,8 +8,8 @@ Measured in separate processes so that every figure is a cold start of what a us
 * ``big_align``: in-process alignment of 16 × N² (N = 1024, 2048; 4096 with ``--huge``) against
   scikit-image, each in its own process (seconds, peak RSS over the frames' size, RMS error
   against the known shifts), and what each stage of ours costs (cumulative seconds of a second,
-  profiled run: coarse stage, fine spectra, template weight, basin search, fine pairs,
-  refinement);
+  profiled run: total, coarse stage, spectra, template weight, basin search, pairs, refinement,
+  all leave-one-out Newton steps — cumulative, so the parts overlap);
 * ``chunked_align``: the same 16 × 1024² stack measured from an HDF5 file on a memory budget of a
   quarter of the stack (frames read in chunks, spectra in scratch): seconds, peak RSS and the
   largest difference from the in-memory shifts;
@@ -96,15 +96,14 @@ OURS_SCRIPT = textwrap.dedent("""
     if len(sys.argv) > 2:  # a second, profiled run: cumulative seconds of every stage
         prof = cProfile.Profile()
         prof.runcall(measure_shifts, f, AlignParams())
-        wanted = dict(_coarse_stage="coarse_stage", template_weight="fine_template_weight",
-                      _basin_search="fine_basin_search", _refine_against_average="refinement",
-                      loo_newton="all_loo_newton_steps", rfft_frames="all_rfft_frames")
+        wanted = dict(measure_shifts="total", _coarse_stage="coarse_stage",
+                      spectra="spectra_both_stages", template_weight="fine_template_weight",
+                      _basin_search="fine_basin_search", _measure_pairs="pairs_both_stages",
+                      _refine_against_average="fine_refinement",
+                      loo_newton="loo_newton_steps_both_stages")
         for (path, line, name), row in pstats.Stats(prof).stats.items():
-            if name in wanted:
+            if name in wanted and "scherzer" in path:
                 stages[wanted[name]] = round(stages.get(wanted[name], 0.0) + row[3], 3)
-        for (path, line, name), row in pstats.Stats(prof).stats.items():
-            if name == "_measure_pairs":  # called twice: coarse (inside coarse_stage), fine
-                stages.setdefault("pairs_per_call", []).append(round(row[3] / row[1], 3))
     print(json.dumps({"shifts_px": r.shifts_px.tolist(), "seconds": seconds, "stages": stages}))
 """)
 
