@@ -250,6 +250,8 @@ def _align_chunked(args: argparse.Namespace, params: Any, found: _ChunkedInput) 
         for i, (sh, p) in enumerate(zip(result.shifts_px, result.peak_heights, strict=True))
     ]
     lines.append(f"aligned in chunks ({n} × {ny}×{nx} over the memory budget); wrote {args.out}")
+    if args.plot is not None:
+        lines.append("no plots: the chunked path makes none (give a larger --memory-budget-mb)")
     return 0, summary, "\n".join(lines)
 
 
