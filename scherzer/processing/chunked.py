@@ -125,13 +125,6 @@ class Store:
             return self.backing[i]
         return np.asarray(self.backing[i : i + 1])[0]
 
-    def take(self, indices: np.ndarray) -> np.ndarray:
-        """Frames at ``indices`` (in that order) as one array."""
-        idx = np.asarray(indices, dtype=int)
-        if self.in_memory:
-            return self.backing[idx]
-        return np.stack([np.asarray(self.backing[i : i + 1])[0] for i in idx])
-
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(start, frames start:start + batch) in order."""
         for start in range(0, len(self), self.batch):
