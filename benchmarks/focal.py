@@ -16,7 +16,9 @@ With --crystal NAME (srtio3_001, si_110; --thickness-nm) a crystal-only simulato
 registered in crystal mode (FocalParams(crystal=True)).
 
 Times: ``seconds`` are wall (perf_counter, the minimum of ``--repeat``), ``process_seconds``
-the median process time (all threads; steadier on a shared machine).
+the median process time (all threads; steadier on a shared machine); the registration's stages
+(spectra, reference choice, first pass, wave passes with the absolute fits, the model check with
+the thick-crystal fallback, finish) as [wall, process] seconds of the last repeat.
 
 Usage: .venv/bin/python benchmarks/focal.py [--size 512] [--n 11] [--dose 500] [--gs-iter 30]
        [--simulator | --crystal srtio3_001 --thickness-nm 1]
@@ -196,6 +198,11 @@ def main() -> None:
             "a1_deg": reg.astigmatism_deg,
             "a1_true": [gt["a1_nm"], gt["a1_deg"]],
             "flagged": np.flatnonzero(reg.flagged).tolist(),
+            "model_fit": {k: reg.model_fit[k] for k in ("fits", "series_spot_ratio")}
+            | {"fallback": reg.model_fit.get("fallback")},
+            "stage_wall_and_process_seconds": next(
+                (h["stage_seconds"] for h in reg.history if "stage_seconds" in h), None
+            ),
         },
         "restoration_wiener": {
             "seconds": t_lin,

@@ -292,7 +292,8 @@ def spot_mask(spectra: np.ndarray, quantile: float = SPOT_QUANTILE) -> np.ndarra
 def loo_waves(prob: Problem, d_abs, shifts, used, prior_scale: float, env_s=None):
     """Leave-one-out waves of the aligned series at defocus ``d_abs``: (transfers (n, m),
     the used images' solution, quadratic terms (n, m), per-image waves (n, m): restored from
-    all other used images; an unused image gets the full wave)."""
+    all other used images; an unused image gets the full wave). ``corrections`` ≥ 1 in the
+    solve (its quadratic terms are reused here)."""
     n = len(d_abs)
     env_s = prob.bt.spatial(d_abs) if env_s is None else env_s
     t = prob.bt.transfer(d_abs, env_s)
@@ -301,7 +302,14 @@ def loo_waves(prob: Problem, d_abs, shifts, used, prior_scale: float, env_s=None
         aligned[used], t[used], prob.band, camera=prob.camera, leave_one_out=True,
         prior_scale=prior_scale, mask=prob.mask[used],
     )  # fmt: skip
-    quad = quadratic_term(prob.band, sol.phi, t, prob.camera)
+    # the used images' quadratic terms are those the solve subtracted (one correction round
+    # older than sol.phi): measured against recomputing them from sol.phi — relative defocus
+    # the same within 0.004 nm on synthetic, abTEM and simulator series (the simulator's
+    # crystal edge 0.054 → 0.033 nm), loo_waves 20 % faster (20 × 512²: 0.099 → 0.080 s)
+    quad = np.empty((n, prob.band.size), np.complex64)
+    quad[used] = sol.quadratic
+    if (~used).any():
+        quad[~used] = quadratic_term(prob.band, sol.phi, t[~used], prob.camera)
     loo = np.empty((n, prob.band.size), np.complex64)
     loo[used] = sol.loo
     loo[~used] = sol.phi

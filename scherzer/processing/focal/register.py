@@ -196,6 +196,7 @@ def register_focal_series(
     module docstring for the method and conventions.
     """
     t0 = time.perf_counter()
+    clock = _StageClock()
     p = params or FocalParams()
     nominal, pix = _checked_series(stack, nominal_defocus_nm, pixel_nm)
     n = stack.n_frames
@@ -209,13 +210,18 @@ def register_focal_series(
         SEARCH_RANGE_STEP_FRACTION * float(np.median(steps)) + SEARCH_RANGE_MARGIN_NM
     )
     prob = Problem(intensity_frames(stack), optics, pix, nominal, p, mtf, nps)
+    clock.stage("spectra")
     if p.reference is None:  # the interior candidate near Scherzer whose neighbours match best
         ref = int(candidates[0])
         if len(candidates) > 1:
             ref, _ = reference_by_peak(prob, candidates, nominal, used, rng_nm)
+    clock.stage("reference")
     run = _Run(prob, choose_strategy(p), ref, nominal, used, rng_nm)
+    clock.stage("first_pass")
     a1_c = run.rounds(optics)
+    clock.stage("passes_and_absolute")
     fit, slope = run.check_model()
+    clock.stage("model_check")
     d_abs, shifts = run.strategy.finish(prob, ref, run.d_abs, run.shifts, run.peaks, used)
     flagged = run.peaks < run.flag_level()
     flagged[ref] = False
@@ -224,6 +230,8 @@ def register_focal_series(
     )
     run.history.append({"joint": joint})
     shifts = run.strategy.shifts_of_flagged(shifts, used, flagged)
+    clock.stage("finish")
+    run.history.append({"stage_seconds": clock.seconds})
     mag, ang = polar_a1(a1_c)
     return FocalRegistration(
         reference_index=ref,
@@ -242,6 +250,20 @@ def register_focal_series(
         absolute_model_agreement=run.model_agreement,
         model_fit=fit,
     )
+
+
+class _StageClock:
+    """Wall and process seconds per stage of one registration (the history's
+    ``stage_seconds``: {stage: [wall, process]}; benchmarks/focal.py prints them)."""
+
+    def __init__(self):
+        self.seconds: dict[str, list[float]] = {}
+        self._last = (time.perf_counter(), time.process_time())
+
+    def stage(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.seconds[name] = [now[0] - self._last[0], now[1] - self._last[1]]
+        self._last = now
 
 
 def _checked_series(stack: ImageStack, nominal_defocus_nm, pixel_nm) -> tuple[np.ndarray, float]:
