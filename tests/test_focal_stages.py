@@ -406,3 +406,22 @@ def test_inputs_ftsr_instrument_parameters():
         instrument_from_stack(st, start_nm=-150.0, end_nm=50.0, step_nm=10.0)
     with pytest.raises(ValueError, match="unknown instrument override"):
         instrument_from_stack(st, a7_nm=1.0)
+
+
+def test_joint_defocus_with_a_step_scale_measured_elsewhere():
+    """Per-image estimates sharing a −2 % trend (a thick crystal's, :mod:`.misfit`) plus a real
+    bend (focal hysteresis, 0.4 nm at one image): with the true step scale given, the trend goes
+    and the bend stays; the mean defocus is kept; without a prior the tilt alone is applied."""
+    nominal = -150.0 + 10.0 * np.arange(11)
+    truth = -150.0 + 10.3 * np.arange(11)
+    truth[6] += 0.4
+    m = -148.0 + 10.1 * np.arange(11)  # the trend: step 10.1 instead of 10.3, offset
+    m[6] += 0.4
+    peaks, ok = np.full(11, 0.5), np.ones(11, bool)
+    for sigma in (0.3, None):
+        d, _ = joint_defocus(m, nominal, peaks, ok, sigma, slope=1.03)
+        rel = (d - d[0]) - (truth - truth[0])
+        assert np.max(np.abs(rel)) < 0.05, (sigma, rel)
+        assert abs(d.mean() - m.mean()) < 1e-9
+    plain, _ = joint_defocus(m, nominal, peaks, ok, 0.3)
+    assert np.max(np.abs((plain - plain[0]) - (truth - truth[0]))) > 1.5  # the trend stays
