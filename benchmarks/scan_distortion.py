@@ -113,14 +113,40 @@ def ncc_with_truth(image: np.ndarray, ideal: np.ndarray) -> float:
     return round(best, 4)
 
 
-def timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float, float]:
+def timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float, float, float]:
+    """(image, wall seconds, process CPU seconds — all threads —, peak traced MB)."""
     tracemalloc.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     image = run()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = tracemalloc.get_traced_memory()[1] / 1e6
     tracemalloc.stop()
-    return image, seconds, peak
+    return image, seconds, cpu, peak
+
+
+def quantem_peer(acquired: np.ndarray, rotations: np.ndarray, python: str, sign: float,
+                 timeout_s: float):  # fmt: skip
+    """quantem in its own interpreter (benchmarks/scan_distortion_quantem.py): frames as
+    acquired in, merged image out; seconds as the worker measured them, peak memory from the
+    child's maximum resident set (not comparable with traced numpy memory: it includes the
+    interpreter and torch)."""
+    import resource
+    import subprocess
+    import tempfile
+
+    def run() -> np.ndarray:
+        with tempfile.TemporaryDirectory() as tmp:
+            np.savez(Path(tmp) / "in.npz", frames=acquired, rotations_deg=rotations)
+            done = subprocess.run(
+                [python, str(ROOT / "benchmarks" / "scan_distortion_quantem.py"),
+                 str(Path(tmp) / "in.npz"), str(Path(tmp) / "out.npy"), "--sign", str(sign)],
+                capture_output=True, text=True, timeout=timeout_s, check=True,
+            )  # fmt: skip
+            run.seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+            run.rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e3
+            return np.load(Path(tmp) / "out.npy")
+
+    return run
 
 
 def scanning_drift_corr_peer(acquired: np.ndarray, rotations: np.ndarray, sign: float):
@@ -135,7 +161,7 @@ def scanning_drift_corr_peer(acquired: np.ndarray, rotations: np.ndarray, sign: 
     return run
 
 
-def one_series(kind: str, n_frames: int, size: int, seed: int) -> dict:
+def one_series(kind: str, n_frames: int, size: int, seed: int, args) -> dict:
     mode = "orthogonal-pairs" if kind == "pairs" else "none"
     series = simulate_distorted_series(
         n_frames=n_frames, size=size, rotation_mode=mode, signals=("HAADF",),
@@ -162,7 +188,12 @@ def one_series(kind: str, n_frames: int, size: int, seed: int) -> dict:
         result_box["r"] = correct_scan_distortion(frames, NonrigidParams(), rot)
         return result_box["r"].average
 
-    methods: dict[str, Callable[[], np.ndarray]] = {"rigid": rigid, "scherzer": ours}
+    def ours_density() -> np.ndarray:
+        return correct_scan_distortion(frames, NonrigidParams(merge="density"), rot).average
+
+    methods: dict[str, Callable[[], np.ndarray]] = {
+        "rigid": rigid, "scherzer": ours, "scherzer_density_merge": ours_density,
+    }  # fmt: skip
     if kind == "pairs":
         try:
             import scanning_drift_corr  # noqa: F401
@@ -170,10 +201,21 @@ def one_series(kind: str, n_frames: int, size: int, seed: int) -> dict:
             methods["scanning_drift_corr"] = _peer_with_sign(stack.frames, rot, ideal)
         except ImportError as exc:
             print(f"# scanning-drift-corr not installed ({exc}); run `make bench`", file=sys.stderr)
+        if args.quantem_python:
+            methods["quantem"] = quantem_peer(
+                stack.frames, rot, args.quantem_python, args.quantem_sign, args.quantem_timeout_s
+            )
     for name, run in methods.items():
-        image, seconds, peak = timed(run)
+        try:
+            image, seconds, cpu, peak = timed(run)
+        except Exception as exc:  # a peer's failure or timeout is a result, not a crash
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            continue
         row = {**columns(image), "ncc_with_truth": ncc_with_truth(image, ideal)}
-        row.update(seconds=round(seconds, 2), peak_memory_mb=round(peak, 1))
+        row.update(seconds=round(seconds, 2), cpu_seconds=round(cpu, 2),
+                   peak_memory_mb=round(peak, 1))  # fmt: skip
+        if hasattr(run, "rss_mb"):
+            row.update(seconds=run.seconds, peak_memory_mb=None, child_max_rss_mb=run.rss_mb)
         out[name] = row
     truth_px = truth_positions_px(gt["positions_nm"], rot, PIXEL_NM)
     mask = row_start_mask(frames.shape[1:], rot)
@@ -181,6 +223,12 @@ def one_series(kind: str, n_frames: int, size: int, seed: int) -> dict:
         pixel_residual_px(result_box["r"].fields_px, truth_px, mask), 4
     )
     out["scherzer"]["flagged"] = result_box["r"].flagged
+    r = result_box["r"]
+    held = sum(a.nbytes for a in (r.corrected, r.valid, r.fields_px, r.average, r.count)) / 1e6
+    out["scherzer"]["result_mb"] = round(held, 1)
+    out["scherzer"]["working_memory_stacks"] = round(
+        (out["scherzer"]["peak_memory_mb"] - held) / out["stack_mb"], 2
+    )
     return out
 
 
@@ -213,11 +261,14 @@ def main() -> None:
     parser.add_argument("--single-frames", type=int, default=12)
     parser.add_argument("--series", default="pairs,single")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quantem-python", help="a Python with quantem installed (optional peer)")
+    parser.add_argument("--quantem-sign", type=float, default=1.0, help="sign of its scan angles")
+    parser.add_argument("--quantem-timeout-s", type=float, default=1800.0)
     args = parser.parse_args()
-    report: dict = {"cpu_count": os.cpu_count(), "series": {}}
+    report: dict = {"cpu_count": os.cpu_count(), "load_1min": os.getloadavg()[0], "series": {}}
     for kind in args.series.split(","):
         n = args.frames if kind == "pairs" else args.single_frames
-        report["series"][kind] = one_series(kind, n, args.size, args.seed)
+        report["series"][kind] = one_series(kind, n, args.size, args.seed, args)
     print(json.dumps(report, indent=2))
 
 

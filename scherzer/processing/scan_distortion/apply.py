@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from scherzer.processing.scan_distortion.kernels import (
     gather_bilinear,
+    in_threads,
     sample_bilinear,
     sample_spline,
     spline_coefficients,
@@ -81,17 +82,21 @@ def apply_fields(
         )
     corrected = np.zeros(arr.shape, np.float32)
     valid = np.zeros(arr.shape, bool)
-    for i, (frame, field) in enumerate(zip(arr, fields, strict=True)):
-        py, px, inside = source_positions(field)
-        (val,) = sample_spline(spline_coefficients(frame), py, px)
+
+    def one(i: int) -> None:
+        py, px, inside = source_positions(fields[i])
+        (val,) = sample_spline(spline_coefficients(arr[i]), py, px)
         corrected[i] = np.where(inside, val, 0.0)
         valid[i] = inside
-    use = np.ones(len(arr), bool)
-    use[[f for f in flags if 0 <= f < len(arr)]] = False
-    count = valid[use].sum(axis=0).astype(np.float32)
-    total = corrected[use].sum(axis=0, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        average = np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+    in_threads(one, range(len(arr)))
+    count = np.zeros(arr.shape[1:], np.float32)
+    average = np.zeros(arr.shape[1:], np.float32)
+    for i in [j for j in range(len(arr)) if j not in flags]:
+        average += corrected[i]
+        count += valid[i]
+    np.divide(average, count, out=average, where=count > 0)
+    average[count == 0] = np.nan
     return corrected, valid, average, count
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from scherzer.processing.registration import (
     AlignmentError,
@@ -25,11 +26,11 @@ from scherzer.processing.registration import (
 )
 from scherzer.processing.scan_distortion.apply import apply_fields
 from scherzer.processing.scan_distortion.gauge import drift_slopes, fix_gauge, fix_row_gauge
-from scherzer.processing.scan_distortion.kernels import spline_coefficients
+from scherzer.processing.scan_distortion.kernels import in_threads, spline_coefficients
+from scherzer.processing.scan_distortion.merge import merge_density
 from scherzer.processing.scan_distortion.model import (
     FrameModel,
     common_fields,
-    vec_to_common,
     vec_to_scan,
 )
 from scherzer.processing.scan_distortion.prepare import as_frames, prepare_frames
@@ -49,7 +50,8 @@ BACK_OFF = 0.9  # acceleration factor applied when a cycle's mean update grows
 # series that the sequential graph gets right).
 START_ALIGN = AlignParams(pairs="sequential")
 FLAG_NCC_FRACTION = 0.5  # a frame correlating below this fraction of the median is flagged
-COARSE_MIN_PX = 256  # frames this large run the affine cycles 2×2-binned (4× less work)
+SPLINE_AT_NODES = np.array([1.0, 4.0, 1.0], np.float32) / 6.0  # cubic B-spline at integers
+COARSE_MIN_PX = 256  # frames this large run the rigid start and affine cycles 2×2-binned
 
 
 def _turns(rotations_deg: Sequence[float] | None, n: int, shape: tuple[int, int]) -> list[int]:
@@ -70,6 +72,13 @@ def _turns(rotations_deg: Sequence[float] | None, n: int, shape: tuple[int, int]
 def _rigid_start(frames: np.ndarray, turns: list[int], params: NonrigidParams) -> np.ndarray:
     if not params.rigid_start:
         return np.zeros((len(frames), 2))
+    h, w = frames.shape[1:]
+    if min(h, w) >= COARSE_MIN_PX and h % 2 == 0 and w % 2 == 0:
+        # a start for the affine cycles (which refine the offsets): 2×2-binned, 4× less work
+        try:
+            return 2.0 * measure_shifts(_binned(frames), START_ALIGN).shifts_px
+        except (AlignmentError, np.linalg.LinAlgError, ValueError):
+            return np.zeros((len(frames), 2))
     try:
         return measure_shifts(frames, START_ALIGN).shifts_px
     except (AlignmentError, np.linalg.LinAlgError, ValueError):
@@ -100,69 +109,120 @@ class _Engine:
     """State of one run: scan-oriented frames, turns, the model and the reference sums."""
 
     def __init__(self, frames: np.ndarray, turns: list[int], params: NonrigidParams) -> None:
+        """``frames`` (n, H, W) float32 in common orientation, *taken over*: each is replaced
+        by its cubic-spline coefficients in scan orientation (one copy of the series held;
+        the frame's values come back from them, :meth:`frame`)."""
         self.p = params
         self.turns = turns
         self.common_shape = frames.shape[1:]
-        self.scan = [
-            np.ascontiguousarray(np.rot90(f, k)) for f, k in zip(frames, turns, strict=True)
-        ]
-        self.shape = self.scan[0].shape
-        self.coeffs = [spline_coefficients(s) for s in self.scan]
+        for i, k in enumerate(turns):
+            frames[i] = spline_coefficients(np.rot90(frames[i], k))  # square if k is odd
+        self.coeffs = frames
+        self.shape = frames.shape[1:]
         self.smoothing_px = params.smoothing_for(turns)
         self.penalty = len({t % 2 for t in turns}) > 1  # line smoother: see smoothing_for
         self.jitter = params.jitter_for(turns)
         self.active = np.ones(len(frames), bool)
         self.ncc = np.zeros(len(frames))
 
+    def release(self) -> None:
+        """Drop the frames' spline coefficients (the run is over)."""
+        self.coeffs = np.zeros((0, *self.shape), np.float32)
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame i's values (scan orientation): its spline evaluated on the grid."""
+        out = ndimage.correlate1d(self.coeffs[i], SPLINE_AT_NODES, axis=0, mode="mirror")
+        return ndimage.correlate1d(out, SPLINE_AT_NODES, axis=1, mode="mirror", output=out)
+
     def pulled(self, model: FrameModel) -> tuple[np.ndarray, np.ndarray]:
         """Every frame through its model onto the reference grid (common orientation)."""
-        vals, seen = [], []
-        for i, k in enumerate(self.turns):
-            v, m = model.pull(i, self.coeffs[i], self.shape)
-            vals.append(np.rot90(v, -k))
-            seen.append(np.rot90(m, -k))
-        return np.asarray(vals), np.asarray(seen)
+        n = len(self.turns)
+        h, w = self.shape if self.turns[0] % 2 == 0 else self.shape[::-1]
+        vals = np.empty((n, h, w), np.float32)
+        seen = np.empty((n, h, w), bool)
 
-    def target(self, i: int, vals: np.ndarray, seen: np.ndarray) -> Target | None:
-        """Reference for frame i (see ``NonrigidParams.reference``), in its scan orientation."""
-        n = len(vals)
+        def one(i: int) -> None:
+            v, m = model.pull(i, self.coeffs[i], self.shape)
+            vals[i] = np.rot90(v, -self.turns[i])
+            seen[i] = np.rot90(m, -self.turns[i])
+
+        in_threads(one, range(n))
+        return vals, seen
+
+    def reference_set(self, i: int) -> np.ndarray:
+        """Frames that form frame i's reference (see ``NonrigidParams.reference``)."""
+        n = len(self.active)
         use = self.active.copy()
         use[i] = False
         if self.p.reference == "index":
             use[:] = False
             use[self.p.reference_index] = self.p.reference_index != i
         elif self.p.reference == "local":
-            near = np.abs(np.arange(n) - i) <= self.p.local_neighbours
-            use &= near
+            use &= np.abs(np.arange(n) - i) <= self.p.local_neighbours
+        return use
+
+    def sums(self, vals: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Σ value·seen and Σ seen over the active frames, accumulated frame by frame (no
+        (n, H, W) temporaries)."""
+        total = np.zeros(vals.shape[1:], np.float32)
+        count = np.zeros(vals.shape[1:], np.float32)
+        for j in np.flatnonzero(self.active):
+            total += vals[j]  # pulled values are 0 where unseen
+            count += seen[j]
+        return total, count
+
+    def reference(self, i, vals, seen, sums) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean image, count) of frame i's reference set, common orientation: with the mean
+        reference the all-frame sums minus frame i's own; otherwise summed afresh."""
+        use = self.reference_set(i)
         if not use.any():
             return None
-        count = seen[use].sum(axis=0).astype(np.float32)
-        total = (vals[use] * seen[use]).sum(axis=0)
-        ref = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
+        if self.p.reference == "mean":
+            total = sums[0] - vals[i] if self.active[i] else sums[0].copy()
+            count = sums[1] - seen[i] if self.active[i] else sums[1].copy()
+        else:
+            total = np.zeros(vals.shape[1:], np.float32)
+            count = np.zeros(vals.shape[1:], np.float32)
+            for j in np.flatnonzero(use):
+                total += vals[j]
+                count += seen[j]
+        np.divide(total, count, out=total, where=count > 0)
+        total[count <= 0] = 0.0
+        return total, count
+
+    def target(self, i: int, vals: np.ndarray, seen: np.ndarray, sums=None) -> Target | None:
+        """Reference for frame i, in its scan orientation."""
+        ref = self.reference(i, vals, seen, sums if sums is not None else self.sums(vals, seen))
+        if ref is None:
+            return None
         k = self.turns[i]
         return Target(
-            spline_coefficients(np.rot90(ref, k)),
-            np.ascontiguousarray(np.rot90(count > 0, k)).astype(np.float32),
+            spline_coefficients(np.rot90(ref[0], k)),
+            np.ascontiguousarray(np.rot90(ref[1] > 0.5, k), dtype=np.float32),
         )
 
     def cycle(self, model: FrameModel, stage: str, tolerance: float) -> float:
         """One cycle: every active frame stepped against its reference; mean |update| px."""
         vals, seen = self.pulled(model)
-        updates = []
-        for i in np.flatnonzero(self.active):
-            if self.p.reference == "index" and i == self.p.reference_index:
-                continue
-            target = self.target(i, vals, seen)
+        sums = self.sums(vals, seen)
+
+        def one(i: int) -> float | None:
+            target = self.target(i, vals, seen, sums)
             if target is None:
-                continue
+                return None
             total = 0.0
+            frame = self.frame(i)
             for _ in range(INNER_STEPS):
-                step = gauss_newton_step(self.scan[i], target, model, i, stage, self.p.mode,
+                step = gauss_newton_step(frame, target, model, i, stage, self.p.mode,
                                          self.smoothing_px, self.jitter, self.penalty)  # fmt: skip
                 total += step
                 if step < tolerance:
                     break
-            updates.append(total)
+            return total
+
+        todo = [i for i in np.flatnonzero(self.active)
+                if not (self.p.reference == "index" and i == self.p.reference_index)]  # fmt: skip
+        updates = [u for u in in_threads(one, todo) if u is not None]
         return float(np.mean(updates)) if updates else 0.0
 
 
@@ -190,9 +250,18 @@ def _tolerances(cycles: int, target_px: float) -> list[float]:
 def _check_frames(engine: _Engine, model: FrameModel, start: FrameModel) -> None:
     """Flag frames whose model diverged (non-finite or beyond ``max_field_px``); they go back
     to their start and leave the reference."""
+    ny, nx = engine.shape
+    r = np.concatenate([np.arange(ny), np.arange(ny)]).astype(float)
+    c = np.repeat([0.0, nx - 1.0], ny)
     for i in np.flatnonzero(engine.active):
-        dy, dx = model.grid_displacement(i, engine.shape)
-        big = float(np.max(np.hypot(dy, dx))) if np.all(np.isfinite(dy + dx)) else np.inf
+        # the line terms are linear along a line, so |u| is largest at a line's ends (a
+        # dense field adds at most its own largest value)
+        extra = None if model.field is None else model.field[i]
+        only_lines = FrameModel(model.affine, model.rows, model.theta, None, model.jitter)
+        dy, dx = only_lines.displacement(i, r, c, nx)
+        big = float(np.max(np.hypot(dy, dx)))
+        if extra is not None:
+            big += float(np.max(np.hypot(extra[0], extra[1])))
         if not big <= engine.p.max_field_px + float(np.hypot(*start.affine[i, [0, 3]])):
             engine.active[i] = False
             model.affine[i] = start.affine[i]
@@ -234,19 +303,26 @@ def _binned(frames: np.ndarray) -> np.ndarray:
     return frames.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4), dtype=np.float32)
 
 
+def _coarse_frames(work: np.ndarray, params: NonrigidParams) -> np.ndarray | None:
+    """2×2-binned frames for the affine cycles when they are large (else None)."""
+    h, w = work.shape[1:]
+    if params.affine_cycles and min(h, w) >= COARSE_MIN_PX and h % 2 == 0 and w % 2 == 0:
+        return _binned(work)
+    return None
+
+
 def _run_cycles(
-    engine: _Engine, model: FrameModel, lines_per_frame: float, work: np.ndarray
+    engine: _Engine, model: FrameModel, lines_per_frame: float, binned: np.ndarray | None
 ) -> tuple[FrameModel, list]:
-    """Affine cycles (on 2×2-binned frames when they are large: an affine map is the same at
+    """Affine cycles (on the 2×2-``binned`` frames when given: an affine map is the same at
     any sampling, only its offsets scale), then non-linear cycles at full sampling, then the
     row gauge."""
     p = engine.p
     start = model.copy()
     history: list[dict] = []
-    h, w = work.shape[1:]
-    if p.affine_cycles and min(h, w) >= COARSE_MIN_PX and h % 2 == 0 and w % 2 == 0:
-        coarse = _Engine(_binned(work), engine.turns, p)
-        small = FrameModel.zeros(len(work), coarse.shape, dense=False)
+    if binned is not None:
+        coarse = _Engine(binned, engine.turns, p)
+        small = FrameModel.zeros(len(binned), coarse.shape, dense=False)
         small.affine[:] = model.affine
         small.affine[:, [0, 3]] /= 2.0
         small, hist = _run_stage(coarse, small, "affine", p.affine_cycles,
@@ -294,19 +370,26 @@ def correct_scan_distortion(
     std = prepared.std(axis=(1, 2), keepdims=True)
     if np.any(std == 0):
         raise ScanDistortionError("a frame is constant: nothing to register")
-    work = (prepared - mean) / std
+    work = ((prepared - mean) / std).astype(np.float32, copy=False)
     lines_per_frame = work.shape[1 if turns[0] % 2 == 0 else 2] + p.frame_gap_lines
-    engine = _Engine(work, turns, p)
     shifts = _rigid_start(work, turns, p)
+    binned = _coarse_frames(work, p)
+    engine = _Engine(work, turns, p)  # takes ``work`` over (spline coefficients in place)
+    del work
     model = _initial_model(shifts, turns, engine.shape, p, lines_per_frame)
     fix_gauge(model, turns, engine.active, lines_per_frame, engine.shape[1], linear=False)
-    model, history = _run_cycles(engine, model, lines_per_frame, work)
+    model, history = _run_cycles(engine, model, lines_per_frame, binned)
+    del binned
     fields = common_fields(model, turns, engine.shape)
     flagged = _flag(engine, model)
+    engine.release()  # the working copy goes before the corrected frames are made
     corrected, valid, average, count = apply_fields(
         prepared, fields, flagged=flagged, prepare=False
     )
-    rms = _field_rms(fields, model, turns, engine.shape)
+    if p.merge == "density":
+        average, count = merge_density(prepared, fields, flagged=flagged,
+                                       sigma_px=p.merge_sigma_px)  # fmt: skip
+    rms = _field_rms(model, engine.shape)
     return NonrigidResult(
         corrected=corrected, valid=valid, average=average, count=count, fields_px=fields,
         affine=model.affine.copy(), field_rms_px=rms, flagged=flagged,
@@ -322,16 +405,19 @@ def _flag(engine: _Engine, model: FrameModel) -> list[int]:
     vals, seen = engine.pulled(model)
     n = len(vals)
     ncc = np.zeros(n)
+    sums = engine.sums(vals, seen)
     for i in range(n):
-        use = engine.active.copy()
-        use[i] = False
-        if not use.any():
-            continue
-        count = seen[use].sum(axis=0)
-        ref = (vals[use] * seen[use]).sum(axis=0) / np.maximum(count, 1)
-        both = seen[i] & (count > 0)
+        ref = engine.reference(i, vals, seen, sums) if engine.p.reference == "mean" else None
+        if ref is None:
+            use = engine.active.copy()
+            use[i] = False
+            if not use.any():
+                continue
+            ref = (np.sum(vals[use], axis=0) / np.maximum(np.sum(seen[use], axis=0), 1),
+                   np.sum(seen[use], axis=0))  # fmt: skip
+        both = seen[i] & (ref[1] > 0.5)
         if both.sum() > 16:
-            a, b = vals[i][both], ref[both]
+            a, b = vals[i][both], ref[0][both]
             a, b = a - a.mean(), b - b.mean()
             ncc[i] = float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-30))
     engine.ncc = ncc
@@ -340,18 +426,20 @@ def _flag(engine: _Engine, model: FrameModel) -> list[int]:
     return [int(i) for i in np.flatnonzero(bad)]
 
 
-def _field_rms(fields, model, turns, shape) -> np.ndarray:
-    """RMS of each frame's field after removing its affine part (px)."""
+def _field_rms(model: FrameModel, shape: tuple[int, int]) -> np.ndarray:
+    """RMS of each frame's field after removing its affine part (px): the line functions,
+    jitter and rotation per line (and the dense field) over the scan grid (rotation-free, so
+    the scan coordinates give the user fields' value)."""
+    nx = shape[1]
+    cc2 = float(np.mean((np.arange(nx) - (nx - 1) / 2.0) ** 2))
     out = []
-    for i in range(len(fields)):
-        only = model.copy()
-        only.rows[:], only.theta[:], only.jitter[:] = 0.0, 0.0, 0.0
-        if only.field is not None:
-            only.field[:] = 0.0
-        dy, dx = only.grid_displacement(i, shape)
-        y, x = vec_to_common(-dy, -dx, turns[i])
-        k = turns[i]
-        ry = fields[i, 0] - np.rot90(y, -k)
-        rx = fields[i, 1] - np.rot90(x, -k)
-        out.append(float(np.sqrt(np.mean(ry**2 + rx**2))))
+    for i in range(len(model.affine)):
+        lines = model.lines(i)
+        ms = np.mean(lines[:, 0] ** 2 + model.theta[i] ** 2 * cc2 + lines[:, 1] ** 2)
+        if model.field is not None:
+            fy, fx = model.field[i, 0], model.field[i, 1]
+            cc = np.arange(nx) - (nx - 1) / 2.0
+            ty = lines[:, :1] + model.theta[i][:, None] * cc[None, :]
+            ms += float(np.mean(fy * (fy + 2 * ty) + fx * (fx + 2 * lines[:, 1:])))
+        out.append(float(np.sqrt(max(ms, 0.0))))
     return np.asarray(out)

@@ -1,4 +1,5 @@
-"""Numba kernels: cubic B-spline sampling with gradients, bilinear gathers for spectrum images.
+"""Numba kernels: cubic B-spline sampling with gradients, bilinear gathers for spectrum images,
+bilinear splatting for the density-weighted merge.
 
 Coordinates are fractional (row, col) pixels of the sampled array; indices beyond the array are
 clamped to its edge (callers weight such samples out).
@@ -7,18 +8,36 @@ clamped to its edge (callers weight such samples out).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 from scipy import ndimage
 
+from scherzer.optics import fft_workers
+
 __all__ = [
     "gather_bilinear",
+    "in_threads",
     "invert_rows",
     "sample_bilinear",
     "sample_spline",
+    "splat_bilinear",
     "spline_coefficients",
 ]
+
+
+def in_threads(fn, items) -> list:
+    """[fn(item) …] in ``fft_workers()`` threads, in order. The image kernels here are serial
+    and release the GIL (as numpy does): frames run side by side, one per core, instead of
+    every kernel call fanning out over the cores (whose thread start-up and spin-waiting cost
+    more than 512² samples take on a loaded machine)."""
+    items = list(items)
+    workers = min(fft_workers(), len(items))
+    if workers <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def spline_coefficients(image: np.ndarray) -> np.ndarray:
@@ -47,7 +66,7 @@ def _dweights(t):
     return (-0.5 * s * s, 1.5 * t * t - 2.0 * t, -1.5 * t * t + t + 0.5, 0.5 * t * t)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True, nogil=True)  # serial: the engine runs frames in threads
 def _sample(coeffs, ys, xs, val, gy, gx, with_gradient):  # pragma: no cover - numba
     h, w = coeffs.shape
     for p in numba.prange(ys.shape[0]):
@@ -78,13 +97,19 @@ def _sample(coeffs, ys, xs, val, gy, gx, with_gradient):  # pragma: no cover - n
             gx[p] = ax
 
 
+def _coordinates(values: np.ndarray) -> np.ndarray:
+    """Flat contiguous float32 or float64 coordinates (float32 kept: no copy of the grids)."""
+    arr = np.asarray(values)
+    dtype = arr.dtype if arr.dtype in (np.float32, np.float64) else np.float64
+    return np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
+
+
 def sample_spline(
     coeffs: np.ndarray, ys: np.ndarray, xs: np.ndarray, gradient: bool = False
 ) -> tuple[np.ndarray, ...]:
     """Values (and d/dy, d/dx if ``gradient``) of a cubic spline at (ys, xs), shaped as ys."""
     shape = np.shape(ys)
-    yf = np.ascontiguousarray(ys, dtype=np.float64).reshape(-1)
-    xf = np.ascontiguousarray(xs, dtype=np.float64).reshape(-1)
+    yf, xf = _coordinates(ys), _coordinates(xs)
     val = np.empty(yf.shape, np.float32)
     gy = np.empty(yf.shape if gradient else 1, np.float32)
     gx = np.empty(yf.shape if gradient else 1, np.float32)
@@ -132,7 +157,7 @@ def gather_bilinear(
     )
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True, nogil=True)  # serial: the engine runs frames in threads
 def _bilinear(img, ys, xs, out, fill):  # pragma: no cover - numba
     h, w = img.shape
     for p in numba.prange(ys.shape[0]):
@@ -154,8 +179,7 @@ def sample_bilinear(
     (``clamp``: positions are first clamped into the image, as mode "nearest")."""
     shape = np.shape(ys)
     h, w = image.shape
-    yf = np.ascontiguousarray(ys, dtype=np.float64).reshape(-1)
-    xf = np.ascontiguousarray(xs, dtype=np.float64).reshape(-1)
+    yf, xf = _coordinates(ys), _coordinates(xs)
     if clamp:
         yf, xf = np.clip(yf, 0, h - 1), np.clip(xf, 0, w - 1)
     out = np.empty(yf.shape, np.float32)
@@ -163,7 +187,7 @@ def sample_bilinear(
     return out.reshape(shape)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True, nogil=True)  # serial: the engine runs frames in threads
 def _invert_rows(affine, rows, theta, nx, steps, py, px):  # pragma: no cover - numba
     ny = rows.shape[0]
     cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
@@ -200,3 +224,40 @@ def invert_rows(
         nx, steps, py, px,
     )  # fmt: skip
     return py, px
+
+
+@numba.njit(cache=True, nogil=True)
+def _splat(values, ys, xs, total, weight):  # pragma: no cover - numba
+    h, w = total.shape
+    for p in range(values.shape[0]):
+        y, x = ys[p], xs[p]
+        if not (y > -1.0 and y < h and x > -1.0 and x < w):
+            continue
+        iy, ix = math.floor(y), math.floor(x)
+        ty, tx = y - iy, x - ix
+        for a in range(2):
+            yy = iy + a
+            if yy < 0 or yy >= h:
+                continue
+            wy = ty if a else 1.0 - ty
+            for b in range(2):
+                xx = ix + b
+                if xx < 0 or xx >= w:
+                    continue
+                k = wy * (tx if b else 1.0 - tx)
+                total[yy, xx] += k * values[p]
+                weight[yy, xx] += k
+
+
+def splat_bilinear(
+    values: np.ndarray, ys: np.ndarray, xs: np.ndarray, total: np.ndarray, weight: np.ndarray
+) -> None:
+    """Add samples at fractional (ys, xs) to the grids ``total`` (Σ k·value) and ``weight``
+    (Σ k) with bilinear weights k (the forward map of a scan: where each pixel landed)."""
+    _splat(
+        np.ascontiguousarray(values, dtype=np.float32).reshape(-1),
+        np.ascontiguousarray(ys, dtype=np.float64).reshape(-1),
+        np.ascontiguousarray(xs, dtype=np.float64).reshape(-1),
+        total,
+        weight,
+    )

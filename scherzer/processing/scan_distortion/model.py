@@ -129,6 +129,25 @@ class FrameModel:
             dx = dx + self.field[i, 1]
         return dy, dx
 
+    def grid_positions(self, i: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """p + u_i(p) for every scan pixel p (ny, nx), float32 (qy, qx): the line terms in
+        float64, the grids in float32 (≤ 1e-4 px at 4096 px) — half the memory of
+        :meth:`grid_displacement` and no float64 temporaries of the frame's size."""
+        ny, nx = shape
+        a = self.affine[i]
+        rr = np.arange(ny) - (ny - 1) / 2.0
+        lines = self.lines(i)
+        cc = (np.arange(nx) - (nx - 1) / 2.0).astype(np.float32)[None, :]
+        y0 = (np.arange(ny) + a[0] + a[1] * rr + lines[:, 0]).astype(np.float32)[:, None]
+        ys = (a[2] + self.theta[i]).astype(np.float32)[:, None]
+        x0 = ((nx - 1) / 2.0 + a[3] + a[4] * rr + lines[:, 1]).astype(np.float32)[:, None]
+        qy = y0 + ys * cc
+        qx = x0 + np.float32(1.0 + a[5]) * cc
+        if self.field is not None:
+            qy += self.field[i, 0]
+            qx += self.field[i, 1]
+        return qy, qx
+
     def pull(
         self, i: int, coeffs: np.ndarray, shape: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -152,10 +171,13 @@ class FrameModel:
 
 def common_fields(model: FrameModel, turns: list[int], shape: tuple[int, int]) -> np.ndarray:
     """User fields (n, 2, H, W) float32 in common orientation: f_i(q) with
-    frame_i(q) ≈ ref(q − f_i(q)), i.e. f = −u turned into the common frame."""
-    out = []
+    frame_i(q) ≈ ref(q − f_i(q)), i.e. f = −u turned into the common frame (filled frame by
+    frame: one frame's float64 displacement at a time)."""
+    h, w = shape if turns[0] % 2 == 0 else shape[::-1]
+    out = np.empty((len(turns), 2, h, w), np.float32)
     for i, k in enumerate(turns):
         dy, dx = model.grid_displacement(i, shape)
         cy, cx = vec_to_common(-dy, -dx, k)
-        out.append(np.stack([np.rot90(cy, -k), np.rot90(cx, -k)]))
-    return np.asarray(out, dtype=np.float32)
+        out[i, 0] = np.rot90(cy, -k)
+        out[i, 1] = np.rot90(cx, -k)
+    return out

@@ -22,7 +22,7 @@ def as_frames(frames: object, what: str = "frames") -> np.ndarray:
         raise ScanDistortionError(f"frames must be at least 16×16 px; got {arr.shape[1:]}")
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise ScanDistortionError(f"{what} must be real numbers; got {arr.dtype}")
-    out = arr.astype(np.float32)
+    out = np.asarray(arr, dtype=np.float32)  # no copy of a float32 stack: it is only read
     if not np.all(np.isfinite(out)):
         raise ScanDistortionError(f"{what} contain NaN or infinite values")
     return out
@@ -52,4 +52,4 @@ def prepare_frames(frames: np.ndarray, params: NonrigidParams) -> np.ndarray:
     if params.row_median:
         rows = np.median(out, axis=2, keepdims=True)
         out = out - rows + np.median(out, axis=(1, 2), keepdims=True)
-    return out.astype(np.float32)
+    return np.asarray(out, dtype=np.float32)

@@ -23,6 +23,8 @@ class NonrigidResult:
       the frame did not see; ``valid`` (n, H, W) bool says where it did).
     * ``average`` (H, W) float32: mean of the unflagged corrected frames, **NaN where no
       frame saw** (the only NaNs in the result); ``count`` (H, W) float32: frames per pixel.
+      With ``params.merge == "density"``: the density-weighted merge and its kernel density
+      (frames' pixels per output pixel; NaN where it is below a fifth of its median).
     * ``fields_px`` (n, 2, H, W) float32: (dy, dx) per pixel with frame_i(q) ≈ ref(q −
       f_i(q)) — the shift convention of rigid registration, per pixel.
     * ``affine`` (n, 6): (a0, a1, a2, a3, a4, a5) in each frame's *scan* coordinates: the

@@ -48,13 +48,12 @@ def _residuals(
     frame: np.ndarray, target: Target, model: FrameModel, i: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(weights, residual e, g·∂R/∂y, g·∂R/∂x) on the scan grid."""
-    ny, nx = frame.shape
-    dy, dx = model.grid_displacement(i, (ny, nx))
-    qy = np.arange(ny)[:, None] + dy
-    qx = np.arange(nx)[None, :] + dx
+    nx = frame.shape[1]
+    qy, qx = model.grid_positions(i, frame.shape)
     val, gy, gx = sample_spline(target.coeffs, qy, qx, gradient=True)
-    seen = sample_bilinear(target.seen, qy, qx)
-    w = (seen >= MIN_SEEN).astype(np.float32)
+    w = sample_bilinear(target.seen, qy, qx)
+    del qy, qx
+    w = (w >= MIN_SEEN).astype(np.float32)
     w[:, : round(ROW_START_SKIP * nx)] = 0.0
     sw = float(w.sum())
     if sw < 0.05 * w.size:
@@ -63,8 +62,15 @@ def _residuals(
     var = float((w * (val - mv) ** 2).sum())
     gain = float((w * (val - mv) * (frame - ms)).sum()) / var if var > 0 else 1.0
     gain = gain if gain > 1e-6 else 1.0
-    e = frame - (gain * (val - mv) + ms)
-    return w, (w * e).astype(np.float32), gain * gy, gain * gx
+    e = val
+    e -= mv
+    e *= -gain
+    e += frame
+    e -= ms  # frame − (gain·(val − mv) + ms), in val's memory
+    e *= w
+    gy *= gain
+    gx *= gain
+    return w, e, gy, gx
 
 
 def _solve_batched(h: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,14 +82,30 @@ def _solve_batched(h: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _affine_step(w, e, gy, gx, nx) -> np.ndarray:
+    """6×6 normal equations of (dy, dx) = (a0 + a1·ŕ + a2·ć, a3 + a4·ŕ + a5·ć), built from
+    per-line sums (moments 0–2 in ć of w·g·g' and 0–1 of g·e) weighted by powers of ŕ: no
+    (6, H·W) basis in memory."""
     ny = w.shape[0]
-    rr = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2)[:, None]
+    rr = np.arange(ny, dtype=np.float64) - (ny - 1) / 2
     cc = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2)[None, :]
-    one = np.ones_like(gy)
-    basis = np.stack([gy * one, gy * rr, gy * cc, gx * one, gx * rr, gx * cc]).reshape(6, -1)
-    wb = basis * w.reshape(1, -1)
-    h = (wb @ basis.T).astype(np.float64)
-    b = (basis @ e.reshape(-1)).astype(np.float64)
+    grads = (gy, gx)
+    h = np.zeros((6, 6))
+    b = np.zeros(6)
+    for a in range(2):
+        ge = (grads[a] * e).astype(np.float64)
+        b0, b1 = ge.sum(axis=1), (ge * cc).sum(axis=1)
+        b[3 * a : 3 * a + 3] = (b0.sum(), (rr * b0).sum(), b1.sum())
+        for c in range(a, 2):
+            wg = (w * grads[a] * grads[c]).astype(np.float64)
+            m0, m1, m2 = wg.sum(axis=1), (wg * cc).sum(axis=1), (wg * cc * cc).sum(axis=1)
+            # basis of one component: (1, ŕ, ć) → block[p, q] = Σ basis_p·basis_q·w·g·g'
+            block = np.array([
+                [m0.sum(), (rr * m0).sum(), m1.sum()],
+                [(rr * m0).sum(), (rr * rr * m0).sum(), (rr * m1).sum()],
+                [m1.sum(), (rr * m1).sum(), m2.sum()],
+            ])  # fmt: skip
+            h[3 * a : 3 * a + 3, 3 * c : 3 * c + 3] = block
+            h[3 * c : 3 * c + 3, 3 * a : 3 * a + 3] = block.T
     return _solve_batched(h[None], b[None])[0]
 
 
