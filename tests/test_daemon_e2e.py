@@ -151,9 +151,16 @@ def test_pause_stops_a_running_job_at_a_frame_boundary(client):
 def test_events_carry_job_states_frames_and_heartbeats(client):
     with client.events() as stream:
         # a heartbeat (every 0.2 s here) shows the subscription has reached the daemon
-        assert stream.next(30.0) is not None
-        job = client.submit({"kind": "camera_image", "exposure_s": 0.1, "repeat": 2})
         seen: dict[str, list] = {}
+
+        def heard_a_heartbeat() -> bool:
+            ev = stream.next(1.0)
+            if ev is not None:
+                seen.setdefault(ev.topic, []).append(ev)
+            return "heartbeat" in seen
+
+        wait_for(heard_a_heartbeat, timeout_s=30)
+        job = client.submit({"kind": "camera_image", "exposure_s": 0.1, "repeat": 2})
         deadline = time.monotonic() + 30  # a hang guard
         while time.monotonic() < deadline and "done" not in seen.get("states", []):
             ev = stream.next(1.0)

@@ -159,7 +159,10 @@ def test_reply_delay_beyond_timeout_raises_timeout_after_bounded_attempts(
         lens.get_defocus_nm()
     # each attempt waited out its timeout (an attempt cannot give up early)
     assert time.monotonic() - t0 >= (RETRIES + 1) * TIMEOUT_S
-    assert kinds(exc.value.details["attempts"]) == ["timeout"] * (RETRIES + 1)  # then gave up
+    # bounded: every attempt, then it gave up; the last one heard nothing (an earlier one may
+    # have caught the start of a late reply to its predecessor as its deadline passed)
+    attempts = kinds(exc.value.details["attempts"])
+    assert len(attempts) == RETRIES + 1 and attempts[-1] == "timeout", attempts
     message = str(exc.value)
     assert emulator.port in message and "3 attempts" in message and "powered" in message
     # every attempt reached the controller
