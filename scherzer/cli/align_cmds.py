@@ -202,7 +202,7 @@ def _align_chunked(args: argparse.Namespace, params: Any, found: _ChunkedInput) 
 
     from scherzer import io as sio
     from scherzer.io.chunks import FileFrames, ScratchFactory
-    from scherzer.processing.pipeline import StepOutput, _alignment_table
+    from scherzer.processing.pipeline import StepOutput, alignment_table
     from scherzer.processing.registration import measure_shifts
     from scherzer.processing.shifting import aligned_blocks
     from scherzer.stack import FrameRecord
@@ -234,7 +234,7 @@ def _align_chunked(args: argparse.Namespace, params: Any, found: _ChunkedInput) 
         step="align",
         params={"signal": found.signal, **dataclasses.asdict(params)},
         summary=result.to_json(),
-        tables={"alignment": _alignment_table(result)},
+        tables={"alignment": alignment_table(result)},
     )
     out.arrays[f"average_{found.signal}"] = average
     out.arrays["similarity"] = np.asarray(result.similarity, dtype=np.float32)

@@ -65,6 +65,7 @@ __all__ = [
     "PipelineError",
     "PipelineResult",
     "StepOutput",
+    "alignment_table",
     "run_pipeline",
 ]
 
@@ -147,7 +148,9 @@ def _rotated_back(stack: ImageStack) -> ImageStack:
     )
 
 
-def _alignment_table(result: Any) -> np.ndarray:
+def alignment_table(result: Any) -> np.ndarray:
+    """The ``alignment`` table of a rigid result: one row per frame (index, shift y/x px, peak
+    height, residual px, flagged)."""
     n = len(result.peak_heights)
     table = np.zeros(
         n,
@@ -186,7 +189,7 @@ def step_align(ctx: PipelineContext, step: AlignStep) -> StepOutput:
         step="align",
         params={"signal": signal, **dataclasses.asdict(align_params)},
         summary=result.to_json(),
-        tables={"alignment": _alignment_table(result)},
+        tables={"alignment": alignment_table(result)},
     )
     for name, stack in zip(names, aligned, strict=True):
         out.stacks[f"aligned_{name}"] = stack
