@@ -6,7 +6,14 @@ the others, pulled through their current models. Orthogonal pairs and sets use t
 the reference mixes scan directions, so the slow-axis errors of one frame are measured by the
 fast axis of another (Ophus, Ciston & Nelson 2016), and the fast axes pin the global shape
 (:mod:`.gauge`). The start is the rigid alignment plus the steady drift it implies (a linear
-drift for every frame: its slow axis sheared and stretched by the drift between frames).
+drift for every frame: its slow axis sheared and stretched by the drift between frames), or,
+for orthogonal series whose shear defeats the rigid alignment, the linear drift search's
+(:mod:`.drift`). Within a cycle the frames are independent (each against references built
+from the previous cycle's model) and run side by side in threads.
+
+Memory: the frames are held once, as their spline coefficients in scan orientation (the
+normalised copy is converted in place); a cycle adds the frames pulled onto the reference grid
+(float32 values and bool masks) and, per running frame, a few float32 frame-sized arrays.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from scherzer.processing.registration import (
     rotate_to_common,
 )
 from scherzer.processing.scan_distortion.apply import apply_fields
+from scherzer.processing.scan_distortion.drift import search_linear_drift
 from scherzer.processing.scan_distortion.gauge import drift_slopes, fix_gauge, fix_row_gauge
 from scherzer.processing.scan_distortion.kernels import in_threads, spline_coefficients
 from scherzer.processing.scan_distortion.merge import merge_density
@@ -89,15 +97,31 @@ def _dense(params: NonrigidParams) -> bool:
     return params.mode == "unconstrained" and params.nonlinear_cycles > 0
 
 
-def _initial_model(shifts, turns, shape, params, lines_per_frame) -> FrameModel:
-    """Rigid positions plus, for every frame, the linear drift they imply."""
+def _start(work, turns, params, lines_per_frame) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rigid shifts, steady drift slope or None): orthogonal series search a linear drift
+    first (``drift_search``; see :mod:`.drift`), falling back to the rigid alignment."""
+    shifts = _rigid_start(work, turns, params)
+    if params.drift_search and params.rigid_start and len({t % 2 for t in turns}) > 1:
+        times = np.arange(len(shifts)) * lines_per_frame
+        implied = -np.polyfit(times, shifts, 1)[0]  # the rigid start's steady drift
+        found = search_linear_drift(work, turns, lines_per_frame, implied)
+        if found is not None:
+            return found[1], found[0]
+    return shifts, None
+
+
+def _initial_model(shifts, turns, shape, params, lines_per_frame, slope=None) -> FrameModel:
+    """Rigid positions plus, for every frame, the linear drift they imply (or ``slope``, the
+    drift search's, common px per line)."""
     n = len(shifts)
     model = FrameModel.zeros(n, shape, _dense(params))
     for i, k in enumerate(turns):
         model.affine[i, 0], model.affine[i, 3] = vec_to_scan(-shifts[i, 0], -shifts[i, 1], k)
-    if not params.drift_gauge:
+    if not params.drift_gauge and slope is None:
         return model  # no drift prior: every frame starts unsheared
-    slopes = drift_slopes(model, turns, lines_per_frame)
+    slopes = np.tile(slope, (n, 1)) if slope is not None else None
+    if slopes is None:
+        slopes = drift_slopes(model, turns, lines_per_frame)
     for i, k in enumerate(turns):
         sy, sx = vec_to_scan(slopes[i, 0], slopes[i, 1], k)
         model.affine[i, [1, 4]] = sy, sx
@@ -372,11 +396,11 @@ def correct_scan_distortion(
         raise ScanDistortionError("a frame is constant: nothing to register")
     work = ((prepared - mean) / std).astype(np.float32, copy=False)
     lines_per_frame = work.shape[1 if turns[0] % 2 == 0 else 2] + p.frame_gap_lines
-    shifts = _rigid_start(work, turns, p)
+    shifts, slope = _start(work, turns, p, lines_per_frame)
     binned = _coarse_frames(work, p)
     engine = _Engine(work, turns, p)  # takes ``work`` over (spline coefficients in place)
     del work
-    model = _initial_model(shifts, turns, engine.shape, p, lines_per_frame)
+    model = _initial_model(shifts, turns, engine.shape, p, lines_per_frame, slope)
     fix_gauge(model, turns, engine.active, lines_per_frame, engine.shape[1], linear=False)
     model, history = _run_cycles(engine, model, lines_per_frame, binned)
     del binned
