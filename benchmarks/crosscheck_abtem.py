@@ -48,6 +48,19 @@ at 150 e/Å² or 20 × 512² at 400 e/Å², −150 nm start, 10 or 5 nm steps 3 
 4 nm at 30°, drift; the field simulated 128 px wider on every side and cropped, so it is not
 periodic; the "testdata" case is tests/data/abtem_srtio3_edge_8cells_11x256.npz, seed 0);
 ``--evaluate F.npz`` (no abTEM needed) prints our registration and restoration against its truth.
+Measured (2 shared cores, process seconds; phase correlation = the restored vs the true exit
+wave, both low-passed to 8 nm⁻¹, 32 px border; "transferred" = only the frequencies some image
+transfers with |sin χ| ≥ 0.1, tests/focal_abtem_metrics.py):
+8 cells: relative defocus RMS 0.204 nm → 0.059 nm with the thick-crystal fallback (spot
+residual 24× the noise), absolute RMS 0.32 → 0.31 nm, drift 0.071 px; phase correlation
+linear 0.596, after 5 non-linear steps 0.621 (transferred 0.978 → 0.976).
+4 cells: relative 0.331 → 0.252 nm, absolute 1.01 nm (the a-C film's mid-plane: +1.0 nm on
+every image), drift 0.043 px; phase correlation 0.804 → 0.806 (transferred 0.988 → 0.988);
+with the true parameters 0.793 → 0.795. The ceiling of the 8 nm⁻¹ metric: the true wave
+without its k < 0.25 nm⁻¹ part (the crystal's mean-inner-potential step, which no image of the
+series transfers: χ ≤ 0.04 rad there) correlates 0.82 with itself; our linear restoration
+reaches 0.990 on 0.5–8 nm⁻¹. 4cells_4000: relative 0.216 → 0.133 nm; phase correlation
+0.782 → 0.785 (transferred 0.994 → 0.994) with 5 non-linear steps.
 Run with .venv-bench/bin/python (abTEM needs zarr ≥ 3.1, the test readers pin zarr < 3).
 
 Diagnostics: abTEM's real-space ("finite") projection against the exact series, and one C atom
@@ -550,6 +563,9 @@ FOCAL_CASES = {
     "8cells": dict(cells=8, n=11, start_nm=-150.0, step_nm=10.0, dose=150.0, size=512),
     # … and 4 cells, 20 images, 400 e/Å² (start −150 nm, 5 nm steps: again last near Scherzer)
     "4cells": dict(cells=4, n=20, start_nm=-150.0, step_nm=5.0, dose=400.0, size=512),
+    # the 4-cell series at 10× the dose: does the non-linear refinement gain where noise does
+    # not hide the non-linear terms? (issue #15's "whenever the dose allows")
+    "4cells_4000": dict(cells=4, n=20, start_nm=-150.0, step_nm=5.0, dose=4000.0, size=512),
     # the small copy in tests/data (tests/test_focal_abtem.py): the 8-cell edge on 11 × 256²
     "testdata": dict(cells=8, n=11, start_nm=-150.0, step_nm=10.0, dose=150.0, size=256),
 }
