@@ -43,8 +43,10 @@ __all__ = ["ModelFit", "model_fit", "step_scale_line"]
 # The residual power on the Bragg spots may exceed the noise (the residual of their radial
 # neighbours) by this factor before the model counts as failing. A factor 2 means the model
 # error on the spots is as large as the noise there: below that, a fit cannot tell a better
-# model from noise, above it the spots' residual is mostly the model's. Measured (spot ratio of
-# the series): see tests/test_focal_misfit.py and the module's callers' history entries.
+# model from noise, above it the spots' residual is mostly the model's. Measured (series spot
+# ratio): synthetic weak- and strong-phase objects imaged by the model 0.93 / 1.19; abTEM SrTiO3
+# edges under a-C 10.4 (4 cells, 400 e/Å²), 46.7 (4 cells, 4000 e/Å²), 20–24 (8 cells, 150
+# e/Å²); the simulator's 3 nm SrTiO3 edge 42 (512²) / 29 (256²); tests/test_focal_abtem.py.
 MAX_SPOT_RATIO = 2.0
 MISFIT_RADIAL_BINS = 32  # radial bins of the noise estimate (elements per bin ≫ spots per bin)
 # The fallback's κ search: three residuals κ0 + (−h, 0, h) about the registration's own step
