@@ -143,7 +143,7 @@ class _Engine:
             frames[i] = spline_coefficients(np.rot90(frames[i], k))  # square if k is odd
         self.coeffs = frames
         self.shape = frames.shape[1:]
-        self.smoothing_px = params.smoothing_for(turns)
+        self.smoothing_px = params.smoothing_for(turns, frames.shape[2])
         self.penalty = len({t % 2 for t in turns}) > 1  # line smoother: see smoothing_for
         self.jitter = params.jitter_for(turns)
         self.active = np.ones(len(frames), bool)

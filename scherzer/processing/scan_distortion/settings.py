@@ -6,6 +6,7 @@ Validated by ``pydantic.TypeAdapter(NonrigidParams)`` (unknown keys are rejected
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -20,6 +21,10 @@ MODES = ("row-locked", "row-fitting", "unconstrained")
 # gave 0.124); one direction with the Gaussian window 0.132 px at 4 (the penalty did no
 # better than 0.135 at any weight: 0.155 at 1, 0.140 at 2.5, 0.150 at 3)
 SMOOTHING_MIXED_PX = 1.0
+# ... for lines of this many px; shorter lines scale it by sqrt(this / length) (a line carries
+# fewer pixels, so more noise, and a mains period spans more of them): measured optimum 1.5
+# at 192 px (0.074 px against 0.077 at 1), ≥ 2 at 128 px (0.086 against 0.105 at 1)
+SMOOTHING_MIXED_LINE_PX = 512
 SMOOTHING_SINGLE_PX = 4.0
 SMOOTHING_DENSE_PX = 4.0  # unconstrained mode: σ (px) of the 2-D window of its local systems
 
@@ -43,7 +48,8 @@ class NonrigidParams:
     followed to about exp(−2π²σ²/P²)). Wider keeps noise out, narrower follows faster
     distortions (50 Hz pick-up is a ripple of ≈18 lines for 512-px lines at 2 µs). None
     (default) picks by the scan directions: ``SMOOTHING_MIXED_PX`` with orthogonal scans (the
-    other direction's fast axis makes every line's slow-axis position sharp),
+    other direction's fast axis makes every line's slow-axis position sharp; scaled for
+    lines shorter than ``SMOOTHING_MIXED_LINE_PX``),
     ``SMOOTHING_SINGLE_PX`` for one direction, ``SMOOTHING_DENSE_PX`` (a Gaussian σ in 2-D)
     when unconstrained. ``row_jitter`` adds a fast-axis offset per row (line jitter; a Wiener
     estimate whose variance comes from the data) on top of the smooth line function; None
@@ -137,14 +143,16 @@ class NonrigidParams:
         if problems:
             raise ScanDistortionError("; ".join(problems))
 
-    def smoothing_for(self, turns: list[int]) -> float:
-        """``smoothing_px``, or the default for the scan directions of ``turns``."""
+    def smoothing_for(self, turns: list[int], line_px: int = SMOOTHING_MIXED_LINE_PX) -> float:
+        """``smoothing_px``, or the default for the scan directions of ``turns`` and scan
+        lines of ``line_px`` pixels."""
         if self.smoothing_px is not None:
             return float(self.smoothing_px)
         if self.mode == "unconstrained":
             return SMOOTHING_DENSE_PX
-        mixed = len({t % 2 for t in turns}) > 1
-        return SMOOTHING_MIXED_PX if mixed else SMOOTHING_SINGLE_PX
+        if len({t % 2 for t in turns}) <= 1:
+            return SMOOTHING_SINGLE_PX
+        return SMOOTHING_MIXED_PX * math.sqrt(SMOOTHING_MIXED_LINE_PX / max(line_px, 16))
 
     def jitter_for(self, turns: list[int]) -> bool:
         """``row_jitter``, or the default for the scan directions of ``turns``."""
