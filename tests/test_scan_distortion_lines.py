@@ -104,7 +104,8 @@ def test_line_jitter_comes_back(jittery_pairs) -> None:
 
 def test_smoothing_defaults_follow_the_scan_directions() -> None:
     p = NonrigidParams()
-    assert p.smoothing_for([0, 1, 0, 1]) == 1.0 and p.jitter_for([0, 1]) is True
+    assert p.smoothing_for([0, 1, 0, 1]) == 0.75 and p.jitter_for([0, 1]) is True
+    assert p.smoothing_for([0, 1], line_px=128) == pytest.approx(0.75 * 4**0.75)
     assert p.smoothing_for([0, 0, 0]) == 4.0 and p.jitter_for([0, 0]) is False
     assert NonrigidParams(mode="unconstrained").smoothing_for([0, 1]) == 4.0
     assert NonrigidParams(smoothing_px=3.0, row_jitter=False).smoothing_for([0, 1]) == 3.0

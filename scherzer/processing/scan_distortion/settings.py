@@ -6,7 +6,6 @@ Validated by ``pydantic.TypeAdapter(NonrigidParams)`` (unknown keys are rejected
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -17,14 +16,16 @@ __all__ = ["MODES", "NonrigidParams", "ScanDistortionError"]
 MODES = ("row-locked", "row-fitting", "unconstrained")
 # default smoothing (lines) by scan directions, measured on 8 × 512² (pairs) and 12 × 512² (one
 # direction) SrTiO3 series with 50 Hz pick-up, random-walk drift and jitter, per-pixel
-# residual: pairs with the line penalty 0.101 px at 1 (0.106 at 1.5; the Gaussian window of 4
-# gave 0.124); one direction with the Gaussian window 0.132 px at 4 (the penalty did no
-# better than 0.135 at any weight: 0.155 at 1, 0.140 at 2.5, 0.150 at 3)
-SMOOTHING_MIXED_PX = 1.0
-# ... for lines of this many px; shorter lines scale it by sqrt(this / length) (a line carries
-# fewer pixels, so more noise, and a mains period spans more of them): measured optimum 1.5
-# at 192 px (0.074 px against 0.077 at 1), ≥ 2 at 128 px (0.086 against 0.105 at 1)
+# residual: pairs with the line penalty 0.096 px at 0.75 (0.097 at 0.65, 0.098 at 0.85,
+# 0.102 at 1, 0.110 at 1.2; the Gaussian window of 4 gave 0.124); one direction with the
+# Gaussian window 0.132 px at 4 (the penalty did no better than 0.135 at any weight: 0.155
+# at 1, 0.140 at 2.5, 0.150 at 3)
+SMOOTHING_MIXED_PX = 0.75
+# ... for lines of this many px; shorter lines scale it by (this / length)^exponent (a line
+# carries fewer pixels, so more noise, and a mains period spans more lines): measured optima
+# ≈ 1.5 at 192 px (0.074 px against 0.077 at 1) and ≥ 2 at 128 px (0.086 against 0.105 at 1)
 SMOOTHING_MIXED_LINE_PX = 512
+SMOOTHING_LINE_EXPONENT = 0.75
 SMOOTHING_SINGLE_PX = 4.0
 SMOOTHING_DENSE_PX = 4.0  # unconstrained mode: σ (px) of the 2-D window of its local systems
 
@@ -152,7 +153,8 @@ class NonrigidParams:
             return SMOOTHING_DENSE_PX
         if len({t % 2 for t in turns}) <= 1:
             return SMOOTHING_SINGLE_PX
-        return SMOOTHING_MIXED_PX * math.sqrt(SMOOTHING_MIXED_LINE_PX / max(line_px, 16))
+        scale = (SMOOTHING_MIXED_LINE_PX / max(line_px, 16)) ** SMOOTHING_LINE_EXPONENT
+        return SMOOTHING_MIXED_PX * scale
 
     def jitter_for(self, turns: list[int]) -> bool:
         """``row_jitter``, or the default for the scan directions of ``turns``."""
