@@ -20,7 +20,9 @@ from scherzer.clients.client import DaemonError, LocalDaemon
 from scherzer.daemon.database import check_database, recover_database
 from scherzer.daemon.jobs import JobStore
 
-pytestmark = pytest.mark.timeout(120)
+#: Hang guard per test (s): daemon processes and CLI subprocesses start several times slower on
+#: a busy machine; a passing test never comes near it.
+pytestmark = pytest.mark.timeout(300)
 PATTERN = {"kind": "pattern", "camera_shape": [16, 16], "speedup": 1000.0}
 
 

@@ -15,7 +15,9 @@ from helpers import wait_for
 from scherzer.clients.client import Client, DaemonError, DaemonTimeout, LocalDaemon
 from scherzer.daemon.security import new_keypair
 
-pytestmark = pytest.mark.timeout(60)
+#: Hang guard per test (s): daemon processes and CLI subprocesses start several times slower on
+#: a busy machine; a passing test never comes near it.
+pytestmark = pytest.mark.timeout(300)
 #: Hang guard (s) for something that will happen (a heartbeat, a log line): not an expected time.
 EVENT_GUARD_S = 20.0
 PATTERN = {"kind": "pattern", "camera_shape": [16, 16], "speedup": 1000.0}
