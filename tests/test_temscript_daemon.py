@@ -42,7 +42,7 @@ def _config_knows_temscript() -> bool:
 
 
 pytestmark = [
-    pytest.mark.timeout(120),
+    pytest.mark.timeout(300),  # a hang guard: daemon and server processes start slowly under load
     pytest.mark.skipif(
         not _config_knows_temscript(),
         reason="config.py does not declare devices.kind='temscript' and its fields yet",
