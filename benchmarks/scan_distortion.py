@@ -14,12 +14,23 @@ undistorted image (best dihedral orientation and shift), seconds (one run, warm)
 traced memory (MB, numpy allocations, ``tracemalloc``) with the stack's size for scale; ours
 also gives the per-pixel residual against the true positions.
 
-    .venv/bin/python benchmarks/scan_distortion.py [--size 512] [--frames 8] [--series pairs,single]
+    .venv-bench/bin/python benchmarks/scan_distortion.py [--size 512] [--frames 8]
+        [--series pairs,single] [--quantem-python /tmp/qvenv/bin/python]
 
-Measured 2026-12-02 (2 cores shared with other jobs, load 5–10; column RMS after similarity fit,
-truth image 0.45 pm): 8 × 512² pairs — ours 0.52 pm, NCC 0.9985, 11.8 s, 97 MB, 0.124 px per
-pixel; rigid 6.06 pm, NCC 0.894; scanning-drift-corr 3.06 pm, NCC 0.762, 367 s, 686 MB.
-12 × 512² one direction — ours 1.19 pm, NCC 0.993, 11.2 s, 134 MB, 0.132 px; rigid 8.03 pm.
+Measured 2026-12-02 14:14–14:28 UTC (2 cores shared with other jobs, load 6–10; column RMS
+after a similarity fit, truth image 0.45 pm; seconds are wall, CPU seconds all threads):
+8 × 512² pairs — ours 0.54 pm, NCC 0.998, 3.75 s (2.97 s CPU), 59 MB peak (29 MB of it the
+result, working memory 3.5 stacks), 0.096 px per pixel; ours with merge="density" 0.63 pm,
+NCC 0.990; rigid 6.06 pm, NCC 0.894; scanning-drift-corr 3.06 pm, NCC 0.762, 451 s (91 s
+CPU), 686 MB. 12 × 512² one direction — ours 1.19 pm, NCC 0.993, 4.4 s (4.2 s CPU), 73 MB
+(working memory 2.4 stacks), 0.132 px; rigid 8.03 pm. Before this session's changes, same
+frames, alternated in one sitting (load ≈ 6): pairs 12.3 → 5.9 s wall (medians of 3), 5.8 →
+3.5 s CPU, 97 → 59 MB; one direction 20.7 → 11.8 s, 9.1 → 4.2 s CPU, 134 → 73 MB.
+
+quantem (``--quantem-python``, see benchmarks/scan_distortion_quantem.py) installed in ≈5 min
+into a 6.2 GB venv (torch with CUDA wheels); on one 256²-binned pair its affine stage took
+≈40 s and its non-rigid stage ≈70 s per iteration (load ≈10): stopped at the 600 s limit after
+6 of 8 iterations, so it has no row here; the issue measured 4.8 pm / 56 s on one pair.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 quantem (PyPI) pulls in torch (≈6 GB with CUDA wheels), so it lives in a throwaway venv, never in
 .venv or .venv-bench; this worker imports numpy and quantem only (not scherzer):
 
-    python -m venv /tmp/qvenv && /tmp/qvenv/bin/pip install quantem      # ≈3 min measured
+    python -m venv /tmp/qvenv && /tmp/qvenv/bin/pip install quantem      # ≈5 min measured
     .venv-bench/bin/python benchmarks/scan_distortion.py --quantem-python /tmp/qvenv/bin/python
 
 The benchmark writes the frames as acquired (fast axis along rows) and their scan angles to an
