@@ -25,7 +25,10 @@ NCC 0.990; rigid 6.06 pm, NCC 0.894; scanning-drift-corr 3.06 pm, NCC 0.762, 451
 CPU), 686 MB. 12 × 512² one direction — ours 1.19 pm, NCC 0.993, 4.4 s (4.2 s CPU), 73 MB
 (working memory 2.4 stacks), 0.132 px; rigid 8.03 pm. Before this session's changes, same
 frames, alternated in one sitting (load ≈ 6): pairs 12.3 → 5.9 s wall (medians of 3), 5.8 →
-3.5 s CPU, 97 → 59 MB; one direction 20.7 → 11.8 s, 9.1 → 4.2 s CPU, 134 → 73 MB.
+3.5 s CPU, 97 → 59 MB; one direction 20.7 → 11.8 s, 9.1 → 4.2 s CPU, 134 → 73 MB. On a
+nearly idle machine (load ≈1.5, 14:28 UTC) the pairs took 2.2 s wall, 3.3 s CPU (medians of
+3) against 2.4 s, 4.0 s before: the frames-in-threads change pays mostly under load, where
+the old per-kernel thread teams waited on each other.
 
 quantem (``--quantem-python``, see benchmarks/scan_distortion_quantem.py) installed in ≈5 min
 into a 6.2 GB venv (torch with CUDA wheels); on one 256²-binned pair its affine stage took
