@@ -82,3 +82,25 @@ def test_bad_nonrigid_input_is_one_error(files, tmp_path, capsys, extra):
     code = main(["align", str(both), "--out", str(tmp_path / "x.h5"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_merge_drift_search_and_jitter_flags_reach_the_engine(files, tmp_path, capsys):
+    """`--merge density` gives a kernel-density count (non-integer weights, unlike the average's
+    frame count); `--no-drift-search` and `--no-row-jitter` are recorded in the parameters."""
+    both, _ = files
+    out = tmp_path / "density.h5"
+    argv = ["align", str(both), "--nonrigid", "--out", str(out), "--affine-cycles", "1",
+            "--nonlinear-cycles", "1", "--merge", "density", "--no-drift-search",
+            "--no-row-jitter"]  # fmt: skip
+    code, _ = _run(argv, capsys)
+    assert code == 0
+    params = sio.read_processing(out, "nonrigid")
+    flat = json.dumps(params)
+    assert '"merge": "density"' in flat and '"drift_search": false' in flat
+    assert '"row_jitter": false' in flat and '"smoothing_px": null' in flat
+    count = sio.read_result(out, "count_nonrigid_HAADF")
+    average = sio.read_result(out, "average_nonrigid_HAADF")
+    assert count.shape == average.shape == (128, 128)
+    inside = count > 0
+    assert inside.mean() > 0.9 and np.isfinite(average[inside]).all()
+    assert not np.allclose(count[inside], np.round(count[inside]))  # a density, not a tally

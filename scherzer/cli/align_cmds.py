@@ -75,6 +75,9 @@ def _nonrigid_step(args: argparse.Namespace) -> Any:
         "smoothing_px": args.smoothing_px,
         "convergence_px": args.convergence_px,
         "reference": "index" if ref.isdigit() else ref,
+        "merge": args.merge,
+        "drift_search": args.drift_search,
+        "row_jitter": args.row_jitter,
     }
     if ref.isdigit():
         values["reference_index"] = int(ref)
@@ -320,8 +323,29 @@ def _add_nonrigid_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--smoothing-px",
         type=positive_float,
-        default=8.0,
-        help="smoothing kernel (px) keeping the lattice out of the fields (default 8)",
+        default=None,
+        help="smoothing (lines) of the fields along the slow axis (default: by scan directions "
+        "and line length - 0.75 at 512-px lines for orthogonal series, 4 for one direction, "
+        "4 px unconstrained)",
+    )
+    g.add_argument(
+        "--merge",
+        choices=("average", "density"),
+        default="average",
+        help="merged image: the average of the resampled frames, or the density-weighted merge "
+        "(its density map is the count; default average)",
+    )
+    g.add_argument(
+        "--no-drift-search",
+        dest="drift_search",
+        action="store_false",
+        help="orthogonal series: skip the search for a steady drift before the affine cycles",
+    )
+    g.add_argument(
+        "--row-jitter",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a fast-axis offset per row (line jitter; default: on for orthogonal series)",
     )
     g.add_argument(
         "--convergence-px",
