@@ -17,7 +17,7 @@ from helpers import wait_for
 from scherzer.clients.client import LocalDaemon
 from scherzer.io import read_processing_summary, read_stack, read_stacks
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, not a speed check
 PATTERN = {"kind": "pattern", "camera_shape": [32, 32], "speedup": 20.0}
 NO_PROCESSING = {"processing": []}
 

@@ -66,14 +66,23 @@ def test_daemon_averages_a_time_series_live(tmp_path: Path):
     plan = {"kind": "time_series", "source": "camera", "n_frames": 12, "exposure_s": 1.0,
             "interval_s": 2.0, "name": "live", "processing": []}  # fmt: skip
     events = []
-    with LocalDaemon({"devices": dict(DEVICES)}, tmp_path) as d, d.client(timeout_s=30) as c:
-        with c.events(("live",)) as stream:
+    config = {"devices": dict(DEVICES), "server": {"heartbeat_s": 0.2}}
+    with LocalDaemon(config, tmp_path) as d, d.client(timeout_s=30) as c:
+        with c.events(("live", "heartbeat")) as stream:
+            # a heartbeat proves the subscription is in effect before the (fast) job starts
+            while (beat := stream.next(30.0)) is not None and beat.topic != "heartbeat":
+                pass
+            assert beat is not None, "no heartbeat: the event subscription never took effect"
             job = c.submit(plan)
             done = c.wait(job.job_id, timeout_s=120)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and len(events) < done.frames_done:
                 event = stream.next(0.5)
-                if event is not None and event.data["job_id"] == job.job_id:
+                if (
+                    event is not None
+                    and event.topic == "live"
+                    and event.data["job_id"] == job.job_id
+                ):
                     events.append(event.data)
     assert done.state == "done" and done.frames_done == 12
     assert events and events[-1]["frames_averaged"] + events[-1]["frames_skipped"] <= 12

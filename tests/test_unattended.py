@@ -16,7 +16,7 @@ from scherzer.clients.client import LocalDaemon
 from scherzer.daemon.runs import RunsError, expand_runs, load_runs
 from scherzer.io import read_stacks
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a hang guard, not a speed check
 PATTERN = {"kind": "pattern", "camera_shape": [32, 32], "speedup": 100.0}
 
 RUNS = """
