@@ -73,7 +73,7 @@ EVENT_DOCS: dict[str, str] = {
     "drift-compensated average (fetch it with `frame_get` by `frame_id`; stored in the file as "
     "`live_average_<signal>` when the job ends, with the indices folded in `folded_frames`); "
     "for a focal series, after each image is registered against the ones before it: "
-    "`{job_id, signal, kind: \"focal_registration\", index, frames_registered, "
+    '`{job_id, signal, kind: "focal_registration", index, frames_registered, '
     "relative_defocus_nm, defocus_step_nm, shift_px, drift_step_px, peak, used}` (stored as the "
     "`live_focal_registration` table)",
     "log": "`{level, event, ...}` warnings and errors from the daemon log",
