@@ -36,14 +36,11 @@ from scherzer.processing.focal import FocalParams
 from scherzer.processing.focal.problem import Problem
 from scherzer.processing.focal.register import SEARCH_RANGE_MARGIN_NM, SEARCH_RANGE_STEP_FRACTION
 from scherzer.processing.focal.relative import (
-    match_reference,
-    match_wave,
+    match_image,
     predict_defocus,
     predict_shift,
 )
 from scherzer.processing.focal.settings import MIN_IMAGES
-from scherzer.processing.spectral import shift_phase
-from scherzer.processing.wiener import quadratic_term, solve_series
 
 __all__ = ["LIVE_AREA_PX", "FocalEstimate", "IncrementalFocal"]
 
@@ -127,21 +124,11 @@ class IncrementalFocal:
         env_s = prob.bt.spatial(nominal)
         center = predict_defocus(nominal, d_abs, i, 0, done)
         window = (predict_shift(shifts, i, done), prob.params.max_drift_px)
-        if len(done) < MIN_IMAGES or i <= 1:  # two images restore no wave
-            delta, s, h = match_reference(prob, i, 0, d_abs, env_s, center, rng_nm, window)
-        else:
-            idx = np.sort(done)
-            aligned = prob.spectra[idx] * shift_phase(prob.band, shifts[idx])
-            t = prob.bt.transfer(d_abs[idx], env_s[idx])
-            sol = solve_series(
-                aligned, t, prob.band, camera=prob.camera, corrections=1,
-                prior_scale=prob.params.prior_scale, mask=prob.mask[idx],
-            )  # fmt: skip
-            t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
-            quad_i = quadratic_term(prob.band, sol.phi, t_i, prob.camera)[0]
-            delta, s, h = match_wave(
-                prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None, window
-            )
+        near = len(done) < MIN_IMAGES or i <= 1  # two images restore no wave
+        delta, s, h = match_image(
+            prob, i, 0, np.sort(done), (d_abs, shifts, env_s), center, rng_nm, window,
+            against_reference=near,
+        )  # fmt: skip
         if not self.done:
             self.done.append(0)
         if h >= prob.flag_level or len(self.done) < MIN_IMAGES:  # as the offline first pass

@@ -35,6 +35,7 @@ from scherzer.processing.wiener import quadratic_term, solve_series
 __all__ = [
     "AmorphousStrategy",
     "first_pass",
+    "match_image",
     "match_reference",
     "match_wave",
     "reference_by_peak",
@@ -166,27 +167,48 @@ def first_pass(prob: Problem, ref: int, nominal: np.ndarray, used: np.ndarray, r
     for i in order:
         center = predict_defocus(nominal, d_abs, i, ref, np.array(done))
         window = (predict_shift(shifts, i, np.array(done)), prob.params.max_drift_px)
-        if len(done) < MIN_IMAGES or abs(i - ref) <= 1:  # two images restore no wave
-            delta, s, h = match_reference(prob, i, ref, d_abs, env_s, center, rng_nm, window)
-        else:
-            idx = np.array(sorted(done))
-            aligned = prob.spectra[idx] * shift_phase(prob.band, shifts[idx])
-            t = prob.bt.transfer(d_abs[idx], env_s[idx])
-            sol = solve_series(
-                aligned, t, prob.band, camera=prob.camera, corrections=1,
-                prior_scale=prob.params.prior_scale, mask=prob.mask[idx],
-            )  # fmt: skip
-            t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
-            quad_i = quadratic_term(prob.band, sol.phi, t_i, prob.camera)[0]
-            delta, s, h = match_wave(
-                prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None, window
-            )
+        near = len(done) < MIN_IMAGES or abs(i - ref) <= 1  # two images restore no wave
+        delta, s, h = match_image(
+            prob, i, ref, np.array(sorted(done)), (d_abs, shifts, env_s), center, rng_nm, window,
+            against_reference=near,
+        )  # fmt: skip
         d_abs[i], shifts[i], peaks[i] = delta, s, h
         if used[i] and h >= prob.flag_level:
             done.append(i)
         elif used[i] and len(done) < MIN_IMAGES:  # low dose: keep going with what there is
             done.append(i)
     return d_abs, shifts, peaks
+
+
+def match_image(
+    prob: Problem,
+    i: int,
+    ref: int,
+    done: np.ndarray,
+    state: tuple[np.ndarray, np.ndarray, np.ndarray],
+    center: float,
+    rng_nm: float,
+    window: tuple[np.ndarray, float],
+    *,
+    against_reference: bool,
+) -> tuple[float, np.ndarray, float]:
+    """Defocus (nm), shift (px) and peak of image i: matched to the reference image through the
+    weak-phase transfer (``against_reference``), else to its prediction from the wave restored
+    from the images ``done`` (sorted indices; ``state`` = their defocus nm, shifts px and
+    spatial envelopes), its defocus searched within ``rng_nm`` of ``center`` and its shift in
+    ``window`` (centre px, radius px)."""
+    d_abs, shifts, env_s = state
+    if against_reference:
+        return match_reference(prob, i, ref, d_abs, env_s, center, rng_nm, window)
+    aligned = prob.spectra[done] * shift_phase(prob.band, shifts[done])
+    t = prob.bt.transfer(d_abs[done], env_s[done])
+    sol = solve_series(
+        aligned, t, prob.band, camera=prob.camera, corrections=1,
+        prior_scale=prob.params.prior_scale, mask=prob.mask[done],
+    )  # fmt: skip
+    t_i = prob.bt.transfer(d_abs[i : i + 1], env_s[i : i + 1])
+    quad_i = quadratic_term(prob.band, sol.phi, t_i, prob.camera)[0]
+    return match_wave(prob, i, sol.phi, quad_i, env_s[i], center, rng_nm, None, window)
 
 
 def predict_shift(shifts: np.ndarray, i: int, done: np.ndarray) -> np.ndarray:
