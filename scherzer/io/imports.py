@@ -262,8 +262,53 @@ def _stem(path: Path) -> str:
     return stem[:-2] if path.suffix.lower() == ".ser" and stem.endswith("_1") else stem
 
 
+#: Flags tifffile sets on a TIFF that holds nothing but the pixels (a stack written by tifffile
+#: or numpy-minded tools): such a file carries no calibration for rosettasciio to interpret.
+_PLAIN_TIFF_FLAGS = frozenset({"uniform", "shaped"})
+_UNIT_RESOLUTION = ((1, 1), 1.0, (1.0, 1.0))  # XResolution as tifffile reports "no calibration"
+
+
+def _plain_tiff(path: Path, budget: ReadBudget) -> dict | None:
+    """The signal dict rosettasciio would give for an uncalibrated single-series TIFF (axes of
+    scale 1 without units, tags as original metadata), read by tifffile alone — rosettasciio's
+    reader pulls in dask, about a quarter of a cold ``scherzer align``. None for any other TIFF
+    (calibrated, ImageJ, vendor metadata, several series): rosettasciio reads those."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        if len(tf.series) != 1 or not set(tf.flags) <= _PLAIN_TIFF_FLAGS:
+            return None
+        page, series = tf.pages.first, tf.series[0]
+        xres = page.tags.get("XResolution")
+        if xres is not None and xres.value not in _UNIT_RESOLUTION:
+            return None
+        shape = tuple(int(n) for n in series.shape)
+        if len(shape) not in (2, 3) or page.samplesperpixel != 1:
+            return None
+        budget.take(shape, series.dtype, str(path))
+        data = series.asarray()
+        om = {tag.name: tag.value for tag in page.tags}
+    names = ["None", "height", "width"][-len(shape) :]
+    axes = [
+        {"size": n, "name": names[k], "scale": 1.0, "offset": 0.0, "units": None,
+         "navigate": len(shape) == 3 and k == 0}
+        for k, n in enumerate(shape)
+    ]  # fmt: skip
+    metadata = {"General": {"original_filename": path.name}, "Signal": {"signal_type": ""}}
+    return {"data": data, "axes": axes, "metadata": metadata, "original_metadata": om}
+
+
 def _signals_tiff(path: Path, fmt: str, budget: ReadBudget) -> list[ImportedSignal]:
     import tifffile
+
+    try:
+        plain = _plain_tiff(path, budget)
+    except EmdError:
+        raise
+    except Exception:  # anything tifffile alone cannot read: rosettasciio's turn
+        plain = None
+    if plain is not None:
+        return [_from_rsciio(plain, fmt, 0, _stem(path))]
     from rsciio import tiff
 
     with warnings.catch_warnings():
