@@ -78,6 +78,20 @@ def _wrap_device_errors(name: str, exc: Exception) -> DeviceError:
     return DeviceError(f"{name}: simulator failed: {exc}", device=name)
 
 
+def _expose(name: str, timer: SimTimer, exposure_s: float, grab: Any) -> Any:
+    """``grab()`` as an exposure of ``exposure_s`` on the simulated clock: the exposure checked
+    first, any failure as a coded DeviceError of device ``name``, the clock advanced after."""
+    if not exposure_s > 0:
+        raise ValueError(f"exposure_s must be > 0, got {exposure_s}")
+    t0 = timer.now_s()
+    try:
+        result = grab()
+    except Exception as exc:
+        raise _wrap_device_errors(name, exc) from exc
+    timer.pass_s(exposure_s, since_s=t0)
+    return result
+
+
 class SimCamera:
     """A TEM camera on the virtual microscope (``Camera`` protocol)."""
 
@@ -96,16 +110,10 @@ class SimCamera:
         binning: int = 1,
         region: tuple[int, int, int, int] | None = None,
     ) -> CameraFrame:
-        if not exposure_s > 0:
-            raise ValueError(f"exposure_s must be > 0, got {exposure_s}")
-        t0 = self.timer.now_s()
-        try:
-            image, record, truth = self.microscope.acquire_image(
-                exposure_s, binning=binning, region=region
-            )
-        except Exception as exc:
-            raise _wrap_device_errors(self.name, exc) from exc
-        self.timer.pass_s(exposure_s, since_s=t0)
+        image, record, truth = _expose(
+            self.name, self.timer, exposure_s,
+            lambda: self.microscope.acquire_image(exposure_s, binning=binning, region=region),
+        )  # fmt: skip
         pixel = float(self.microscope.camera_pixel_nm) * binning
         return CameraFrame(image=image, record=record, pixel_size_nm=(pixel, pixel), truth=truth)
 
@@ -351,8 +359,6 @@ class SimFilterCamera:
         binning: int = 1,
         region: tuple[int, int, int, int] | None = None,
     ) -> CameraFrame:
-        if not exposure_s > 0:
-            raise ValueError(f"exposure_s must be > 0, got {exposure_s}")
         ny, nx = self.shape
         y0, x0, h, w = region if region is not None else (0, 0, ny, nx)
         if (
@@ -367,19 +373,20 @@ class SimFilterCamera:
                 f"{self.name}: region {region} / binning {binning} do not fit the {ny}×{nx} camera",
                 device=self.name,
             )
-        t0 = self.timer.now_s()
-        try:
-            check = getattr(self.microscope, "_check_faults", None)
-            if check is not None:
-                check("camera")
-            image, record, truth = self.virtual.acquire(exposure_s, blanked=self.blanked)
-        except Exception as exc:
-            raise _wrap_device_errors(self.name, exc) from exc
-        self.timer.pass_s(exposure_s, since_s=t0)
+        image, record, truth = _expose(self.name, self.timer, exposure_s, self._grab(exposure_s))
         image = image[y0 : y0 + h, x0 : x0 + w]
         image = image.reshape(h // binning, binning, w // binning, binning).sum((1, 3))
         pixel = float(self.virtual.specimen.pixel_nm) * binning
         return CameraFrame(np.ascontiguousarray(image, np.float32), record, (pixel, pixel), truth)
+
+    def _grab(self, exposure_s: float) -> Any:
+        def grab() -> Any:
+            check = getattr(self.microscope, "_check_faults", None)
+            if check is not None:
+                check("camera")
+            return self.virtual.acquire(exposure_s, blanked=self.blanked)
+
+        return grab
 
     @property
     def blanked(self) -> bool:
