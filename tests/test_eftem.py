@@ -17,6 +17,7 @@ import pytest
 
 from scherzer.drivers.base import LimitExceeded
 from scherzer.processing import eftem
+from scherzer.processing.eftem.exposure import _is_power_of_two
 from scherzer.simulators.energy_filter import (
     EDGES,
     VirtualEnergyFilter,
@@ -65,9 +66,9 @@ def series():
 # ------------------------------------------------------------------------------ exposure
 def test_exposures_are_powers_of_two_and_change_only_across_thresholds(series) -> None:
     s = series["series"]
-    assert all(eftem._is_power_of_two(t) for t in s.exposures_s)
+    assert all(_is_power_of_two(t) for t in s.exposures_s)
     ratios = s.exposures_s[1:] / s.exposures_s[:-1]
-    assert all(eftem._is_power_of_two(r) for r in ratios)
+    assert all(_is_power_of_two(r) for r in ratios)
     inside = (s.statistics >= SETTINGS.low_counts) & (s.statistics <= SETTINGS.high_counts)
     changed = ratios != 1.0
     assert s.retakes == 0
@@ -112,7 +113,7 @@ def test_next_exposure_rules() -> None:
     assert eftem.next_exposure(image, st.max_exposure_s, st) == st.max_exposure_s
     rates = [20000.0 / 2**k for k in range(12)]  # falls 2× per image
     schedule = eftem.exposure_schedule(rates, dataclasses.replace(st, initial_exposure_s=0.25))
-    assert all(eftem._is_power_of_two(t) for t in schedule)
+    assert all(_is_power_of_two(t) for t in schedule)
     assert schedule[0] == 0.25 and schedule[-1] > 64 * schedule[0]
 
 

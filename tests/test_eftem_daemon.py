@@ -22,7 +22,7 @@ from scherzer.clients.client import LocalDaemon
 from scherzer.config import DeviceSettings
 from scherzer.daemon.plans import EftemSeries, parse_plan
 from scherzer.drivers.registry import open_instruments
-from scherzer.processing.eftem import _is_power_of_two
+from scherzer.processing.eftem.exposure import _is_power_of_two
 
 pytestmark = pytest.mark.timeout(180)
 

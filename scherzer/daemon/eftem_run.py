@@ -37,7 +37,7 @@ from scherzer.daemon.jobrun import JobRun
 from scherzer.daemon.plans import EftemSeries
 from scherzer.daemon.protocol import ErrorCode, ProtocolError
 from scherzer.drivers.base import CameraFrame, DeviceError
-from scherzer.processing.eftem import SeriesAcquisition
+from scherzer.processing.eftem.exposure import SeriesAcquisition
 
 if TYPE_CHECKING:
     from scherzer.daemon.executor import Executor

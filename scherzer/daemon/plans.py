@@ -48,7 +48,7 @@ from scherzer.daemon.plan_base import (
 )
 from scherzer.drivers.base import ScanSettings
 from scherzer.drivers.instruments import Instruments
-from scherzer.processing.eftem import ExposureSettings
+from scherzer.processing.eftem.exposure import ExposureSettings
 from scherzer.settings import instrument_field
 
 __all__ = [
