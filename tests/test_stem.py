@@ -15,15 +15,17 @@ from scherzer.simulators.stem import (
     SIGNALS,
     ScanRaster,
     STEMImager,
+    constant_drift,
+    derotate,
+    rotation_series,
+    simulate_rotated_scan,
+)
+from scherzer.simulators.stem_maps import (
     _detector_overlap,
     _MapGrid,
     _phase_maps,
     _probe_intensity,
     _reversed,
-    constant_drift,
-    derotate,
-    rotation_series,
-    simulate_rotated_scan,
 )
 
 OPTICS = Optics(voltage_kv=300.0)

@@ -34,6 +34,7 @@ import scipy.fft as sfft
 
 from scherzer.optics import Optics, fft_workers, vibration_envelope
 from scherzer.simulators import stem as _stem
+from scherzer.simulators import stem_maps as _maps
 from scherzer.simulators.specimen import Specimen, make_specimen
 from scherzer.simulators.stem import ScanRaster, STEMImager, rotation_series
 from scherzer.stack import FrameRecord, ImageStack
@@ -140,13 +141,13 @@ def element_maps(imager: STEMImager, elements: Sequence[int]) -> np.ndarray:
     intensity ⊛ thermal Gaussian)(R − r_a), in 1/Å² (probe intensity normalised to 1)."""
     grid, spec = imager.grid, imager.specimen
     otf = sfft.rfft2(
-        _stem._probe_intensity(imager.optics, grid, imager.convergence_mrad * 1e-3),
+        _maps._probe_intensity(imager.optics, grid, imager.convergence_mrad * 1e-3),
         workers=fft_workers(),
     ) * vibration_envelope(imager.optics, grid.rfreq)
     maps = []
     for z in elements:
         weights = (spec.numbers == z).astype(np.float64)
-        obj = _stem._column_object_ft(grid, spec, weights)
+        obj = _maps._column_object_ft(grid, spec, weights)
         img = sfft.irfft2(obj * otf, s=grid.shape, workers=fft_workers())
         maps.append(np.clip(img, 0.0, None).astype(np.float32))
     return np.stack(maps)
