@@ -9,9 +9,10 @@ A leaf module: it imports nothing from ``scherzer``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+if TYPE_CHECKING:  # imported by the callers that have an error to format, not here
+    from pydantic import ValidationError
 
 __all__ = ["format_validation_error", "validation_details", "validation_problems"]
 

@@ -2,80 +2,68 @@
 
 Every subcommand is registered by a small ``add_<name>(subparsers)`` function listed in
 :data:`COMMANDS`; to add one write such a function (in the module of its kind: daemon_cmds,
-plan_cmds, offline, …) that sets ``func`` (``args -> (exit_code, result_dict, text)``) and add it
-to the list. Every command accepts ``--json`` (exactly one JSON object on stdout, errors included)
-and ``--help``. Every error is one ``error: …`` line on stderr and exit code 2; a closed pipe
-(``scherzer info X | head``) ends quietly.
+plan_cmds, offline, …) that sets ``func`` (``args -> (exit_code, result_dict, text)``) and add its
+``"module:function"`` there. A command's module is imported only when that command runs (or for
+``--help``): keep heavy imports inside the functions that need them. Every command accepts
+``--json`` (exactly one JSON object on stdout, errors included) and ``--help``. Every error is one
+``error: …`` line on stderr and exit code 2; a closed pipe (``scherzer info X | head``) ends
+quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from scherzer.cli.align_cmds import add_align, add_align_signal
-from scherzer.cli.calibrate_cmd import add_calibrate
 from scherzer.cli.common import Outcome
-from scherzer.cli.daemon_cmds import (
-    add_cancel,
-    add_daemon,
-    add_jobs,
-    add_keys,
-    add_pause,
-    add_resume,
-    add_status,
-    add_temscript_sim,
-    add_wait,
-    add_web,
-)
-from scherzer.cli.maintenance_cmds import add_db, add_repair
-from scherzer.cli.offline import add_demo, add_info, add_restore, add_simulate
-from scherzer.cli.plan_cmds import (
-    add_eftem_series,
-    add_focal_series,
-    add_rotated_scan,
-    add_submit,
-    add_time_series,
-)
 
-__all__ = ["COMMANDS", "Outcome", "build_parser", "main"]
+__all__ = ["COMMANDS", "Outcome", "build_parser", "main", "registrar"]
 
 #: Exit code of every usage or input error.
 EXIT_BAD_INPUT = 2
 
-#: Subcommand registrars by command name, in help order. Add new commands here. Only the
-#: invoked command's registrar runs (so ``scherzer align`` never imports the daemon's plan
-#: models); ``scherzer --help`` and unknown commands register them all.
-COMMANDS: dict[str, Callable[[Any], None]] = {
-    "daemon": add_daemon,
-    "web": add_web,
-    "temscript-sim": add_temscript_sim,
-    "status": add_status,
-    "jobs": add_jobs,
-    "cancel": add_cancel,
-    "pause": add_pause,
-    "resume": add_resume,
-    "wait": add_wait,
-    "focal-series": add_focal_series,
-    "rotated-scan": add_rotated_scan,
-    "time-series": add_time_series,
-    "eftem-series": add_eftem_series,
-    "submit": add_submit,
-    "keys": add_keys,
-    "simulate": add_simulate,
-    "align": add_align,
-    "align-signal": add_align_signal,
-    "restore": add_restore,
-    "calibrate": add_calibrate,
-    "info": add_info,
-    "repair": add_repair,
-    "db": add_db,
-    "demo": add_demo,
+#: Subcommand registrars by command name, in help order, as ``"module:function"`` (resolved on
+#: use by :func:`registrar`). Add new commands here. Only the invoked command's module is imported
+#: and its registrar run (so ``scherzer align`` never imports the daemon's modules, pydantic or
+#: the plan models); ``scherzer --help`` and unknown commands register them all.
+COMMANDS: dict[str, str] = {
+    "daemon": "daemon_cmds:add_daemon",
+    "web": "daemon_cmds:add_web",
+    "temscript-sim": "daemon_cmds:add_temscript_sim",
+    "status": "daemon_cmds:add_status",
+    "jobs": "daemon_cmds:add_jobs",
+    "cancel": "daemon_cmds:add_cancel",
+    "pause": "daemon_cmds:add_pause",
+    "resume": "daemon_cmds:add_resume",
+    "wait": "daemon_cmds:add_wait",
+    "focal-series": "plan_cmds:add_focal_series",
+    "rotated-scan": "plan_cmds:add_rotated_scan",
+    "time-series": "plan_cmds:add_time_series",
+    "eftem-series": "plan_cmds:add_eftem_series",
+    "submit": "plan_cmds:add_submit",
+    "keys": "daemon_cmds:add_keys",
+    "simulate": "offline:add_simulate",
+    "align": "align_cmds:add_align",
+    "align-signal": "align_cmds:add_align_signal",
+    "restore": "offline:add_restore",
+    "calibrate": "calibrate_cmd:add_calibrate",
+    "info": "offline:add_info",
+    "repair": "maintenance_cmds:add_repair",
+    "db": "maintenance_cmds:add_db",
+    "demo": "offline:add_demo",
 }
+
+
+def registrar(name: str) -> Callable[[Any], None]:
+    """The ``add_<name>(subparsers)`` function of command ``name`` (its module imported now)."""
+    module, function = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(f"scherzer.cli.{module}"), function)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +94,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     wanted = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     for name in wanted:
-        COMMANDS[name](sub)
+        registrar(name)(sub)
     return parser
 
 
@@ -135,7 +123,17 @@ def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None
 
 def _quiet_logging() -> None:
     """Offline commands log warnings and errors to stderr, never to stdout (which carries the
-    result, and with ``--json`` exactly one JSON object). The daemon sets up its own logging."""
+    result, and with ``--json`` exactly one JSON object). The daemon sets up its own logging.
+
+    structlog is configured right after its first import, if any: most offline commands never
+    import it (``scherzer align`` does not), and its import alone costs tens of milliseconds."""
+    if "structlog" in sys.modules:
+        _configure_structlog()
+    elif not any(isinstance(f, _ConfigureOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ConfigureOnImport())
+
+
+def _configure_structlog() -> None:
     import logging
 
     import structlog
@@ -144,6 +142,34 @@ def _quiet_logging() -> None:
         logger_factory=structlog.PrintLoggerFactory(_Stderr()),
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
+
+
+class _ConfigureOnImport:
+    """An import hook (first on ``sys.meta_path``, once): finds ``structlog`` as usual, and has
+    :func:`_configure_structlog` run as soon as its module has been executed."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "structlog":
+            return None
+        sys.meta_path.remove(self)  # one use; and the search below must not find us again
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenConfigure(spec.loader)
+        return spec
+
+
+class _ThenConfigure:
+    """A module loader that configures structlog once it has loaded it."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        _configure_structlog()
 
 
 class _Stderr:

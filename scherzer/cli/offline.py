@@ -3,6 +3,8 @@
 Each builds its typed processing steps (:mod:`scherzer.processing.steps`) from the parsed options —
 instrument flags come from the one declaration in :mod:`scherzer.settings` — and runs the same
 pipeline the daemon runs. Camera curve files (``--mtf``/``--nps``) are read here, at the edge.
+Imports beyond the standard library are made inside the functions that need them (``scherzer
+align`` imports :func:`process` from here and must not pay for the instrument settings' models).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from scherzer.cli.common import (
     progress_enabled,
     step_progress,
 )
-from scherzer.settings import OPTICS_SETTINGS, add_instrument_arguments, overrides_from_args
 
 __all__ = ["add_demo", "add_info", "add_restore", "add_simulate", "process"]
 
@@ -36,6 +37,7 @@ SIMULATE_FOCAL_DEFAULTS = {"pixel_nm": 0.02, "start_nm": -100.0, "step_nm": 10.0
 
 # --- simulate -----------------------------------------------------------------------------------
 def _simulate_focal(args: argparse.Namespace) -> Outcome:
+    from scherzer.settings import OPTICS_SETTINGS, overrides_from_args
     from scherzer.simulators.hrtem import default_hrtem_optics
 
     given = {k: v for k, v in overrides_from_args(args).given().items() if k in OPTICS_SETTINGS}
@@ -114,6 +116,8 @@ def _add_common_simulation(p: argparse.ArgumentParser, specimen: str, n: int, wh
 
 
 def _add_simulate_focal(ssub: Any) -> None:
+    from scherzer.settings import OPTICS_SETTINGS, add_instrument_arguments
+
     f = ssub.add_parser(
         "focal-series", help="HRTEM focal series with ground truth", parents=[output_options()]
     )
@@ -132,6 +136,8 @@ def _add_simulate_focal(ssub: Any) -> None:
 
 
 def _add_simulate_scan(ssub: Any) -> None:
+    from scherzer.settings import add_instrument_arguments
+
     r = ssub.add_parser(
         "rotated-scan",
         help="STEM rotated-scan series with ground truth",
@@ -203,6 +209,7 @@ def process(
 def _restore_steps(args: argparse.Namespace) -> list[Any]:
     from scherzer.processing.spectral import load_camera_curve
     from scherzer.processing.steps import restore_steps
+    from scherzer.settings import overrides_from_args
 
     values = {
         **overrides_from_args(args).given(),
@@ -252,6 +259,8 @@ def _restore(args: argparse.Namespace) -> Outcome:
 
 
 def add_restore(sub: Any) -> None:
+    from scherzer.settings import add_instrument_arguments
+
     p = sub.add_parser(
         "restore",
         help="focal-series registration + exit-wave restoration",

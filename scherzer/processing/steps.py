@@ -18,15 +18,14 @@ or of the step itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
-
-from scherzer.settings import INSTRUMENT_SETTINGS, InstrumentOverrides
-from scherzer.validation import format_validation_error
 
 __all__ = [
     "STEP_NAMES",
@@ -48,8 +47,21 @@ __all__ = [
 
 T = TypeVar("T")
 CurveLoader = Callable[[str], np.ndarray]
-_INSTRUMENT_KEYS = frozenset(s.name for s in INSTRUMENT_SETTINGS)
 _CURVE_KEYS = ("mtf", "nps")
+
+
+@functools.cache
+def _instrument_keys() -> frozenset[str]:
+    from scherzer.settings import INSTRUMENT_SETTINGS
+
+    return frozenset(s.name for s in INSTRUMENT_SETTINGS)
+
+
+def _no_overrides() -> Any:
+    """No instrument settings given (an empty :class:`~scherzer.settings.InstrumentOverrides`)."""
+    from scherzer.settings import InstrumentOverrides
+
+    return InstrumentOverrides()
 
 
 class StepSettingsError(ValueError):
@@ -59,15 +71,80 @@ class StepSettingsError(ValueError):
 
 def build_settings(cls: type[T], values: Mapping[str, Any], what: str) -> T:
     """Validate ``values`` into the settings dataclass ``cls``: unknown keys are refused by name,
-    types converted and checked by pydantic (lists become tuples where the field is a tuple)."""
+    types converted and checked by pydantic (lists become tuples where the field is a tuple).
+
+    Values that already have their field's plain type (see :func:`_plain`) are taken without
+    pydantic, with the same result: a command line's settings then cost no pydantic import."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
         raise StepSettingsError(f"{what}: unknown setting(s) {unknown}; known: {sorted(names)}")
+    hints = _field_types(cls)
+    plain = {k: _plain(hints.get(k, Any), v) for k, v in values.items()}
+    if hints and all(v is not _NOT_PLAIN for v in plain.values()):
+        try:
+            return cls(**plain)
+        except (TypeError, ValueError):
+            pass  # refused by the class's own checks: pydantic words the error, as for any other
+    from pydantic import TypeAdapter, ValidationError
+
+    from scherzer.validation import format_validation_error
+
     try:
         return TypeAdapter(cls).validate_python(dict(values))
     except ValidationError as exc:
         raise StepSettingsError(f"{what}: {format_validation_error(exc)}") from None
+
+
+#: :func:`_plain`'s answer for a value it leaves to pydantic.
+_NOT_PLAIN: Any = object()
+
+
+#: pydantic configuration keys that do not change how a plain value validates (unknown keys are
+#: refused before, by name).
+_PLAIN_CONFIG_KEYS = frozenset({"extra"})
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The field types of ``cls`` (``Annotated`` kept, so constrained fields go to pydantic), or
+    {} when its values must all go to pydantic: a pydantic configuration beyond ``extra``,
+    validators, a custom schema, or annotations that do not resolve."""
+    config = getattr(cls, "__pydantic_config__", {})
+    custom = ("__pydantic_decorators__", "__get_pydantic_core_schema__", "__pydantic_validator__")
+    if set(config) - _PLAIN_CONFIG_KEYS or any(hasattr(cls, name) for name in custom):
+        return {}
+    try:
+        return typing.get_type_hints(cls, include_extras=True)
+    except (NameError, TypeError):
+        return {}
+
+
+def _plain(kind: Any, value: Any) -> Any:
+    """``value`` as pydantic would validate it into the type ``kind``, for the plain cases
+    whose answer is unambiguous: None, bool, int, str, a float (or an int, made float), a
+    Literal member, a tuple (or list) of such, and a union with exactly one member matching;
+    :data:`_NOT_PLAIN` for anything else (pydantic then decides, converts or refuses)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is type(None) or kind in (bool, int, str):
+        return value if type(value) is kind else _NOT_PLAIN
+    if kind is float:
+        return float(value) if type(value) in (float, int) else _NOT_PLAIN
+    if origin is typing.Literal:
+        return value if any(type(value) is type(a) and value == a for a in args) else _NOT_PLAIN
+    if origin is tuple:
+        if type(value) not in (tuple, list):
+            return _NOT_PLAIN
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(args) != len(value):
+            return _NOT_PLAIN
+        items = tuple(_plain(k, v) for k, v in zip(args, value, strict=True))
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if origin is typing.Union or origin is types.UnionType:
+        found = [v for v in (_plain(k, value) for k in args) if v is not _NOT_PLAIN]
+        return found[0] if len(found) == 1 else _NOT_PLAIN
+    return _NOT_PLAIN
 
 
 @dataclass(frozen=True)
@@ -96,7 +173,7 @@ class FocalRegisterStep:
     """Focal-series registration (per-image defocus and drift, absolute defocus and A1)."""
 
     settings: Any  # focal.FocalParams
-    instrument: Any = field(default_factory=InstrumentOverrides)
+    instrument: Any = field(default_factory=_no_overrides)
     camera: CameraCurves = field(default_factory=CameraCurves)
     name = "focal_register"
 
@@ -109,7 +186,7 @@ class RestoreStep:
 
     settings: Any  # restoration.RestoreParams
     dose_weights: tuple[float, ...] | None = None
-    instrument: Any = field(default_factory=InstrumentOverrides)
+    instrument: Any = field(default_factory=_no_overrides)
     camera: CameraCurves = field(default_factory=CameraCurves)
     register: Any = None  # focal.FocalParams for the registration run on demand
     name = "restore"
@@ -120,7 +197,7 @@ class StructureImageStep:
     """CTF-corrected structure image of a fixed-step series."""
 
     settings: Any  # focal.StructureParams
-    instrument: Any = field(default_factory=InstrumentOverrides)
+    instrument: Any = field(default_factory=_no_overrides)
     name = "structure_image"
 
 
@@ -161,10 +238,14 @@ STEP_NAMES: tuple[str, ...] = (
 
 def _split(params: dict[str, Any], step: str, load_curve: CurveLoader | None) -> tuple[Any, ...]:
     """Pop the instrument settings and camera curves out of a flat step mapping."""
+    from pydantic import ValidationError
+
+    from scherzer.settings import InstrumentOverrides
+    from scherzer.validation import format_validation_error
+
+    keys = _instrument_keys()
     try:
-        instrument = InstrumentOverrides(
-            **{k: params.pop(k) for k in list(params) if k in _INSTRUMENT_KEYS}
-        )
+        instrument = InstrumentOverrides(**{k: params.pop(k) for k in list(params) if k in keys})
     except ValidationError as exc:
         raise StepSettingsError(f"{step}: {format_validation_error(exc)}") from None
     curves = {}
@@ -305,7 +386,7 @@ def restore_steps(
     near the region of interest), restoration on ``area`` (default the whole field)."""
     values = {k: v for k, v in values.items() if v is not None}
     register_area = values.pop("register_area", None)
-    common = {k: v for k, v in values.items() if k in _INSTRUMENT_KEYS or k in _CURVE_KEYS}
+    common = {k: v for k, v in values.items() if k in _instrument_keys() or k in _CURVE_KEYS}
     shared = {k: values[k] for k in _SHARED_RESTORE_KEYS if k in values}
     only = {k: values[k] for k in _RESTORE_ONLY_KEYS if k in values}
     rest = {k: v for k, v in values.items() if k not in {*common, *shared, *only}}
