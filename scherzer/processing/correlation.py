@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
-from scipy import ndimage
 
 from scherzer.optics import fft_workers
 from scherzer.processing.chunked import as_store
 
 PEAK_TIE = 0.15  # relative height below the top within which correlation peaks count as equal
+#: Side (frequency samples) of the box over which template_weight smooths noise and signal power.
+SPECTRUM_SMOOTHING_BINS = 9
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,11 @@ def template_weight(spectra: Any, shifts: np.ndarray, shape: tuple[int, int]) ->
     others, from frames already aligned to ``shifts`` (float32, rfft layout, maximum 1).
 
     N(k): noise power, the scatter of the aligned spectra about their mean, smoothed over 9×9
-    frequencies (noise spectra are smooth). S(k): signal power |mean|² − N/n, smoothed likewise —
-    except where |mean|² exceeds 10 N/n (Bragg spots; noise alone gets there with probability
-    e⁻¹⁰), where the unsmoothed value is kept. The weight is the Wiener factor of the n−1-frame
-    average: single-frame weights S/(S + N) discard the many weak frequencies that the average
-    still resolves at low dose.
+    frequencies (:data:`SPECTRUM_SMOOTHING_BINS`; noise spectra are smooth). S(k): signal power
+    |mean|² − N/n, smoothed likewise — except where |mean|² exceeds 10 N/n (Bragg spots; noise
+    alone gets there with probability e⁻¹⁰), where the unsmoothed value is kept. The weight is
+    the Wiener factor of the n−1-frame average: single-frame weights S/(S + N) discard the many
+    weak frequencies that the average still resolves at low dose.
     """
     store = as_store(spectra)
     n = len(store)
@@ -126,14 +127,30 @@ def template_weight(spectra: Any, shifts: np.ndarray, shape: tuple[int, int]) ->
             d2 *= d2
             scatter += d2
     scatter /= np.float32(n - 1)
-    modes = ("wrap", "nearest")
-    noise = ndimage.uniform_filter(scatter, 9, mode=modes)
+    noise = box_mean_half_plane(scatter, SPECTRUM_SMOOTHING_BINS)
     power = np.abs(mean) ** 2
     signal_power = np.clip(power - noise / n, 0.0, None)
-    smooth = ndimage.uniform_filter(signal_power, 9, mode=modes)
+    smooth = box_mean_half_plane(signal_power, SPECTRUM_SMOOTHING_BINS)
     signal_power = np.where(power > 10.0 * noise / n, np.maximum(signal_power, smooth), smooth)
     weight = signal_power / (signal_power + noise / (n - 1) + 1e-30)
     return (weight / max(float(weight.max()), 1e-30)).astype(np.float32)
+
+
+def box_mean_half_plane(values: np.ndarray, size: int) -> np.ndarray:
+    """Mean over ``size``×``size`` boxes (``size`` odd) of a map in rfft layout (float32): wrapped
+    along k_y (periodic), edge values repeated along k_x (the half plane's edges), as
+    ``scipy.ndimage.uniform_filter(values, size, mode=("wrap", "nearest"))`` — by cumulative
+    sums in float64, so this path does not load scipy.ndimage."""
+    half = size // 2
+    padded = np.pad(np.asarray(values, np.float64), ((half, half), (0, 0)), mode="wrap")
+    padded = np.pad(padded, ((0, 0), (half, half)), mode="edge")
+    for axis in (0, 1):
+        total = np.cumsum(padded, axis=axis)
+        lead = np.take(total, np.arange(size - 1, total.shape[axis]), axis=axis)
+        trail = np.take(total, np.arange(-1, total.shape[axis] - size), axis=axis)
+        trail[(slice(None),) * axis + (0,)] = 0.0  # nothing before the first box
+        padded = (lead - trail) / size
+    return padded.astype(np.float32)
 
 
 def rfft_frames(frames: np.ndarray) -> np.ndarray:

@@ -66,7 +66,6 @@ from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
-from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
 from scherzer.optics import fft_workers
@@ -244,6 +243,8 @@ def _low_snr_rate(
     |g_max·v| within the allowed shift (the smallest |v| among near-equal maxima, as for
     single peaks), then refined by Newton steps on the exact Fourier series of every P_g.
     """
+    from scipy import ndimage  # here: the default path never loads scipy.ndimage
+
     n = len(spectra)
     g_max = min(n - 1, RATE_GAPS)
     pairs = np.array([(i, i + g) for g in range(1, g_max + 1) for i in range(n - g)])

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
-from scipy import ndimage
 
 from scherzer.optics import fft_workers
 from scherzer.processing.align_params import OUTPUTS, AlignmentError, AlignParams
@@ -89,6 +88,8 @@ def window_1d(n: int, kind: str, tukey_alpha: float = 0.25) -> np.ndarray:
 def wiener_prefilter(image: np.ndarray, size: int = 5) -> np.ndarray:
     """Adaptive Wiener filter over ``size``² neighbourhoods (local mean and variance, the noise
     the mean local variance; zero padding at the edges, as scipy.signal.wiener)."""
+    from scipy import ndimage
+
     im = np.asarray(image, np.float64)
     mean = ndimage.uniform_filter(im, size, mode="constant", cval=0.0)
     var = ndimage.uniform_filter(im * im, size, mode="constant", cval=0.0) - mean**2
@@ -168,6 +169,8 @@ def prepare(
     ``window``: the (y, x) window when already made (default: from ``params``)."""
     f = frames
     if params.prefilter == "median3":
+        from scipy import ndimage
+
         f = ndimage.median_filter(f, size=(1, 3, 3), mode="reflect")
     elif params.prefilter == "wiener5":
         f = np.stack([wiener_prefilter(fr, 5) for fr in f])
@@ -217,6 +220,8 @@ def apply_shifts(
         for i, block in aligned_blocks(lambda a, b: arr[a:b], arr.shape, s, method):
             out[i : i + len(block)] = block
         return out, None
+    from scipy import ndimage  # the expanded canvas only (crop moves frames by Fourier ramps)
+
     lo = np.floor(np.min(-s, axis=0)).astype(int)
     hi = np.ceil(np.max(-s, axis=0)).astype(int)
     pad = (max(0, -lo[0]), max(0, hi[0]), max(0, -lo[1]), max(0, hi[1]))
@@ -258,6 +263,8 @@ def _moved(block: np.ndarray, shifts: np.ndarray, method: str) -> np.ndarray:
         shape = block.shape[1:]
         spectra = shift_spectra(rfft_frames(block), shifts, shape)
         return sfft.irfft2(spectra, s=shape, workers=fft_workers()).astype(np.float32)
+    from scipy import ndimage
+
     return np.stack(
         [ndimage.shift(f, -d, order=3, mode="nearest") for f, d in zip(block, shifts, strict=True)]
     )
