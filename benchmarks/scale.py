@@ -19,7 +19,8 @@ Measured in separate processes so that every figure is a cold start of what a us
 Inputs are the real SrTiO3 STEM image (../shared/testdata/ncempy/16_STOimage_1.ser) drifted by a
 known sub-pixel random walk (enlarged by cubic interpolation for the larger sizes), and the
 simulator's crystal edge for the focal series.
-Run with ``python benchmarks/scale.py [--huge]``; not a test.
+Run with ``python benchmarks/scale.py [--huge]`` (``--cold-only``: the cold start alone, with
+the import floor ``python -c "import numpy, scipy.fft, tifffile, h5py"`` beside it); not a test.
 """
 
 from __future__ import annotations
@@ -41,18 +42,23 @@ TESTDATA = ROOT.parent / "shared" / "testdata" / "ncempy" / "16_STOimage_1.ser"
 PY = sys.executable
 SCHERZER = [PY, "-m", "scherzer"]
 TIME = shutil.which("time") or "/usr/bin/time"  # GNU time: the peak RSS of one process
-COLD_REPEATS = 3  # alternated cold runs of ours and the peer; medians are reported
+COLD_REPEATS = 5  # alternated cold runs of ours, the peer and the import floor; medians reported
+#: What any Python program reading a TIFF, transforming with scipy.fft and writing HDF5 pays before
+#: its first line of work: the bound under which no cold ``scherzer align`` can go.
+FLOOR_SCRIPT = "import numpy, scipy.fft, tifffile, h5py"
 
 
 def _measured(cmd: list[str]) -> dict:
-    """Wall seconds and peak RSS (MB) of one child process (GNU time's %M); its stdout."""
+    """Wall seconds, CPU seconds (user + system: less inflated by other processes' load than
+    wall) and peak RSS (MB) of one child process (GNU time's %U, %S, %M); its stdout."""
     t0 = time.perf_counter()
-    proc = subprocess.run([TIME, "-f", "PEAK_KB %M", *cmd], capture_output=True, text=True)
+    proc = subprocess.run([TIME, "-f", "TIMED %M %U %S", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
-    peak_kb = int(proc.stderr.strip().splitlines()[-1].split()[1])
-    return {"wall_s": round(wall, 3), "peak_mb": round(peak_kb / 1024, 1), "stdout": proc.stdout}
+    peak_kb, user, system = proc.stderr.strip().splitlines()[-1].split()[1:]
+    return {"wall_s": round(wall, 3), "cpu_s": round(float(user) + float(system), 3),
+            "peak_mb": round(int(peak_kb) / 1024, 1), "stdout": proc.stdout}  # fmt: skip
 
 
 def _series(n: int, size: int, seed: int, out: Path) -> np.ndarray:
@@ -140,8 +146,8 @@ def cold_align(tmp: Path) -> dict:
     tif = tmp / "s16_512.tif"
     truth = _series(16, 512, 1, tif)
     _measured([*SCHERZER, "align", str(tif), "--out", str(tmp / "warm.hspy")])  # page cache
-    ours_runs, peer_runs = [], []
-    for _ in range(COLD_REPEATS):  # alternated, so both see the same load
+    ours_runs, peer_runs, floor_runs = [], [], []
+    for _ in range(COLD_REPEATS):  # alternated, so all see the same load
         ours = _measured([*SCHERZER, "align", str(tif), "--out", str(tmp / "o.hspy"), "--json"])
         got = json.loads(ours.pop("stdout"))
         ours_runs.append({**ours, "seconds": round(got["seconds"], 3),
@@ -149,11 +155,17 @@ def cold_align(tmp: Path) -> dict:
         peer = _measured([PY, "-c", SKIMAGE_SCRIPT, str(tif)])
         peer_out = json.loads(peer.pop("stdout"))
         peer_runs.append({**peer, "rms_px": round(_rms(peer_out["shifts_px"], truth), 4)})
+        floor = _measured([PY, "-c", FLOOR_SCRIPT])
+        floor.pop("stdout")
+        floor_runs.append(floor)
     ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(ours_runs, peer_runs, strict=True)]
+    cpu_ratios = [a["cpu_s"] / b["cpu_s"] for a, b in zip(ours_runs, peer_runs, strict=True)]
     return {
         "scherzer_align": _median_run(ours_runs),
         "skimage_script": _median_run(peer_runs),
+        "import_floor": {"script": FLOOR_SCRIPT, **_median_run(floor_runs)},
         "wall_ratio_median": round(float(np.median(ratios)), 2),
+        "cpu_ratio_median": round(float(np.median(cpu_ratios)), 2),
         "load_average": list(os.getloadavg()),
     }
 
@@ -220,6 +232,9 @@ def main() -> None:
     huge = "--huge" in sys.argv
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if "--cold-only" in sys.argv:
+            print(json.dumps({"cold_align": cold_align(tmp)}, indent=2))
+            return
         result = {
             "cold_align": cold_align(tmp),
             "big_align": big_align(tmp, [1024, 2048, *([4096] if huge else [])]),
