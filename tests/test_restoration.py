@@ -427,3 +427,35 @@ def test_three_fold_astigmatism_given_beats_not_given(seed):
 
     with_a2, without = err(opt), err(DEFAULT_OPTICS)
     assert with_a2 <= 0.7 * without, (with_a2, without)
+
+
+def test_automatic_refinement_runs_when_the_nonlinear_term_exceeds_the_noise():
+    """iterations None: a strong phase object at 2·10⁵ e/Å² (its non-linear term above the
+    noise) is refined — the residual per step falls and the phase error is lower than the
+    linear one (ground truth); a weak phase object at 500 e/Å² is not, with the reason, and its
+    wave is the linear one exactly."""
+    from scherzer.processing.restoration import (
+        NONLINEAR_AUTO_ITERATIONS,
+        NONLINEAR_MIN_POWER_RATIO,
+    )
+
+    st = synthetic_series("strong_phase", n=7, size=128, dose_e_per_A2=2e5, seed=2)
+    truth = st.ground_truth["exit_wave"]
+    auto = restore_truth(st)
+    lin = restore_truth(st, iterations=0)
+    nl = auto.to_json()["params"]["nonlinear"]
+    assert nl["automatic"] and nl["power_ratio"] >= NONLINEAR_MIN_POWER_RATIO, nl
+    assert auto.params["iterations"] == NONLINEAR_AUTO_ITERATIONS
+    r = auto.residual_history
+    assert len(r) == NONLINEAR_AUTO_ITERATIONS + 1 and r[-1] < 0.9 * r[0], r
+    e_lin = band_limited_phase_error(lin.wave, truth, st.optics, 0.02)
+    e_auto = band_limited_phase_error(auto.wave, truth, st.optics, 0.02)
+    assert e_auto < e_lin, (e_lin, e_auto)
+
+    weak = synthetic_series("weak_phase", n=11, size=256, dose_e_per_A2=500.0, seed=3)
+    skip = restore_truth(weak)
+    nl = skip.params["nonlinear"]
+    assert nl["automatic"] and nl["power_ratio"] < NONLINEAR_MIN_POWER_RATIO, nl
+    assert skip.params["iterations"] == 0 and skip.residual_history == []
+    assert "noise" in nl["reason"]
+    np.testing.assert_array_equal(skip.wave, restore_truth(weak, iterations=0).wave)

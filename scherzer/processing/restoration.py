@@ -43,12 +43,14 @@ from scherzer.processing.spectral import (
     normalise_frames,
     shift_phase,
 )
-from scherzer.processing.wiener import solve_series
+from scherzer.processing.wiener import quadratic_term, solve_series
 
 __all__ = [
     "RestorationResult",
     "RestoreParams",
     "aligned_frames",
+    "nonlinear_power_ratio",
+    "out_of_band_noise",
     "refine_nonlinear",
     "restore_exit_wave",
 ]
@@ -63,13 +65,25 @@ QUADRATIC_CORRECTIONS = 1  # rounds subtracting the predicted |φ_img|² before 
 # (test_restoration's two tests), so 0.05 stays until the prior is rethought (issue #15 notes).
 RESTORE_PRIOR_FLOOR = 0.05
 MIN_WAVE_CONSTANT = 0.05  # floor of c² in ψ = c + φ (⟨|ψ|²⟩ = 1 cannot be met by a strong φ)
+# The automatic non-linear refinement (RestoreParams.iterations None): it runs when the
+# non-linear interference term the linear solution predicts, |F⁻¹[φ T_n]|² on the band, carries
+# at least NONLINEAR_MIN_POWER_RATIO × the noise power of an image (median over images; both
+# per band element, NPS-weighted): then the linear model leaves a systematic residual the
+# refinement can fit. Below it the term is buried in the noise and the refinement cannot gain.
+NONLINEAR_MIN_POWER_RATIO = 1.0
+MIN_OUT_OF_BAND_FRACTION = 0.05  # the decision's noise is measured outside the information
+# band when at least this fraction of the grid lies there (else from the fit residual)
+NONLINEAR_AUTO_ITERATIONS = 5  # steps of the automatic refinement (on the abTEM series the
+# image-prediction residual changes by < 0.1 % per step after about five)
 
 
 @dataclass
 class RestoreParams:
     """Settings of :func:`restore_exit_wave` (typed; built once at the edge).
 
-    ``iterations``: non-linear refinement steps after the Wiener start (0: linear only).
+    ``iterations``: non-linear refinement steps after the Wiener start (0: linear only; None:
+    :data:`NONLINEAR_AUTO_ITERATIONS` when the non-linear term the linear solution predicts
+    exceeds the noise, see :data:`NONLINEAR_MIN_POWER_RATIO`, else none).
     ``area``: (y0, x0, h, w) px in the reference frame restricting the restored field (None:
     the full field). ``exclude``: frame indices left out (besides those the registration did
     not use). ``corrections``: rounds of subtracting the predicted quadratic term |φ_img|²
@@ -79,7 +93,7 @@ class RestoreParams:
 
     __pydantic_config__ = pydantic.ConfigDict(extra="forbid")
 
-    iterations: int = 0
+    iterations: int | None = None
     area: tuple[int, int, int, int] | None = None
     exclude: tuple[int, ...] = ()
     corrections: int = QUADRATIC_CORRECTIONS
@@ -99,6 +113,8 @@ class RestorationResult:
     surface (given ``FocalParams.thickness_nm`` for amorphous films, or in crystal mode), else
     the plane of minimum amplitude contrast (an amorphous film's mid-plane).
     ``noise_sigma`` per image (relative noise level of the normalised image spectra).
+    ``params["nonlinear"]``: whether the refinement ran, the steps, the non-linear power ratio
+    of the decision and the reason.
     """
 
     wave: np.ndarray
@@ -225,20 +241,84 @@ def restore_exit_wave(
     wave = wave_from_band(band, sol.phi)
     losses: list[float] = []
     residuals: list[float] = []
-    if p.iterations > 0:
+    noise = None if p.iterations is not None else out_of_band_noise(spectra_full, band, nps_grid)
+    if noise is not None and nps is None:  # a real camera's noise falls with frequency: without
+        noise = np.maximum(noise, sol.sigma2)  # its NPS the out-of-band level is only a floor
+    decision = _nonlinear_decision(p.iterations, sol, band, bt.transfer(d[u]), cam_b, nps_b, noise)
+    if decision["iterations"] > 0:
         images = normalise_frames(aligned_frames(fu, s_used) if data is None else data)
         weights = grid.shape[0] * grid.shape[1] / (2.0 * sol.sigma2)
         wave, losses = refine_nonlinear(
-            wave, images, opt, grid, d[u], weights, cam, p.iterations,
+            wave, images, opt, grid, d[u], weights, cam, decision["iterations"],
             prior_weight=prior_weight_grid(band, sol.prior), residuals=residuals,
         )  # fmt: skip
     sig = np.full(len(d), np.nan)
     sig[u] = np.sqrt(sol.sigma2 / band.size)
     record = _record(opt, (float(py), float(px)), p, band.size, mtf is not None, nps is not None)
+    record["iterations"] = decision["iterations"]
+    record["nonlinear"] = decision
     return RestorationResult(
         wave=wave, defocus_nm=d, used=u, noise_sigma=sig, seconds=time.perf_counter() - t0,
         params=record, loss_history=losses, residual_history=residuals,
     )  # fmt: skip
+
+
+def nonlinear_power_ratio(
+    sol, band: SpectralBand, t, camera, nps_band, noise: np.ndarray | None = None
+) -> float:
+    """Median over images of ⟨|Q_n(g)|²/NPS(g)⟩ / σ_n²: the power of the non-linear term
+    Q_n = C·F[|F⁻¹[φ T_n]|²] the linear solution ``sol`` predicts, over the image's noise
+    power (both per band element, NPS-normalised).
+
+    ``noise`` (n,): σ_n² measured where the images carry no signal (:func:`out_of_band_noise`;
+    the restoration takes the larger of it and the fit residual's unless the NPS is given,
+    because the noise of a camera whose NPS is not given may fall with frequency); without
+    it, the fit residual's σ_n² of ``sol`` — which holds whatever part of the
+    non-linear term the solve did not model, so the ratio is then a lower bound. Reuses the
+    term of the last quadratic correction when the solve made one (from the previous φ)."""
+    q = sol.quadratic
+    if not np.any(q):
+        q = quadratic_term(band, sol.phi, t, camera)
+    power = np.mean((q.real**2 + q.imag**2) / nps_band, axis=1)
+    sigma2 = sol.sigma2 if noise is None else noise
+    return float(np.median(power / np.maximum(sigma2, 1e-30)))
+
+
+def out_of_band_noise(
+    spectra: np.ndarray, band: SpectralBand, nps_grid: np.ndarray
+) -> np.ndarray | None:
+    """σ_n² per image (n,) from the frequencies outside the information band (and g ≠ 0),
+    where the image spectra (n, y, x) hold noise only: mean |I_n(g)|²/NPS(g) there, the units
+    of :func:`scherzer.processing.wiener.noise_variances`. None when fewer than
+    :data:`MIN_OUT_OF_BAND_FRACTION` of the grid lies outside the band."""
+    outside = np.ones(band.shape[0] * band.shape[1], bool)
+    outside[band.idx] = False
+    outside[0] = False
+    if outside.sum() < MIN_OUT_OF_BAND_FRACTION * outside.size:
+        return None
+    flat = spectra.reshape(spectra.shape[0], -1)[:, outside]
+    w = (1.0 / nps_grid.reshape(-1)[outside]).astype(np.float32)
+    return np.mean((flat.real**2 + flat.imag**2) * w, axis=1, dtype=np.float64)
+
+
+def _nonlinear_decision(iterations: int | None, sol, band, t, camera, nps_band, noise) -> dict:
+    """The refinement steps to take and why (JSON-ready; module constants)."""
+    if iterations is not None:
+        why = "given" if iterations > 0 else "linear only (iterations 0)"
+        return {"iterations": int(iterations), "automatic": False, "reason": why}
+    ratio = nonlinear_power_ratio(sol, band, t, camera, nps_band, noise)
+    run = ratio >= NONLINEAR_MIN_POWER_RATIO
+    reason = (
+        f"non-linear term {ratio:.3g} × the noise power per image "
+        f"({'≥' if run else '<'} {NONLINEAR_MIN_POWER_RATIO:g}): "
+        + ("refined" if run else "buried in the noise, linear result kept")
+    )
+    return {
+        "iterations": NONLINEAR_AUTO_ITERATIONS if run else 0,
+        "automatic": True,
+        "power_ratio": ratio,
+        "reason": reason,
+    }
 
 
 def _area_spectra(fu: np.ndarray, s_u: np.ndarray, p: RestoreParams):
@@ -285,7 +365,7 @@ def _record(opt: Optics, pixel_nm, p: RestoreParams, band_size: int, mtf: bool, 
         "a1_deg": opt.a1_deg,
         "pixel_nm": list(pixel_nm),
         "area": list(p.area) if p.area is not None else None,
-        "iterations": int(p.iterations),
+        "iterations": p.iterations,
         "band_size": band_size,
         "corrections": int(p.corrections),
         "mtf": mtf,
