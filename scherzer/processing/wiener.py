@@ -247,6 +247,7 @@ def solve_series(
     prior_scale: float = 1.0,
     mask: np.ndarray | None = None,
     prior_floor: float = PRIOR_NOISE_FLOOR,
+    quadratic_transfers: list[tuple[float, np.ndarray]] | None = None,
 ) -> SeriesSolution:
     """Wiener-restore φ from aligned band spectra (n, m) and wave transfers ``t`` (n, m).
 
@@ -260,7 +261,9 @@ def solve_series(
     (measured: 0.44 → 0.05 nm RMS of per-image defocus from a leave-one-out wave at 100 e/Å²).
     ``mask`` (n, m) bool: frequencies each image contributes (others get zero weight).
     ``prior_floor``: the prior power is at least this × the noise variance (see
-    :data:`PRIOR_NOISE_FLOOR`).
+    :data:`PRIOR_NOISE_FLOOR`). ``quadratic_transfers``: [(weight, transfer (n, m))] whose
+    weighted sum of quadratic terms replaces the one of ``t`` (an incoherent focal-spread
+    average, see :func:`scherzer.processing.restoration.focal_spread_nodes`).
     """
     n = spectra.shape[0]
     nps_b = np.ones(1, np.float32) if nps_band is None else nps_band
@@ -277,11 +280,22 @@ def solve_series(
         terms = NormalTerms.build(data, a, b, w)
         phi, prior = solve_wiener(terms, band, None, 2, prior_scale, prior_floor)
         if k < corrections:
-            q = quadratic_term(band, phi, t, camera)
+            q = _quadratic(band, phi, t, camera, quadratic_transfers)
     loo = None
     if leave_one_out:
         loo, _ = solve_wiener(terms, band, np.ones(n, bool), 2, prior_scale, prior_floor)
     return SeriesSolution(phi, prior, sigma2, terms, q, loo)
+
+
+def _quadratic(band, phi, t, camera, transfers) -> np.ndarray:
+    """The quadratic term of ``t``, or the weighted sum over ``transfers`` (see
+    :func:`solve_series`)."""
+    if transfers is None:
+        return quadratic_term(band, phi, t, camera)
+    q = np.zeros((t.shape[0], band.size), np.complex64)
+    for w, tj in transfers:
+        q += np.float32(w) * quadratic_term(band, phi, tj, camera)
+    return q
 
 
 def noise_variances(
