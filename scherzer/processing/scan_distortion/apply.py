@@ -20,6 +20,7 @@ from scherzer.processing.scan_distortion.kernels import (
     sample_spline,
     spline_coefficients,
 )
+from scherzer.processing.scan_distortion.model import FieldSource
 from scherzer.processing.scan_distortion.settings import NonrigidParams, ScanDistortionError
 
 __all__ = ["apply_fields", "apply_fields_to_si", "source_positions"]
@@ -28,22 +29,31 @@ INVERSE_STEPS = 3  # fixed-point steps of the field inversion (|∇f| ≲ 0.05: 
 SI_CHUNK_CHANNELS = 128  # channels resampled at once: memory (H·W·chunk·4 B) against calls
 
 
-def _fields_of(result: Any) -> tuple[np.ndarray, list[int], NonrigidParams | None]:
-    if isinstance(result, np.ndarray):
+def _fields_of(result: Any) -> tuple[Any, list[int], NonrigidParams | None]:
+    """(fields indexable per frame — an (n, 2, H, W) array or a compact
+    :class:`~.model.FieldSource` —, flagged frames, settings)."""
+    if isinstance(result, (np.ndarray, FieldSource)):
         return result, [], None
-    return result.fields_px, list(result.flagged), result.params
+    fields = getattr(result, "fields", None)
+    if fields is None or not hasattr(fields, "shape"):
+        fields = result.fields_px
+    return fields, list(result.flagged), result.params
 
 
 def source_positions(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(py, px, inside) for every reference pixel q: where in the frame its value was seen."""
     _, h, w = field.shape
-    qy, qx = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
+    qy = np.arange(h, dtype=np.float32)[:, None]  # float32 positions: ≤ 2.4e-4 px at 4096
+    qx = np.arange(w, dtype=np.float32)[None, :]
     py, px = qy + field[0], qx + field[1]
     for _ in range(INVERSE_STEPS):
-        py, px = (
-            qy + sample_bilinear(field[0], py, px, clamp=True),
-            qx + sample_bilinear(field[1], py, px, clamp=True),
+        ny_, nx_ = (
+            sample_bilinear(field[0], py, px, clamp=True),
+            sample_bilinear(field[1], py, px, clamp=True),
         )
+        np.add(qy, ny_, out=py)
+        np.add(qx, nx_, out=px)
+        del ny_, nx_
     inside = (py >= 0) & (py <= h - 1) & (px >= 0) & (px <= w - 1)
     return py, px, inside
 
@@ -68,15 +78,16 @@ def apply_fields(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Correct frames recorded at the same probe positions as the measured ones (ABF from
     HAADF's fields). ``result``: a :class:`NonrigidResult` (its preparation geometry and
-    flagged frames are used) or fields (n, 2, H, W). Returns (corrected (n, H, W) float32, 0
-    where unseen; valid (n, H, W) bool; average (H, W) float32 of the unflagged frames, NaN
-    where no frame saw; count (H, W) float32)."""
+    flagged frames are used; its compact fields expanded one frame at a time) or fields
+    (n, 2, H, W) (an array or a :class:`~.model.FieldSource`). Returns (corrected (n, H, W)
+    float32, 0 where unseen; valid (n, H, W) bool; average (H, W) float32 of the unflagged
+    frames, NaN where no frame saw; count (H, W) float32)."""
     fields, flags, params = _fields_of(result)
     flags = flags if flagged is None else list(flagged)
     arr = np.asarray(signal_frames, dtype=np.float32)
     if prepare:
         arr = _geometry(arr, params)
-    if arr.ndim != 3 or arr.shape[0] != fields.shape[0] or arr.shape[1:] != fields.shape[2:]:
+    if arr.ndim != 3 or arr.shape[0] != fields.shape[0] or arr.shape[1:] != tuple(fields.shape[2:]):
         raise ScanDistortionError(
             f"signal frames {arr.shape} do not match the fields {fields.shape} (n, 2, H, W)"
         )
@@ -117,7 +128,7 @@ def apply_fields_to_si(
     geo = params if params is not None else NonrigidParams()
     top, bottom, left, right = geo.trim_px
     order = range(n - 1, -1, -1) if geo.reverse else range(n)
-    hh, ww = fields.shape[2:]
+    hh, ww = tuple(fields.shape[2:])
     if n != len(fields):
         raise ScanDistortionError(f"{n} spectrum-image frames for {len(fields)} fields")
     out = np.zeros((hh, ww, channels), np.float32)

@@ -11,13 +11,19 @@ for orthogonal series whose shear defeats the rigid alignment, the linear drift 
 (:mod:`.drift`). Within a cycle the frames are independent (each against references built
 from the previous cycle's model) and run side by side in threads.
 
-Memory: the frames are held once, as their spline coefficients in scan orientation (the
-normalised copy is converted in place); a cycle adds the frames pulled onto the reference grid
-(float32 values and bool masks) and, per running frame, a few float32 frame-sized arrays.
+Memory (measured: 8 × 512² pairs 3.8 stacks, 12 × 512² one direction 3.0, whole run with
+the result it returns): the frames are held once, as their spline coefficients in scan
+orientation (the normalised copy is converted in place); the rigid start runs on the 2×2-binned
+frames before that copy exists, with a memory budget of their own size; a cycle sums the
+frames pulled onto the reference grid one batch (a frame per thread) at a time and each frame
+pulls itself again for its leave-one-out reference (no (n, H, W) array of pulled frames), plus
+a few float32 frame-sized arrays per running frame. The fields are kept compactly
+(:class:`~.model.FieldSource`) and expanded frame by frame when applied.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -25,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from scherzer.optics import fft_workers
 from scherzer.processing.registration import (
     AlignmentError,
     AlignParams,
@@ -37,8 +44,8 @@ from scherzer.processing.scan_distortion.gauge import drift_slopes, fix_gauge, f
 from scherzer.processing.scan_distortion.kernels import in_threads, spline_coefficients
 from scherzer.processing.scan_distortion.merge import merge_density
 from scherzer.processing.scan_distortion.model import (
+    FieldSource,
     FrameModel,
-    common_fields,
     vec_to_scan,
 )
 from scherzer.processing.scan_distortion.prepare import as_frames, prepare_frames
@@ -77,30 +84,36 @@ def _turns(rotations_deg: Sequence[float] | None, n: int, shape: tuple[int, int]
     return turns
 
 
-def _rigid_start(frames: np.ndarray, turns: list[int], params: NonrigidParams) -> np.ndarray:
+def _rigid_start(frames: np.ndarray | None, coarse: np.ndarray | None,
+                 params: NonrigidParams) -> np.ndarray:  # fmt: skip
+    """Rigid shifts (n, 2) px: measured on the 2×2-binned ``coarse`` frames when given (a
+    start for the affine cycles, which refine the offsets; 4× less work), else on
+    ``frames``."""
+    n = len(coarse if coarse is not None else frames)
     if not params.rigid_start:
-        return np.zeros((len(frames), 2))
-    h, w = frames.shape[1:]
-    if min(h, w) >= COARSE_MIN_PX and h % 2 == 0 and w % 2 == 0:
-        # a start for the affine cycles (which refine the offsets): 2×2-binned, 4× less work
-        try:
-            return 2.0 * measure_shifts(_binned(frames), START_ALIGN).shifts_px
-        except (AlignmentError, np.linalg.LinAlgError, ValueError):
-            return np.zeros((len(frames), 2))
+        return np.zeros((n, 2))
+    use = coarse if coarse is not None else frames
+    # work blocks sized from a budget of the frames' own size (the default, a fraction of
+    # the machine's memory, took 36× the input at 8 × 128²; the shifts do not depend on it)
+    align = dataclasses.replace(START_ALIGN, memory_budget_mb=max(use.nbytes / 2**20, 0.25))
     try:
-        return measure_shifts(frames, START_ALIGN).shifts_px
+        if coarse is not None:
+            return 2.0 * measure_shifts(coarse, align).shifts_px
+        return measure_shifts(frames, align).shifts_px
     except (AlignmentError, np.linalg.LinAlgError, ValueError):
-        return np.zeros((len(frames), 2))
+        return np.zeros((n, 2))
 
 
 def _dense(params: NonrigidParams) -> bool:
     return params.mode == "unconstrained" and params.nonlinear_cycles > 0
 
 
-def _start(work, turns, params, lines_per_frame) -> tuple[np.ndarray, np.ndarray | None]:
+def _start(work, turns, params, lines_per_frame, shifts=None) -> tuple:
     """(rigid shifts, steady drift slope or None): orthogonal series search a linear drift
-    first (``drift_search``; see :mod:`.drift`), falling back to the rigid alignment."""
-    shifts = _rigid_start(work, turns, params)
+    first (``drift_search``; see :mod:`.drift`), falling back to the rigid alignment
+    (``shifts`` when already measured on binned frames)."""
+    if shifts is None:
+        shifts = _rigid_start(work, None, params)
     if params.drift_search and params.rigid_start and len({t % 2 for t in turns}) > 1:
         times = np.arange(len(shifts)) * lines_per_frame
         implied = -np.polyfit(times, shifts, 1)[0]  # the rigid start's steady drift
@@ -158,20 +171,13 @@ class _Engine:
         out = ndimage.correlate1d(self.coeffs[i], SPLINE_AT_NODES, axis=0, mode="mirror")
         return ndimage.correlate1d(out, SPLINE_AT_NODES, axis=1, mode="mirror", output=out)
 
-    def pulled(self, model: FrameModel) -> tuple[np.ndarray, np.ndarray]:
-        """Every frame through its model onto the reference grid (common orientation)."""
-        n = len(self.turns)
-        h, w = self.shape if self.turns[0] % 2 == 0 else self.shape[::-1]
-        vals = np.empty((n, h, w), np.float32)
-        seen = np.empty((n, h, w), bool)
-
-        def one(i: int) -> None:
-            v, m = model.pull(i, self.coeffs[i], self.shape)
-            vals[i] = np.rot90(v, -self.turns[i])
-            seen[i] = np.rot90(m, -self.turns[i])
-
-        in_threads(one, range(n))
-        return vals, seen
+    def pull(self, model: FrameModel, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame i through ``model`` onto the reference grid (common orientation): (values,
+        0 where unseen; seen mask). Recomputed where needed rather than held for every
+        frame (the series is held once, as the spline coefficients)."""
+        v, m = model.pull(i, self.coeffs[i], self.shape)
+        k = self.turns[i]
+        return np.rot90(v, -k), np.rot90(m, -k)
 
     def reference_set(self, i: int) -> np.ndarray:
         """Frames that form frame i's reference (see ``NonrigidParams.reference``)."""
@@ -185,38 +191,49 @@ class _Engine:
             use &= np.abs(np.arange(n) - i) <= self.p.local_neighbours
         return use
 
-    def sums(self, vals: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Σ value·seen and Σ seen over the active frames, accumulated frame by frame (no
-        (n, H, W) temporaries)."""
-        total = np.zeros(vals.shape[1:], np.float32)
-        count = np.zeros(vals.shape[1:], np.float32)
-        for j in np.flatnonzero(self.active):
-            total += vals[j]  # pulled values are 0 where unseen
-            count += seen[j]
+    def sums(self, model: FrameModel, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Σ pulled values and Σ seen over the frames ``use``: pulled side by side in threads,
+        a batch of one frame per thread at a time, and added in frame order (the same sums
+        whatever the threads' timing; no (n, H, W) array)."""
+        h, w = self.shape if self.turns[0] % 2 == 0 else self.shape[::-1]
+        total = np.zeros((h, w), np.float32)
+        count = np.zeros((h, w), np.float32)
+        todo = list(np.flatnonzero(use))
+        batch = max(1, fft_workers())
+        for b0 in range(0, len(todo), batch):
+            for v, m in in_threads(lambda j: self.pull(model, j), todo[b0 : b0 + batch]):
+                total += v  # pulled values are 0 where unseen
+                count += m
         return total, count
 
-    def reference(self, i, vals, seen, sums) -> tuple[np.ndarray, np.ndarray] | None:
-        """(mean image, count) of frame i's reference set, common orientation: with the mean
-        reference the all-frame sums minus frame i's own; otherwise summed afresh."""
+    def reference(self, i, model, sums) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean image, count) of frame i's reference set, common orientation, from the
+        frames as ``model`` places them: with the mean reference the all-frame ``sums``
+        minus frame i's own pull; otherwise summed afresh."""
         use = self.reference_set(i)
         if not use.any():
             return None
         if self.p.reference == "mean":
-            total = sums[0] - vals[i] if self.active[i] else sums[0].copy()
-            count = sums[1] - seen[i] if self.active[i] else sums[1].copy()
+            total, count = sums[0].copy(), sums[1].copy()
+            if self.active[i]:
+                v, m = self.pull(model, i)
+                total -= v
+                count -= m
         else:
-            total = np.zeros(vals.shape[1:], np.float32)
-            count = np.zeros(vals.shape[1:], np.float32)
+            h, w = self.shape if self.turns[0] % 2 == 0 else self.shape[::-1]
+            total = np.zeros((h, w), np.float32)
+            count = np.zeros((h, w), np.float32)
             for j in np.flatnonzero(use):
-                total += vals[j]
-                count += seen[j]
+                v, m = self.pull(model, j)
+                total += v
+                count += m
         np.divide(total, count, out=total, where=count > 0)
         total[count <= 0] = 0.0
         return total, count
 
-    def target(self, i: int, vals: np.ndarray, seen: np.ndarray, sums=None) -> Target | None:
+    def target(self, i: int, model: FrameModel, sums) -> Target | None:
         """Reference for frame i, in its scan orientation."""
-        ref = self.reference(i, vals, seen, sums if sums is not None else self.sums(vals, seen))
+        ref = self.reference(i, model, sums)
         if ref is None:
             return None
         k = self.turns[i]
@@ -225,13 +242,14 @@ class _Engine:
             np.ascontiguousarray(np.rot90(ref[1] > 0.5, k), dtype=np.float32),
         )
 
-    def cycle(self, model: FrameModel, stage: str, tolerance: float) -> float:
-        """One cycle: every active frame stepped against its reference; mean |update| px."""
-        vals, seen = self.pulled(model)
-        sums = self.sums(vals, seen)
+    def cycle(self, model: FrameModel, stage: str, tolerance: float, placed: FrameModel) -> float:
+        """One cycle: every active frame stepped against its reference, built from the frames
+        as ``placed`` (the model at the cycle's start, not changed during it); mean |update|
+        px."""
+        sums = self.sums(placed, self.active) if self.p.reference == "mean" else None
 
         def one(i: int) -> float | None:
-            target = self.target(i, vals, seen, sums)
+            target = self.target(i, placed, sums)
             if target is None:
                 return None
             total = 0.0
@@ -304,7 +322,7 @@ def _run_stage(
     accel, previous = p.acceleration, math.inf
     for c, tol in enumerate(_tolerances(cycles, p.convergence_px)):
         old = model.copy()
-        update = engine.cycle(model, stage, tol)
+        update = engine.cycle(model, stage, tol, old)
         model = model.blend(old, accel * _loo_factor(engine))
         _check_frames(engine, model, start)
         if engine.active.sum() < 2:
@@ -322,17 +340,17 @@ def _run_stage(
     return model, history
 
 
-def _binned(frames: np.ndarray) -> np.ndarray:
-    n, h, w = frames.shape
-    return frames.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4), dtype=np.float32)
-
-
-def _coarse_frames(work: np.ndarray, params: NonrigidParams) -> np.ndarray | None:
-    """2×2-binned frames for the affine cycles when they are large (else None)."""
-    h, w = work.shape[1:]
-    if params.affine_cycles and min(h, w) >= COARSE_MIN_PX and h % 2 == 0 and w % 2 == 0:
-        return _binned(work)
-    return None
+def _coarse_frames(prepared: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray | None:
+    """The normalised frames 2×2-binned, (binned − mean)/std with each full frame's mean and
+    std (= the binned normalised frames), when they are large enough (``COARSE_MIN_PX``,
+    even sizes) for the rigid start and the affine cycles to run binned; else None."""
+    n, h, w = prepared.shape
+    if min(h, w) < COARSE_MIN_PX or h % 2 or w % 2:
+        return None
+    out = prepared.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4), dtype=np.float32)
+    out -= mean.astype(np.float32)
+    out /= std.astype(np.float32)
+    return out
 
 
 def _run_cycles(
@@ -394,17 +412,22 @@ def correct_scan_distortion(
     std = prepared.std(axis=(1, 2), keepdims=True)
     if np.any(std == 0):
         raise ScanDistortionError("a frame is constant: nothing to register")
-    work = ((prepared - mean) / std).astype(np.float32, copy=False)
-    lines_per_frame = work.shape[1 if turns[0] % 2 == 0 else 2] + p.frame_gap_lines
-    shifts, slope = _start(work, turns, p, lines_per_frame)
-    binned = _coarse_frames(work, p)
+    coarse = _coarse_frames(prepared, mean, std)
+    lines_per_frame = prepared.shape[1 if turns[0] % 2 == 0 else 2] + p.frame_gap_lines
+    # the rigid start on the binned frames before the full normalised copy exists (memory)
+    shifts = _rigid_start(None, coarse, p) if coarse is not None else None
+    work = np.subtract(prepared, mean, dtype=np.float32)  # one new stack, divided in place
+    work /= std.astype(np.float32)
+    shifts, slope = _start(work, turns, p, lines_per_frame, shifts)
+    binned = coarse if p.affine_cycles else None
+    del coarse
     engine = _Engine(work, turns, p)  # takes ``work`` over (spline coefficients in place)
     del work
     model = _initial_model(shifts, turns, engine.shape, p, lines_per_frame, slope)
     fix_gauge(model, turns, engine.active, lines_per_frame, engine.shape[1], linear=False)
     model, history = _run_cycles(engine, model, lines_per_frame, binned)
     del binned
-    fields = common_fields(model, turns, engine.shape)
+    fields = FieldSource(model, turns, engine.shape)  # compact; expanded per frame on demand
     flagged = _flag(engine, model)
     engine.release()  # the working copy goes before the corrected frames are made
     corrected, valid, average, count = apply_fields(
@@ -415,7 +438,7 @@ def correct_scan_distortion(
                                        sigma_px=p.merge_sigma_px)  # fmt: skip
     rms = _field_rms(model, engine.shape)
     return NonrigidResult(
-        corrected=corrected, valid=valid, average=average, count=count, fields_px=fields,
+        corrected=corrected, valid=valid, average=average, count=count, fields=fields,
         affine=model.affine.copy(), field_rms_px=rms, flagged=flagged,
         ncc=engine.ncc, rigid_shifts_px=shifts, rotations_deg=np.asarray(
             rotations_deg if rotations_deg is not None else np.zeros(len(arr)), float),
@@ -424,26 +447,25 @@ def correct_scan_distortion(
 
 
 def _flag(engine: _Engine, model: FrameModel) -> list[int]:
-    """Frames flagged: diverged (inactive) or correlating with the reference far below the
-    others (median × ``FLAG_NCC_FRACTION``)."""
-    vals, seen = engine.pulled(model)
-    n = len(vals)
+    """Frames flagged: diverged (inactive) or correlating with the mean of the other active
+    frames far below the others (median × ``FLAG_NCC_FRACTION``)."""
+    n = len(engine.active)
     ncc = np.zeros(n)
-    sums = engine.sums(vals, seen)
-    for i in range(n):
-        ref = engine.reference(i, vals, seen, sums) if engine.p.reference == "mean" else None
-        if ref is None:
-            use = engine.active.copy()
-            use[i] = False
-            if not use.any():
-                continue
-            ref = (np.sum(vals[use], axis=0) / np.maximum(np.sum(seen[use], axis=0), 1),
-                   np.sum(seen[use], axis=0))  # fmt: skip
-        both = seen[i] & (ref[1] > 0.5)
+    sums = engine.sums(model, engine.active)
+
+    def one(i: int) -> None:
+        v, m = engine.pull(model, i)
+        total, count = sums[0].copy(), sums[1].copy()
+        if engine.active[i]:
+            total -= v
+            count -= m
+        both = m & (count > 0.5)
         if both.sum() > 16:
-            a, b = vals[i][both], ref[0][both]
+            a, b = v[both], total[both] / count[both]
             a, b = a - a.mean(), b - b.mean()
             ncc[i] = float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-30))
+
+    in_threads(one, range(n))
     engine.ncc = ncc
     median = float(np.median(ncc[engine.active])) if engine.active.any() else 0.0
     bad = ~engine.active | (ncc < FLAG_NCC_FRACTION * median)

@@ -214,9 +214,10 @@ def invert_rows(
     affine: np.ndarray, rows: np.ndarray, theta: np.ndarray, nx: int, steps: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scan positions p with p + u(p) = q for every grid point q (ny, nx) of an affine +
-    line model (fixed-point steps), float64 (py, px)."""
+    line model (fixed-point steps, in float64), stored float32 (py, px): ≤ 2.4e-4 px at
+    4096 px, half the memory."""
     ny = rows.shape[0]
-    py, px = np.empty((ny, nx)), np.empty((ny, nx))
+    py, px = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
     _invert_rows(
         np.ascontiguousarray(affine, dtype=np.float64),
         np.ascontiguousarray(rows, dtype=np.float64),

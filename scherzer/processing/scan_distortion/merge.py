@@ -41,7 +41,7 @@ def merge_density(
     (merged (H, W) float32, NaN where too few pixels landed; density (H, W) float32: frames'
     pixels per output pixel, smoothed — a frame that covers a pixel once adds 1)."""
     arr = np.asarray(frames, dtype=np.float32)
-    if arr.ndim != 3 or fields.shape != (arr.shape[0], 2, *arr.shape[1:]):
+    if arr.ndim != 3 or tuple(fields.shape) != (arr.shape[0], 2, *arr.shape[1:]):
         raise ScanDistortionError(f"frames {arr.shape} do not match the fields {fields.shape}")
     h, w = arr.shape[1:]
     total = np.zeros((h, w), np.float64)
@@ -52,7 +52,8 @@ def merge_density(
     for i in range(len(arr)):
         if i in skip:
             continue
-        splat_bilinear(arr[i], qy - fields[i, 0], qx - fields[i, 1], total, weight)
+        f = fields[i]  # (2, H, W): an array's or a compact source's (expanded here)
+        splat_bilinear(arr[i], qy - f[0], qx - f[1], total, weight)
     if sigma_px > 0:
         total = ndimage.gaussian_filter(total, sigma_px, mode="constant")
         weight = ndimage.gaussian_filter(weight, sigma_px, mode="constant")

@@ -29,7 +29,14 @@ from scherzer.processing.scan_distortion.kernels import (
     sample_spline,
 )
 
-__all__ = ["FrameModel", "common_fields", "vec_to_common", "vec_to_scan"]
+__all__ = [
+    "FieldSource",
+    "FrameModel",
+    "common_field",
+    "common_fields",
+    "vec_to_common",
+    "vec_to_scan",
+]
 
 INVERSE_STEPS = 3  # fixed-point steps inverting p + u(p) = q (|∇u| ≲ 0.05: error ×0.05 a step)
 
@@ -169,15 +176,64 @@ class FrameModel:
         return np.where(inside, val, 0.0).astype(np.float32), inside
 
 
+def common_field(model: FrameModel, i: int, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """Frame i's user field (2, H, W) float32 in common orientation: f_i(q) with
+    frame_i(q) ≈ ref(q − f_i(q)), i.e. f = −u turned into the common frame (``k`` the
+    frame's quarter turns, ``shape`` the scan grid)."""
+    ny, nx = shape
+    a = model.affine[i]
+    rr = np.arange(ny) - (ny - 1) / 2.0
+    cc = (np.arange(nx) - (nx - 1) / 2.0).astype(np.float32)[None, :]
+    lines = model.lines(i)
+    # −u: the line terms in float64, the grids in float32 (no float64 frame-sized arrays)
+    y0 = -(a[0] + a[1] * rr + lines[:, 0]).astype(np.float32)[:, None]
+    ys = -(a[2] + model.theta[i]).astype(np.float32)[:, None]
+    x0 = -(a[3] + a[4] * rr + lines[:, 1]).astype(np.float32)[:, None]
+    fy = y0 + ys * cc
+    fx = x0 + np.float32(-a[5]) * cc
+    if model.field is not None:
+        fy -= model.field[i, 0]
+        fx -= model.field[i, 1]
+    cy, cx = vec_to_common(fy, fx, k)
+    out = np.empty((2, *np.rot90(cy, -k).shape), np.float32)
+    out[0], out[1] = np.rot90(cy, -k), np.rot90(cx, -k)
+    return out
+
+
 def common_fields(model: FrameModel, turns: list[int], shape: tuple[int, int]) -> np.ndarray:
-    """User fields (n, 2, H, W) float32 in common orientation: f_i(q) with
-    frame_i(q) ≈ ref(q − f_i(q)), i.e. f = −u turned into the common frame (filled frame by
-    frame: one frame's float64 displacement at a time)."""
+    """Every frame's :func:`common_field` (n, 2, H, W) float32 (filled frame by frame: one
+    frame's float64 displacement at a time)."""
     h, w = shape if turns[0] % 2 == 0 else shape[::-1]
     out = np.empty((len(turns), 2, h, w), np.float32)
     for i, k in enumerate(turns):
-        dy, dx = model.grid_displacement(i, shape)
-        cy, cx = vec_to_common(-dy, -dx, k)
-        out[i, 0] = np.rot90(cy, -k)
-        out[i, 1] = np.rot90(cx, -k)
+        out[i] = common_field(model, i, k, shape)
     return out
+
+
+class FieldSource:
+    """The per-pixel fields of a series held compactly — the model's parameters (affine,
+    one (dy, dx) and rotation per scan line, the dense field only in unconstrained mode) —
+    and expanded per frame on demand. Indexes like the (n, 2, H, W) float32 array it stands
+    for: ``src[i]`` (2, H, W), ``src[i, c]`` (H, W), ``src.shape``, ``len(src)``;
+    :meth:`expand` builds the whole array."""
+
+    def __init__(self, model: FrameModel, turns: list[int], scan_shape: tuple[int, int]):
+        self.model = model.copy()
+        self.turns = list(turns)
+        self.scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
+        h, w = self.scan_shape if self.turns[0] % 2 == 0 else self.scan_shape[::-1]
+        self.shape = (len(self.turns), 2, h, w)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self[key[0]][key[1:]]
+        i = int(key)
+        return common_field(self.model, i, self.turns[i], self.scan_shape)
+
+    def expand(self) -> np.ndarray:
+        """All fields (n, 2, H, W) float32."""
+        return common_fields(self.model, self.turns, self.scan_shape)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from scherzer.processing.scan_distortion.model import FieldSource
 from scherzer.processing.scan_distortion.settings import NonrigidParams
 
 __all__ = ["NonrigidResult"]
@@ -26,7 +27,10 @@ class NonrigidResult:
       With ``params.merge == "density"``: the density-weighted merge and its kernel density
       (frames' pixels per output pixel; NaN where it is below a fifth of its median).
     * ``fields_px`` (n, 2, H, W) float32: (dy, dx) per pixel with frame_i(q) ≈ ref(q −
-      f_i(q)) — the shift convention of rigid registration, per pixel.
+      f_i(q)) — the shift convention of rigid registration, per pixel. Held compactly
+      (``fields``, a :class:`~.model.FieldSource`: the affine map, one (dy, dx) and rotation
+      per scan line, a dense field only in unconstrained mode) and expanded when read: each
+      read of ``fields_px`` builds the array (2 stacks); :meth:`field` gives one frame's.
     * ``affine`` (n, 6): (a0, a1, a2, a3, a4, a5) in each frame's *scan* coordinates: the
       position sampled by scan pixel (r, c) is (r + a0 + a1·ŕ + a2·ć, c + a3 + a4·ŕ + a5·ć)
       plus the non-linear part, ŕ, ć from the frame centre.
@@ -40,7 +44,7 @@ class NonrigidResult:
     valid: np.ndarray
     average: np.ndarray
     count: np.ndarray
-    fields_px: np.ndarray
+    fields: FieldSource
     affine: np.ndarray
     field_rms_px: np.ndarray
     flagged: list[int]
@@ -50,6 +54,16 @@ class NonrigidResult:
     params: NonrigidParams
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def fields_px(self) -> np.ndarray:
+        """All per-pixel fields (n, 2, H, W) float32, expanded from ``fields`` (a new array
+        each time: keep it if it is needed more than once)."""
+        return self.fields.expand()
+
+    def field(self, i: int) -> np.ndarray:
+        """Frame i's field (2, H, W) float32."""
+        return self.fields[i]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able summary (no images): settings, seconds, per-frame affine parameters,

@@ -53,7 +53,9 @@ def _residuals(
     val, gy, gx = sample_spline(target.coeffs, qy, qx, gradient=True)
     w = sample_bilinear(target.seen, qy, qx)
     del qy, qx
-    w = (w >= MIN_SEEN).astype(np.float32)
+    seen = w >= MIN_SEEN
+    w[...] = seen  # 1 where the reference is seen, else 0 (in place)
+    del seen
     w[:, : round(ROW_START_SKIP * nx)] = 0.0
     sw = float(w.sum())
     if sw < 0.05 * w.size:
@@ -114,10 +116,10 @@ def _row_sums(w, e, terms) -> tuple[np.ndarray, np.ndarray]:
     k = len(terms)
     h = np.empty((w.shape[0], k, k))
     b = np.empty((w.shape[0], k))
-    for a in range(k):
-        b[:, a] = (terms[a] * e).sum(axis=1)
+    for a in range(k):  # einsum: the products summed line by line, no frame temporaries
+        b[:, a] = np.einsum("rc,rc->r", terms[a], e)
         for j in range(a, k):
-            h[:, a, j] = h[:, j, a] = (w * terms[a] * terms[j]).sum(axis=1)
+            h[:, a, j] = h[:, j, a] = np.einsum("rc,rc,rc->r", w, terms[a], terms[j])
     return h, b
 
 
