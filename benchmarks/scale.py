@@ -46,13 +46,19 @@ COLD_REPEATS = 5  # alternated cold runs of ours, the peer and the import floor;
 #: What any Python program reading a TIFF, transforming with scipy.fft and writing HDF5 pays before
 #: its first line of work: the bound under which no cold ``scherzer align`` can go.
 FLOOR_SCRIPT = "import numpy, scipy.fft, tifffile, h5py"
+#: The peer once more with its BLAS on one thread (as ours pins it): on a loaded machine
+#: OpenBLAS's spinning threads multiply the script's wall time (measured 3.9 s against 1.7 s at a
+#: load of 5 on 2 cores), which says nothing about either method; reported beside, not instead.
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _measured(cmd: list[str]) -> dict:
+def _measured(cmd: list[str], env: dict | None = None) -> dict:
     """Wall seconds, CPU seconds (user + system: less inflated by other processes' load than
-    wall) and peak RSS (MB) of one child process (GNU time's %U, %S, %M); its stdout."""
+    wall) and peak RSS (MB) of one child process (GNU time's %U, %S, %M); its stdout. ``env``:
+    variables added to the environment."""
     t0 = time.perf_counter()
-    proc = subprocess.run([TIME, "-f", "TIMED %M %U %S", *cmd], capture_output=True, text=True)
+    proc = subprocess.run([TIME, "-f", "TIMED %M %U %S", *cmd], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})  # fmt: skip
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed: {proc.stderr[-2000:]}")
@@ -146,7 +152,7 @@ def cold_align(tmp: Path) -> dict:
     tif = tmp / "s16_512.tif"
     truth = _series(16, 512, 1, tif)
     _measured([*SCHERZER, "align", str(tif), "--out", str(tmp / "warm.hspy")])  # page cache
-    ours_runs, peer_runs, floor_runs = [], [], []
+    ours_runs, peer_runs, peer1_runs, floor_runs = [], [], [], []
     for _ in range(COLD_REPEATS):  # alternated, so all see the same load
         ours = _measured([*SCHERZER, "align", str(tif), "--out", str(tmp / "o.hspy"), "--json"])
         got = json.loads(ours.pop("stdout"))
@@ -155,17 +161,23 @@ def cold_align(tmp: Path) -> dict:
         peer = _measured([PY, "-c", SKIMAGE_SCRIPT, str(tif)])
         peer_out = json.loads(peer.pop("stdout"))
         peer_runs.append({**peer, "rms_px": round(_rms(peer_out["shifts_px"], truth), 4)})
+        peer1 = _measured([PY, "-c", SKIMAGE_SCRIPT, str(tif)], env=ONE_BLAS_THREAD)
+        peer1.pop("stdout")
+        peer1_runs.append(peer1)
         floor = _measured([PY, "-c", FLOOR_SCRIPT])
         floor.pop("stdout")
         floor_runs.append(floor)
     ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(ours_runs, peer_runs, strict=True)]
     cpu_ratios = [a["cpu_s"] / b["cpu_s"] for a, b in zip(ours_runs, peer_runs, strict=True)]
+    ratios1 = [a["wall_s"] / b["wall_s"] for a, b in zip(ours_runs, peer1_runs, strict=True)]
     return {
         "scherzer_align": _median_run(ours_runs),
         "skimage_script": _median_run(peer_runs),
+        "skimage_script_one_blas_thread": _median_run(peer1_runs),
         "import_floor": {"script": FLOOR_SCRIPT, **_median_run(floor_runs)},
         "wall_ratio_median": round(float(np.median(ratios)), 2),
         "cpu_ratio_median": round(float(np.median(cpu_ratios)), 2),
+        "wall_ratio_to_one_blas_thread_median": round(float(np.median(ratios1)), 2),
         "load_average": list(os.getloadavg()),
     }
 
