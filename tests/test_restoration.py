@@ -459,3 +459,38 @@ def test_automatic_refinement_runs_when_the_nonlinear_term_exceeds_the_noise():
     assert skip.params["iterations"] == 0 and skip.residual_history == []
     assert "noise" in nl["reason"]
     np.testing.assert_array_equal(skip.wave, restore_truth(weak, iterations=0).wave)
+
+
+def test_quadratic_term_follows_the_incoherent_focal_spread():
+    """The quadratic (beam-beam) term of the images of a strong phase object under an
+    incoherent focal spread (ground truth: 15-node average of coherent images minus the linear
+    term, which the temporal envelope gives exactly) is predicted by the restoration's node
+    average to ≤ 3 % rms (measured 1.5 %), ≥ 5× better than by the quasi-coherent envelopes
+    (measured 22 %)."""
+    from scherzer.processing.restoration import focal_spread_transfers
+    from scherzer.processing.spectral import BandTransfer, information_band
+    from scherzer.processing.wiener import linear_prediction, quadratic_term
+
+    optics = DEFAULT_OPTICS.with_(beam_divergence_mrad=0.0, focal_spread_nm=4.0)
+    st = synthetic_series("strong_phase", n=3, size=128, dose_e_per_A2=None, seed=2)
+    grid = FrequencyGrid((128, 128), (0.02, 0.02))
+    d = np.array([-80.0, -40.0])
+    band = information_band(optics, grid, d, np.ones(grid.shape, np.float32))
+    w = np.asarray(st.ground_truth["exit_wave"], np.complex64)
+    phi = band.gather(sfft.fft2(w - w.mean()))  # φ restricted to the band (ψ = 1 + φ)
+    wave_fft = band.scatter(phi)
+    wave_fft[0, 0] = 128 * 128
+    x, wts = np.polynomial.hermite_e.hermegauss(15)
+    coherent = optics.with_(focal_spread_nm=0.0)
+    img = sum(
+        wj * image_intensity(wave_fft, coherent, grid, d + xj * optics.focal_spread_nm)
+        for xj, wj in zip(x, wts / wts.sum(), strict=True)
+    )
+    t = BandTransfer(optics, grid, band).transfer(d)
+    exact = band.gather(sfft.fft2(img)) - linear_prediction(phi, t, band.conj_neg(t), band)
+    quasi = quadratic_term(band, phi, t)
+    nodes = focal_spread_transfers(optics, grid, band, d)
+    inc = sum(np.float32(wj) * quadratic_term(band, phi, tj) for wj, tj in nodes)
+    norm = np.linalg.norm(exact)
+    e_inc, e_quasi = np.linalg.norm(inc - exact) / norm, np.linalg.norm(quasi - exact) / norm
+    assert e_inc <= 0.03 and e_quasi >= 5 * e_inc, (e_inc, e_quasi)
