@@ -19,7 +19,8 @@ MODES = ("row-locked", "row-fitting", "unconstrained")
 # residual: pairs with the line penalty 0.096 px at 0.75 (0.097 at 0.65, 0.098 at 0.85,
 # 0.102 at 1, 0.110 at 1.2; the Gaussian window of 4 gave 0.124); one direction with the
 # Gaussian window 0.132 px at 4 (the penalty did no better than 0.135 at any weight: 0.155
-# at 1, 0.140 at 2.5, 0.150 at 3)
+# at 1, 0.140 at 2.5, 0.150 at 3); the window fitting a line instead of a constant: 0.116 px
+# at 4 (seed 0; seed 1 0.132 → 0.122), 0.113 at 3 — 4 kept
 SMOOTHING_MIXED_PX = 0.75
 # ... for lines of this many px; shorter lines scale it by (this / length)^exponent (a line
 # carries fewer pixels, so more noise, and a mains period spans more lines): measured optima
@@ -45,20 +46,24 @@ class NonrigidParams:
     penalise the second differences of the line functions (each line keeps what its own
     contrast measures, lines without contrast are interpolated from their neighbours) with a
     weight whose half-power ripple frequency is a Gaussian σ's; one scan direction smooths
-    the lines' normal equations with a Gaussian window of σ (a ripple of period P lines is
-    followed to about exp(−2π²σ²/P²)). Wider keeps noise out, narrower follows faster
-    distortions (50 Hz pick-up is a ripple of ≈18 lines for 512-px lines at 2 µs). None
-    (default) picks by the scan directions: ``SMOOTHING_MIXED_PX`` with orthogonal scans (the
+    the lines' normal equations with a Gaussian window of σ, fitting a line (not a constant)
+    in the window: a crystal aligned with the scan has contrast on some lines only, and a
+    local constant is pulled towards those lines' values wherever the function has a slope
+    (measured: an error at the atom-plane period, mixed with the 50 Hz pick-up). Wider keeps
+    noise out, narrower follows faster distortions (50 Hz pick-up is a ripple of ≈18 lines
+    for 512-px lines at 2 µs). None (default) picks by the scan directions:
+    ``SMOOTHING_MIXED_PX`` with orthogonal scans (the
     other direction's fast axis makes every line's slow-axis position sharp; scaled for
     lines shorter than ``SMOOTHING_MIXED_LINE_PX``),
     ``SMOOTHING_SINGLE_PX`` for one direction, ``SMOOTHING_DENSE_PX`` (a Gaussian σ in 2-D)
     when unconstrained. ``row_jitter`` adds a fast-axis offset per row (line jitter; a Wiener
     estimate whose variance comes from the data) on top of the smooth line function; None
     (default): on for orthogonal series, off for one direction (measured: it helps the former,
-    0.106 → 0.101 px, and costs the latter 0.132 → 0.134 px). ``reference``: "mean" (all
-    other frames), "index" (frame
-    ``reference_index``) or "local" (the ``local_neighbours`` nearest frames on either side, for
-    in-situ series). ``convergence_px``: mean |update| reached at the last cycle (the tolerance
+    0.106 → 0.101 px; for the latter it helps on the simulator, 0.116 → 0.109 px at 12 ×
+    512², but costs the real SrTiO3 image scanned through distortions 0.137 → 0.218 px).
+    ``reference``: "mean" (all other frames), "index" (frame ``reference_index``) or "local"
+    (the ``local_neighbours`` nearest frames on either side, for in-situ series).
+    ``convergence_px``: mean |update| reached at the last cycle (the tolerance
     is lowered geometrically over the cycles); ``acceleration``: over-relaxation of every
     cycle's update, reduced by 10 % by itself whenever the updates grow. ``max_field_px``: a frame
     whose field exceeds this is flagged (diverged). ``frame_gap_lines``: scan lines' time between

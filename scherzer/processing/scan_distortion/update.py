@@ -182,13 +182,40 @@ def _row_step(w, e, gy, gx, nx, sigma, rotation, current, penalty) -> tuple[np.n
     h, b = _row_sums(w, e, terms)
     if penalty:
         step = penalised_rows(h, b, current, roughness_weight(sigma))
-    else:  # a Gaussian window over the lines' normal equations
-        hs = ndimage.gaussian_filter1d(h, sigma, axis=0, mode="nearest") if sigma > 0 else h
-        bs = ndimage.gaussian_filter1d(b, sigma, axis=0, mode="nearest") if sigma > 0 else b
-        step = _solve_batched(hs, bs)
+    elif sigma > 0:  # a Gaussian window over the lines' normal equations, locally linear
+        step = local_linear_rows(h, b, sigma)
+    else:
+        step = _solve_batched(h, b)
     theta = step[:, 2] if rotation else np.zeros(len(step))
     rest = b[:, 1] - np.einsum("rk,rk->r", h[:, 1, :], step)
     return step[:, :2], theta, rest, h[:, 1, 1]
+
+
+def local_linear_rows(h: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
+    """Step (ny, k) by a Gaussian-weighted (σ = ``sigma`` lines) local *linear* fit of the
+    line functions around every line (local regression of degree 1) from the lines' normal
+    equations ``h`` (ny, k, k), ``b`` (ny, k). With contrast uneven along the slow axis (the
+    atom planes of a crystal aligned with the scan) a local constant is pulled towards the
+    contrast-rich lines' values wherever the function has a slope (measured on 12 × 512²
+    SrTiO3 with an ideal reference: an error at the atom-plane period mixed with the 50 Hz
+    pick-up); a local line is not. The normal equations are extended evenly beyond the first
+    and last lines (a one-sided linear fit there extrapolates noise: null-series fields 0.026
+    px RMS at the ends against 0.010 even)."""
+    ny, k = b.shape
+    radius = int(np.ceil(4 * sigma))
+    d = np.arange(-radius, radius + 1, dtype=float)
+    g = np.exp(-0.5 * (d / sigma) ** 2)
+    kernels = [g, g * d, g * d * d]
+
+    def smooth(x, kern):  # Σ_j kern(j − r)·x_j
+        return ndimage.correlate1d(x, kern, axis=0, mode="reflect")
+
+    m = [smooth(h, kern) for kern in kernels]  # (ny, k, k) each
+    bm = [smooth(b, kern) for kern in kernels[:2]]
+    big = np.zeros((ny, 2 * k, 2 * k))
+    big[:, :k, :k], big[:, :k, k:], big[:, k:, :k], big[:, k:, k:] = m[0], m[1], m[1], m[2]
+    rhs = np.concatenate([bm[0], bm[1]], axis=1)
+    return _solve_batched(big, rhs)[:, :k]
 
 
 def jitter_update(jitter, rest, hxx, noise_var) -> np.ndarray:
