@@ -31,6 +31,7 @@ NOT_FOR_ALIGN = (
     "scherzer.processing.eftem",
     "scherzer.processing.scan_distortion",
     "scherzer.processing.restoration",
+    "scherzer.processing.plots",  # only with --plot
     "zmq",
     "structlog",
     "matplotlib",

@@ -174,7 +174,6 @@ def alignment_table(result: Any) -> np.ndarray:
 
 def step_align(ctx: PipelineContext, step: AlignStep) -> StepOutput:
     """Rigid alignment measured on ``step.signal`` (default the first) and applied to all."""
-    from scherzer.processing.plots import plot_alignment
     from scherzer.processing.registration import align_stack
 
     signal = step.signal or next(iter(ctx.stacks))
@@ -199,6 +198,8 @@ def step_align(ctx: PipelineContext, step: AlignStep) -> StepOutput:
     ctx.results["align"] = result
     plot_dir = _plot_dir(ctx)
     if plot_dir is not None:
+        from scherzer.processing.plots import plot_alignment
+
         average = out.arrays[f"average_{signal}"]
         pixel = _known_pixel_nm(stacks[signal])
         out.plots = plot_alignment(result, average, plot_dir, pixel_nm=pixel, signal=signal)
