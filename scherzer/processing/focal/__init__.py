@@ -36,7 +36,10 @@ Method
    defoci, and the regularised correlation Z = S_n Y_n(Δ)* / |S_n Y_n(Δ)|^α is maximised over Δ
    and shift.
    Coarse Δ trials use batched FFTs of a cropped spectrum box; the fine search optimises Δ by
-   Brent's method with the shift refined by Newton steps on the band (no FFTs).
+   Brent's method with the shift refined by Newton steps on the band (no FFTs). Once a pass
+   has moved every defocus by less than 0.5 nm, the next searches ± 0.5 nm about each estimate
+   first (no coarse trials; the full range where the maximum lies at that edge). Bands of
+   ≥ 65536 frequencies (1024² fields) are split over the cores in the inner kernels.
    Peak height = the normalised correlation coefficient Re Σ X Y* e^{2πi g·s} / (‖X‖‖Y‖) ∈
    [−1, 1] of the (whitened) band spectra; below ``peak_threshold``, or below 5/√m (5σ of
    the correlation of pure noise over the m band frequencies), an image is flagged and left

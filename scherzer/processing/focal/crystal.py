@@ -32,7 +32,7 @@ from scherzer.processing.focal.problem import (
 from scherzer.processing.focal.search import local_grid_peak, parabolic_peak
 from scherzer.processing.focal.settings import MIN_IMAGES
 from scherzer.processing.spectral import shift_phase
-from scherzer.processing.wiener import linear_prediction, solve_series
+from scherzer.processing.wiener import solve_series
 
 __all__ = [
     "CrystalStrategy",
@@ -138,14 +138,22 @@ def step_scale_residual(
     spots = spot_mask(aligned)
     total = float(np.sum(np.abs(aligned[:, spots]) ** 2)) + 1e-30
 
+    sp = np.flatnonzero(spots)
+    sp_neg, cam = prob.band.neg[sp], prob.camera[sp]
+    data = aligned[:, sp]
+    m_sp = None if mask is None else mask[:, sp]
+
     def resid(kappa: float) -> float:
         d = ref_defocus_nm + kappa * (nominal - nominal[ref])
         t = prob.bt.transfer(d, prob.bt.spatial(d))
         sol = solve_series(aligned, t, prob.band, camera=prob.camera, corrections=1, mask=mask)
-        pred = linear_prediction(sol.phi, t * prob.camera, prob.band.conj_neg(t) * prob.camera,
-                                 prob.band) + sol.quadratic  # fmt: skip
-        res = aligned - pred if mask is None else (aligned - pred) * mask
-        return float(np.sum(np.abs(res[:, spots]) ** 2)) / total
+        # the prediction on the spots only (elementwise: the same values as on the whole band)
+        pred = sol.phi[sp] * (t[:, sp] * cam) + np.conj(sol.phi[sp_neg]) * (
+            np.conj(t[:, sp_neg]) * cam
+        )
+        pred = pred + sol.quadratic[:, sp]
+        res = data - pred if m_sp is None else (data - pred) * m_sp
+        return float(np.sum(np.abs(res) ** 2)) / total
 
     return resid
 

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from scherzer.optics import FrequencyGrid, Optics, chi_gradient_sq, fft_workers, vibration_envelope
-from scherzer.processing.focal.kernels import newton_moments
+from scherzer.processing.focal.kernels import band_chunks, newton_moments, over_chunks
 from scherzer.processing.focal.search import local_grid_peak
 from scherzer.processing.focal.settings import MIN_IMAGES, FocalParams
 from scherzer.processing.spectral import (
@@ -75,6 +75,7 @@ class Correlator:
         self.fy = np.fft.fftfreq(ny)
         self.fx = np.fft.fftfreq(nx)
         self.moments_g = (band.gy.astype(np.float32), band.gx.astype(np.float32))
+        self.chunks = band_chunks(band.size)  # the band split over the cores when large
 
     def coarse(
         self,
@@ -122,7 +123,11 @@ class Correlator:
         ze = Z e^{2πi g·s}: one fused pass over the band (:func:`.kernels.newton_moments`)."""
         gy, gx = self.moments_g
         sy, sx = float(s[0]), float(s[1])
-        return newton_moments(z, sy, sx, self.fy, self.fx, self.iy, self.ix, gy, gx)
+        args = (z, sy, sx, self.fy, self.fx, self.iy, self.ix, gy, gx)
+        if len(self.chunks) == 1:
+            return newton_moments(*args, 0, z.shape[0])
+        parts = over_chunks(lambda j0, j1: newton_moments(*args, j0, j1), self.chunks)
+        return tuple(sum(p[c] for p in parts) for c in range(6))
 
     def refine(
         self, z: np.ndarray, s: np.ndarray, norm: float, steps: int = 4, offset: float = 0.0
@@ -132,19 +137,26 @@ class Correlator:
         s = np.asarray(s, np.float64).copy()
         norm = max(float(norm), 1e-30)
         z = np.ascontiguousarray(z, np.complex64)
+        height = None  # Re Σ Z e^{2πi g·s} at the final s, when a moments pass already has it
         for _ in range(steps):
-            my, mx, myy, mxy, mxx, _ = self.moments(z, s)
-            grad = -2 * math.pi * np.array([my, mx], np.float64)
+            my, mx, myy, mxy, mxx, value = self.moments(z, s)
             hyy, hxy, hxx = (-4 * math.pi**2 * v for v in (myy, mxy, mxx))
             det = hyy * hxx - hxy * hxy
             if not (hyy < 0 and det > 0):
+                height = value  # no step: the value at s is known
                 break
-            step = -np.array([hxx * grad[0] - hxy * grad[1], hyy * grad[1] - hxy * grad[0]]) / det
-            step = np.clip(step, -NEWTON_MAX_STEP_PX, NEWTON_MAX_STEP_PX)
-            s += step
-            if np.max(np.abs(step)) < NEWTON_TOL_PX:
+            gy, gx = -2 * math.pi * my, -2 * math.pi * mx
+            dy = min(max(-(hxx * gy - hxy * gx) / det, -NEWTON_MAX_STEP_PX), NEWTON_MAX_STEP_PX)
+            dx = min(max(-(hyy * gx - hxy * gy) / det, -NEWTON_MAX_STEP_PX), NEWTON_MAX_STEP_PX)
+            s[0] += dy
+            s[1] += dx
+            if max(abs(dy), abs(dx)) < NEWTON_TOL_PX:
+                # converged: over a Newton step δ the value moves by ½ ∇·δ (exact for a
+                # quadratic; < 1e-7 of the peak here), so no further moments pass is needed
+                height = value + 0.5 * (gy * dy + gx * dx)
                 break
-        height = self.moments(z, s)[5]
+        if height is None:
+            height = self.moments(z, s)[5]
         return s, (height - offset) / norm
 
 
@@ -202,8 +214,19 @@ class Problem:
     def set_optics(self, optics: Optics) -> None:
         self.optics = optics
         self.bt = BandTransfer(optics, self.grid, self.band)
+        self.optics_version = getattr(self, "optics_version", -1) + 1
+        # results that depend on the frames alone (or on the optics with optics_version in
+        # their key), computed once per registration: see :meth:`memo`
+        self._memo: dict[Any, Any] = getattr(self, "_memo", {})
         if self._common is not None:
             self._common.set_optics(optics)
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per ``key`` for this problem (per-image whitened spectra, repeated
+        matches): the key must hold everything the result depends on."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def common(self) -> Problem:
         """This series on the band every image keeps (the delocalisation limit applied to all
@@ -404,8 +427,12 @@ class Strategy(Protocol):
 
 class PassState:
     """The registration's current estimate, read by a later pass: defocus (n,) nm, shifts
-    (n, 2) px, peaks (n,), ``passes`` done so far and ``iteration`` within this round."""
+    (n, 2) px, peaks (n,), ``passes`` done so far, ``iteration`` within this round and the
+    largest defocus change of the last pass (nm; inf before the first)."""
 
-    def __init__(self, d_abs, shifts, peaks, passes: int, iteration: int):
+    def __init__(
+        self, d_abs, shifts, peaks, passes: int, iteration: int, last_change_nm: float = np.inf
+    ):
         self.d_abs, self.shifts, self.peaks = d_abs, shifts, peaks
         self.passes, self.iteration = passes, iteration
+        self.last_change_nm = last_change_nm  # the largest defocus change of the last pass

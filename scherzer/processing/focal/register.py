@@ -362,11 +362,12 @@ class _Run:
         """Up to ``FocalParams.iterations`` wave passes, until defocus and shifts change by
         less than ``tolerance_nm`` / ``tolerance_px``."""
         p = self.prob.params
+        change_d = np.inf
         for it in range(max(p.iterations, 0)):
             ok = self.ok()
             if ok.sum() < MIN_IMAGES:
                 break
-            state = PassState(self.d_abs, self.shifts, self.peaks, self.passes, it)
+            state = PassState(self.d_abs, self.shifts, self.peaks, self.passes, it, change_d)
             new_d, new_s, new_p = self.strategy.later_pass(
                 self.prob, self.ref, self.nominal, state, ok, self.rng_nm
             )

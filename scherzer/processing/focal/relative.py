@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from scherzer.processing.focal.absolute import ChiFit, fit_chi_weak_phase, wave_absolute
-from scherzer.processing.focal.kernels import wave_correlation
+from scherzer.processing.focal.kernels import over_chunks, wave_correlation
 from scherzer.processing.focal.problem import (
     PassState,
     Problem,
@@ -27,7 +27,7 @@ from scherzer.processing.focal.problem import (
     refine_shifts,
     whiten,
 )
-from scherzer.processing.focal.search import search_defocus_shift
+from scherzer.processing.focal.search import search_defocus_shift, search_defocus_shift_local
 from scherzer.processing.focal.settings import MIN_IMAGES
 from scherzer.processing.spectral import shift_phase
 from scherzer.processing.wiener import quadratic_term, solve_series
@@ -44,12 +44,30 @@ __all__ = [
 
 FINE_RANGE_NM = 3.0  # ± defocus search of the passes after the first wide one (wider: slower,
 # and a far side maximum can win; narrower: a poor start is not recovered)
+TRUST_SETTLED_NM = 0.5  # a pass whose largest defocus change was below this has settled: the
+# next pass searches each defocus within ± TRUST_HALF_NM of it first (no coarse trials), the
+# full range only where the maximum lies at that region's edge. Measured over 9 series (abTEM,
+# synthetic, simulator 256²–512²): mean relative RMS 0.1973 → 0.1979 nm (path noise), 15–25 %
+# less time per settled pass; a region ± 2× the last change (≥ 0.2 nm) gave 0.1995 nm
+TRUST_HALF_NM = 0.5
 WAVE_SHIFT_WINDOW_PX = 3.0  # the first wave pass searches shifts within this of the last
 PAIR_NOISE_FLOOR = 0.05  # match_reference: noise floor of s_r² + s_n², × the mean s_r²
+FIRST_PASS_WAVE_IMAGES = 8  # first pass: each image is predicted from the wave of at most this
+# many images done, the nearest in defocus
 WAVE_CORRECTIONS = 1  # quadratic-term rounds of the waves fitted to find the absolute defocus
 
 
 def match_reference(prob: Problem, i: int, ref: int, d_abs, env_s, center, rng_nm, window):
+    """Image i against the reference alone through the weak-phase transfer s = 2 sin χ · E:
+    :func:`pair_match`, once per set of inputs (the choice of the reference and the first pass
+    ask for the same pairs)."""
+    key = ("pair", i, ref, float(d_abs[ref]), float(center), float(rng_nm),
+           tuple(np.asarray(window[0], float).tolist()), float(window[1]), prob.optics_version,
+           hash(env_s[i].tobytes()), hash(env_s[ref].tobytes()))  # fmt: skip
+    return prob.memo(key, lambda: pair_match(prob, i, ref, d_abs, env_s, center, rng_nm, window))
+
+
+def pair_match(prob: Problem, i: int, ref: int, d_abs, env_s, center, rng_nm, window):
     """Image i against the reference alone through the weak-phase transfer s = 2 sin χ · E.
 
     For a weak-phase object S_n s_r − S_r s_n is pure noise of variance ∝ s_r² + s_n², so the
@@ -89,38 +107,55 @@ def match_reference(prob: Problem, i: int, ref: int, d_abs, env_s, center, rng_n
     return delta, s, peak
 
 
-def match_wave(prob: Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess, window=None):
+def match_wave(
+    prob: Problem, i, phi, quad_i, env_s_i, center, rng_nm, shift_guess, window=None, local=0.0
+):
     """Image i against its prediction φ T + φ*(−g) T*(−g) + quadratic term, over Δ and shift.
 
     Δ and shift are searched on spectra whitened by ``FocalParams.whiten``; the shift is then
-    refined at that Δ with ``whiten_shift`` (see :class:`FocalParams`)."""
+    refined at that Δ with ``whiten_shift`` (see :class:`FocalParams`). ``local`` > 0 (nm, with
+    ``shift_guess``): search only within ± that of ``center`` first
+    (:func:`~.search.search_defocus_shift_local`), the full range if the maximum is at its
+    edge."""
     p = prob.params
     phi = np.ascontiguousarray(phi, np.complex64)
     phi_neg = prob.band.conj_neg(phi)
     quad_i = np.ascontiguousarray(quad_i, np.complex64)
     amp = prob.bt.amplitude(env_s_i)  # one envelope for every trial defocus
 
-    def z_maker(exponent: float, clip: float = 0.0):
+    def weighted(exponent: float, clip: float):  # depends on image i alone: once per problem
         w = clip_weight(prob.spectra[i], prob.band, clip)
         spec_w = whiten(prob.spectra[i] * w, exponent)
-        spec_norm = float(np.linalg.norm(spec_w))
         mw = (prob.mask[i] * w).astype(np.float32, copy=False)
+        return spec_w, float(np.linalg.norm(spec_w)), mw
+
+    def z_maker(exponent: float, clip: float = 0.0):
+        spec_w, spec_norm, mw = prob.memo(
+            ("weighted", i, exponent, clip), lambda: weighted(exponent, clip)
+        )
 
         def z_of(trials):  # one fused pass per trial (kernels.wave_correlation)
             x = prob.bt.chi(trials).astype(np.float32)
             z = np.empty(x.shape, np.complex64)
-            norm = wave_correlation(
-                phi, phi_neg, amp, np.cos(x), np.sin(x), prob.band.neg32, prob.camera, quad_i,
-                mw, spec_w, float(exponent), z,
-            )  # fmt: skip
-            return z, spec_norm * norm
+            args = (phi, phi_neg, amp, np.cos(x), np.sin(x), prob.band.neg32, prob.camera,
+                    quad_i, mw, spec_w, float(exponent), z)  # fmt: skip
+            parts = over_chunks(lambda j0, j1: wave_correlation(*args, j0, j1), prob.corr.chunks)
+            return z, spec_norm * np.sqrt(np.sum(parts, axis=0))
 
         return z_of
 
     search_z = z_maker(p.whiten, p.clip_spots_wave)
-    delta, s, peak = search_defocus_shift(
-        prob.corr, search_z, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess, window
-    )
+    found = None
+    if local > 0 and shift_guess is not None:
+        found = search_defocus_shift_local(
+            prob.corr, search_z, center, local, p.tolerance_nm, shift_guess
+        )
+    if found is None:
+        found = search_defocus_shift(
+            prob.corr, search_z, center, rng_nm, p.coarse_trials, p.tolerance_nm, shift_guess,
+            window,
+        )  # fmt: skip
+    delta, s, peak = found
     if p.whiten_shift != p.whiten or p.clip_spots_wave:  # shift and peak on the plain spectra
         z, norm = z_maker(p.whiten_shift)(np.array([delta]))
         s, peak = prob.corr.refine(z[0], s, float(norm[0]), 6)
@@ -164,13 +199,15 @@ def first_pass(prob: Problem, ref: int, nominal: np.ndarray, used: np.ndarray, r
     env_s = prob.bt.spatial(nominal)
     done = [ref]
     order = sorted((i for i in range(n) if i != ref), key=lambda i: (abs(i - ref), i))
+    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # aligned spectrum, transfer per done
     for i in order:
         center = predict_defocus(nominal, d_abs, i, ref, np.array(done))
         window = (predict_shift(shifts, i, np.array(done)), prob.params.max_drift_px)
         near = len(done) < MIN_IMAGES or abs(i - ref) <= 1  # two images restore no wave
         delta, s, h = match_image(
-            prob, i, ref, np.array(sorted(done)), (d_abs, shifts, env_s), center, rng_nm, window,
-            against_reference=near,
+            prob, i, ref, nearest_done(done, nominal, i), (d_abs, shifts, env_s), center, rng_nm,
+            window,
+            against_reference=near, rows=rows,
         )  # fmt: skip
         d_abs[i], shifts[i], peaks[i] = delta, s, h
         if used[i] and h >= prob.flag_level:
@@ -178,6 +215,17 @@ def first_pass(prob: Problem, ref: int, nominal: np.ndarray, used: np.ndarray, r
         elif used[i] and len(done) < MIN_IMAGES:  # low dose: keep going with what there is
             done.append(i)
     return d_abs, shifts, peaks
+
+
+def nearest_done(done: list[int], nominal: np.ndarray, i: int) -> np.ndarray:
+    """The (sorted) images done whose wave predicts image i in the first pass: the
+    ``FIRST_PASS_WAVE_IMAGES`` nearest to it in nominal defocus (all when fewer), so that
+    the first pass costs O(n) restorations, not O(n²)."""
+    if len(done) <= FIRST_PASS_WAVE_IMAGES:
+        return np.array(sorted(done))
+    dist = np.abs(nominal[done] - nominal[i])
+    keep = np.argsort(dist, kind="stable")[:FIRST_PASS_WAVE_IMAGES]
+    return np.array(sorted(np.asarray(done)[keep]))
 
 
 def match_image(
@@ -191,17 +239,28 @@ def match_image(
     window: tuple[np.ndarray, float],
     *,
     against_reference: bool,
+    rows: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[float, np.ndarray, float]:
     """Defocus (nm), shift (px) and peak of image i: matched to the reference image through the
     weak-phase transfer (``against_reference``), else to its prediction from the wave restored
     from the images ``done`` (sorted indices; ``state`` = their defocus nm, shifts px and
     spatial envelopes), its defocus searched within ``rng_nm`` of ``center`` and its shift in
-    ``window`` (centre px, radius px)."""
+    ``window`` (centre px, radius px). ``rows``: a cache of the aligned spectrum and transfer
+    of every image done (the first pass fixes them once an image is done)."""
     d_abs, shifts, env_s = state
     if against_reference:
         return match_reference(prob, i, ref, d_abs, env_s, center, rng_nm, window)
-    aligned = prob.spectra[done] * shift_phase(prob.band, shifts[done])
-    t = prob.bt.transfer(d_abs[done], env_s[done])
+    if rows is None:
+        aligned = prob.spectra[done] * shift_phase(prob.band, shifts[done])
+        t = prob.bt.transfer(d_abs[done], env_s[done])
+    else:
+        new = [j for j in done if j not in rows]
+        if new:
+            a_new = prob.spectra[new] * shift_phase(prob.band, shifts[new])
+            t_new = prob.bt.transfer(d_abs[new], env_s[new])
+            rows.update({j: (a_new[k], t_new[k]) for k, j in enumerate(new)})
+        aligned = np.stack([rows[j][0] for j in done])
+        t = np.stack([rows[j][1] for j in done])
     sol = solve_series(
         aligned, t, prob.band, camera=prob.camera, corrections=1,
         prior_scale=prob.params.prior_scale, mask=prob.mask[done],
@@ -227,10 +286,12 @@ def predict_defocus(nominal, d_abs, i, ref, done) -> float:
     return float(slope * nominal[i] + icpt)
 
 
-def wave_pass(prob: Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=False):
+def wave_pass(prob: Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=False, local=0.0):
     """One leave-one-out pass: each image against its prediction from the others.
 
     ``wide``: shifts searched by FFT over the whole field instead of refined from the last.
+    ``local`` > 0 (nm; not with ``wide``): each defocus searched within ± that of the last
+    first (a trust region), the full ± ``rng_nm`` only where the maximum is at its edge.
     """
     n = len(d_abs)
     env_s = prob.bt.spatial(d_abs)
@@ -249,8 +310,9 @@ def wave_pass(prob: Problem, ref, d_abs, shifts, peaks, used, rng_nm, wide=False
         radius = prob.params.max_drift_px if i == ref else WAVE_SHIFT_WINDOW_PX
         window = (shifts[i], radius) if wide else None
         return match_wave(
-            prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i], window
-        )
+            prob, i, loo[i], quad[i], env_s[i], center, rng_nm, None if wide else shifts[i], window,
+            0.0 if wide else local,
+        )  # fmt: skip
 
     for i, (d, s, h) in enumerate(map_images(one, range(n))):
         new_d[i], new_s[i], new_p[i] = d, s, h
@@ -270,9 +332,12 @@ class AmorphousStrategy:
         # the first wave pass searches as widely as the first pass (FFT shifts, ±range) so
         # that an image the reference-based start got wrong is recovered
         wide = state.passes == 0
+        # once the last pass moved every defocus by less than TRUST_SETTLED_NM, search a
+        # trust region about each estimate first (no coarse trials)
+        local = TRUST_HALF_NM if state.last_change_nm < TRUST_SETTLED_NM else 0.0
         new_d, new_s, new_p, _ = wave_pass(
             prob, ref, state.d_abs, state.shifts, state.peaks, used,
-            range_nm if wide else FINE_RANGE_NM, wide,
+            range_nm if wide else FINE_RANGE_NM, wide, local,
         )  # fmt: skip
         return new_d, new_s, new_p
 

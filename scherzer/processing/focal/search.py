@@ -2,9 +2,10 @@
 
 One job: find maxima — of the normalised correlation peak over defocus and shift
 (:func:`search_defocus_shift`: coarse trials, then Brent on the defocus with Newton on the
-shift), of a sampled curve (:func:`parabolic_peak`), of a band correlation on a small shift
-grid (:func:`local_grid_peak`), and of a smooth objective from several starts
-(:func:`best_of_starts`, BFGS; :func:`simplex` builds Nelder–Mead starts).
+shift; :func:`search_defocus_shift_local` the same within a trust region about a settled
+estimate, no coarse trials), of a sampled curve (:func:`parabolic_peak`), of a band
+correlation on a small shift grid (:func:`local_grid_peak`), and of a smooth objective from
+several starts (:func:`best_of_starts`, BFGS; :func:`simplex` builds Nelder–Mead starts).
 
 Conventions: defocus in nm, shifts in px (frame_i(r) ≈ ref(r − s_i)); a correlator is a
 :class:`~scherzer.processing.focal.problem.Correlator` (band-limited cross-power spectra).
@@ -27,6 +28,7 @@ __all__ = [
     "local_grid_peak",
     "parabolic_peak",
     "search_defocus_shift",
+    "search_defocus_shift_local",
     "simplex",
 ]
 
@@ -35,6 +37,7 @@ COARSE_NEWTON_STEPS = 6  # Newton steps refining a coarse candidate's shift
 FINE_NEWTON_STEPS = 3  # … at every Brent evaluation (starting from the last shift)
 FINAL_NEWTON_STEPS = 6  # … at the optimum
 LOCAL_GRID_POINTS = 9  # local_grid_peak: points per axis of the start grid
+LOCAL_EDGE_TOLS = 2.0  # a local search whose maximum is within this × tol of its edge failed
 
 
 def search_defocus_shift(
@@ -84,6 +87,39 @@ def search_defocus_shift(
         options={"xatol": tol_nm},
     )
     delta = float(res.x)
+    zz, nn, oo = _evaluate(z_of, np.array([delta]))
+    s, height = corr.refine(zz[0], state["s"], nn[0], FINAL_NEWTON_STEPS, oo[0])
+    return delta, s, height
+
+
+def search_defocus_shift_local(
+    corr: Correlator,
+    z_of: Any,
+    center_nm: float,
+    half_nm: float,
+    tol_nm: float,
+    shift_guess: np.ndarray,
+) -> tuple[float, np.ndarray, float] | None:
+    """The maximum of the same objective as :func:`search_defocus_shift` within ± ``half_nm``
+    of ``center_nm`` (a trust region about an estimate that has settled): the shift refined
+    by Newton from ``shift_guess`` at the centre, then Brent on Δ within the region with the
+    shift refined at every evaluation (no coarse trials). Returns None when the maximum lies
+    at the region's edge (the caller then searches the full range)."""
+    state = {"s": np.asarray(shift_guess, np.float64)}
+    zz, nn, oo = _evaluate(z_of, np.array([center_nm]))
+    state["s"] = corr.refine(zz[0], state["s"], nn[0], COARSE_NEWTON_STEPS, oo[0])[0]
+
+    def neg_peak(delta: float) -> float:
+        zz, nn, oo = _evaluate(z_of, np.array([delta]))
+        s_new, height = corr.refine(zz[0], state["s"], nn[0], FINE_NEWTON_STEPS, oo[0])
+        state["s"] = s_new
+        return -height
+
+    lo, hi = center_nm - half_nm, center_nm + half_nm
+    res = minimize_scalar(neg_peak, bounds=(lo, hi), method="bounded", options={"xatol": tol_nm})
+    delta = float(res.x)
+    if min(delta - lo, hi - delta) < LOCAL_EDGE_TOLS * tol_nm:
+        return None
     zz, nn, oo = _evaluate(z_of, np.array([delta]))
     s, height = corr.refine(zz[0], state["s"], nn[0], FINAL_NEWTON_STEPS, oo[0])
     return delta, s, height
