@@ -30,6 +30,12 @@ nearly idle machine (load ≈1.5, 14:28 UTC) the pairs took 2.2 s wall, 3.3 s CP
 3) against 2.4 s, 4.0 s before: the frames-in-threads change pays mostly under load, where
 the old per-kernel thread teams waited on each other.
 
+Measured 2026-12-02 15:49 UTC (load 4.6, ``--seed 0 --no-peers``; peak memory now the whole
+run with the result it returns, fields held per scan line): 8 × 512² pairs — ours 0.568 pm,
+NCC 0.998, 0.0853 px per pixel, 3.78 s wall (3.72 s CPU), 32.1 MB = 3.8 stacks (was 58.9 MB,
+7.0 stacks, same fields); 12 × 512² one direction — 1.10 pm, NCC 0.998, 0.1164 px (0.1296
+before the locally linear line window), 5.6 s (5.0 s CPU), 37.6 MB = 3.0 stacks (was 72.6 MB).
+
 quantem (``--quantem-python``, see benchmarks/scan_distortion_quantem.py) installed in ≈5 min
 into a 6.2 GB venv (torch with CUDA wheels); on one 256²-binned pair its affine stage took
 ≈40 s and its non-rigid stage ≈70 s per iteration (load ≈10): stopped at the 600 s limit after

@@ -15,6 +15,16 @@ to all, i.e. pure gauge): comparing interpolated frames against raw ones adds th
 interpolation's own effect on the noise to the answer (measured: shear errors up to 3.0e-3 and
 shifts 0.031–0.048 px RMS against the raw base; 1.1–1.6e-3 and 0.015–0.027 px against the
 resampled one).
+
+Noise, not bias (measured 2026-12-02): the normal equations at the solution give a
+Cramér–Rao-like scatter of 0.25–0.28e-3 per linear coefficient per run (5 × 112², noise from
+the frames' residuals against the leave-one-out mean); the same frame made noiseless
+(Gaussian σ 0.7 px), given the same kind of added maps and independent Gaussian noise of the
+data's level, 12 realisations: per-run RMS 0.29–0.41e-3, worst coefficient 0.46–0.95e-3, no
+scale bias (the added stretch/shear come back ×(1 − 0.006 ± 0.027) and ×(1 − 0.001 ± 0.018),
+shifts ×(1 − 0.003 ± 0.003)). Over seeds 0–9 of the test below: RMS 0.39–0.59e-3, worst
+0.80–1.39e-3: about 2.5σ of 20 coefficients, so "every coefficient ≤ 1e-3" is at the noise
+bound of frames this small, while the RMS ≤ 1e-3 holds.
 """
 
 from __future__ import annotations
