@@ -33,13 +33,14 @@ def plot_nonrigid(
     plt = pyplot()
     out = Path(out_dir)
     paths = []
-    n = min(len(result.fields_px), MAX_FIELD_FRAMES)
+    n = min(len(result.affine), MAX_FIELD_FRAMES)
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.4), squeeze=False)
-    lim = float(np.nanmax(np.abs(result.fields_px[:n]))) or 1.0
+    fields = [result.field(i) for i in range(n)]  # expanded once, only the frames shown
+    lim = float(max(np.nanmax(np.abs(f)) for f in fields)) or 1.0
     for i in range(n):
         for a, label in enumerate(("dy", "dx")):
             ax = axes[a, i]
-            im = ax.imshow(result.fields_px[i, a], cmap="RdBu_r", vmin=-lim, vmax=lim)
+            im = ax.imshow(fields[i][a], cmap="RdBu_r", vmin=-lim, vmax=lim)
             ax.set_title(f"frame {i} {label}" + (" (flagged)" if i in result.flagged else ""),
                          fontsize=8)  # fmt: skip
             ax.set_axis_off()
