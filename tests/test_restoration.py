@@ -464,9 +464,9 @@ def test_automatic_refinement_runs_when_the_nonlinear_term_exceeds_the_noise():
 def test_quadratic_term_follows_the_incoherent_focal_spread():
     """The quadratic (beam-beam) term of the images of a strong phase object under an
     incoherent focal spread (ground truth: 15-node average of coherent images minus the linear
-    term, which the temporal envelope gives exactly) is predicted by the restoration's node
-    average to ≤ 3 % rms (measured 1.5 %), ≥ 5× better than by the quasi-coherent envelopes
-    (measured 22 %)."""
+    term, which the temporal envelope gives exactly) is predicted by the restoration's 3-node
+    average to ≤ 8 % rms (measured 6.4 %; 5 nodes 1.5 %), ≥ 3× better than by the
+    quasi-coherent envelopes (measured 22 %)."""
     from scherzer.processing.restoration import focal_spread_transfers
     from scherzer.processing.spectral import BandTransfer, information_band
     from scherzer.processing.wiener import linear_prediction, quadratic_term
@@ -493,4 +493,4 @@ def test_quadratic_term_follows_the_incoherent_focal_spread():
     inc = sum(np.float32(wj) * quadratic_term(band, phi, tj) for wj, tj in nodes)
     norm = np.linalg.norm(exact)
     e_inc, e_quasi = np.linalg.norm(inc - exact) / norm, np.linalg.norm(quasi - exact) / norm
-    assert e_inc <= 0.03 and e_quasi >= 5 * e_inc, (e_inc, e_quasi)
+    assert e_inc <= 0.08 and e_quasi >= 3 * e_inc, (e_inc, e_quasi)

@@ -61,9 +61,11 @@ QUADRATIC_CORRECTIONS = 1  # rounds subtracting the predicted |φ_img|² before 
 # lens's focal spread is incoherent, and the quasi-coherent envelope E_t(g)E_t(g') — exact for
 # the linear term — damps the interference of two scattered beams far too much (for g ≈ g' it
 # is ≈ 1, not E_t(g)²). abTEM series (true parameters, phase correlation with the true wave):
-# 8-cell edge 11 × 512² 0.576 → 0.730, 11 × 256² 0.684 → 0.719, 4-cell 20 × 512² 0.799 → 0.802.
-FOCAL_SPREAD_NODES = 5  # 3 / 5 / 7 nodes: 6.4 / 1.5 / 0.3 % rms error of a strong object's
-# quadratic term (σ_f 4 nm; test_restoration), abTEM 8-cell phase correlation 0.729 / 0.730 / 0.731
+# 8-cell edge 11 × 512² 0.576 → 0.729, 11 × 256² 0.684 → 0.718, 4-cell 20 × 512² 0.799 → 0.802.
+FOCAL_SPREAD_NODES = 3  # 3 / 5 / 7 nodes: 6.4 / 1.5 / 0.3 % rms error of a strong object's
+# quadratic term (σ_f 4 nm; test_restoration; quasi-coherent: 22 %), abTEM 8-cell phase
+# correlation 0.729 / 0.730 / 0.731; each node costs one quadratic term (20 × 512²: ≈ 0.065 s
+# CPU), so 3: the default restoration must stay fast (CLI goal 20 × 512² ≤ 3 s)
 # the restoration's Wiener prior floor, × the noise variance. Measured, 9 × 256² weak-phase film,
 # phase error at 500 / 100 e/Å²: 0.0349 / 0.0729 rad with 0.05, 0.0237 / 0.0385 with 0; with
 # vibration 0.03 nm in the data and given 0.0956 → 0.0308 rad (0.0390 not given: the floor × the

@@ -292,11 +292,12 @@ def _quadratic(band, phi, t, camera, transfers) -> np.ndarray:
     :func:`solve_series`)."""
     if transfers is None:
         return quadratic_term(band, phi, t, camera)
-    n = t.shape[0]
-    # one batched call over all nodes (the FFTs run as one batch on the workers)
-    stacked = quadratic_term(band, phi, np.concatenate([tj for _, tj in transfers]), camera)
-    weights = np.asarray([w for w, _ in transfers], np.float32)
-    return np.tensordot(weights, stacked.reshape(len(transfers), n, -1), axes=1)
+    # node by node: one batch of all nodes is no faster and varies more (measured 20 × 512²,
+    # 5 nodes: 0.40–0.82 s CPU batched, 0.41–0.46 s node by node) and needs n_nodes× memory
+    q = np.zeros((t.shape[0], band.size), np.complex64)
+    for w, tj in transfers:
+        q += np.float32(w) * quadratic_term(band, phi, tj, camera)
+    return q
 
 
 def noise_variances(
