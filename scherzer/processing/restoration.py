@@ -251,10 +251,12 @@ def restore_exit_wave(
     wave = wave_from_band(band, sol.phi)
     losses: list[float] = []
     residuals: list[float] = []
-    noise = None if p.iterations is not None else out_of_band_noise(spectra_full, band, nps_grid)
-    if noise is not None and nps is None:  # a real camera's noise falls with frequency: without
-        noise = np.maximum(noise, sol.sigma2)  # its NPS the out-of-band level is only a floor
-    decision = _nonlinear_decision(p.iterations, sol, band, bt.transfer(d[u]), cam_b, nps_b, noise)
+    # the noise outside the band is the images' noise only with their NPS: a real camera's
+    # noise falls with frequency (without the NPS the fit residual's σ² is used)
+    auto = p.iterations is None and nps is not None
+    noise = out_of_band_noise(spectra_full, band, nps_grid) if auto else None
+    t_used = lambda: bt.transfer(d[u])  # noqa: E731 - only when the decision needs it
+    decision = _nonlinear_decision(p.iterations, sol, band, t_used, cam_b, nps_b, noise)
     if decision["iterations"] > 0:
         images = normalise_frames(aligned_frames(fu, s_used) if data is None else data)
         weights = grid.shape[0] * grid.shape[1] / (2.0 * sol.sigma2)
@@ -295,17 +297,18 @@ def nonlinear_power_ratio(
 ) -> float:
     """Median over images of ⟨|Q_n(g)|²/NPS(g)⟩ / σ_n²: the power of the non-linear term
     Q_n = C·F[|F⁻¹[φ T_n]|²] the linear solution ``sol`` predicts, over the image's noise
-    power (both per band element, NPS-normalised).
+    power (both per band element, NPS-normalised). ``t``: the transfers (n, m), or a callable
+    giving them (called only when ``sol`` holds no quadratic term).
 
     ``noise`` (n,): σ_n² measured where the images carry no signal (:func:`out_of_band_noise`;
-    the restoration takes the larger of it and the fit residual's unless the NPS is given,
-    because the noise of a camera whose NPS is not given may fall with frequency); without
-    it, the fit residual's σ_n² of ``sol`` — which holds whatever part of the
-    non-linear term the solve did not model, so the ratio is then a lower bound. Reuses the
-    term of the last quadratic correction when the solve made one (from the previous φ)."""
+    the restoration measures it so when the NPS is given: the noise of a camera whose NPS is
+    not given may fall with frequency); without it, the fit residual's σ_n² of ``sol`` —
+    which holds whatever part of the non-linear term the solve did not model, so the ratio is
+    then a lower bound. Reuses the term of the last quadratic correction when the solve made
+    one (from the previous φ)."""
     q = sol.quadratic
     if not np.any(q):
-        q = quadratic_term(band, sol.phi, t, camera)
+        q = quadratic_term(band, sol.phi, t() if callable(t) else t, camera)
     power = np.mean((q.real**2 + q.imag**2) / nps_band, axis=1)
     sigma2 = sol.sigma2 if noise is None else noise
     return float(np.median(power / np.maximum(sigma2, 1e-30)))
