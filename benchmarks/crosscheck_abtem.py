@@ -51,10 +51,10 @@ periodic; the "testdata" case is tests/data/abtem_srtio3_edge_8cells_11x256.npz,
 Measured (2 shared cores, process seconds; phase correlation = the restored vs the true exit
 wave, both low-passed to 8 nm⁻¹, 32 px border; "transferred" = only the frequencies some image
 transfers with |sin χ| ≥ 0.1, tests/focal_abtem_metrics.py), with the quadratic correction
-averaged over the focal spread incoherently (5 nodes; before, quasi-coherent: in brackets):
+averaged over the focal spread incoherently (3 nodes; before, quasi-coherent: in brackets):
 8 cells: relative defocus RMS 0.195 nm → 0.042 nm with the thick-crystal fallback, absolute
-RMS 0.30 nm, drift 0.073 px; phase correlation linear 0.739 (0.596), after 5 non-linear steps
-0.751 (0.621) (transferred 0.978 → 0.979); true parameters 0.729 → 0.741.
+RMS 0.30 nm, drift 0.073 px; phase correlation linear 0.738 (0.596), after 5 non-linear steps
+0.751 (0.621) (transferred 0.978 → 0.979); true parameters 0.730 → 0.742.
 4 cells: relative 0.328 → 0.246 nm, absolute 1.01 nm (the a-C film's mid-plane: +1.0 nm on
 every image), drift 0.043 px; phase correlation 0.806 (0.804) → 0.808 (0.806) (transferred
 0.988); with the true parameters 0.797 (0.793) → 0.798. The default (automatic) refinement is
