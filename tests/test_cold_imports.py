@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,18 +51,20 @@ _RUN_AND_LIST = """
 import json, sys
 from scherzer.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+from threadpoolctl import threadpool_info
+blas = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+print(json.dumps({"code": code, "modules": sorted(sys.modules), "blas_threads": blas}),
+      file=sys.stderr)
 """
 
 
-def _loaded_by(argv: list[str]) -> tuple[int, dict, list[str]]:
-    """(exit code, the command's JSON, the modules loaded) of ``scherzer ARGV`` in a fresh
-    interpreter."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUN_AND_LIST, *argv], capture_output=True, text=True, timeout=120
-    )
+def _loaded_by(argv: list[str], env: dict | None = None) -> tuple[int, dict, dict]:
+    """(exit code, the command's JSON, {"modules": loaded, "blas_threads": [...]}) of
+    ``scherzer ARGV`` in a fresh interpreter (``env``: the whole environment; default ours)."""
+    proc = subprocess.run([sys.executable, "-c", _RUN_AND_LIST, *argv], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
     listing = json.loads(proc.stderr.strip().splitlines()[-1])
-    return listing["code"], json.loads(proc.stdout), listing["modules"]
+    return listing.pop("code"), json.loads(proc.stdout), listing
 
 
 def _offenders(modules: list[str]) -> list[str]:
@@ -76,7 +79,9 @@ def test_align_of_a_tiff_imports_only_what_it_needs(tmp_path: Path) -> None:
     frames = np.stack([field[y : y + 64, x : x + 64] for y, x in offsets]).astype(np.float32)
     tif, out = tmp_path / "s.tif", tmp_path / "o.hspy"
     tifffile.imwrite(tif, 100.0 + 10.0 * frames / frames.std(), photometric="minisblack")
-    code, result, modules = _loaded_by(["align", str(tif), "--out", str(out), "--json"])
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    code, result, loaded = _loaded_by(["align", str(tif), "--out", str(out), "--json"], env)
+    modules = loaded["modules"]
     assert code == 0 and out.is_file()
     shifts = np.asarray(result["shifts_px"])  # frame i's content sits at −offset_i
     truth = -np.asarray(offsets, dtype=float)
@@ -86,6 +91,8 @@ def test_align_of_a_tiff_imports_only_what_it_needs(tmp_path: Path) -> None:
     assert _offenders(modules) == []
     # the registrars of the other commands stayed unimported
     assert "scherzer.cli.daemon_cmds" not in modules and "scherzer.cli.plan_cmds" not in modules
+    # OpenBLAS started with one thread (rigid alignment pins BLAS to one anyway)
+    assert loaded["blas_threads"] == [1]
 
 
 def test_help_still_lists_every_command_and_each_registrar_resolves() -> None:
