@@ -44,6 +44,7 @@ from scherzer.processing.focal.search import (
     local_grid_peak,
     parabolic_peak,
     search_defocus_shift,
+    search_defocus_shift_local,
 )
 from scherzer.processing.restoration import RestoreParams, restore_exit_wave
 from scherzer.processing.spectral import BandTransfer, SpectralBand, shift_phase
@@ -148,6 +149,12 @@ def test_search_finds_a_known_defocus_and_shift():
     assert abs(delta - d0) <= 0.02, delta
     assert np.allclose(s, s0, atol=1e-3), s
     assert peak == pytest.approx(1.0, abs=1e-3)
+    # the trust-region search of settled passes: the same maximum from a start 0.17 nm and
+    # 0.2 px off; None (search the full range) when the maximum lies outside its region
+    local = search_defocus_shift_local(corr, z_of, 1.2, 0.5, 0.01, s0 + 0.2)
+    assert local is not None and abs(local[0] - d0) <= 0.02, local
+    assert np.allclose(local[1], s0, atol=1e-3) and local[2] == pytest.approx(1.0, abs=1e-3)
+    assert search_defocus_shift_local(corr, z_of, 0.3, 0.5, 0.01, s0) is None
     # the small helpers: a sampled parabola, a shift grid start, BFGS from several starts
     x = np.linspace(-2.0, 2.0, 9)
     assert parabolic_peak(x, -((x - 0.37) ** 2)) == pytest.approx(0.37, abs=1e-9)
@@ -425,3 +432,41 @@ def test_joint_defocus_with_a_step_scale_measured_elsewhere():
         assert abs(d.mean() - m.mean()) < 1e-9
     plain, _ = joint_defocus(m, nominal, peaks, ok, 0.3)
     assert np.max(np.abs((plain - plain[0]) - (truth - truth[0]))) > 1.5  # the trend stays
+
+
+def test_band_kernels_split_over_threads_equal_the_single_pass():
+    """A large band (≥ PARALLEL_MIN_BAND, e.g. 1024² fields) is split into chunks handled by
+    threads: the Newton moments and the wave correlation must equal the single pass (the sums
+    in another order: 1e-9 relative), Z element for element exactly."""
+    from scherzer.processing.focal.kernels import (
+        PARALLEL_MIN_BAND,
+        band_chunks,
+        newton_moments,
+        over_chunks,
+        wave_correlation,
+    )
+
+    band = ring_band(512, 0.35)
+    m = band.size
+    assert m >= PARALLEL_MIN_BAND and band_chunks(m)[-1][1] == m
+    assert band_chunks(100) == [(0, 100)]  # small bands: one pass
+    corr = Correlator(band)
+    rng = np.random.default_rng(3)
+    cplx = lambda: (rng.normal(size=m) + 1j * rng.normal(size=m)).astype(np.complex64)  # noqa: E731
+    z = cplx()
+    chunks = [(0, m // 3), (m // 3, m)]  # two threads, whatever the machine's core count
+    args = (z, 0.3, -1.7, corr.fy, corr.fx, corr.iy, corr.ix, *corr.moments_g)
+    one = np.array(newton_moments(*args, 0, m))
+    split = np.sum(over_chunks(lambda a, b: newton_moments(*args, a, b), chunks), axis=0)
+    np.testing.assert_allclose(split, one, rtol=1e-9, atol=1e-9 * np.abs(one).max())
+    phi, quad, spec = cplx(), cplx() * np.float32(0.01), cplx()
+    real = lambda: rng.uniform(0.5, 1.0, m).astype(np.float32)  # noqa: E731
+    amp, camera, mw = real(), real(), real()
+    x = rng.uniform(-3, 3, (2, m)).astype(np.float32)
+    wargs = (phi, band.conj_neg(phi), amp, np.cos(x), np.sin(x), band.neg32, camera, quad, mw,
+             spec, 0.5)  # fmt: skip
+    z1, z2 = np.empty((2, m), np.complex64), np.empty((2, m), np.complex64)
+    n1 = wave_correlation(*wargs, z1, 0, m)
+    n2 = np.sum(over_chunks(lambda a, b: wave_correlation(*wargs, z2, a, b), chunks), axis=0)
+    np.testing.assert_array_equal(z2, z1)
+    np.testing.assert_allclose(n2, n1, rtol=1e-9)
