@@ -31,12 +31,13 @@ Conventions (read these before using anything here)
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from scherzer.workers import fft_workers  # re-exported: the engines import it from here
 
 # CODATA 2018 constants (SI)
 PLANCK_J_S = 6.62607015e-34
@@ -415,11 +416,6 @@ def ctf(
     """
     envelope = coherence_envelope(optics, grid, defocus_nm)
     return (np.sin(chi(optics, grid, defocus_nm)) * envelope).astype(np.float32)
-
-
-def fft_workers() -> int:
-    """Worker threads for scipy.fft calls (all cores)."""
-    return os.cpu_count() or 1
 
 
 def image_intensity(

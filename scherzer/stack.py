@@ -21,11 +21,12 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scherzer.optics import Optics
+if TYPE_CHECKING:
+    from scherzer.optics import Optics
 
 __all__ = ["RECORD_DTYPE", "FrameRecord", "ImageStack", "StackError"]
 
@@ -190,6 +191,8 @@ class ImageStack:
     @property
     def optics(self) -> Optics | None:
         """The instrument optics if recorded."""
+        from scherzer.optics import Optics  # here: `import scherzer.stack` stays free of pydantic
+
         raw = self.instrument.get("optics")
         return Optics(**raw) if raw else None
 

@@ -33,6 +33,8 @@ NOT_FOR_ALIGN = (
     "scherzer.processing.scan_distortion",
     "scherzer.processing.restoration",
     "scherzer.processing.plots",  # only with --plot
+    "scherzer.optics",  # the optics model (pydantic); fft_workers lives in scherzer.workers
+    "pydantic",
     "zmq",
     "structlog",
     "matplotlib",

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import scipy.fft as sfft
 
-from scherzer.optics import fft_workers
 from scherzer.processing.chunked import as_store
+from scherzer.workers import fft_workers
 
 PEAK_TIE = 0.15  # relative height below the top within which correlation peaks count as equal
 #: Side (frequency samples) of the box over which template_weight smooths noise and signal power.

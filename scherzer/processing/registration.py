@@ -68,7 +68,6 @@ import numpy as np
 import scipy.fft as sfft
 from threadpoolctl import threadpool_limits
 
-from scherzer.optics import fft_workers
 from scherzer.processing.align_params import (
     AlignmentError,
     AlignmentResult,
@@ -120,6 +119,7 @@ from scherzer.processing.shifting import (  # noqa: F401 - re-exported for impor
     rotate_to_common,
 )
 from scherzer.stack import ImageStack
+from scherzer.workers import fft_workers
 
 _most_plausible = most_plausible  # the name tests and older callers import
 

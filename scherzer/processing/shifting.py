@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import scipy.fft as sfft
 
-from scherzer.optics import fft_workers
 from scherzer.processing.align_params import OUTPUTS, AlignmentError, AlignParams
 from scherzer.processing.correlation import rfft_frames, shift_spectra
+from scherzer.workers import fft_workers
 
 __all__ = [
     "aligned_blocks",
