@@ -13,6 +13,7 @@ import pytest
 
 from scherzer import io as sio
 from scherzer.cli import main
+from scherzer.processing.restoration import NONLINEAR_AUTO_ITERATIONS, NONLINEAR_MIN_POWER_RATIO
 
 DM_PROFILE = "rosettasciio/dm/multi_signal.dm3"  # signal 1: a 512-point float32 line profile
 
@@ -40,6 +41,12 @@ def test_restore_prints_ftsr_like_output_against_the_truth(series, tmp_path, cap
     images = result["images"]
     assert len(images) == len(truth) and {"defocus_nm", "suspect"} <= set(images[0])
     assert result["seconds"] > 0
+    # no --iterations: the refinement decides by itself, runs iff its term beats the noise
+    nonlinear = result["nonlinear"]
+    assert nonlinear["automatic"] is True and nonlinear["reason"]
+    runs = nonlinear["power_ratio"] >= NONLINEAR_MIN_POWER_RATIO
+    assert nonlinear["iterations"] == (NONLINEAR_AUTO_ITERATIONS if runs else 0)
+    assert len(result["image_residual"]) == (nonlinear["iterations"] + 1 if runs else 0)
     hs = pytest.importorskip("hyperspy.api", reason="HyperSpy is a test dependency")
     signals = hs.load(out)
     waves = [s for s in (signals if isinstance(signals, list) else [signals])
@@ -64,7 +71,8 @@ def test_restore_reports_the_prediction_residual_per_iteration(series, tmp_path,
     capsys.readouterr()
     out = tmp_path / "ew2.hspy"
     assert main(["restore", str(series), "--out", str(out), "--iterations", "2", "--json"]) == 0
-    capsys.readouterr()
+    nonlinear = json.loads(capsys.readouterr().out)["nonlinear"]
+    assert nonlinear["automatic"] is False and nonlinear["iterations"] == 2
     residual = sio.read_processing_summary(out, "restore")["image_residual"]
     assert len(residual) == 3 and all(r > 0 for r in residual)  # linear start + 2 iterations
     assert residual[-1] <= residual[0] * 1.05  # refinement does not make the prediction worse

@@ -237,6 +237,8 @@ def _restore(args: argparse.Namespace) -> Outcome:
             "astigmatism_nm", "astigmatism_deg", "images", "suspect_below",
             "model_fit")  # fmt: skip
     out = {k: reg[k] for k in keys if k in reg}
+    rest = result.get("restore") or {}
+    out.update({k: rest[k] for k in ("nonlinear", "image_residual") if k in rest})
     out.update(seconds=result["seconds"], wall_s=result["wall_s"])
     low = float(reg.get("suspect_below", 0.01))  # FTSR: peaks below ~0.01 are suspect
     lines = [
@@ -255,6 +257,8 @@ def _restore(args: argparse.Namespace) -> Outcome:
             + (f"focus steps on the spots' step scale {fallback['step_scale']:.4f}"
                if fallback else "per-image defocus kept")
         )  # fmt: skip
+    if "nonlinear" in rest:
+        lines.append(f"non-linear refinement: {rest['nonlinear']['reason']}")
     return code, out, "\n".join([*lines, text])
 
 
@@ -284,8 +288,9 @@ def add_restore(sub: Any) -> None:
                    "default: diagonal for DM3/DM4, nyquist for .npy/text")  # fmt: skip
     p.add_argument("--curve-signal", type=non_negative_int, default=None,
                    help="the DM file's 1-D signal holding the curve (default: first)")  # fmt: skip
-    p.add_argument("--iterations", type=non_negative_int, default=0,
-                   help="non-linear refinement steps (default 0)")  # fmt: skip
+    p.add_argument("--iterations", type=non_negative_int, default=None,
+                   help="non-linear refinement steps (default: automatic, run when the non-linear "
+                   "term exceeds the noise; 0: linear only)")  # fmt: skip
     p.add_argument("--crystal", action="store_true", help="crystal-only field (no amorphous area)")
     p.add_argument(
         "--thickness-nm", type=positive_float, default=None,

@@ -256,7 +256,7 @@ def step_nonrigid(ctx: PipelineContext, step: NonrigidStep) -> StepOutput:
     )
     own = (result.corrected, result.valid, result.average, result.count)
     _nonrigid_outputs(out, signal, primary, own)
-    out.arrays[f"fields_nonrigid_{signal}"] = result.fields_px.astype(np.float32)
+    out.arrays[f"fields_nonrigid_{signal}"] = result.fields_px  # a fresh float32 expansion
     for name, stack in stacks.items():
         if name != signal:
             _nonrigid_outputs(out, name, stack, apply_fields(stack.frames, result))
@@ -360,6 +360,8 @@ def step_restore(ctx: PipelineContext, step: RestoreStep) -> StepOutput:
             "restore_seconds": float(res.seconds),
             # RMS of predicted − measured intensity per non-linear iteration (first: linear)
             "image_residual": [float(v) for v in res.residual_history],
+            # whether the non-linear refinement ran, and why (automatic unless iterations given)
+            "nonlinear": res.params["nonlinear"],
         },
         arrays={"exit_wave": res.wave.astype(np.complex64)},
         dims={"exit_wave": _yx_dims(res.wave.shape, pixel_nm)},
