@@ -28,7 +28,10 @@ __all__ = ["band_chunks", "newton_moments", "over_chunks", "wave_correlation"]
 # A band at least this large is split over the cores: the kernels release the GIL and each
 # thread takes one contiguous chunk. Measured per call on 2 cores: a 512² series' band (~2·10⁴
 # elements) takes ~0.1 ms, about what handing work to a thread costs; a 1024² band (~1.5·10⁵)
-# ~0.7 ms.
+# ~0.7 ms. The gain is wall time on a machine with a free core (these kernels are ~1/5 of an
+# 11 × 1024² registration); on the shared 2 cores at load 5.5–6.8 it was none (wall 22.6–24.3 s
+# either way) for 6 % more process time (14.2–14.7 → 15.1–15.5 s). Set it above any band
+# size to keep one thread.
 PARALLEL_MIN_BAND = 65536
 _POOL: list[ThreadPoolExecutor] = []
 
