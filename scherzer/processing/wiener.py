@@ -47,53 +47,88 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 @dataclass
 class NormalTerms:
-    """Per-image contributions to the 2×2 normal equations (each (n, m))."""
+    """The 2×2 normal equations of a series: their sums over images (each (m,)) of
+    aa = w|a|², ab = w a* b, bb = w|b|², ra = w a* S, rb = w b* S, and the per-image inputs
+    (spectra, a, b, w, each (n, m)) from which a leave-one-out solve subtracts image n's own
+    terms (:meth:`solve_leave_one_out`). The per-image terms are never stored: the sums are
+    accumulated in one fused pass (:func:`_normal_sums`), in numpy's order."""
 
     aa: np.ndarray
     ab: np.ndarray
     bb: np.ndarray
     ra: np.ndarray
     rb: np.ndarray
+    inputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
     @classmethod
     def build(cls, spectra: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray):
-        """The terms of (n, m) ``spectra`` with coefficients ``a``, ``b`` and weights ``w``
-        (broadcast to (n, m)), in one fused pass (:func:`_normal_terms`)."""
+        """The sums of (n, m) ``spectra`` with coefficients ``a``, ``b`` and weights ``w``
+        (broadcast to (n, m))."""
         shape = np.broadcast_shapes(spectra.shape, a.shape, b.shape, np.shape(w))
-        args = [
+        args = tuple(
             np.ascontiguousarray(np.broadcast_to(x, shape), dt)
             for x, dt in ((spectra, np.complex64), (a, np.complex64), (b, np.complex64),
                           (w, np.float32))
-        ]  # fmt: skip
-        aa, bb = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        ab, ra, rb = (np.empty(shape, np.complex64) for _ in range(3))
-        _normal_terms(*(x.reshape(-1) for x in (*args, aa, ab, bb, ra, rb)))
-        return cls(aa=aa, ab=ab, bb=bb, ra=ra, rb=rb)
+        )  # fmt: skip
+        m = shape[-1]
+        aa, bb = np.zeros(m, np.float32), np.zeros(m, np.float32)
+        ab, ra, rb = (np.zeros(m, np.complex64) for _ in range(3))
+        flat = tuple(x.reshape(-1, m) for x in args)
+        _normal_sums(*flat, aa, ab, bb, ra, rb)
+        return cls(aa=aa, ab=ab, bb=bb, ra=ra, rb=rb, inputs=flat)
 
-    def sums(self, drop: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-        """Sums over images; with ``drop`` (n,) bool, leave-one-out sums (n, m) instead."""
-        total = tuple(x.sum(axis=0) for x in (self.aa, self.ab, self.bb, self.ra, self.rb))
-        if drop is None:
-            return total
-        return tuple(t[None] - x for t, x in zip(total, self._fields(), strict=True))
-
-    def _fields(self) -> tuple[np.ndarray, ...]:
+    def sums(self) -> tuple[np.ndarray, ...]:
+        """The sums over images (aa, ab, bb, ra, rb)."""
         return (self.aa, self.ab, self.bb, self.ra, self.rb)
+
+    def solve_leave_one_out(self, reg: np.ndarray | float) -> np.ndarray:
+        """φ (n, m): for every image, :func:`solve_pair` of the sums without its own terms
+        (regulariser ``reg``, (m,) or scalar), in one fused pass (:func:`_loo_solve`)."""
+        spectra = self.inputs[0]
+        reg32 = np.ascontiguousarray(np.broadcast_to(reg, spectra.shape[-1:]), np.float32)
+        phi = np.empty(spectra.shape, np.complex64)
+        _loo_solve(*self.inputs, *self.sums(), reg32, phi)
+        return phi
 
 
 @numba.njit(cache=True, nogil=True)
-def _normal_terms(spectra, a, b, w, aa, ab, bb, ra, rb):  # pragma: no cover - numba
-    """aa = w|a|², ab = w a* b, bb = w|b|², ra = w a* S, rb = w b* S (flat arrays; float32 and
+def _normal_sums(spectra, a, b, w, aa, ab, bb, ra, rb):  # pragma: no cover - numba
+    """Adds, image by image (as numpy's sum over axis 0), aa += w|a|², ab += w a* b,
+    bb += w|b|², ra += w a* S, rb += w b* S ((n, m) inputs, (m,) zeroed outputs; float32 and
     complex64 arithmetic in numpy's order: (w a*) first, then the product)."""
-    for j in range(spectra.shape[0]):
-        wj, aj, bj = w[j], a[j], b[j]
-        aa[j] = wj * (aj.real * aj.real + aj.imag * aj.imag)
-        bb[j] = wj * (bj.real * bj.real + bj.imag * bj.imag)
-        wca = np.complex64(complex(wj * aj.real, wj * -aj.imag))
-        wcb = np.complex64(complex(wj * bj.real, wj * -bj.imag))
-        ab[j] = wca * bj
-        ra[j] = wca * spectra[j]
-        rb[j] = wcb * spectra[j]
+    for i in range(spectra.shape[0]):
+        for j in range(spectra.shape[1]):
+            wj, aj, bj, sj = w[i, j], a[i, j], b[i, j], spectra[i, j]
+            aa[j] += wj * (aj.real * aj.real + aj.imag * aj.imag)
+            bb[j] += wj * (bj.real * bj.real + bj.imag * bj.imag)
+            wca = np.complex64(complex(wj * aj.real, wj * -aj.imag))
+            wcb = np.complex64(complex(wj * bj.real, wj * -bj.imag))
+            ab[j] += wca * bj
+            ra[j] += wca * sj
+            rb[j] += wcb * sj
+
+
+@numba.njit(cache=True, nogil=True)
+def _loo_solve(spectra, a, b, w, aa, ab, bb, ra, rb, reg, phi):  # pragma: no cover - numba
+    """phi[i] = solve_pair of the sums minus image i's terms, as :func:`solve_pair` rounds it
+    (numpy divides a complex64 by a real det as × (1/det))."""
+    one, tiny = np.float32(1.0), np.float32(1e-30)
+    for i in range(spectra.shape[0]):
+        for j in range(spectra.shape[1]):
+            wj, aj, bj, sj = w[i, j], a[i, j], b[i, j], spectra[i, j]
+            wca = np.complex64(complex(wj * aj.real, wj * -aj.imag))
+            wcb = np.complex64(complex(wj * bj.real, wj * -bj.imag))
+            laa = aa[j] - wj * (aj.real * aj.real + aj.imag * aj.imag)
+            lbb = bb[j] - wj * (bj.real * bj.real + bj.imag * bj.imag)
+            lab = ab[j] - wca * bj
+            lra = ra[j] - wca * sj
+            lrb = rb[j] - wcb * sj
+            a11 = laa + reg[j]
+            a22 = lbb + reg[j]
+            det = max(a11 * a22 - (lab.real * lab.real + lab.imag * lab.imag), tiny)
+            num = np.complex64(complex(a22 * lra.real, a22 * lra.imag)) - lab * lrb
+            scl = one / det
+            phi[i, j] = np.complex64(complex(num.real * scl, num.imag * scl))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -188,10 +223,8 @@ def solve_wiener(
         phi, var = solve_pair(aa, ab, bb, ra, rb, 1.0 / prior)
     if drop is None:
         return phi, (prior if prior is not None else np.full(band.size, 1 / reg, np.float32))
-    loo = terms.sums(drop)
     reg_loo = 1.0 / prior if prior is not None else reg
-    phi_loo, _ = solve_pair(*loo, reg_loo)
-    return phi_loo, prior
+    return terms.solve_leave_one_out(reg_loo), prior
 
 
 def linear_prediction(phi: np.ndarray, a: np.ndarray, b: np.ndarray, band: SpectralBand):
@@ -210,16 +243,40 @@ def quadratic_term(
     """
     (by, bx), pos = band.product_box
     half_pos, conj = band.product_box_half
-    n = t.shape[0]
+    n, m = t.shape[0], band.size
     full_px, box_px = band.shape[0] * band.shape[1], by * bx
-    grid = np.zeros((n, box_px), np.complex64)
-    grid[:, pos] = phi[None] * t * np.float32(box_px / full_px)
-    img = sfft.ifft2(grid.reshape(n, by, bx), workers=fft_workers(), overwrite_x=True)
+    grid = np.zeros((n, by, bx), np.complex64)
+    _scatter_product(
+        np.ascontiguousarray(phi, np.complex64), np.ascontiguousarray(t, np.complex64),
+        np.float32(box_px / full_px), pos, grid.reshape(n, -1),
+    )  # fmt: skip
+    img = sfft.ifft2(grid, workers=fft_workers(), overwrite_x=True)
     power = _abs2(img.reshape(-1)).reshape(img.shape)
     half = sfft.rfft2(power, workers=fft_workers()).reshape(n, -1)
-    spec = half[:, half_pos]
-    np.conjugate(spec, out=spec, where=conj[None])
-    return (spec * np.float32(full_px / box_px) * camera).astype(np.complex64, copy=False)
+    cam = np.ascontiguousarray(np.broadcast_to(np.asarray(camera, np.float32), (m,)))
+    spec = np.empty((n, m), np.complex64)
+    _gather_half(half, half_pos, conj, np.float32(full_px / box_px), cam, spec)
+    return spec
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_product(phi, t, scale, pos, grid):  # pragma: no cover - numba
+    """grid[i, pos[j]] = φ[j] t[i, j] · scale (complex64; the rest of ``grid`` untouched)."""
+    for i in range(t.shape[0]):
+        for j in range(t.shape[1]):
+            v = phi[j] * t[i, j]
+            grid[i, pos[j]] = np.complex64(complex(v.real * scale, v.imag * scale))
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_half(half, half_pos, conj, scale, camera, out):  # pragma: no cover - numba
+    """out[i, j] = half[i, half_pos[j]] (conjugated where ``conj``) · scale · camera[j]."""
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            v = half[i, half_pos[j]]
+            im = -v.imag if conj[j] else v.imag
+            c = camera[j]
+            out[i, j] = np.complex64(complex((v.real * scale) * c, (im * scale) * c))
 
 
 @dataclass
