@@ -1,0 +1,79 @@
+"""What ``scherzer restore`` loads (issue #16: a cold start pays only for what the command needs).
+
+Not a timing test: the command runs in a fresh interpreter on a small simulated focal series and
+the test asserts which modules it imported, so restore's import closure cannot silently grow (a
+top-level import of the daemon, a plotting, lazy-array or file-format library for writing — the
+writer is h5py —, or a SciPy subpackage the focal path does not call).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+#: Modules (and their submodules) that ``scherzer restore FILE.hspy --out OUT.hspy`` must not
+#: import. (restore needs numba, scipy.fft, scipy.optimize — its defocus searches —, pydantic
+#: for the instrument settings and h5py.)
+NOT_FOR_RESTORE = (
+    "scherzer.daemon",
+    "scherzer.clients",
+    "scherzer.drivers",
+    "scherzer.simulators",
+    "scherzer.web",
+    "scherzer.cli.daemon_cmds",
+    "scherzer.cli.plan_cmds",
+    "scherzer.processing.eftem",
+    "scherzer.processing.scan_distortion",
+    "scherzer.processing.registration",  # rigid alignment: the focal path registers on its own
+    "zmq",
+    "matplotlib",  # only with --plot
+    "hyperspy",
+    "rsciio",
+    "dask",
+    "scipy.ndimage",
+    "scipy.signal",
+    "scipy.stats",
+    "scipy.interpolate",
+    "scipy.integrate",
+)
+
+_RUN_AND_LIST = """
+import json, sys
+from scherzer.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+STEP_NM = 10.0  # the simulated series' nominal focal step (scherzer simulate focal-series)
+STEP_TOL_NM = 1.5  # sanity bound on each fitted step (the real step is a few % off nominal)
+
+
+def _offenders(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_RESTORE)]
+
+
+def test_restore_of_a_focal_series_imports_only_what_it_needs(tmp_path: Path) -> None:
+    series, out = tmp_path / "f.hspy", tmp_path / "ew.hspy"
+    made = subprocess.run(
+        [sys.executable, "-m", "scherzer", "simulate", "focal-series", "--n", "5", "--size",
+         "128", "--out", str(series)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert made.returncode == 0 and series.is_file(), made.stderr
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_LIST, "restore", str(series), "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    listing = json.loads(proc.stderr.strip().splitlines()[-1])
+    result = json.loads(proc.stdout)
+    assert listing["code"] == 0 and out.is_file()
+    # a sanity check of the run, not an accuracy test: an interior reference and every fitted
+    # step near the nominal one
+    assert 0 < result["reference_index"] < 4
+    steps = np.diff(np.asarray(result["defocus_nm"]))
+    assert np.all(np.abs(steps - STEP_NM) < STEP_TOL_NM), steps
+    assert _offenders(listing["modules"]) == []
