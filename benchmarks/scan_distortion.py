@@ -36,6 +36,13 @@ NCC 0.998, 0.0853 px per pixel, 3.78 s wall (3.72 s CPU), 32.1 MB = 3.8 stacks (
 7.0 stacks, same fields); 12 × 512² one direction — 1.10 pm, NCC 0.998, 0.1164 px (0.1296
 before the locally linear line window), 5.6 s (5.0 s CPU), 37.6 MB = 3.0 stacks (was 72.6 MB).
 
+Measured 2026-12-02 16:21 UTC (load 1.3–2, ``--seed 0 --no-peers``), the one-direction
+frames' common part held at 0 in specimen coordinates instead of per scan line (see
+``gauge.specimen_mean_gauge``): 12 × 512² one direction — 1.00 pm, NCC 0.9985, 0.1115 px
+(0.1164 before; seed 1 0.1164, 0.122 before), 4.7 s wall (4.6 s CPU), 37.6 MB; more cycles
+no longer drift away (3/4/6/8 cycles 0.114/0.112/0.109/0.107 px, before 0.114/0.116/0.123/
+0.131); 8 × 512² pairs unchanged (0.568 pm, 0.0853 px, 4.3 s wall).
+
 quantem (``--quantem-python``, see benchmarks/scan_distortion_quantem.py) installed in ≈5 min
 into a 6.2 GB venv (torch with CUDA wheels); on one 256²-binned pair its affine stage took
 ≈40 s and its non-rigid stage ≈70 s per iteration (load ≈10): stopped at the 600 s limit after

@@ -100,15 +100,35 @@ def pairs() -> tuple[dict, object]:
 
 # --- accuracy against the simulator's truth ------------------------------------------------
 def test_single_direction_per_pixel_residual(single) -> None:
-    """6 × 192², one scan direction: ≤ 0.1 px RMS (measured 0.079 with the locally linear
-    window, 0.080 before; rigid alone 0.42)."""
+    """6 × 192², one scan direction: ≤ 0.09 px RMS (measured 0.073 with the frames' common
+    part held at 0 in specimen coordinates, 0.079 with it held at 0 per scan line; rigid
+    alone 0.42)."""
     series, result = single
     truth, mask = _truth(series["HAADF"])
     ours = pixel_residual_px(result.fields_px, truth, mask)
-    assert ours <= 0.1
+    assert ours <= 0.09
     rigid = np.broadcast_to(result.rigid_shifts_px[:, :, None, None], result.fields_px.shape)
     assert pixel_residual_px(rigid, truth, mask) > 3.0 * ours
     assert not result.flagged
+
+
+def test_single_direction_result_does_not_depend_on_the_cycle_count(single) -> None:
+    """More non-linear cycles converge rather than drift: 3 and 8 cycles on the same 6 × 192²
+    series give per-pixel residuals within 0.005 px of each other (measured 0.0719 and
+    0.0749; with the frames' common part held at 0 per scan line instead of in specimen
+    coordinates the 50 Hz ripple's share wandered: 0.076 and 0.087)."""
+    series, _ = single
+    frames, rot = _common(series["HAADF"])
+    truth, mask = _truth(series["HAADF"])
+    got = [
+        pixel_residual_px(
+            correct_scan_distortion(frames, NonrigidParams(nonlinear_cycles=c), rot).fields_px,
+            truth, mask,
+        )
+        for c in (3, 8)
+    ]  # fmt: skip
+    assert abs(got[0] - got[1]) <= 0.005, got
+    assert max(got) <= 0.09, got
 
 
 def test_single_direction_columns_within_two_picometres(single) -> None:
