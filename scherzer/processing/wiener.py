@@ -330,9 +330,8 @@ def solve_series(
     w = (np.broadcast_to(1.0 / nps_b, (n, nps_b.shape[-1])) * m).astype(np.float32, copy=False)
     phi, _ = solve_wiener(NormalTerms.build(spectra, a, b, w), band, passes=1)
     for k in range(corrections + 1):
-        data = spectra - q
-        resid = data - linear_prediction(phi, a, b, band)
-        sigma2 = noise_variances(resid, nps_b, n, dose_weights, mask)
+        data = spectra - q if k else spectra
+        sigma2 = _series_noise(data, a, b, phi, band, nps_b, dose_weights, mask)
         w = (m / sigma2[:, None] / nps_b).astype(np.float32, copy=False)
         terms = NormalTerms.build(data, a, b, w)
         phi, prior = solve_wiener(terms, band, None, 2, prior_scale, prior_floor)
@@ -357,6 +356,43 @@ def _quadratic(band, phi, t, camera, transfers) -> np.ndarray:
     return q
 
 
+def _series_noise(data, a, b, phi, band, nps_band, dose_weights, mask) -> np.ndarray:
+    """:func:`noise_variances` of the residual data − φ a − φ*(−g) b (each (n, m)), accumulated
+    per image in one fused pass (:func:`_residual_power`; no (n, m) residual)."""
+    data, a, b = (np.ascontiguousarray(x, np.complex64) for x in (data, a, b))
+    n, m = data.shape
+    inv_nps = np.ascontiguousarray(np.broadcast_to(1.0 / nps_band, (m,)), np.float32)
+    weight = np.ones((1, 1), np.float32) if mask is None else np.asarray(mask, np.float32)
+    phi = np.ascontiguousarray(phi, np.complex64)
+    total = np.zeros(n)
+    _residual_power(data, phi, band.conj_neg(phi), a, b, inv_nps, weight, total)
+    used = np.full(n, float(m)) if mask is None else np.maximum(weight.sum(axis=1), 1)
+    return _noise_from_power(total / used, n, dose_weights)
+
+
+@numba.njit(cache=True, nogil=True)
+def _residual_power(data, phi, phi_negc, a, b, inv_nps, weight, out):  # pragma: no cover
+    """out[i] += Σ_j weight[i, j] |data[i, j] − φ[j] a[i, j] − φ*(−g)[j] b[i, j]|² / NPS[j]
+    (float64 sums; ``weight`` (n, m), or (1, 1) for all ones)."""
+    full = weight.shape[1] == 1
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            r = data[i, j] - (phi[j] * a[i, j] + phi_negc[j] * b[i, j])
+            p = (r.real * r.real + r.imag * r.imag) * inv_nps[j]
+            out[i] += p if full else p * weight[i, j]
+
+
+def _noise_from_power(mean_power, n_used, dose_weights) -> np.ndarray:
+    """σ_n² from the mean residual power per image (see :func:`noise_variances`)."""
+    dof = max(1.0 - 2.0 / max(n_used, 3), 0.2)
+    p = mean_power / dof
+    if dose_weights is not None:
+        d = np.asarray(dose_weights, dtype=np.float64)
+        common = float(np.mean(p * d))
+        p = common / d
+    return np.maximum(p, 1e-30)
+
+
 def noise_variances(
     resid: np.ndarray,
     nps_band: np.ndarray,
@@ -366,14 +402,9 @@ def noise_variances(
 ) -> np.ndarray:
     """σ_n² per image from residual power (corrected for the 2 fitted unknowns per pair);
     with ``mask`` (n, m) only the frequencies an image contributes are averaged."""
-    dof = max(1.0 - 2.0 / max(n_used, 3), 0.2)
     power = np.abs(resid) ** 2 / nps_band
     if mask is None:
-        p = power.mean(axis=1) / dof
+        p = power.mean(axis=1)
     else:
-        p = (power * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1) / dof
-    if dose_weights is not None:
-        d = np.asarray(dose_weights, dtype=np.float64)
-        common = float(np.mean(p * d))
-        p = common / d
-    return np.maximum(p, 1e-30)
+        p = (power * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+    return _noise_from_power(p, n_used, dose_weights)
