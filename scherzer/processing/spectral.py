@@ -170,8 +170,10 @@ class SpectralBand:
         return iy * (bx // 2 + 1) + ix, conj
 
     def conj_neg(self, vec: np.ndarray) -> np.ndarray:
-        """v*(−g) for every band element."""
-        return np.conj(vec[..., self.neg])
+        """v*(−g) for every band element (C-ordered: a fancy index on the last axis would
+        return a transposed layout, slower to make and to read)."""
+        out = np.take(vec, self.neg, axis=-1)
+        return np.conjugate(out, out=out) if np.iscomplexobj(out) else out
 
 
 def shift_phase(band: SpectralBand, shifts_px: np.ndarray) -> np.ndarray:

@@ -323,8 +323,12 @@ def solve_series(
     average, see :func:`scherzer.processing.restoration.focal_spread_nodes`).
     """
     n = spectra.shape[0]
+    spectra = np.ascontiguousarray(spectra, np.complex64)  # once, not in every pass below
     nps_b = np.ones(1, np.float32) if nps_band is None else nps_band
-    a, b = t * camera, band.conj_neg(t) * camera
+    # the coefficients as complex64 once (a float64 camera or transfer would otherwise be cast
+    # in every pass)
+    a = np.asarray(t * camera).astype(np.complex64, copy=False)
+    b = np.asarray(band.conj_neg(t) * camera).astype(np.complex64, copy=False)
     q = np.zeros_like(spectra)
     m = np.ones((n, 1), np.float32) if mask is None else mask.astype(np.float32)
     w = (np.broadcast_to(1.0 / nps_b, (n, nps_b.shape[-1])) * m).astype(np.float32, copy=False)
