@@ -131,15 +131,6 @@ def _loo_solve(spectra, a, b, w, aa, ab, bb, ra, rb, reg, phi):  # pragma: no co
             phi[i, j] = np.complex64(complex(num.real * scl, num.imag * scl))
 
 
-@numba.njit(cache=True, nogil=True)
-def _abs2(x):  # pragma: no cover - numba
-    """|x|² (float32) of a flat complex64 array in one pass (re² + im², as numpy rounds it)."""
-    out = np.empty(x.shape[0], np.float32)
-    for j in range(x.shape[0]):
-        out[j] = x[j].real * x[j].real + x[j].imag * x[j].imag
-    return out
-
-
 def solve_pair(aa, ab, bb, ra, rb, reg) -> tuple[np.ndarray, np.ndarray]:
     """x = (φ(g), A⁻¹₁₁) from [[aa+reg, ab], [ab*, bb+reg]] x = [ra, rb]."""
     a11 = aa + reg
@@ -233,30 +224,49 @@ def linear_prediction(phi: np.ndarray, a: np.ndarray, b: np.ndarray, band: Spect
 
 
 def quadratic_term(
-    band: SpectralBand, phi: np.ndarray, t: np.ndarray, camera: np.ndarray | float = 1.0
+    band: SpectralBand,
+    phi: np.ndarray,
+    t: np.ndarray,
+    camera: np.ndarray | float = 1.0,
+    weights: list[tuple[float, np.ndarray]] | None = None,
 ) -> np.ndarray:
     """C(g)·F[|F⁻¹[φ T_n]|²] on the band, (n, m): the term the linear model leaves out.
 
     Computed on the band's alias-free product box (fewer pixels than the image), scaled to
     the full grid's unnormalised FFT convention; the power is real, so its spectrum is an
-    rfft2 half read back through conjugate symmetry.
+    rfft2 half read back through conjugate symmetry. With ``weights`` [(w_j, T_j (n, m))]
+    (``t`` unused) the weighted sum Σ w_j C·F[|F⁻¹[φ T_j]|²]: the powers are summed in the
+    box, so the forward transform and the gather run once.
     """
     (by, bx), pos = band.product_box
     half_pos, conj = band.product_box_half
-    n, m = t.shape[0], band.size
+    pairs = [(1.0, t)] if weights is None else weights
+    n, m = pairs[0][1].shape[0], band.size
     full_px, box_px = band.shape[0] * band.shape[1], by * bx
-    grid = np.zeros((n, by, bx), np.complex64)
-    _scatter_product(
-        np.ascontiguousarray(phi, np.complex64), np.ascontiguousarray(t, np.complex64),
-        np.float32(box_px / full_px), pos, grid.reshape(n, -1),
-    )  # fmt: skip
-    img = sfft.ifft2(grid, workers=fft_workers(), overwrite_x=True)
-    power = _abs2(img.reshape(-1)).reshape(img.shape)
+    phi = np.ascontiguousarray(phi, np.complex64)
+    power = np.zeros((n, by, bx), np.float32)
+    for w, tj in pairs:
+        grid = np.zeros((n, by, bx), np.complex64)
+        _scatter_product(
+            phi, np.ascontiguousarray(tj, np.complex64), np.float32(box_px / full_px), pos,
+            grid.reshape(n, -1),
+        )  # fmt: skip
+        img = sfft.ifft2(grid, workers=fft_workers(), overwrite_x=True)
+        _add_abs2(img.reshape(-1), np.float32(w), power.reshape(-1))
     half = sfft.rfft2(power, workers=fft_workers()).reshape(n, -1)
     cam = np.ascontiguousarray(np.broadcast_to(np.asarray(camera, np.float32), (m,)))
     spec = np.empty((n, m), np.complex64)
     _gather_half(half, half_pos, conj, np.float32(full_px / box_px), cam, spec)
     return spec
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_abs2(x, w, out):  # pragma: no cover - numba
+    """out += w |x|² (flat complex64 x, float32 out; |x|² as numpy rounds it, then × w)."""
+    one = w == np.float32(1.0)
+    for j in range(x.shape[0]):
+        p = x[j].real * x[j].real + x[j].imag * x[j].imag
+        out[j] += p if one else w * p
 
 
 @numba.njit(cache=True, nogil=True)
@@ -350,14 +360,9 @@ def solve_series(
 def _quadratic(band, phi, t, camera, transfers) -> np.ndarray:
     """The quadratic term of ``t``, or the weighted sum over ``transfers`` (see
     :func:`solve_series`)."""
-    if transfers is None:
-        return quadratic_term(band, phi, t, camera)
-    # node by node: one batch of all nodes is no faster and varies more (measured 20 × 512²,
-    # 5 nodes: 0.40–0.82 s CPU batched, 0.41–0.46 s node by node) and needs n_nodes× memory
-    q = np.zeros((t.shape[0], band.size), np.complex64)
-    for w, tj in transfers:
-        q += np.float32(w) * quadratic_term(band, phi, tj, camera)
-    return q
+    # node by node into one power sum (one batch of all nodes was no faster and varied more:
+    # measured 20 × 512², 5 nodes, 0.40–0.82 s CPU batched, 0.41–0.46 s node by node)
+    return quadratic_term(band, phi, t, camera, transfers)
 
 
 def _series_noise(data, a, b, phi, band, nps_band, dose_weights, mask) -> np.ndarray:
