@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -122,3 +124,29 @@ def processes_with_argument(argument: str) -> list[int]:
         if argument.encode() in args and state != "Z":
             found.append(int(proc.name))
     return found
+
+
+# --- what a command imports (the cold-start tests) -------------------------------------------
+_RUN_AND_LIST = """
+import json, sys
+from scherzer.cli import main
+code = main(sys.argv[1:])
+from threadpoolctl import threadpool_info
+blas = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+print(json.dumps({"code": code, "modules": sorted(sys.modules), "blas_threads": blas}),
+      file=sys.stderr)
+"""
+
+
+def loaded_by(argv: list[str], env: dict | None = None) -> tuple[int, dict, dict]:
+    """(exit code, the command's JSON, {"modules": loaded, "blas_threads": [...]}) of
+    ``scherzer ARGV`` in a fresh interpreter (``env``: the whole environment; default ours)."""
+    proc = subprocess.run([sys.executable, "-c", _RUN_AND_LIST, *argv], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+    listing = json.loads(proc.stderr.strip().splitlines()[-1])
+    return listing.pop("code"), json.loads(proc.stdout), listing
+
+
+def offenders(modules: list[str], forbidden: tuple[str, ...]) -> list[str]:
+    """The loaded ``modules`` that are (or are inside) one of ``forbidden``."""
+    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in forbidden)]

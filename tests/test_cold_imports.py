@@ -8,7 +8,6 @@ a plotting or lazy-array library, or the instrument-settings models in a module 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from helpers import loaded_by, offenders
 
 from scherzer.cli import COMMANDS, registrar
 
@@ -49,28 +49,9 @@ NOT_FOR_ALIGN = (
     "scipy.interpolate",
 )
 
-_RUN_AND_LIST = """
-import json, sys
-from scherzer.cli import main
-code = main(sys.argv[1:])
-from threadpoolctl import threadpool_info
-blas = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
-print(json.dumps({"code": code, "modules": sorted(sys.modules), "blas_threads": blas}),
-      file=sys.stderr)
-"""
-
-
-def _loaded_by(argv: list[str], env: dict | None = None) -> tuple[int, dict, dict]:
-    """(exit code, the command's JSON, {"modules": loaded, "blas_threads": [...]}) of
-    ``scherzer ARGV`` in a fresh interpreter (``env``: the whole environment; default ours)."""
-    proc = subprocess.run([sys.executable, "-c", _RUN_AND_LIST, *argv], capture_output=True,
-                          text=True, timeout=120, env=env)  # fmt: skip
-    listing = json.loads(proc.stderr.strip().splitlines()[-1])
-    return listing.pop("code"), json.loads(proc.stdout), listing
-
 
 def _offenders(modules: list[str]) -> list[str]:
-    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_ALIGN)]
+    return offenders(modules, NOT_FOR_ALIGN)
 
 
 def test_align_of_a_tiff_imports_only_what_it_needs(tmp_path: Path) -> None:
@@ -82,7 +63,7 @@ def test_align_of_a_tiff_imports_only_what_it_needs(tmp_path: Path) -> None:
     tif, out = tmp_path / "s.tif", tmp_path / "o.hspy"
     tifffile.imwrite(tif, 100.0 + 10.0 * frames / frames.std(), photometric="minisblack")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
-    code, result, loaded = _loaded_by(["align", str(tif), "--out", str(out), "--json"], env)
+    code, result, loaded = loaded_by(["align", str(tif), "--out", str(out), "--json"], env)
     modules = loaded["modules"]
     assert code == 0 and out.is_file()
     shifts = np.asarray(result["shifts_px"])  # frame i's content sits at −offset_i

@@ -8,12 +8,12 @@ writer is h5py —, or a SciPy subpackage the focal path does not call).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import loaded_by, offenders
 
 #: Modules (and their submodules) that ``scherzer restore FILE.hspy --out OUT.hspy`` must not
 #: import. (restore needs numba, scipy.fft, scipy.optimize — its defocus searches —, pydantic
@@ -41,19 +41,12 @@ NOT_FOR_RESTORE = (
     "scipy.integrate",
 )
 
-_RUN_AND_LIST = """
-import json, sys
-from scherzer.cli import main
-code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
-"""
-
 STEP_NM = 10.0  # the simulated series' nominal focal step (scherzer simulate focal-series)
 STEP_TOL_NM = 1.5  # sanity bound on each fitted step (the real step is a few % off nominal)
 
 
 def _offenders(modules: list[str]) -> list[str]:
-    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_RESTORE)]
+    return offenders(modules, NOT_FOR_RESTORE)
 
 
 def test_restore_of_a_focal_series_imports_only_what_it_needs(tmp_path: Path) -> None:
@@ -64,13 +57,8 @@ def test_restore_of_a_focal_series_imports_only_what_it_needs(tmp_path: Path) ->
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert made.returncode == 0 and series.is_file(), made.stderr
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUN_AND_LIST, "restore", str(series), "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    listing = json.loads(proc.stderr.strip().splitlines()[-1])
-    result = json.loads(proc.stdout)
-    assert listing["code"] == 0 and out.is_file()
+    code, result, listing = loaded_by(["restore", str(series), "--out", str(out), "--json"])
+    assert code == 0 and out.is_file()
     # a sanity check of the run, not an accuracy test: an interior reference and every fitted
     # step near the nominal one
     assert 0 < result["reference_index"] < 4
