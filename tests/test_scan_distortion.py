@@ -100,9 +100,9 @@ def pairs() -> tuple[dict, object]:
 
 # --- accuracy against the simulator's truth ------------------------------------------------
 def test_single_direction_per_pixel_residual(single) -> None:
-    """6 × 192², one scan direction: ≤ 0.09 px RMS (measured 0.073 with the frames' common
-    part held at 0 in specimen coordinates, 0.079 with it held at 0 per scan line; rigid
-    alone 0.42)."""
+    """6 × 192², one scan direction: ≤ 0.09 px RMS (measured 0.069 with the line smoother's
+    weights by restricted likelihood, 0.073 with a Gaussian window of 4 lines, 0.079 with
+    the frames' common part held at 0 per scan line; rigid alone 0.42)."""
     series, result = single
     truth, mask = _truth(series["HAADF"])
     ours = pixel_residual_px(result.fields_px, truth, mask)
@@ -114,9 +114,10 @@ def test_single_direction_per_pixel_residual(single) -> None:
 
 def test_single_direction_result_does_not_depend_on_the_cycle_count(single) -> None:
     """More non-linear cycles converge rather than drift: 3 and 8 cycles on the same 6 × 192²
-    series give per-pixel residuals within 0.005 px of each other (measured 0.0719 and
-    0.0749; with the frames' common part held at 0 per scan line instead of in specimen
-    coordinates the 50 Hz ripple's share wandered: 0.076 and 0.087)."""
+    series give per-pixel residuals within 0.005 px of each other (measured 0.0692 and
+    0.0692; 0.0719 and 0.0749 with a Gaussian window of 4 lines; with the frames' common
+    part held at 0 per scan line instead of in specimen coordinates the 50 Hz ripple's share
+    wandered: 0.076 and 0.087)."""
     series, _ = single
     frames, rot = _common(series["HAADF"])
     truth, mask = _truth(series["HAADF"])
@@ -167,7 +168,8 @@ def test_abf_corrected_with_haadf_fields_reproduces_its_truth(single) -> None:
 def test_null_series_gives_zero_fields_and_the_rigid_average() -> None:
     """Undistorted frames (no drift, no pick-up, no jitter): fields beyond each frame's
     translation (which is what rigid alignment measures, to its own noise) ≤ 0.02 px RMS, and
-    the average equal to the rigid one where every frame saw (measured 0.010 px)."""
+    the average equal to the rigid one where every frame saw (measured 0.0087 px; 0.010 with
+    a Gaussian window of 4 lines)."""
     still = ScanDistortion(drift_nm_per_s=(0.0, 0.0))
     series = _series("none", 4, signals=("HAADF",), distortion=still)
     frames, _ = _common(series["HAADF"])

@@ -42,6 +42,7 @@ from scherzer.processing.scan_distortion.apply import apply_fields
 from scherzer.processing.scan_distortion.drift import search_linear_drift
 from scherzer.processing.scan_distortion.gauge import drift_slopes, fix_gauge, fix_row_gauge
 from scherzer.processing.scan_distortion.kernels import in_threads, spline_coefficients
+from scherzer.processing.scan_distortion.line_prior import LinePrior
 from scherzer.processing.scan_distortion.merge import merge_density
 from scherzer.processing.scan_distortion.model import (
     FieldSource,
@@ -156,8 +157,10 @@ class _Engine:
             frames[i] = spline_coefficients(np.rot90(frames[i], k))  # square if k is odd
         self.coeffs = frames
         self.shape = frames.shape[1:]
-        self.smoothing_px = params.smoothing_for(turns, frames.shape[2])
+        self.smoothing_px: float | LinePrior = params.smoothing_for(turns, frames.shape[2])
         self.penalty = len({t % 2 for t in turns}) > 1  # line smoother: see smoothing_for
+        if params.smoothing_px is None and params.mode == "row-locked" and not self.penalty:
+            self.smoothing_px = LinePrior()  # one direction: the smoother's weights from the data
         self.jitter = params.jitter_for(turns)
         self.active = np.ones(len(frames), bool)
         self.ncc = np.zeros(len(frames))
@@ -323,6 +326,8 @@ def _run_stage(
     for c, tol in enumerate(_tolerances(cycles, p.convergence_px)):
         old = model.copy()
         update = engine.cycle(model, stage, tol, old)
+        if isinstance(engine.smoothing_px, LinePrior) and stage != "affine":
+            engine.smoothing_px.pool()
         model = model.blend(old, accel * _loo_factor(engine))
         _check_frames(engine, model, start)
         if engine.active.sum() < 2:

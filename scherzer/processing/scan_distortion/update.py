@@ -20,6 +20,7 @@ import numpy as np
 from scipy import linalg, ndimage
 
 from scherzer.processing.scan_distortion.kernels import sample_bilinear, sample_spline
+from scherzer.processing.scan_distortion.line_prior import LinePrior, second_difference_bands
 from scherzer.processing.scan_distortion.model import FrameModel
 
 __all__ = ["Target", "gauss_newton_step"]
@@ -137,17 +138,18 @@ def penalised_rows(h: np.ndarray, b: np.ndarray, current: np.ndarray, lam: float
     their neighbours, lines with contrast keep their own value up to the ripple the penalty
     allows). s_c = λ·mean H_cc puts every component on the scale of its own curvature.
     Solved as one symmetric banded system, lines interleaved (bandwidth 2k)."""
-    ny, k = b.shape
-    if ny < 3 or lam <= 0:
+    if b.shape[0] < 3 or lam <= 0:
         return _solve_batched(h, b)
     s = lam * np.maximum(np.mean(np.diagonal(h, axis1=1, axis2=2), axis=0), 1e-12)  # (k,)
+    return _penalised_solve(h, b, current, s)
 
-    # D^T D of second differences: a pentadiagonal (ny, ny) band, rows 0..2 = offsets 0..2
-    d0 = np.full(ny, 6.0)
-    d0[[0, -1]], d0[[1, -2]] = 1.0, 5.0
-    d1 = np.full(ny - 1, -4.0)
-    d1[[0, -1]] = -2.0
-    d2 = np.ones(ny - 2)
+
+def _penalised_solve(h, b, current, s, ridge: float | None = None) -> np.ndarray:
+    """The penalised step for the weights ``s`` (k,): one symmetric banded system, lines
+    interleaved (bandwidth 2k); ``ridge`` on the diagonal keeps it positive definite
+    (default: a small fraction of the penalty)."""
+    ny, k = b.shape
+    d0, d1, d2 = second_difference_bands(ny)
     bandwidth = 2 * k
     ab = np.zeros((bandwidth + 1, ny * k))  # upper form: ab[bandwidth + i - j, j] = A[i, j]
     for c in range(k):
@@ -158,10 +160,32 @@ def penalised_rows(h: np.ndarray, b: np.ndarray, current: np.ndarray, lam: float
         for c in range(a, k):
             j = np.arange(ny) * k + c  # element (r·k + a, r·k + c)
             ab[bandwidth - (c - a), j] += h[:, a, c]
-    ab[bandwidth] += DAMPING * 1e-3 * float(np.mean(s))  # keeps A positive definite
+    ab[bandwidth] += DAMPING * 1e-3 * float(np.mean(s)) if ridge is None else ridge
     rough = _second_difference_normal(current, d0, d1, d2)
     rhs = (b - s[None, :] * rough).reshape(-1)
     return linalg.solveh_banded(ab, rhs, check_finite=False).reshape(ny, k)
+
+
+def data_weighted_rows(h, b, current, noise: float, prior: LinePrior, frame: int) -> np.ndarray:
+    """The penalised step with its weights from the data (:mod:`.line_prior`): per component
+    the lines' own estimates z = current + (H⁻¹b)_c with noise ``noise``·(H⁻¹)_cc (``noise``
+    the residual variance per sample) give κ and τ² by restricted likelihood; the smooth
+    function is then fitted to the lines with the precision (H⁻¹ + τ²/noise)⁻¹ per line (the
+    error every line carries added to its noise, so contrast-rich lines do not pull beyond
+    it) and the penalty noise·κ. Re-linearised at every step around the current functions."""
+    ny, k = b.shape
+    if ny < 4 or noise <= 0:
+        return _solve_batched(h, b)
+    scale = DAMPING * max(float(np.mean(np.trace(h, axis1=1, axis2=2))) / k, 1e-12)
+    inv = np.linalg.inv(h + scale * np.eye(k))
+    own = np.einsum("rab,rb->ra", inv, b)
+    s, extra = np.empty(k), np.empty(k)
+    for c in range(k):
+        kappa, tau2 = prior.variances(frame, c, current[:, c] + own[:, c], noise * inv[:, c, c])
+        s[c], extra[c] = noise * kappa, tau2 / noise
+    prec = np.linalg.inv(inv + extra[None, :, None] * np.eye(k)[None])
+    tiny = DAMPING * 1e-3 * float(np.mean(np.trace(prec, axis1=1, axis2=2))) / k
+    return _penalised_solve(prec, np.einsum("rab,rb->ra", prec, own), current, s, tiny)
 
 
 def _second_difference_normal(x, d0, d1, d2) -> np.ndarray:
@@ -174,13 +198,17 @@ def _second_difference_normal(x, d0, d1, d2) -> np.ndarray:
     return out
 
 
-def _row_step(w, e, gy, gx, nx, sigma, rotation, current, penalty) -> tuple[np.ndarray, np.ndarray]:
-    """(rows update (ny, 2), theta update (ny,)); ``current`` (ny, k) the line functions.
+def _row_step(w, e, gy, gx, nx, sigma, rotation, current, penalty, i) -> tuple[np.ndarray, ...]:
+    """(rows update (ny, 2), theta update (ny,)); ``current`` (ny, k) the line functions;
+    ``sigma`` a LinePrior: the smoother's weights from the data (:func:`data_weighted_rows`).
     Also returns the normal equations' fast-axis remainder for the jitter term."""
     cc = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2)[None, :]
     terms = [gy, gx, gy * cc] if rotation else [gy, gx]
     h, b = _row_sums(w, e, terms)
-    if penalty:
+    if isinstance(sigma, LinePrior):
+        noise = float((e * e).sum() / max(float(w.sum()), 1.0))
+        step = data_weighted_rows(h, b, current, noise, sigma, i)
+    elif penalty:
         step = penalised_rows(h, b, current, roughness_weight(sigma))
     elif sigma > 0:  # a Gaussian window over the lines' normal equations, locally linear
         step = local_linear_rows(h, b, sigma)
@@ -247,7 +275,7 @@ def _dense_step(w, e, gy, gx, sigma) -> np.ndarray:
 
 def gauss_newton_step(
     frame: np.ndarray, target: Target, model: FrameModel, i: int, stage: str, mode: str,
-    smoothing_px: float, jitter: bool, penalty: bool = True,
+    smoothing_px: float | LinePrior, jitter: bool, penalty: bool = True,
 ) -> float:  # fmt: skip
     """Update frame i of ``model`` in place by one step; returns the mean |update| (px)."""
     ny, nx = frame.shape
@@ -269,7 +297,7 @@ def gauss_newton_step(
     rotation = mode == "row-fitting"
     current = np.concatenate([model.rows[i], model.theta[i][:, None]], axis=1)
     lines = current if rotation else current[:, :2]
-    rows, theta, rest, hxx = _row_step(w, e, gy, gx, nx, smoothing_px, rotation, lines, penalty)
+    rows, theta, rest, hxx = _row_step(w, e, gy, gx, nx, smoothing_px, rotation, lines, penalty, i)
     model.rows[i] += rows
     model.theta[i] += theta
     change = float(np.mean(np.hypot(rows[:, 0], rows[:, 1])) + np.mean(np.abs(theta)) * nx / 4)
