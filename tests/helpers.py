@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+from scipy import ndimage
+
 T = TypeVar("T")
 
 #: Fresh ports tried when a server loses the race for its chosen port to another process
@@ -150,3 +153,18 @@ def loaded_by(argv: list[str], env: dict | None = None) -> tuple[int, dict, dict
 def offenders(modules: list[str], forbidden: tuple[str, ...]) -> list[str]:
     """The loaded ``modules`` that are (or are inside) one of ``forbidden``."""
     return [m for m in modules if any(m == n or m.startswith(n + ".") for n in forbidden)]
+
+
+# --- real frames with a known scan affine added (the scan-distortion tests) -----------------
+def with_affine(frames: np.ndarray, affine: np.ndarray, crop: int, margin: int) -> np.ndarray:
+    """Frames resampled (cubic) so that scan pixel (r, c) of each ``crop``² output shows the
+    original at (r + a0 + a1·ŕ + a2·ć, c + a3 + a4·ŕ + a5·ć) + ``margin``, ŕ and ć centred on
+    the crop (the engine's affine convention); ``affine`` is (n, 6). float32."""
+    r, c = np.mgrid[0:crop, 0:crop].astype(float)
+    rr, cc = r - (crop - 1) / 2, c - (crop - 1) / 2
+    out = []
+    for f, a in zip(frames, affine, strict=True):
+        y = r + margin + a[0] + a[1] * rr + a[2] * cc
+        x = c + margin + a[3] + a[4] * rr + a[5] * cc
+        out.append(ndimage.map_coordinates(f, [y, x], order=3, mode="nearest"))
+    return np.stack(out).astype(np.float32)

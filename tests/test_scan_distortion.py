@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydantic
 import pytest
+from helpers import with_affine
 from scipy import ndimage
 
 from scherzer.io import import_stack
@@ -209,17 +210,6 @@ def test_spectrum_image_series_with_haadf_fields() -> None:
 
 
 # --- real data -----------------------------------------------------------------------------
-def _with_affine(frames: np.ndarray, affine: np.ndarray, crop: int, margin: int) -> np.ndarray:
-    r, c = np.mgrid[0:crop, 0:crop].astype(float)
-    rr, cc = r - (crop - 1) / 2, c - (crop - 1) / 2
-    out = []
-    for f, a in zip(frames, affine, strict=True):
-        y = r + margin + a[0] + a[1] * rr + a[2] * cc
-        x = c + margin + a[3] + a[4] * rr + a[5] * cc
-        out.append(ndimage.map_coordinates(f, [y, x], order=3, mode="nearest"))
-    return np.stack(out).astype(np.float32)
-
-
 def test_real_series_gives_back_added_shear_and_shifts(testdata_dir: Path) -> None:
     """The real 5-frame STEM series (TIA 128², 112² crops): a known slow-axis shear/stretch
     (±1 %) and ±3 px shifts added to every frame come back on top of what the series itself
@@ -231,13 +221,13 @@ def test_real_series_gives_back_added_shear_and_shifts(testdata_dir: Path) -> No
     frames = import_stack(testdata_dir / "rosettasciio/tia/03_Scanning Preview_1.ser").frames
     frames = frames.astype(np.float64)
     params = NonrigidParams(affine_cycles=4, nonlinear_cycles=0, drift_gauge=False)
-    base = correct_scan_distortion(_with_affine(frames, np.zeros((5, 6)), 112, 8), params)
+    base = correct_scan_distortion(with_affine(frames, np.zeros((5, 6)), 112, 8), params)
     rng = np.random.default_rng(0)
     added = np.zeros((5, 6))
     added[:, [0, 3]] = rng.uniform(-3.0, 3.0, (5, 2))
     added[:, [1, 4]] = rng.uniform(-0.01, 0.01, (5, 2))
     added -= added.mean(axis=0)
-    result = correct_scan_distortion(_with_affine(frames, added, 112, 8), params)
+    result = correct_scan_distortion(with_affine(frames, added, 112, 8), params)
     got = result.affine - base.affine
     got -= got.mean(axis=0)
     err = got - added

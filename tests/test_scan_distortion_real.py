@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from helpers import with_affine
 
 from scherzer.io import import_stack
 from scherzer.processing.scan_distortion import NonrigidParams, correct_scan_distortion
@@ -42,16 +42,7 @@ CROP, MARGIN = 112, 8
 
 
 def _with_affine(frames: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Frames resampled so that scan pixel (r, c) shows the original at (r + a0 + a1·ŕ + a2·ć,
-    c + a3 + a4·ŕ + a5·ć) + margin (the engine's affine convention)."""
-    r, c = np.mgrid[0:CROP, 0:CROP].astype(float)
-    rr, cc = r - (CROP - 1) / 2, c - (CROP - 1) / 2
-    out = []
-    for f, a in zip(frames, affine, strict=True):
-        y = r + MARGIN + a[0] + a[1] * rr + a[2] * cc
-        x = c + MARGIN + a[3] + a[4] * rr + a[5] * cc
-        out.append(ndimage.map_coordinates(f, [y, x], order=3, mode="nearest"))
-    return np.stack(out).astype(np.float32)
+    return with_affine(frames, affine, CROP, MARGIN)
 
 
 @pytest.fixture(scope="module")
