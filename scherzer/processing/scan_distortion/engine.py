@@ -157,10 +157,11 @@ class _Engine:
             frames[i] = spline_coefficients(np.rot90(frames[i], k))  # square if k is odd
         self.coeffs = frames
         self.shape = frames.shape[1:]
-        self.smoothing_px: float | LinePrior = params.smoothing_for(turns, frames.shape[2])
+        self.smoothing_px = params.smoothing_for(turns, frames.shape[2])
         self.penalty = len({t % 2 for t in turns}) > 1  # line smoother: see smoothing_for
-        if params.smoothing_px is None and params.mode == "row-locked" and not self.penalty:
-            self.smoothing_px = LinePrior()  # one direction: the smoother's weights from the data
+        # one direction, row-locked, no width given: the line smoother's weights from the data
+        one_direction_default = params.smoothing_px is None and params.mode == "row-locked"
+        self.line_prior = LinePrior() if one_direction_default and not self.penalty else None
         self.jitter = params.jitter_for(turns)
         self.active = np.ones(len(frames), bool)
         self.ncc = np.zeros(len(frames))
@@ -259,7 +260,8 @@ class _Engine:
             frame = self.frame(i)
             for _ in range(INNER_STEPS):
                 step = gauss_newton_step(frame, target, model, i, stage, self.p.mode,
-                                         self.smoothing_px, self.jitter, self.penalty)  # fmt: skip
+                                         self.smoothing_px, self.jitter, self.penalty,
+                                         self.line_prior)  # fmt: skip
                 total += step
                 if step < tolerance:
                     break
@@ -326,8 +328,8 @@ def _run_stage(
     for c, tol in enumerate(_tolerances(cycles, p.convergence_px)):
         old = model.copy()
         update = engine.cycle(model, stage, tol, old)
-        if isinstance(engine.smoothing_px, LinePrior) and stage != "affine":
-            engine.smoothing_px.pool()
+        if engine.line_prior is not None and stage != "affine":
+            engine.line_prior.pool()
         model = model.blend(old, accel * _loo_factor(engine))
         _check_frames(engine, model, start)
         if engine.active.sum() < 2:

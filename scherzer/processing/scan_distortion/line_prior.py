@@ -16,6 +16,7 @@ contrast it has.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -32,13 +33,18 @@ STARTS = ((0.0, -6.0), (0.0, -1.0), (3.0, 0.0))
 TOLERANCE = 0.05  # on the log parameters
 
 
+@functools.lru_cache(maxsize=8)
 def second_difference_bands(ny: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """DᵀD of second differences: the pentadiagonal (ny, ny) band's offsets 0, 1, 2."""
+    """DᵀD of second differences: the pentadiagonal (ny, ny) band's offsets 0, 1, 2 (read-only
+    and cached: the likelihood search asks for the same size thousands of times)."""
     d0 = np.full(ny, 6.0)
     d0[[0, -1]], d0[[1, -2]] = 1.0, 5.0
     d1 = np.full(ny - 1, -4.0)
     d1[[0, -1]] = -2.0
-    return d0, d1, np.ones(ny - 2)
+    bands = (d0, d1, np.ones(ny - 2))
+    for band in bands:
+        band.flags.writeable = False
+    return bands
 
 
 def restricted_likelihood(z: np.ndarray, v: np.ndarray, log_kappa: float, log_tau2: float) -> float:

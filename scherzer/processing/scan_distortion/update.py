@@ -198,16 +198,17 @@ def _second_difference_normal(x, d0, d1, d2) -> np.ndarray:
     return out
 
 
-def _row_step(w, e, gy, gx, nx, sigma, rotation, current, penalty, i) -> tuple[np.ndarray, ...]:
+def _row_step(w, e, gy, gx, nx, sigma, rotation, current, penalty, prior, i) -> tuple:
     """(rows update (ny, 2), theta update (ny,)); ``current`` (ny, k) the line functions;
-    ``sigma`` a LinePrior: the smoother's weights from the data (:func:`data_weighted_rows`).
-    Also returns the normal equations' fast-axis remainder for the jitter term."""
+    with a ``prior`` (:class:`LinePrior`) the smoother's weights come from the data
+    (:func:`data_weighted_rows`) and ``sigma`` is unused. Also returns the normal equations'
+    fast-axis remainder for the jitter term."""
     cc = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2)[None, :]
     terms = [gy, gx, gy * cc] if rotation else [gy, gx]
     h, b = _row_sums(w, e, terms)
-    if isinstance(sigma, LinePrior):
+    if prior is not None:
         noise = float((e * e).sum() / max(float(w.sum()), 1.0))
-        step = data_weighted_rows(h, b, current, noise, sigma, i)
+        step = data_weighted_rows(h, b, current, noise, prior, i)
     elif penalty:
         step = penalised_rows(h, b, current, roughness_weight(sigma))
     elif sigma > 0:  # a Gaussian window over the lines' normal equations, locally linear
@@ -275,9 +276,10 @@ def _dense_step(w, e, gy, gx, sigma) -> np.ndarray:
 
 def gauss_newton_step(
     frame: np.ndarray, target: Target, model: FrameModel, i: int, stage: str, mode: str,
-    smoothing_px: float | LinePrior, jitter: bool, penalty: bool = True,
+    smoothing_px: float, jitter: bool, penalty: bool = True, line_prior: LinePrior | None = None,
 ) -> float:  # fmt: skip
-    """Update frame i of ``model`` in place by one step; returns the mean |update| (px)."""
+    """Update frame i of ``model`` in place by one step; returns the mean |update| (px).
+    ``line_prior``: the row smoother's weights from the data instead of ``smoothing_px``."""
     ny, nx = frame.shape
     w, e, gy, gx = _residuals(frame, target, model, i)
     if not w.any():
@@ -297,7 +299,9 @@ def gauss_newton_step(
     rotation = mode == "row-fitting"
     current = np.concatenate([model.rows[i], model.theta[i][:, None]], axis=1)
     lines = current if rotation else current[:, :2]
-    rows, theta, rest, hxx = _row_step(w, e, gy, gx, nx, smoothing_px, rotation, lines, penalty, i)
+    rows, theta, rest, hxx = _row_step(
+        w, e, gy, gx, nx, smoothing_px, rotation, lines, penalty, line_prior, i
+    )
     model.rows[i] += rows
     model.theta[i] += theta
     change = float(np.mean(np.hypot(rows[:, 0], rows[:, 1])) + np.mean(np.abs(theta)) * nx / 4)
