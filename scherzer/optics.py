@@ -55,6 +55,7 @@ __all__ = [
     "ctf",
     "electron_wavelength_A",
     "fft_workers",
+    "focal_spread_nodes",
     "image_intensity",
     "interaction_constant_per_V_A",
     "scherzer_defocus_nm",
@@ -341,6 +342,15 @@ def spatial_envelope(
         return np.ones(shape, dtype=np.float32)
     g2 = chi_gradient_sq(optics, grid, defocus_nm)
     return np.exp(-((alpha / (2.0 * optics.wavelength_A)) ** 2) * g2).astype(np.float32)
+
+
+def focal_spread_nodes(focal_spread_nm: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Defocus offsets (nm) and weights (summing to 1) of the ``n``-point Gauss–Hermite rule
+    for the incoherent average over a Gaussian focal spread of standard deviation
+    ``focal_spread_nm``: ∫ f(C1 + δ) N(δ; 0, σ²) dδ ≈ Σ_j w_j f(C1 + δ_j), exact for f a
+    polynomial of degree < 2n."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    return focal_spread_nm * x, w / w.sum()
 
 
 def vibration_envelope(optics: Optics, grid: FrequencyGrid) -> np.ndarray:

@@ -31,7 +31,14 @@ import numpy as np
 import pydantic
 import scipy.fft as sfft
 
-from scherzer.optics import FrequencyGrid, Optics, fft_workers, vibration_envelope, wave_transfer
+from scherzer.optics import (
+    FrequencyGrid,
+    Optics,
+    fft_workers,
+    focal_spread_nodes,
+    vibration_envelope,
+    wave_transfer,
+)
 from scherzer.processing.spectral import (
     BandTransfer,
     CameraCurve,
@@ -285,11 +292,10 @@ def focal_spread_transfers(
     sigma = float(optics.focal_spread_nm)
     if sigma <= 0:
         return None
-    x, w = np.polynomial.hermite_e.hermegauss(FOCAL_SPREAD_NODES)
+    offsets, w = focal_spread_nodes(sigma, FOCAL_SPREAD_NODES)
     coherent = BandTransfer(optics.with_(focal_spread_nm=0.0), grid, band)
     d = np.asarray(defocus_nm, np.float64)
-    w = w / w.sum()
-    return [(float(wj), coherent.transfer(d + xj * sigma)) for xj, wj in zip(x, w, strict=True)]
+    return [(float(wj), coherent.transfer(d + dj)) for dj, wj in zip(offsets, w, strict=True)]
 
 
 def nonlinear_power_ratio(

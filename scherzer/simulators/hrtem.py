@@ -35,6 +35,7 @@ from scherzer.optics import (
     FrequencyGrid,
     Optics,
     fft_workers,
+    focal_spread_nodes,
     vibration_envelope,
     wave_transfer,
 )
@@ -194,13 +195,11 @@ class HRTEMImager:
     ) -> np.ndarray:
         if self.coherence == "quasi" or opt.focal_spread_nm == 0:
             return self._image(self._transfer(opt, dfs), ramps)
-        x, w = np.polynomial.hermite.hermgauss(self._n_focal_nodes(opt))
-        w = w / math.sqrt(math.pi)
+        offsets, w = focal_spread_nodes(opt.focal_spread_nm, self._n_focal_nodes(opt))
         sharp = opt.with_(focal_spread_nm=0.0)
         out = np.zeros((len(dfs), *self.big_shape), dtype=np.float32)
-        for xj, wj in zip(x, w, strict=True):
-            d = dfs + math.sqrt(2.0) * opt.focal_spread_nm * xj
-            t = wave_transfer(sharp, self.grid, d, envelopes=True)
+        for dj, wj in zip(offsets, w, strict=True):
+            t = wave_transfer(sharp, self.grid, dfs + dj, envelopes=True)
             out += np.float32(wj) * self._image(t, ramps)
         return out
 

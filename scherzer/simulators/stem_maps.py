@@ -59,6 +59,7 @@ from scherzer.optics import (
     aperture,
     chi,
     fft_workers,
+    focal_spread_nodes,
     image_intensity,
     vibration_envelope,
 )
@@ -162,8 +163,8 @@ def _focal_nodes(optics: Optics) -> tuple[np.ndarray, np.ndarray]:
     """Defocus values (nm) and weights for the incoherent focal-spread average."""
     if optics.focal_spread_nm == 0:
         return np.array([optics.defocus_nm]), np.array([1.0])
-    x, w = np.polynomial.hermite_e.hermegauss(_GH_NODES)
-    return optics.defocus_nm + optics.focal_spread_nm * x, w / w.sum()
+    offsets, w = focal_spread_nodes(optics.focal_spread_nm, _GH_NODES)
+    return optics.defocus_nm + offsets, w
 
 
 def _splat(grid: _MapGrid, pos_A: np.ndarray, weights: np.ndarray) -> np.ndarray:
