@@ -470,3 +470,39 @@ def test_band_kernels_split_over_threads_equal_the_single_pass():
     n2 = np.sum(over_chunks(lambda a, b: wave_correlation(*wargs, z2, a, b), chunks), axis=0)
     np.testing.assert_array_equal(z2, z1)
     np.testing.assert_allclose(n2, n1, rtol=1e-9)
+
+
+def test_images_on_threads_give_the_serial_result(weak_phase_noise_free, monkeypatch):
+    """The images of a pass matched on two threads (``problem.IMAGE_THREADS``), whose kernels
+    then run their band chunks one after the other: the same registration, bit for bit, as one
+    thread (the serial loop)."""
+    from scherzer.processing.focal import kernels, problem
+
+    st = weak_phase_noise_free
+    params = FocalParams(reference=2, max_delocalisation=None)
+    regs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(problem, "IMAGE_THREADS", threads)
+        regs.append(register_focal_series(st, OPTICS, params))
+    serial, threaded = regs
+    for name in ("defocus_nm", "shifts_px", "peak_heights"):
+        np.testing.assert_array_equal(getattr(threaded, name), getattr(serial, name))
+    assert threaded.astigmatism_nm == serial.astigmatism_nm
+    # a band split over the pool and the same chunks on an image thread: equal sums, and on the
+    # image thread the chunks do not go to the band pool
+    import threading
+
+    chunks = [(0, 3), (3, 10)]
+    x = np.linspace(0.1, 1.0, 10) ** 3
+    names: list[str] = []
+
+    def part(a: int, b: int) -> float:
+        names.append(threading.current_thread().name)
+        return float(x[a:b].sum())
+
+    pooled = kernels.over_chunks(part, chunks)
+    assert all(n.startswith("focal-band") for n in names)
+    names.clear()
+    inline = problem.map_images(lambda i: kernels.over_chunks(part, chunks), [0, 1])
+    assert inline == [pooled, pooled]
+    assert len(names) == 4 and not any(n.startswith("focal-band") for n in names)

@@ -26,6 +26,7 @@ from scherzer.processing.focal.problem import (
     Correlator,
     PassState,
     Problem,
+    map_images,
     refine_shifts,
     spot_mask,
 )
@@ -178,7 +179,8 @@ def fit_step_scale(
     best = center
     if half_range > spacing:  # a grid first (the residual has side minima); else Brent alone
         grid = center + np.linspace(-half_range, half_range, 2 * round(half_range / spacing) + 1)
-        best = parabolic_peak(grid, -np.array([resid(k) for k in grid]))
+        ys = map_images(lambda j: resid(grid[j]), range(len(grid)))  # independent trials
+        best = parabolic_peak(grid, -np.array(ys))
     lo, hi = best - min(spacing, half_range), best + min(spacing, half_range)
     res = minimize_scalar(
         resid, bounds=(lo, hi), method="bounded", options={"xatol": CRYSTAL_STEP_SCALE_TOL}

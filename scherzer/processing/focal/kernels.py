@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 
 from scherzer.optics import fft_workers
 
-__all__ = ["band_chunks", "newton_moments", "over_chunks", "wave_correlation"]
+__all__ = ["band_chunks", "newton_moments", "on_image_thread", "over_chunks", "wave_correlation"]
 
 # A band at least this large is split over the cores: the kernels release the GIL and each
 # thread takes one contiguous chunk. Measured per call on 2 cores: a 512² series' band (~2·10⁴
@@ -31,9 +32,26 @@ __all__ = ["band_chunks", "newton_moments", "over_chunks", "wave_correlation"]
 # ~0.7 ms. The gain is wall time on a machine with a free core (these kernels are ~1/5 of an
 # 11 × 1024² registration); on the shared 2 cores at load 5.5–6.8 it was none (wall 22.6–24.3 s
 # either way) for 6 % more process time (14.2–14.7 → 15.1–15.5 s). Set it above any band
-# size to keep one thread.
+# size to keep one thread. On an image thread (:func:`on_image_thread`: the images of a pass
+# are already matched on all cores) the chunks run one after the other, in the same order, so
+# the sums are the same bits: measured idle, 11 × 1024² from the CLI, median of 3: 9.28 s wall
+# / 12.4 s CPU splitting there too, 8.66 s / 11.4 s not.
 PARALLEL_MIN_BAND = 65536
 _POOL: list[ThreadPoolExecutor] = []
+_THREAD = threading.local()  # .on_image: this thread matches one image of a parallel pass
+
+
+def on_image_thread(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+    """``fn`` marked as run on an image thread: its kernels do not split the band further."""
+
+    def run(i: int) -> Any:
+        _THREAD.on_image = True
+        try:
+            return fn(i)
+        finally:
+            _THREAD.on_image = False
+
+    return run
 
 
 def band_chunks(m: int) -> list[tuple[int, int]]:
@@ -45,8 +63,9 @@ def band_chunks(m: int) -> list[tuple[int, int]]:
 
 def over_chunks(fn: Callable[[int, int], Any], chunks: list[tuple[int, int]]) -> list[Any]:
     """[fn(j0, j1) for each chunk], the chunks on a shared thread pool when there are several
-    (the kernels release the GIL; results in chunk order, so the sums are deterministic)."""
-    if len(chunks) < 2:
+    (the kernels release the GIL; results in chunk order, so the sums are deterministic); one
+    after the other on an image thread (:func:`on_image_thread`)."""
+    if len(chunks) < 2 or getattr(_THREAD, "on_image", False):
         return [fn(*c) for c in chunks]
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(fft_workers(), thread_name_prefix="focal-band"))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scherzer.processing.focal.crystal import step_scale_residual
-from scherzer.processing.focal.problem import spot_mask
+from scherzer.processing.focal.problem import map_images, spot_mask
 from scherzer.processing.focal.search import parabolic_peak
 from scherzer.processing.spectral import shift_phase
 from scherzer.processing.wiener import linear_prediction, quadratic_term, solve_series
@@ -159,7 +159,7 @@ def step_scale_line(
     for _ in range(FALLBACK_ROUNDS):
         for _ in range(FALLBACK_MOVES + 1):
             ks = kappa + h * np.array([-1.0, 0.0, 1.0])
-            ys = np.array([f(k) for k in ks])
+            ys = np.array(map_images(lambda j, ks=ks: f(float(ks[j])), range(len(ks))))
             if int(np.argmin(ys)) == 1:
                 break
             kappa = float(ks[int(np.argmin(ys))])

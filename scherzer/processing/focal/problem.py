@@ -25,7 +25,12 @@ import numpy as np
 import scipy.fft as sfft
 
 from scherzer.optics import FrequencyGrid, Optics, chi_gradient_sq, fft_workers, vibration_envelope
-from scherzer.processing.focal.kernels import band_chunks, newton_moments, over_chunks
+from scherzer.processing.focal.kernels import (
+    band_chunks,
+    newton_moments,
+    on_image_thread,
+    over_chunks,
+)
 from scherzer.processing.focal.search import local_grid_peak
 from scherzer.processing.focal.settings import MIN_IMAGES, FocalParams
 from scherzer.processing.spectral import (
@@ -51,9 +56,11 @@ NEWTON_MAX_STEP_PX = 0.5  # a Newton step of the shift is clipped to this (stays
 NEWTON_TOL_PX = 1e-4  # … and stops below this
 SHIFT_START_HALF_PX = 1.0  # refine_shifts: the grid start searches ± this around the last shift
 SHIFT_NEWTON_STEPS = 6  # Newton steps of a final shift refinement
-IMAGE_THREADS = 1  # images matched at once (map_images). numpy and the numba kernels release
-# the GIL, but measured on the shared 2 cores (load ~6) two threads cost 10-15 % more process
-# time and gained no wall time (20 x 512², 11 x 1024²); 2 may pay on an idle 2-core machine
+IMAGE_THREADS = 0  # images matched at once (map_images; 0: one per core). numpy and the numba
+# kernels release the GIL, and the results equal the serial loop's. Measured from the CLI on
+# the idle 2 cores (`scherzer restore --json`, runs alternated, medians): 11 × 512² 3.64 →
+# 3.15 s wall, 20 × 512² 3.47 → 3.27 s, 11 × 1024² 10.7 → 8.8 s (on the shared cores at load ~6
+# it gained nothing for 10–15 % more CPU)
 
 
 class Correlator:
@@ -346,10 +353,11 @@ def map_images(fn: Callable[[int], Any], items: Iterable[int]) -> list[Any]:
     """[fn(i) for i in items] on ``IMAGE_THREADS`` threads (each image's work is independent
     and deterministic: the results equal the serial loop's)."""
     items = list(items)
-    if IMAGE_THREADS < 2 or len(items) < 2:
+    threads = IMAGE_THREADS or fft_workers()
+    if threads < 2 or len(items) < 2:
         return [fn(i) for i in items]
-    with ThreadPoolExecutor(IMAGE_THREADS) as pool:
-        return list(pool.map(fn, items))
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(on_image_thread(fn), items))
 
 
 def refine_shifts(prob: Problem, ref: int, d_abs, shifts, used, prior_scale: float):
