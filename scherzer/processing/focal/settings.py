@@ -49,10 +49,13 @@ def edge_discontinuity(frames: np.ndarray) -> float:
     between neighbouring pixels, of mean-normalised frames (n, y, x). ≈ 1 for a periodic
     field (also when noise dominates); measured 1.23–1.40 for the simulator's 256²–512²
     crystal edge (a crop of a larger specimen), 1.00–1.02 for periodic synthetic series."""
-    f = np.asarray(frames, np.float32)
-    f = f / np.maximum(f.mean(axis=(-2, -1), keepdims=True), 1e-30)
-    wrap = np.mean(np.abs(f[..., 0] - f[..., -1])) + np.mean(np.abs(f[..., 0, :] - f[..., -1, :]))
-    step = np.mean(np.abs(np.diff(f, axis=-1))) + np.mean(np.abs(np.diff(f, axis=-2)))
+    wrap = step = 0.0
+    for x in np.asarray(frames, np.float32).reshape(-1, *np.shape(frames)[-2:]):
+        # frame by frame, no normalised copy: the temporaries stay small (20 × 512² read from
+        # a file: 0.03–0.20 s → 0.01 s in the CLI's process)
+        m = max(float(x.mean(dtype=np.float64)), 1e-30)
+        wrap += (np.mean(np.abs(x[:, 0] - x[:, -1])) + np.mean(np.abs(x[0] - x[-1]))) / m
+        step += (np.mean(np.abs(np.diff(x, axis=-1))) + np.mean(np.abs(np.diff(x, axis=-2)))) / m
     return float(wrap / max(step, 1e-30))
 
 
