@@ -60,6 +60,7 @@ __all__ = [
     "interaction_constant_per_V_A",
     "scherzer_defocus_nm",
     "spatial_envelope",
+    "spatial_envelope_of_gradient",
     "temporal_envelope",
     "vibration_envelope",
     "wave_transfer",
@@ -340,7 +341,14 @@ def spatial_envelope(
         series = defocus_nm is not None and np.ndim(defocus_nm) == 1
         shape = (len(np.atleast_1d(defocus_nm)), *grid.k2.shape) if series else grid.k2.shape
         return np.ones(shape, dtype=np.float32)
-    g2 = chi_gradient_sq(optics, grid, defocus_nm)
+    return spatial_envelope_of_gradient(optics, chi_gradient_sq(optics, grid, defocus_nm))
+
+
+def spatial_envelope_of_gradient(optics: Optics, g2: np.ndarray) -> np.ndarray:
+    """:func:`spatial_envelope` from |∇χ|² ((rad·Å)², as :func:`chi_gradient_sq` returns)."""
+    alpha = optics.beam_divergence_mrad * 1e-3
+    if alpha == 0:
+        return np.ones(np.shape(g2), dtype=np.float32)
     return np.exp(-((alpha / (2.0 * optics.wavelength_A)) ** 2) * g2).astype(np.float32)
 
 

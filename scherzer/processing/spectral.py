@@ -44,7 +44,7 @@ from scherzer.optics import (
     chi,
     chi_gradient_sq,
     fft_workers,
-    spatial_envelope,
+    spatial_envelope_of_gradient,
     temporal_envelope,
 )
 
@@ -479,15 +479,18 @@ def information_band(
     R(k) = |∇_k χ|/2π (Å) exceeds f × the field size in any image are left out too: their
     content comes from outside the field and is inconsistent between defoci.
     """
-    dfs = np.asarray(defocus_nm, dtype=np.float64)
+    dfs = np.asarray(defocus_nm, dtype=np.float64).reshape(-1)
     env = aperture(optics, grid) * temporal_envelope(optics, grid)
-    es = spatial_envelope(optics, grid, dfs).max(axis=0)
-    mask = (env * es * camera) > threshold
+    # |∇χ|² per image, its smallest (the largest spatial envelope: E_s falls with |∇χ|²) and
+    # largest (the largest delocalisation) over the series: one exp instead of one per image
+    g2_min = g2_max = chi_gradient_sq(optics, grid, float(dfs[0]))
+    for d in dfs[1:]:
+        g2 = chi_gradient_sq(optics, grid, float(d))
+        g2_min, g2_max = np.minimum(g2_min, g2), np.maximum(g2_max, g2)
+    mask = (env * spatial_envelope_of_gradient(optics, g2_min) * camera) > threshold
     if max_delocalisation_fraction is not None:
         field_A = 10.0 * min(s * p for s, p in zip(grid.shape, grid.pixel_nm, strict=True))
-        r_max = np.zeros(grid.shape, np.float32)
-        for d in dfs:
-            r_max = np.maximum(r_max, np.sqrt(chi_gradient_sq(optics, grid, float(d))))
+        r_max = np.sqrt(g2_max)
         mask &= r_max / (2.0 * math.pi) <= max_delocalisation_fraction * field_A
     q_px = np.hypot(np.fft.fftfreq(grid.shape[0])[:, None] * grid.shape[0],
                     np.fft.fftfreq(grid.shape[1])[None, :] * grid.shape[1])  # fmt: skip
