@@ -425,7 +425,7 @@ def normalise_frames(frames: np.ndarray) -> np.ndarray:
     if np.any(means <= 0):
         bad = np.flatnonzero(means <= 0).tolist()
         raise ValueError(f"frames {bad} have a non-positive mean: intensities are expected")
-    return (f / means[:, None, None].astype(np.float32)).astype(np.float32)
+    return (f / means[:, None, None].astype(np.float32)).astype(np.float32, copy=False)
 
 
 def edge_taper(shape: tuple[int, int], width_px: int) -> np.ndarray:
@@ -444,9 +444,10 @@ def edge_taper(shape: tuple[int, int], width_px: int) -> np.ndarray:
 
 def frame_spectra(frames: np.ndarray, taper_px: int = 0) -> np.ndarray:
     """FFTs (complex64) of mean-normalised frames minus 1, optionally edge-tapered."""
-    f = normalise_frames(frames) - np.float32(1.0)
+    f = normalise_frames(frames)  # a new array: changed in place below (no stack-size copies)
+    f -= np.float32(1.0)
     if taper_px > 0:
-        f = f * edge_taper(f.shape[-2:], taper_px)
+        f *= edge_taper(f.shape[-2:], taper_px)
     return sfft.fft2(f.astype(np.complex64), workers=fft_workers(), overwrite_x=True)
 
 
