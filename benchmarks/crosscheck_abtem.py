@@ -64,7 +64,9 @@ the true wave without its k < 0.25 nm⁻¹ part (the crystal's mean-inner-potent
 0.5–8 nm⁻¹. ``--bound F.npz`` (no abTEM) asks whether the dose or the model limits that band:
 on the 4-cell series the ideal restoration below 0.5 nm⁻¹ (linear model, mirror boundary,
 oracle prior; 3 noise seeds) reaches 0.976–0.987 (prior per frequency) and 0.911–0.933 (the
-ring mean of the true power: the best isotropic prior) — the dose allows ≥ 0.9; the Fisher SNR
+ring mean of the true power: the best isotropic prior) on those ideal data; on the real
+frames the ring-mean oracle reaches 0.86, and benchmarks/focal_first_ring.py bounds an
+estimate without prior knowledge of the first ring below 0.9 (0.818 mean); the Fisher SNR
 of the phase is 1.3 / 2.3 / 3.0 on the rings at 0.10 / 0.29 / 0.49 nm⁻¹ (8 cells: 0.937–0.968
 and 0.888–0.901; SNR 1.0 / 1.8 / 2.4). 4cells_4000 (before the incoherent correction):
 relative 0.216 → 0.133 nm; phase correlation 0.782 → 0.785.
