@@ -26,8 +26,9 @@ by |sin χ| ≤ 0.009. Its largest coefficient (the crystal's mean-inner-potenti
 estimated at 5–9e4 (3.2–5.4 sd) on all four seeds: model error. ``unbiased_first_ring``, the
 truth everywhere but the first ring and that ring estimated as well as the data allow without
 prior knowledge (noise only, no model error): phase correlation 0.818 mean, 0.55–0.96 over
-20 draws, ≥ 0.9 in 35 % — issue #15's 0.9 needs prior knowledge of the object's largest
-scale (an edge model), not a better use of the images. An oracle prior per frequency (the
+20 draws, ≥ 0.9 in 35 % (100 draws, seed 1: 0.78 mean, 0.07–0.99, ≥ 0.9 in 24 %) — issue
+#15's 0.9 needs prior knowledge of the object's largest scale (an edge model), not a better
+use of the images. An oracle prior per frequency (the
 true power, mirrored) reaches 0.945 on seed 0's frames, the true power's ring mean 0.86.
 """
 
