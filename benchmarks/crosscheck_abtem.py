@@ -751,13 +751,6 @@ BOUND_SPLIT_PER_NM = 0.5  # --bound replaces our restoration below this |k| by t
 BOUND_SEEDS = (0, 1, 2)  # noise realisations of --bound
 
 
-def _mirror(a: np.ndarray) -> np.ndarray:
-    """The even (mirror) extension of (..., N, N) to (..., 2N, 2N): a non-periodic field's
-    boundary condition (no wrap-around edge)."""
-    row = np.concatenate([a, a[..., :, ::-1]], axis=-1)
-    return np.concatenate([row, row[..., ::-1, :]], axis=-2)
-
-
 def focal_low_band_bound(path) -> dict:
     """What the series' dose allows below ``BOUND_SPLIT_PER_NM`` (issue #15's question).
 
@@ -773,6 +766,7 @@ def focal_low_band_bound(path) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from focal_abtem_metrics import load_series, phase_correlation
+    from focal_first_ring import mirror, neg_frequency
 
     from scherzer.optics import FrequencyGrid, wave_transfer
     from scherzer.processing.focal import instrument_from_stack
@@ -791,20 +785,17 @@ def focal_low_band_bound(path) -> dict:
     var_px = 1.0 / (float(st.metadata["dose"]) * (pix * 10.0) ** 2)  # Poisson, per pixel
     out: dict = {"split_per_nm": BOUND_SPLIT_PER_NM, "our_linear": phase_correlation(ours, st, 0)}
 
-    def neg(a):  # a(−g) on an FFT grid
-        return np.roll(a[..., ::-1, ::-1], 1, axis=(-2, -1))
-
     def normal_terms(m: int, frames=None):  # frames: (n, N, N) images, mirrored here
         grid = FrequencyGrid((m, m), (pix, pix))
         acc = [np.zeros((m, m), np.complex128) for _ in range(5)]
         for i, di in enumerate(d):
             t = wave_transfer(optics, grid, float(di)).astype(np.complex128)
-            tn = np.conj(neg(t))
+            tn = np.conj(neg_frequency(t))
             acc[0] += np.abs(t) ** 2
             acc[1] += np.conj(t) * tn
             acc[2] += np.abs(tn) ** 2
             if frames is not None:
-                spectrum = np.fft.fft2(_mirror(frames[i]))
+                spectrum = np.fft.fft2(mirror(frames[i]))
                 acc[3] += np.conj(t) * spectrum
                 acc[4] += np.conj(tn) * spectrum
         return acc
@@ -813,7 +804,7 @@ def focal_low_band_bound(path) -> dict:
     aa, ab, bb, _, _ = normal_terms(n_px)
     sig2 = n_px * n_px * var_px  # noise variance per unnormalised FFT coefficient
     f = np.fft.fft2(truth - truth.mean())
-    p_true = np.abs((f - np.conj(neg(f))) / 2j)
+    p_true = np.abs((f - np.conj(neg_frequency(f))) / 2j)
     det = np.real(aa * bb) - np.abs(ab) ** 2
     var_p = sig2 * np.real(aa + bb + 2 * ab) / np.maximum(4 * det, 1e-300)
     q_px = np.fft.fftfreq(n_px) * n_px
@@ -827,7 +818,7 @@ def focal_low_band_bound(path) -> dict:
 
     # ideal single-edge data on the mirrored field, MMSE with an oracle prior
     m = 2 * n_px
-    tm = _mirror(truth)
+    tm = mirror(truth)
     fm = np.fft.fft2(tm - tm.mean())
     grid_m = FrequencyGrid((m, m), (pix, pix))
     k_m = np.sqrt(grid_m.k2) * 10.0  # 1/nm
@@ -838,7 +829,7 @@ def focal_low_band_bound(path) -> dict:
     clean = np.empty((len(d), n_px, n_px))  # the linear images of the mirrored wave, cropped
     for i, di in enumerate(d):
         t = wave_transfer(optics, grid_m, float(di)).astype(np.complex128)
-        img = np.fft.ifft2(fm * t + np.conj(neg(fm)) * np.conj(neg(t)))
+        img = np.fft.ifft2(fm * t + np.conj(neg_frequency(fm)) * np.conj(neg_frequency(t)))
         clean[i] = img.real[:n_px, :n_px]
     for kind in ("per_frequency", "ring_mean"):
         power = np.abs(fm) ** 2
@@ -853,7 +844,7 @@ def focal_low_band_bound(path) -> dict:
             aa, ab, bb, ra, rb = normal_terms(m, noisy)
             s2 = 4 * n_px * n_px * var_px  # per coefficient of the mirrored field
             floor = 1e-12 * float(power.max())  # g = 0 and empty frequencies: no signal
-            r1, r2 = s2 / np.maximum(power, floor), s2 / np.maximum(neg(power), floor)
+            r1, r2 = s2 / np.maximum(power, floor), s2 / np.maximum(neg_frequency(power), floor)
             est = ((bb + r2) * ra - ab * rb) / ((aa + r1) * (bb + r2) - np.abs(ab) ** 2)
             low = np.fft.ifft2(est * (k_m <= BOUND_SPLIT_PER_NM))[:n_px, :n_px]
             high = np.fft.ifft2(f_ours * (k_n > BOUND_SPLIT_PER_NM))

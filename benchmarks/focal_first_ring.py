@@ -48,13 +48,14 @@ N_LOWEST = 6  # largest true coefficients reported
 NOISE_DRAWS = 20  # noise realisations of the unbiased first-ring bound
 
 
-def _mirror(a: np.ndarray) -> np.ndarray:
-    """The even extension of (..., N, N) to (..., 2N, 2N)."""
+def mirror(a: np.ndarray) -> np.ndarray:
+    """The even extension of (..., N, N) to (..., 2N, 2N): a non-periodic field's boundary
+    condition (no wrap-around edge)."""
     row = np.concatenate([a, a[..., :, ::-1]], axis=-1)
     return np.concatenate([row, row[..., ::-1, :]], axis=-2)
 
 
-def _neg(a: np.ndarray) -> np.ndarray:
+def neg_frequency(a: np.ndarray) -> np.ndarray:
     """a(−g) on an FFT grid."""
     return np.roll(a[..., ::-1, ::-1], 1, axis=(-2, -1))
 
@@ -77,90 +78,88 @@ def truth_below(wave: np.ndarray, truth: np.ndarray, stack, pixel_nm: float) -> 
     }
 
 
-def lowest_coefficients(stack, optics, pixel_nm: float, sigma2_px: np.ndarray, c: float) -> dict:
-    """The unregularised mirrored-field estimate of the largest low coefficients (module doc)."""
-    from focal_abtem_metrics import shift_wave
+class MirroredSeries:
+    """The linear two-sided model of a series on the mirrored (2N × 2N) field: the wave
+    transfers × c once, the normal matrix (aa, ab, bb) with weights 1/(4 N² σ²_px) per
+    coefficient (4 copies of each pixel's noise), and the right-hand sides of any images."""
 
-    from scherzer.optics import FrequencyGrid, wave_transfer
-    from scherzer.processing.restoration import aligned_frames
+    def __init__(self, optics, pixel_nm: float, defocus_nm, n_px: int, sigma2_px, c: float):
+        from scherzer.optics import FrequencyGrid, wave_transfer
 
-    gt = stack.ground_truth
-    s = gt["shifts_px"] - gt["shifts_px"][0]
-    frames = aligned_frames(stack.frames, s).astype(np.float64)
-    frames /= frames.mean(axis=(1, 2), keepdims=True)
-    n_px = frames.shape[-1]
-    m = 2 * n_px
-    grid = FrequencyGrid((m, m), (pixel_nm, pixel_nm))
-    sums = [np.zeros((m, m), np.complex128) for _ in range(5)]  # aa ab bb ra rb
-    k = _k_per_nm(m, pixel_nm)
-    ring1 = (k > 0) & (k <= 1.05 / (n_px * pixel_nm))  # up to the N-field's first ring
-    sin_max = 0.0
-    for i, d in enumerate(gt["defocus_nm"]):
-        t = wave_transfer(optics, grid, float(d)).astype(np.complex128) * c
-        tn, spec = np.conj(_neg(t)), np.fft.fft2(_mirror(frames[i]))
-        w = 1.0 / (4.0 * n_px * n_px * sigma2_px[i])  # per coefficient of the mirrored field
-        for acc, v in zip(sums, (abs(t) ** 2, np.conj(t) * tn, abs(tn) ** 2,
-                                 np.conj(t) * spec, np.conj(tn) * spec), strict=True):  # fmt: skip
-            acc += w * v
-        sin_max = max(sin_max, float(np.max(abs(t.imag[ring1])) / c))
-    aa, ab, bb, ra, rb = sums
-    det = (aa * bb).real - abs(ab) ** 2
-    sel = (k > 0) & (k <= LOW_PER_NM) & (det > 0)
-    est = np.where(sel, (bb * ra - ab * rb) / np.where(sel, det, 1.0), 0.0)
-    sd = np.sqrt(np.where(sel, bb.real / np.where(sel, det, 1.0), 0.0))
-    truth = _mirror(shift_wave(np.asarray(gt["exit_wave"]), s[0]))
-    ft = np.fft.fft2(truth - truth.mean())
-    half = sel & (np.arange(m)[:, None] <= m // 2) & (np.arange(m)[None, :] <= m // 2)
-    order = np.argsort(-np.abs(ft[half]))[:N_LOWEST]
+        m = 2 * n_px
+        grid = FrequencyGrid((m, m), (pixel_nm, pixel_nm))
+        self.n_px, self.c = n_px, c
+        self.k = _k_per_nm(m, pixel_nm)
+        self.ring1 = (self.k > 0) & (self.k <= 1.05 / (n_px * pixel_nm))  # the N-field's ring 1
+        self.t = [wave_transfer(optics, grid, float(d)).astype(np.complex128) * c
+                  for d in defocus_nm]  # fmt: skip
+        self.w = 1.0 / (4.0 * n_px * n_px * np.asarray(sigma2_px, np.float64))
+        self.aa, self.ab, self.bb = (np.zeros((m, m), np.complex128) for _ in range(3))
+        for t, w in zip(self.t, self.w, strict=True):
+            tn = np.conj(neg_frequency(t))
+            self.aa += w * abs(t) ** 2
+            self.ab += w * np.conj(t) * tn
+            self.bb += w * abs(tn) ** 2
+        self.det = (self.aa * self.bb).real - abs(self.ab) ** 2
+
+    def estimate(self, images: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """The unregularised least-squares φ(g) from images (n, N, N) at ``where`` (0 else)."""
+        ra = np.zeros_like(self.aa)
+        rb = np.zeros_like(self.aa)
+        for t, w, img in zip(self.t, self.w, images, strict=True):
+            spec = np.fft.fft2(mirror(img))
+            ra += w * np.conj(t) * spec
+            rb += w * neg_frequency(t) * spec
+        ok = where & (self.det > 0)
+        return np.where(ok, (self.bb * ra - self.ab * rb) / np.where(ok, self.det, 1.0), 0.0)
+
+    def sd(self, where: np.ndarray) -> np.ndarray:
+        """The noise standard deviation of :meth:`estimate` at ``where``."""
+        ok = where & (self.det > 0)
+        return np.sqrt(np.where(ok, self.bb.real / np.where(ok, self.det, 1.0), 0.0))
+
+    def max_phase_transfer_first_ring(self) -> float:
+        return max(float(np.max(abs(t.imag[self.ring1]))) for t in self.t) / float(self.c)
+
+
+def lowest_coefficients(model: MirroredSeries, frames: np.ndarray, truth_m: np.ndarray) -> list:
+    """The largest true coefficients at 0 < |k| ≤ LOW_PER_NM with their unregularised
+    estimates from the aligned, mean-normalised ``frames`` (module doc)."""
+    low = (model.k > 0) & (model.k <= LOW_PER_NM)
+    est, sd = model.estimate(frames, low), model.sd(low)
+    ft = np.fft.fft2(truth_m - truth_m.mean())
+    m = truth_m.shape[0]
+    half = low & (model.det > 0) & (np.arange(m)[:, None] <= m // 2)
+    half &= np.arange(m)[None, :] <= m // 2
     iy, ix = np.nonzero(half)
     rows = []
-    for j in order:
+    for j in np.argsort(-np.abs(ft[half]))[:N_LOWEST]:
         y, x = int(iy[j]), int(ix[j])
         rows.append({
-            "index": [y, x], "k_per_nm": round(float(k[y, x]), 3),
+            "index": [y, x], "k_per_nm": round(float(model.k[y, x]), 3),
             "true": float(f"{abs(ft[y, x]):.3g}"), "estimate": float(f"{abs(est[y, x]):.3g}"),
             "sd": float(f"{sd[y, x]:.3g}"),
             "error_sd": round(float(abs(est[y, x] - ft[y, x]) / sd[y, x]), 2),
         })  # fmt: skip
-    out = {"lowest": rows, "max_phase_transfer_first_ring": round(sin_max, 4)}
-    normal = (aa, ab, bb)
-    out["unbiased_first_ring"] = unbiased_bound(stack, optics, normal, sigma2_px, c, ring1, truth)
-    return out
+    return rows
 
 
-def unbiased_bound(stack, optics, normal, sigma2_px, c, ring1, truth_m) -> dict:
-    """Phase correlation when the first-ring coefficients (mirrored field, |k| ≤ the N-field's
-    first ring) are the truth plus the noise of the unregularised (unbiased, efficient) linear
-    estimate — simulated in the image domain (Gaussian, the measured variance, mirrored) and
-    carried through the same 2×2 solve; the rest is the truth. Mean over NOISE_DRAWS draws.
-    What no estimator without prior knowledge of those few coefficients can beat on average."""
+def unbiased_bound(model: MirroredSeries, stack, sigma2_px, truth_m: np.ndarray) -> dict:
+    """Phase correlation when the first-ring coefficients (mirrored field) are the truth plus
+    the noise of the unregularised (unbiased, efficient) linear estimate — simulated in the
+    image domain (Gaussian, ``sigma2_px``) and carried through the same solve; the rest is the
+    truth. Over NOISE_DRAWS draws: what no estimator without prior knowledge of those few
+    coefficients can beat on average."""
     from focal_abtem_metrics import phase_correlation
 
-    from scherzer.optics import FrequencyGrid, wave_transfer
-
-    aa, ab, bb = normal
-    gt = stack.ground_truth
-    m = truth_m.shape[0]
-    n_px = m // 2
-    pix = float(stack.pixel_size_nm[1])
-    grid = FrequencyGrid((m, m), (pix, pix))
-    opt_t = [wave_transfer(optics, grid, float(d)).astype(np.complex128) * c
-             for d in gt["defocus_nm"]]  # fmt: skip
-    det = np.where(ring1, (aa * bb).real - abs(ab) ** 2, 1.0)
+    n_px = model.n_px
     ft = np.fft.fft2(truth_m)
     rng = np.random.default_rng(0)
+    scale = np.sqrt(np.asarray(sigma2_px, np.float64))[:, None, None]
     scores = []
     for _ in range(NOISE_DRAWS):
-        ra = np.zeros((m, m), np.complex128)
-        rb = np.zeros((m, m), np.complex128)
-        for i, t in enumerate(opt_t):
-            noise = rng.normal(0.0, np.sqrt(sigma2_px[i]), (n_px, n_px))
-            spec = np.fft.fft2(_mirror(noise))
-            w = 1.0 / (4.0 * n_px * n_px * sigma2_px[i])
-            ra += w * np.conj(t) * spec
-            rb += w * _neg(t) * spec
-        err = np.where(ring1, (bb * ra - ab * rb) / det, 0.0)
-        wave = np.fft.ifft2(ft + err)[:n_px, :n_px]
+        noise = rng.normal(0.0, 1.0, (len(model.t), n_px, n_px)) * scale
+        wave = np.fft.ifft2(ft + model.estimate(noise, model.ring1))[:n_px, :n_px]
         scores.append(phase_correlation(wave, stack, 0))
     return {"mean": round(float(np.mean(scores)), 4), "min": round(float(np.min(scores)), 4),
             "max": round(float(np.max(scores)), 4), "draws": NOISE_DRAWS,
@@ -184,7 +183,6 @@ def first_ring(path) -> dict:
         dose_weights=np.ones(st.n_frames),
     )  # fmt: skip
     truth = shift_wave(np.asarray(gt["exit_wave"]), s[0])
-    c = abs(np.mean(res.wave))
     n_px = res.wave.shape[0]
     # the frames' own noise: Poisson counts of dose × pixel area at intensity ≈ 1 (the fit
     # residual, reported as noise_var_px, also holds model error: it would widen the bound)
@@ -192,13 +190,19 @@ def first_ring(path) -> dict:
     sigma2_px = np.full(st.n_frames, poisson)
     fit_var = res.noise_sigma**2 * res.params["band_size"] / n_px**2
     opt = optics.with_(a1_nm=a1[0], a1_deg=a1[1])
+    model = MirroredSeries(opt, pix, gt["defocus_nm"], n_px, sigma2_px, abs(np.mean(res.wave)))
+    frames = restoration.aligned_frames(st.frames, s).astype(np.float64)
+    frames /= frames.mean(axis=(1, 2), keepdims=True)
+    truth_m = mirror(truth)
     return {
         "series": str(path),
         "linear": round(phase_correlation(res.wave, st, 0), 4),
         "truth_below": truth_below(res.wave, truth, st, pix),
         "noise_var_px": float(f"{float(np.mean(fit_var)):.4g}"),
         "poisson_var_px": poisson,
-        **lowest_coefficients(st, opt, pix, sigma2_px, c),
+        "lowest": lowest_coefficients(model, frames, truth_m),
+        "max_phase_transfer_first_ring": round(float(model.max_phase_transfer_first_ring()), 4),
+        "unbiased_first_ring": unbiased_bound(model, st, sigma2_px, truth_m),
     }
 
 
