@@ -494,3 +494,37 @@ def test_quadratic_term_follows_the_incoherent_focal_spread():
     norm = np.linalg.norm(exact)
     e_inc, e_quasi = np.linalg.norm(inc - exact) / norm, np.linalg.norm(quasi - exact) / norm
     assert e_inc <= 0.08 and e_quasi >= 3 * e_inc, (e_inc, e_quasi)
+
+
+@pytest.mark.parametrize("divergence_mrad", [0.0, 0.3])
+@pytest.mark.parametrize("limit", [None, 0.2])
+def test_information_band_is_its_definition_image_by_image(divergence_mrad, limit):
+    """The band: some image's |T|·C above the threshold (E_s of that image's own |∇χ|²), and,
+    with a delocalisation limit, every image's |∇χ|/2π within it; g only with −g — computed here
+    one image at a time; information_band (one envelope from the extremes of |∇χ|²) selects
+    exactly the same frequencies."""
+    from scherzer.optics import aperture, chi_gradient_sq, spatial_envelope, temporal_envelope
+    from scherzer.processing.spectral import information_band
+
+    optics = DEFAULT_OPTICS.with_(
+        beam_divergence_mrad=divergence_mrad, a1_nm=6.0, a1_deg=35.0, a2_nm=700.0, a2_deg=-100.0
+    )
+    grid = FrequencyGrid((96, 128), (0.03, 0.03))
+    d = np.array([-120.0, -70.0, -25.0, 15.0])
+    camera = np.random.default_rng(3).uniform(0.2, 1.0, grid.shape).astype(np.float32)
+    env = aperture(optics, grid) * temporal_envelope(optics, grid)
+    mask = np.zeros(grid.shape, bool)
+    for di in d:
+        mask |= env * spatial_envelope(optics, grid, float(di)) * camera > 1e-3
+    if limit is not None:
+        field_A = 10.0 * min(n * p for n, p in zip(grid.shape, grid.pixel_nm, strict=True))
+        for di in d:
+            r = np.sqrt(chi_gradient_sq(optics, grid, float(di))) / (2.0 * np.pi)
+            mask &= r <= limit * field_A
+    mask[0, 0] = False
+    mask &= np.roll(mask[::-1, ::-1], 1, axis=(0, 1))  # a band holds g with −g (the pairs)
+    band = information_band(optics, grid, d, camera, max_delocalisation_fraction=limit)
+    assert 0 < band.size < mask.size
+    got = np.zeros(mask.size, bool)
+    got[band.idx] = True
+    np.testing.assert_array_equal(got.reshape(grid.shape), mask)

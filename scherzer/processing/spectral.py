@@ -465,6 +465,19 @@ def crop_area(frames: np.ndarray, area: tuple[int, int, int, int] | None) -> np.
     return frames[..., y0 : y0 + h, x0 : x0 + w]
 
 
+def _gradient_extremes(
+    optics: Optics, grid: FrequencyGrid, defocus_nm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(smallest, largest) |∇χ|² over the series' defoci, element by element: the first gives
+    the largest spatial envelope (E_s falls with |∇χ|²: one exp instead of one per image), the
+    second the largest delocalisation."""
+    g2_min = g2_max = chi_gradient_sq(optics, grid, float(defocus_nm[0]))
+    for d in defocus_nm[1:]:
+        g2 = chi_gradient_sq(optics, grid, float(d))
+        g2_min, g2_max = np.minimum(g2_min, g2), np.maximum(g2_max, g2)
+    return g2_min, g2_max
+
+
 def information_band(
     optics: Optics,
     grid: FrequencyGrid,
@@ -482,17 +495,14 @@ def information_band(
     """
     dfs = np.asarray(defocus_nm, dtype=np.float64).reshape(-1)
     env = aperture(optics, grid) * temporal_envelope(optics, grid)
-    # |∇χ|² per image, its smallest (the largest spatial envelope: E_s falls with |∇χ|²) and
-    # largest (the largest delocalisation) over the series: one exp instead of one per image
-    g2_min = g2_max = chi_gradient_sq(optics, grid, float(dfs[0]))
-    for d in dfs[1:]:
-        g2 = chi_gradient_sq(optics, grid, float(d))
-        g2_min, g2_max = np.minimum(g2_min, g2), np.maximum(g2_max, g2)
-    mask = (env * spatial_envelope_of_gradient(optics, g2_min) * camera) > threshold
-    if max_delocalisation_fraction is not None:
+    limit = max_delocalisation_fraction is not None
+    if optics.beam_divergence_mrad > 0 or limit:
+        g2_min, g2_max = _gradient_extremes(optics, grid, dfs)
+        env = env * spatial_envelope_of_gradient(optics, g2_min)
+    mask = (env * camera) > threshold
+    if limit:
         field_A = 10.0 * min(s * p for s, p in zip(grid.shape, grid.pixel_nm, strict=True))
-        r_max = np.sqrt(g2_max)
-        mask &= r_max / (2.0 * math.pi) <= max_delocalisation_fraction * field_A
+        mask &= np.sqrt(g2_max) / (2.0 * math.pi) <= max_delocalisation_fraction * field_A
     q_px = np.hypot(np.fft.fftfreq(grid.shape[0])[:, None] * grid.shape[0],
                     np.fft.fftfreq(grid.shape[1])[None, :] * grid.shape[1])  # fmt: skip
     mask &= q_px > max(k_min_px, 0.5)
