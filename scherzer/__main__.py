@@ -2,6 +2,6 @@
 
 import sys
 
-from scherzer.cli import main
+from scherzer.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -13,6 +13,7 @@ quietly.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import json
@@ -23,7 +24,7 @@ from typing import Any, NoReturn
 
 from scherzer.cli.common import Outcome
 
-__all__ = ["COMMANDS", "Outcome", "build_parser", "main", "registrar"]
+__all__ = ["COMMANDS", "Outcome", "build_parser", "console_main", "main", "registrar"]
 
 #: Exit code of every usage or input error.
 EXIT_BAD_INPUT = 2
@@ -246,5 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def console_main() -> int:
+    """The ``scherzer`` program (console script and ``python -m scherzer``): :func:`main`, then
+    :func:`leave_collector_out_of_teardown`. Embedding programs and tests call :func:`main`."""
+    code = main()
+    leave_collector_out_of_teardown()
+    return code
+
+
+def leave_collector_out_of_teardown() -> None:
+    """Spare the ending process the garbage collector's passes over every live object.
+
+    The interpreter's teardown clears every module and runs the collector over what is left:
+    after a numba kernel is loaded that is ~1.3·10⁵ tracked objects and took 0.31–0.35 s of
+    ``scherzer restore``'s wall time (0.03 s without; measured from the parent, 2 runs each).
+    :func:`gc.freeze` moves the live objects out of the collector's reach, so teardown only
+    drops references. Nothing is skipped that writes data: exit handlers (``atexit``, logging,
+    ``weakref.finalize``) still run and objects are still freed by reference counting; only
+    reference cycles still alive at exit stay uncollected as the process ends (our files are
+    closed by their owners, and the HDF5 library closes any open file at exit). Only for a
+    process about to end: the collector stays off."""
+    gc.disable()
+    gc.freeze()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
