@@ -29,9 +29,9 @@ Method (in the manner of SmartAlign, with our own estimator)
 3. The peak is refined to sub-pixel precision on the band-limited correlation at α_fine (0 =
    plain cross-correlation, the efficient estimator under Poisson noise): Newton steps on the
    exact Fourier series of the correlation, whose moments are batched matrix products.
-4. A weighted least-squares solution for all positions from all pair offsets, with iterative
-   outlier rejection (robust scale from the median absolute residual), so a unit-cell jump in
-   a pair does not survive.
+4. A weighted least-squares solution for all positions from all pair offsets
+   (:mod:`~scherzer.processing.pair_positions`), with iterative outlier rejection (robust
+   scale from the median absolute residual), so a unit-cell jump in a pair does not survive.
 5. A robust start: every frame matched to the leave-one-out average of the others (√(n−1) the
    SNR of a pair). When the pairs disagree (low dose) or cannot show agreement (a tree graph),
    a steady-drift candidate (the correlations of all pairs up to 8 apart, summed along the
@@ -99,6 +99,7 @@ from scherzer.processing.correlation import (
     shift_mask,
     template_weight,
 )
+from scherzer.processing.pair_positions import gauge, pair_graph, solve_positions
 from scherzer.processing.rigid_spectra import (
     Crop,
     as_source,
@@ -141,88 +142,6 @@ CONSISTENT_PX = 0.5
 CONSISTENT_FRACTION = 0.9
 START_TOLERANCE_PX = 0.05  # template passes that only choose a start stop at this step size
 GLOBAL_PASSES = 2  # passes of the global search from rest that may move frames to any lag
-
-
-# --------------------------------------------------------------------------------------------
-# pair graphs and peaks
-# --------------------------------------------------------------------------------------------
-def pair_graph(n: int, params: AlignParams) -> list[tuple[int, int]]:
-    """Edges (i, j), i < j, of the requested pair graph."""
-    if params.pairs == "all":
-        return [(i, j) for i in range(n) for j in range(i + 1, n)]
-    if params.pairs == "sequential":
-        return [(i, i + 1) for i in range(n - 1)]
-    if params.pairs == "reference":
-        ref = 0 if params.reference == "mean" else int(params.reference)
-        return [(min(ref, j), max(ref, j)) for j in range(n) if j != ref]
-    k = max(1, params.neighbours)
-    return [(i, j) for i in range(n) for j in range(i + 1, min(n, i + k + 1))]
-
-
-# --------------------------------------------------------------------------------------------
-# joint solution
-# --------------------------------------------------------------------------------------------
-def _gauge(shifts: np.ndarray, reference: str | int) -> np.ndarray:
-    if reference == "mean":
-        return shifts - shifts.mean(axis=0)
-    return shifts - shifts[int(reference)]
-
-
-def solve_positions(
-    n: int,
-    pairs: Sequence[tuple[int, int]],
-    offsets: np.ndarray,
-    weights: np.ndarray,
-    outlier_px: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least-squares positions from pair offsets d_ij = s_i − s_j, outliers removed.
-
-    Iteratively: solve, compute residuals, drop pairs whose residual exceeds max(outlier_px,
-    4 × robust σ) while every frame stays connected. Returns (positions (n, 2) with mean zero,
-    boolean mask of kept pairs).
-    """
-    pairs_arr = np.asarray(pairs, dtype=int)
-    keep = np.ones(len(pairs_arr), dtype=bool)
-    a = np.zeros((len(pairs_arr), n))
-    a[np.arange(len(pairs_arr)), pairs_arr[:, 0]] = 1.0
-    a[np.arange(len(pairs_arr)), pairs_arr[:, 1]] = -1.0
-    w = np.maximum(np.asarray(weights, dtype=float), 1e-6)
-    positions = np.zeros((n, 2))
-    for _ in range(10):
-        sw = np.sqrt(w * keep)[:, None]
-        lhs = np.vstack([a * sw, np.ones((1, n))])  # gauge row: Σ s = 0
-        rhs = np.vstack([offsets * sw, np.zeros((1, 2))])
-        positions = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-        residual = np.linalg.norm(offsets - a @ positions, axis=1)
-        scale = 1.4826 * np.median(residual[keep]) if keep.any() else 0.0
-        limit = max(outlier_px, 4.0 * scale)
-        worst = np.argsort(-np.where(keep, residual, -1.0))
-        changed = False
-        for p in worst:
-            if not keep[p] or residual[p] <= limit:
-                break
-            keep[p] = False
-            if not _connected(n, pairs_arr[keep]):
-                keep[p] = True
-                continue
-            changed = True
-        if not changed:
-            break
-    return positions - positions.mean(axis=0), keep
-
-
-def _connected(n: int, pairs: np.ndarray) -> bool:
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        parent[find(int(i))] = find(int(j))
-    return len({find(i) for i in range(n)}) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,7 +539,7 @@ def _result(
     keep: np.ndarray, p: AlignParams,
 ) -> AlignmentResult:  # fmt: skip
     """The result of a measurement from its pairs and positions."""
-    shifts = _gauge(positions, p.reference)
+    shifts = gauge(positions, p.reference)
     pair_offsets = np.full((n, n, 2), np.nan)
     similarity = np.full((n, n), np.nan)
     np.fill_diagonal(similarity, 1.0)
