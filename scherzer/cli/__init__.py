@@ -206,13 +206,13 @@ def _run(args: argparse.Namespace) -> int:
     return _emit(args, code, result, text)
 
 
-#: Commands whose numerical work runs BLAS on one thread (rigid alignment pins it: many small
-#: products, see :func:`scherzer.processing.registration.measure_shifts`). Started in a fresh
-#: process, they start OpenBLAS with one thread too: its idle pool of threads otherwise starts
-#: and spin-waits beside the FFT workers (measured: cold ``scherzer align`` of 16 × 512², 2 cores
-#: at a load of 4–5: CPU 1.26 → 1.16 s, wall 2.23 → 1.79 s, medians of 9 alternated runs).
-#: ``--nonrigid`` keeps the default.
-ONE_BLAS_THREAD_COMMANDS = frozenset({"align"})
+#: Commands whose numerical work runs BLAS on one thread (rigid alignment, focal registration
+#: and restoration pin it: many small products, see :func:`scherzer.workers.one_blas_thread`).
+#: Started in a fresh process, they start OpenBLAS with one thread too: its idle pool of threads
+#: otherwise starts and spin-waits beside the FFT workers (measured: cold ``scherzer align`` of
+#: 16 × 512², 2 cores at a load of 4–5: CPU 1.26 → 1.16 s, wall 2.23 → 1.79 s, medians of 9
+#: alternated runs). ``--nonrigid`` keeps the default.
+ONE_BLAS_THREAD_COMMANDS = frozenset({"align", "restore"})
 
 
 def _one_blas_thread(argv: list[str]) -> None:

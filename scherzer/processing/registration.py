@@ -66,7 +66,6 @@ from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
-from threadpoolctl import threadpool_limits
 
 from scherzer.processing.align_params import (
     AlignmentError,
@@ -120,7 +119,7 @@ from scherzer.processing.shifting import (  # noqa: F401 - re-exported for impor
     rotate_to_common,
 )
 from scherzer.stack import ImageStack
-from scherzer.workers import fft_workers
+from scherzer.workers import fft_workers, one_blas_thread
 
 _most_plausible = most_plausible  # the name tests and older callers import
 
@@ -428,6 +427,7 @@ def _robust_start(
     return most_plausible(candidates)
 
 
+@one_blas_thread
 def measure_shifts(
     frames: Any, params: AlignParams | None = None, *, scratch: Scratch | None = None
 ) -> AlignmentResult:
@@ -439,13 +439,12 @@ def measure_shifts(
     they would take more than half of ``params.memory_budget_mb``; without it they stay in
     memory. Work blocks are sized from the budget; the shifts do not depend on it.
 
-    BLAS runs single-threaded here: the correlation moments are many small batched products,
-    for which BLAS threads cost more in start-up and, on a busy machine, in spin-waiting than
-    they gain (measured: 0.45 s against 1.1–6 s for 16 frames of 512² on 2 loaded cores). The
-    FFTs keep their workers.
+    BLAS runs single-threaded here (:func:`~scherzer.workers.one_blas_thread`): the correlation
+    moments are many small batched products, for which BLAS threads cost more in start-up and,
+    on a busy machine, in spin-waiting than they gain (measured: 0.45 s against 1.1–6 s for 16
+    frames of 512² on 2 loaded cores). The FFTs keep their workers.
     """
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _measure_shifts(frames, params or AlignParams(), scratch)
+    return _measure_shifts(frames, params or AlignParams(), scratch)
 
 
 def _measure_shifts(frames: Any, p: AlignParams, scratch: Scratch | None) -> AlignmentResult:

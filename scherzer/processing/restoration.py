@@ -51,6 +51,7 @@ from scherzer.processing.spectral import (
     shift_phase,
 )
 from scherzer.processing.wiener import quadratic_term, solve_series
+from scherzer.workers import one_blas_thread
 
 __all__ = [
     "RestorationResult",
@@ -207,6 +208,7 @@ def aligned_frames(frames: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+@one_blas_thread
 def restore_exit_wave(
     frames: np.ndarray,
     optics: Optics,

@@ -45,6 +45,7 @@ from scherzer.processing.focal.relative import AmorphousStrategy, reference_by_p
 from scherzer.processing.focal.settings import MIN_IMAGES, FocalParams
 from scherzer.processing.restoration import RestorationResult, RestoreParams, restore_exit_wave
 from scherzer.stack import ImageStack
+from scherzer.workers import one_blas_thread
 
 __all__ = ["FocalRegistration", "choose_strategy", "register_focal_series", "restore_stack"]
 
@@ -176,6 +177,7 @@ def choose_strategy(params: FocalParams) -> Strategy:
     return CrystalStrategy() if params.crystal else AmorphousStrategy()
 
 
+@one_blas_thread
 def register_focal_series(
     stack: ImageStack,
     optics: Optics,
