@@ -13,7 +13,6 @@ quietly.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import importlib.util
 import json
@@ -23,6 +22,11 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from scherzer.cli.common import Outcome
+from scherzer.cli.process import (
+    leave_collector_out_of_teardown,
+    one_blas_thread_at_start,
+    tune_allocator,
+)
 
 __all__ = ["COMMANDS", "Outcome", "build_parser", "console_main", "main", "registrar"]
 
@@ -206,32 +210,10 @@ def _run(args: argparse.Namespace) -> int:
     return _emit(args, code, result, text)
 
 
-#: Commands whose numerical work runs BLAS on one thread (rigid alignment, focal registration
-#: and restoration pin it: many small products, see :func:`scherzer.workers.one_blas_thread`).
-#: Started in a fresh process, they start OpenBLAS with one thread too: its idle pool of threads
-#: otherwise starts and spin-waits beside the FFT workers (measured: cold ``scherzer align`` of
-#: 16 × 512², 2 cores at a load of 4–5: CPU 1.26 → 1.16 s, wall 2.23 → 1.79 s, medians of 9
-#: alternated runs). ``--nonrigid`` keeps the default.
-ONE_BLAS_THREAD_COMMANDS = frozenset({"align", "restore"})
-
-
-def _one_blas_thread(argv: list[str]) -> None:
-    """Start OpenBLAS with one thread for :data:`ONE_BLAS_THREAD_COMMANDS` — only before NumPy
-    is loaded (a fresh process: an embedding program's environment is left alone), and never
-    over the user's own ``OPENBLAS_NUM_THREADS``."""
-    if (
-        argv
-        and argv[0] in ONE_BLAS_THREAD_COMMANDS
-        and "--nonrigid" not in argv
-        and "numpy" not in sys.modules
-    ):
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _Parser.json_requested = "--json" in argv
-    _one_blas_thread(argv)
+    one_blas_thread_at_start(argv)
     try:
         args = build_parser(argv).parse_args(argv)
     except SystemExit as exc:  # usage errors (exit 2, already reported) and --help (exit 0)
@@ -248,27 +230,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> int:
-    """The ``scherzer`` program (console script and ``python -m scherzer``): :func:`main`, then
-    :func:`leave_collector_out_of_teardown`. Embedding programs and tests call :func:`main`."""
+    """The ``scherzer`` program (console script and ``python -m scherzer``): the process
+    settings of :mod:`scherzer.cli.process` (allocator, then :func:`main`, then the teardown
+    without the collector). Embedding programs and tests call :func:`main`."""
+    tune_allocator(sys.argv[1:])
     code = main()
     leave_collector_out_of_teardown()
     return code
-
-
-def leave_collector_out_of_teardown() -> None:
-    """Spare the ending process the garbage collector's passes over every live object.
-
-    The interpreter's teardown clears every module and runs the collector over what is left:
-    after a numba kernel is loaded that is ~1.3·10⁵ tracked objects and took 0.31–0.35 s of
-    ``scherzer restore``'s wall time (0.03 s without; measured from the parent, 2 runs each).
-    :func:`gc.freeze` moves the live objects out of the collector's reach, so teardown only
-    drops references. Nothing is skipped that writes data: exit handlers (``atexit``, logging,
-    ``weakref.finalize``) still run and objects are still freed by reference counting; only
-    reference cycles still alive at exit stay uncollected as the process ends (our files are
-    closed by their owners, and the HDF5 library closes any open file at exit). Only for a
-    process about to end: the collector stays off."""
-    gc.disable()
-    gc.freeze()
 
 
 if __name__ == "__main__":

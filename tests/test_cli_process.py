@@ -1,0 +1,144 @@
+"""How the ``scherzer`` process starts and ends (issue #16; scherzer.cli.process).
+
+The program (console script and ``python -m scherzer``) is :func:`scherzer.cli.console_main`: it
+sets glibc's allocator up for the processing commands, runs :func:`~scherzer.cli.main` and then
+freezes the collector out of the teardown (which was 0.3–0.4 s of a focal restore's wall time,
+the collector passing over numba's objects). These tests hold that the installed program is that
+function, that the allocator settings take effect only where they should (observed through
+glibc's own ``malloc_info``), and that nothing the program writes is lost on the way out. No
+timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scherzer(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scherzer", *argv], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_the_installed_program_is_console_main() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"scherzer": "scherzer.cli:console_main"}
+    main_py = (ROOT / "scherzer" / "__main__.py").read_text()
+    assert "sys.exit(console_main())" in main_py
+
+
+def test_console_main_returns_mains_code_and_leaves_the_collector_frozen() -> None:
+    code = (
+        "import gc, json, sys\n"
+        "from scherzer import cli\n"
+        "sys.argv = ['scherzer', 'info', '/no/such/file.hspy', '--json']\n"
+        "rc = cli.console_main()\n"
+        "print(json.dumps({'rc': rc, 'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count()}),"
+        " file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    state = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert state["rc"] == 2  # main's own exit code of a bad input, passed through
+    assert json.loads(proc.stdout)["error"]["code"]  # the error was reported before the exit
+    assert state["enabled"] is False and state["frozen"] > 1000
+
+
+def test_files_written_by_the_program_are_complete_after_it_ends(tmp_path: Path) -> None:
+    series, out = tmp_path / "f.hspy", tmp_path / "ew.hspy"
+    made = _scherzer("simulate", "focal-series", "--n", "5", "--size", "128", "--out", str(series))
+    assert made.returncode == 0, made.stderr
+    done = _scherzer("restore", str(series), "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # the output file, opened after the process ended, holds the input frames and the result
+    # that --json reported (nothing left unflushed by the shortened teardown)
+    with h5py.File(series, "r") as f_in, h5py.File(out, "r") as f_out:
+        frames_in = [f_in[n][()] for n in _datasets(f_in) if f_in[n].ndim == 3]
+        frames_out = [f_out[n][()] for n in _datasets(f_out) if f_out[n].ndim == 3]
+        assert frames_in and any(
+            a.shape == b.shape and np.array_equal(a, b) for a in frames_in for b in frames_out
+        )
+    listed = _scherzer("info", str(out), "--json")
+    assert listed.returncode == 0, listed.stderr
+    info = json.loads(listed.stdout)
+    assert set(info["processing"]) == {"focal_register", "restore"}
+    assert "exit_wave" in info["data"] and "focal_registration" in info["tables"]
+    defocus = np.asarray(result["defocus_nm"])
+    assert defocus.shape == (5,) and np.all(np.isfinite(defocus))
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    return names
+
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+#: A fresh interpreter: apply the allocator settings for ARGV[1] (or not, "none"), let four
+#: threads allocate and free NumPy blocks, then print the number of malloc arenas glibc reports.
+_ARENAS = """
+import ctypes, json, sys, threading
+from scherzer.cli.process import tune_allocator
+applied = tune_allocator([sys.argv[1]]) if sys.argv[1] != "none" else []
+import numpy as np
+def work():
+    for size in (2**10, 2**16, 2**20, 2**23):
+        a = np.ones(size, np.float32); del a
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+fp = libc.fopen(sys.argv[2].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+heaps = open(sys.argv[2]).read().count("<heap nr=")
+print(json.dumps({"applied": applied, "arenas": heaps}))
+"""
+
+
+def _arenas(command: str, tmp_path: Path, env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _ARENAS, command, str(tmp_path / "info.xml")],
+                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_allocator_settings_only_for_the_processing_commands_on_glibc(tmp_path: Path) -> None:
+    if not GLIBC:  # elsewhere nothing is applied (and malloc_info does not exist)
+        from scherzer.cli.process import tune_allocator
+
+        assert tune_allocator(["restore"]) == []
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    tuned = _arenas("restore", tmp_path, env)
+    assert len(tuned["applied"]) == 4  # glibc accepted every setting
+    assert tuned["arenas"] == 1  # the four threads allocated from the one arena
+    plain = _arenas("none", tmp_path, env)
+    assert plain["arenas"] > 1  # the default: threads get arenas of their own
+    other = _arenas("info", tmp_path, env)  # a command that is not processing: left alone
+    assert other["applied"] == [] and other["arenas"] > 1
+    # the user's own allocator settings are kept
+    assert _arenas("restore", tmp_path, {**env, "MALLOC_ARENA_MAX": "2"})["applied"] == []
+
+
+def test_allocator_left_alone_once_numpy_is_loaded() -> None:
+    code = (
+        "import numpy, json\n"
+        "from scherzer.cli.process import tune_allocator\n"
+        "print(json.dumps(tune_allocator(['restore'])))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert json.loads(proc.stdout) == []
