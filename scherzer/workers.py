@@ -28,11 +28,12 @@ def one_blas_thread(fn: Callable[P, R]) -> Callable[P, R]:
 
     For engines whose BLAS work is many small products (matrix–vector products over a
     frequency band, small least-squares fits): BLAS threads gain nothing there, and between
-    calls OpenBLAS's idle threads spin-wait beside the FFT and image threads. Measured, the
-    focal registration and restoration of 20 × 512² from the CLI, 8 alternated runs on 2
-    cores: CPU 4.67 → 4.33 s (median), results identical; at 11 × 1024² CPU 13.9 → 12.9 s
-    (3 runs), results within 4e-14 nm (the multi-threaded sums' rounding). The limit also
-    makes a result independent of the process's BLAS thread count (CLI, daemon, notebook)."""
+    calls OpenBLAS's idle threads spin-wait beside the FFT and image threads. Measured on 2
+    cores, ``scherzer restore`` (alternated runs, medians): 20 × 512², this limit with the
+    command's one-thread start against neither, CPU 4.58 → 4.45 s (8 runs), results identical;
+    11 × 1024², one BLAS thread from the start, CPU 13.9 → 12.9 s (3 runs), results within
+    4e-14 nm (the multi-threaded sums' rounding). The limit also makes a result independent of
+    the process's BLAS thread count (CLI, daemon, notebook). Costs ~0.3 ms per call."""
 
     @functools.wraps(fn)
     def limited(*args: P.args, **kwargs: P.kwargs) -> R:
