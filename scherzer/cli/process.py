@@ -28,7 +28,7 @@ __all__ = [
 #: alternated runs). ``--nonrigid`` keeps the default.
 ONE_BLAS_THREAD_COMMANDS = frozenset({"align", "restore"})
 
-#: Commands whose process gets :data:`MALLOC_SETTINGS` (glibc only).
+#: Commands whose process gets :data:`MALLOC_SETTINGS` (glibc only; not ``align --nonrigid``).
 ALLOCATOR_COMMANDS = frozenset({"align", "restore"})
 
 # mallopt(3) parameter numbers (glibc's malloc.h)
@@ -82,6 +82,8 @@ def tune_allocator(argv: list[str]) -> list[int]:
     allocator up in the environment (``GLIBC_TUNABLES`` or any ``MALLOC_*`` variable). Returns
     the parameters glibc accepted (empty when none were applied)."""
     if not argv or argv[0] not in ALLOCATOR_COMMANDS or "numpy" in sys.modules:
+        return []
+    if "--nonrigid" in argv:  # the scan-distortion engine: not measured with these settings
         return []
     if not sys.platform.startswith("linux"):
         return []
