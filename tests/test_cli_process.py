@@ -134,11 +134,16 @@ def test_allocator_settings_only_for_the_processing_commands_on_glibc(tmp_path: 
     assert _arenas("restore", tmp_path, {**env, "MALLOC_ARENA_MAX": "2"})["applied"] == []
 
 
-def test_allocator_left_alone_once_numpy_is_loaded() -> None:
+def _tuned_in_fresh_process(argv: list[str], preload: str = "") -> list[int]:
     code = (
-        "import numpy, json\n"
+        f"{preload}\nimport json\n"
         "from scherzer.cli.process import tune_allocator\n"
-        "print(json.dumps(tune_allocator(['restore'])))\n"
+        f"print(json.dumps(tune_allocator({argv!r})))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert json.loads(proc.stdout) == []
+    return json.loads(proc.stdout)
+
+
+def test_allocator_left_alone_once_numpy_is_loaded_and_for_the_nonrigid_engine() -> None:
+    assert _tuned_in_fresh_process(["restore"], preload="import numpy") == []
+    assert _tuned_in_fresh_process(["align", "s.tif", "--nonrigid"]) == []
