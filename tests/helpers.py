@@ -132,8 +132,8 @@ def processes_with_argument(argument: str) -> list[int]:
 # --- what a command imports (the cold-start tests) -------------------------------------------
 _RUN_AND_LIST = """
 import json, sys
-from scherzer.cli import main
-code = main(sys.argv[1:])
+from scherzer.cli import console_main
+code = console_main()  # the installed program: its process settings, then main(sys.argv[1:])
 from threadpoolctl import threadpool_info
 blas = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
 print(json.dumps({"code": code, "modules": sorted(sys.modules), "blas_threads": blas}),
@@ -142,8 +142,9 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules), "blas_threads": 
 
 
 def loaded_by(argv: list[str], env: dict | None = None) -> tuple[int, dict, dict]:
-    """(exit code, the command's JSON, {"modules": loaded, "blas_threads": [...]}) of
-    ``scherzer ARGV`` in a fresh interpreter (``env``: the whole environment; default ours)."""
+    """(exit code, the command's JSON, {"modules": loaded, "blas_threads": [...]}) of the
+    ``scherzer ARGV`` program in a fresh interpreter, listed before it ends (``env``: the whole
+    environment; default ours)."""
     proc = subprocess.run([sys.executable, "-c", _RUN_AND_LIST, *argv], capture_output=True,
                           text=True, timeout=120, env=env)  # fmt: skip
     listing = json.loads(proc.stderr.strip().splitlines()[-1])

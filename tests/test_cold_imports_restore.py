@@ -3,16 +3,20 @@
 Not a timing test: the command runs in a fresh interpreter on a small simulated focal series and
 the test asserts which modules it imported, so restore's import closure cannot silently grow (a
 top-level import of the daemon, a plotting, lazy-array or file-format library for writing — the
-writer is h5py —, or a SciPy subpackage the focal path does not call).
+writer is h5py —, or a SciPy subpackage the focal path does not call). It runs the installed
+program (``scherzer.cli.console_main``), so it also holds that the file the program wrote is
+complete once the process has ended (its teardown skips the collector).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 from helpers import loaded_by, offenders
 
@@ -69,3 +73,23 @@ def test_restore_of_a_focal_series_imports_only_what_it_needs(tmp_path: Path) ->
     assert _offenders(listing["modules"]) == []
     # OpenBLAS started with one thread (the focal engines pin BLAS to one anyway)
     assert listing["blas_threads"] == [1]
+    # the output file, opened after the process ended, holds the input frames and the results
+    # that --json reported (nothing left unflushed by the shortened teardown)
+    with h5py.File(series, "r") as f_in, h5py.File(out, "r") as f_out:
+        frames_in = [f_in[n][()] for n in _datasets(f_in) if f_in[n].ndim == 3]
+        frames_out = [f_out[n][()] for n in _datasets(f_out) if f_out[n].ndim == 3]
+        assert frames_in and any(
+            a.shape == b.shape and np.array_equal(a, b) for a in frames_in for b in frames_out
+        )
+    listed = subprocess.run([sys.executable, "-m", "scherzer", "info", str(out), "--json"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    info = json.loads(listed.stdout)
+    assert set(info["processing"]) == {"focal_register", "restore"}
+    assert "exit_wave" in info["data"] and "focal_registration" in info["tables"]
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    return names

@@ -213,7 +213,6 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _Parser.json_requested = "--json" in argv
-    one_blas_thread_at_start(argv)
     try:
         args = build_parser(argv).parse_args(argv)
     except SystemExit as exc:  # usage errors (exit 2, already reported) and --help (exit 0)
@@ -231,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``scherzer`` program (console script and ``python -m scherzer``): the process
-    settings of :mod:`scherzer.cli.process` (allocator, then :func:`main`, then the teardown
-    without the collector). Embedding programs and tests call :func:`main`."""
+    settings of :mod:`scherzer.cli.process` (BLAS threads and allocator before NumPy loads,
+    then :func:`main`, then the teardown without the collector). Embedding programs call
+    :func:`main`, which leaves their process as it is."""
+    one_blas_thread_at_start(sys.argv[1:])
     tune_allocator(sys.argv[1:])
     code = main()
     leave_collector_out_of_teardown()

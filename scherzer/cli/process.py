@@ -13,23 +13,16 @@ import os
 import sys
 
 __all__ = [
-    "ALLOCATOR_COMMANDS",
-    "ONE_BLAS_THREAD_COMMANDS",
+    "PROCESSING_COMMANDS",
     "leave_collector_out_of_teardown",
     "one_blas_thread_at_start",
     "tune_allocator",
 ]
 
-#: Commands whose numerical work runs BLAS on one thread (rigid alignment, focal registration
-#: and restoration pin it: many small products, see :func:`scherzer.workers.one_blas_thread`).
-#: Started in a fresh process, they start OpenBLAS with one thread too: its idle pool of threads
-#: otherwise starts and spin-waits beside the FFT workers (measured: cold ``scherzer align`` of
-#: 16 × 512², 2 cores at a load of 4–5: CPU 1.26 → 1.16 s, wall 2.23 → 1.79 s, medians of 9
-#: alternated runs). ``--nonrigid`` keeps the default.
-ONE_BLAS_THREAD_COMMANDS = frozenset({"align", "restore"})
-
-#: Commands whose process gets :data:`MALLOC_SETTINGS` (glibc only; not ``align --nonrigid``).
-ALLOCATOR_COMMANDS = frozenset({"align", "restore"})
+#: The commands whose process is set up for their engines (:func:`one_blas_thread_at_start`,
+#: :func:`tune_allocator`) — in a fresh process only, and not ``align --nonrigid`` (the
+#: scan-distortion engine wants BLAS threads and was not measured with the allocator settings).
+PROCESSING_COMMANDS = frozenset({"align", "restore"})
 
 # mallopt(3) parameter numbers (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
@@ -66,37 +59,42 @@ MALLOC_SETTINGS = (
 )
 
 
-def one_blas_thread_at_start(argv: list[str]) -> None:
-    """Start OpenBLAS with one thread for :data:`ONE_BLAS_THREAD_COMMANDS` — only before NumPy
-    is loaded (a fresh process: an embedding program's environment is left alone), and never
-    over the user's own ``OPENBLAS_NUM_THREADS``."""
-    if (
-        argv
-        and argv[0] in ONE_BLAS_THREAD_COMMANDS
+def _fresh_processing_command(argv: list[str]) -> bool:
+    """``argv`` runs one of :data:`PROCESSING_COMMANDS` (not ``--nonrigid``) and NumPy is not
+    loaded yet (a fresh process: an embedding program is left alone)."""
+    return (
+        bool(argv)
+        and argv[0] in PROCESSING_COMMANDS
         and "--nonrigid" not in argv
         and "numpy" not in sys.modules
-    ):
+    )
+
+
+def one_blas_thread_at_start(argv: list[str]) -> None:
+    """Start OpenBLAS with one thread for a :func:`_fresh_processing_command`, never over the
+    user's own ``OPENBLAS_NUM_THREADS``. Their engines run BLAS on one thread anyway
+    (:func:`scherzer.workers.one_blas_thread`); started with more, OpenBLAS's idle pool starts
+    and spin-waits beside the FFT workers (measured: cold ``scherzer align`` of 16 × 512², 2
+    cores at a load of 4–5: CPU 1.26 → 1.16 s, wall 2.23 → 1.79 s, medians of 9 alternated
+    runs)."""
+    if _fresh_processing_command(argv):
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def tune_allocator(argv: list[str]) -> list[int]:
-    """Apply :data:`MALLOC_SETTINGS` for :data:`ALLOCATOR_COMMANDS`.
+    """Apply :data:`MALLOC_SETTINGS` for a :func:`_fresh_processing_command`.
 
-    Only on glibc, only before NumPy is loaded (a fresh process), and not when the user set the
+    Only with glibc (``libc.so.6``; not musl, macOS or Windows), and not when the user set the
     allocator up in the environment (``GLIBC_TUNABLES`` or any ``MALLOC_*`` variable). Returns
     the parameters glibc accepted (empty when none were applied)."""
-    if not argv or argv[0] not in ALLOCATOR_COMMANDS or "numpy" in sys.modules:
-        return []
-    if "--nonrigid" in argv:  # the scan-distortion engine: not measured with these settings
-        return []
-    if not sys.platform.startswith("linux"):
+    if not _fresh_processing_command(argv):
         return []
     if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
         return []
     import ctypes
 
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc; musl and others have no libc.so.6
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return []
     return [param for param, value in MALLOC_SETTINGS if mallopt(param, value) == 1]
